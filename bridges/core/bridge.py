@@ -1,0 +1,266 @@
+"""The Bridge base class: config translation, weight import and export for one model family.
+
+A family subclasses a base (``GPTBridge`` for GPT-style decoders) and declares its config table,
+its mapping table and, where Megatron-Core lacks a block, its own modules. Import and export
+walk the model chunks of this rank and apply the mapping table; the layer renumbering for PP and
+VPP happens here, in ``_global_name``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar, Iterator
+
+import torch
+import torch.distributed as dist
+
+from bridges.core.config import Field, translate, untranslate
+from bridges.core.hf_io import CheckpointError, HFCheckpoint, save_hf_checkpoint
+from bridges.core.ledger import CoverageError, Ledger
+from bridges.core.mappings import Mapping, MappingError, Shapes, TiedOutput, match
+
+
+def unwrap(chunk):
+    """Strip DDP / Float16Module wrappers."""
+    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
+        chunk = chunk.module
+    return chunk
+
+
+_LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
+
+
+def _global_name(chunk, local_name: str) -> str:
+    """Local parameter name in a chunk -> name with the global layer index."""
+    m = _LAYER.match(local_name)
+    if not m:
+        return local_name
+    layer = chunk.decoder.layers[int(m.group(2))]
+    return f"{m.group(1)}{layer.layer_number - 1}{m.group(3)}"
+
+
+class Bridge:
+    """Base class. Subclasses set ``config_fields`` and implement ``mappings`` and
+    ``to_megatron_provider``."""
+
+    model_type: ClassVar[str] = ""
+    architectures: ClassVar[tuple[str, ...]] = ()
+    config_fields: ClassVar[tuple[Field, ...]] = ()
+    # HF tensors that exist in some checkpoints but carry no weights (regex, full match).
+    ignored_hf: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq",)
+
+    def __init__(self, hf_config: Any, checkpoint: HFCheckpoint | None = None):
+        self.hf_config = hf_config
+        self.checkpoint = checkpoint
+
+    # -- config ---------------------------------------------------------------------------
+    def megatron_attrs(self) -> dict[str, Any]:
+        """HF config -> provider attributes (table + family overrides)."""
+        return translate(self.hf_config, self.config_fields)
+
+    def hf_config_dict(self, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+        """Provider attributes -> HF config dict that transformers loads."""
+        attrs = attrs if attrs is not None else self.megatron_attrs()
+        out = untranslate(attrs, self.config_fields)
+        out["model_type"] = self.model_type
+        out["architectures"] = list(self.architectures[:1])
+        return out
+
+    def mappings(self, attrs: dict[str, Any]) -> list[Mapping]:
+        raise NotImplementedError
+
+    def to_megatron_provider(self):
+        raise NotImplementedError
+
+    def hf_weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Hook applied to each HF tensor as it is read (dequantisation goes here)."""
+        return tensor
+
+    # -- helpers --------------------------------------------------------------------------
+    def _shapes(self, chunk) -> Shapes:
+        c = chunk.config
+        return Shapes(num_attention_heads=c.num_attention_heads,
+                      num_query_groups=c.num_query_groups or c.num_attention_heads,
+                      kv_channels=c.kv_channels, vocab_size=self.megatron_attrs()["vocab_size"],
+                      padded_vocab_size=chunk.vocab_size)
+
+    def _ignored(self, name: str) -> bool:
+        return any(re.fullmatch(p, name) for p in self.ignored_hf)
+
+    def _params(self, model_chunks) -> Iterator[tuple[Any, str, torch.nn.Parameter]]:
+        """(chunk, global name, parameter) for every parameter on this rank."""
+        for chunk in map(unwrap, model_chunks):
+            for local, p in chunk.named_parameters():
+                yield chunk, _global_name(chunk, local), p
+
+    def expected_hf_names(self, num_layers: int | None = None) -> list[str]:
+        """HF tensor names the mapping table reads/writes for this config."""
+        attrs = self.megatron_attrs()
+        n = num_layers if num_layers is not None else attrs["num_layers"]
+        names = set()
+        for m in self.mappings(attrs):
+            if isinstance(m, TiedOutput):
+                continue
+            if "*" in m.megatron:
+                for i in range(n):
+                    names |= set(m.hf_names((str(i),)).values())
+            else:
+                names |= set(m.hf_names(()).values())
+        return sorted(names)
+
+    # -- import ---------------------------------------------------------------------------
+    def load_hf_weights(self, model_chunks: list, checkpoint: HFCheckpoint | str | None = None) -> None:
+        """Load HF weights into this rank's chunks. Reads only the tensors this rank needs.
+
+        Raises CoverageError (same message on every rank) on any unused HF tensor, unwritten
+        Megatron parameter, wrong shape or missing tensor.
+        """
+        from megatron.core import parallel_state as ps
+
+        ckpt = HFCheckpoint(checkpoint) if isinstance(checkpoint, str) else (checkpoint or self.checkpoint)
+        if ckpt is None:
+            raise ValueError("load_hf_weights needs a checkpoint: build the bridge with "
+                             "AutoBridge.from_hf_pretrained(dir) or pass checkpoint=")
+        attrs = self.megatron_attrs()
+        table = self.mappings(attrs)
+        tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        ledger = Ledger()
+        for chunk, name, param in self._params(model_chunks):
+            hit = match(table, name)
+            if hit is None:
+                ledger.problem(f"Megatron parameter {name} has no mapping (left unwritten)")
+                continue
+            mapping, caps = hit
+            hf_names = mapping.hf_names(caps)
+            missing = [n for n in hf_names.values() if n not in ckpt]
+            if missing:
+                ledger.problem(f"Megatron parameter {name} needs HF tensor(s) {missing}, absent "
+                               f"from {ckpt.path}")
+                continue
+            try:
+                hf = {role: self.hf_weight(n, ckpt.get(n)) for role, n in hf_names.items()}
+                shard = mapping.to_megatron(hf, tp_rank, tp_size, self._shapes(chunk))
+            except (MappingError, CheckpointError) as e:
+                ledger.problem(str(e))
+                continue
+            if shard.shape != param.shape:
+                ledger.problem(f"{name}: mapped from {list(hf_names.values())} gives shape "
+                               f"{tuple(shard.shape)}, parameter is {tuple(param.shape)} "
+                               f"(TP rank {tp_rank}/{tp_size})")
+                continue
+            with torch.no_grad():
+                param.copy_(shard.to(dtype=param.dtype))
+            for n in hf_names.values():
+                ledger.use(n, name, shared=isinstance(mapping, TiedOutput))
+        ledgers = _all_gather(ledger)
+        names = {n for n in ckpt.names() if not self._ignored(n)}
+        problems = Ledger.verdict(ledgers, names, f"layout {_layout_name()}")
+        if problems:
+            raise CoverageError(f"import of {ckpt.path} failed:\n  " + "\n  ".join(problems))
+
+    # -- export ---------------------------------------------------------------------------
+    def export_hf_weights(self, model_chunks: list, cpu: bool = True,
+                          strict: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yield ``(hf_name, full tensor)`` on every rank, in a fixed order.
+
+        Tensors are cast to the source checkpoint's dtype when the bridge has one. With
+        ``strict``, the exported names must equal the source checkpoint's (or, without one, the
+        mapping table's) names exactly.
+        """
+        from megatron.core import parallel_state as ps
+
+        attrs = self.megatron_attrs()
+        table = self.mappings(attrs)
+        local: dict[str, tuple[Any, torch.Tensor, Mapping, tuple]] = {}
+        for chunk, name, param in self._params(model_chunks):
+            hit = match(table, name)
+            if hit is None:
+                raise CoverageError(f"Megatron parameter {name} has no mapping; cannot export")
+            if getattr(hit[0], "export", True):
+                local.setdefault(name, (chunk, param, *hit))
+        pp_group = ps.get_pipeline_model_parallel_group()
+        pp_size = ps.get_pipeline_model_parallel_world_size()
+        owners: list[list[str]] = [None] * pp_size  # type: ignore[list-item]
+        if pp_size > 1:
+            dist.all_gather_object(owners, sorted(local), group=pp_group)
+        else:
+            owners = [sorted(local)]
+        order = sorted({n for names in owners for n in names}, key=_sort_key)
+        pp_rank = ps.get_pipeline_model_parallel_rank()
+        tp_group = ps.get_tensor_model_parallel_group()
+        tp_size = ps.get_tensor_model_parallel_world_size()
+        seen: list[str] = []
+        for name in order:
+            owner = next(r for r, names in enumerate(owners) if name in names)
+            out = None
+            if owner == pp_rank:
+                chunk, param, mapping, _ = local[name]
+                shards = [param.detach()]
+                if tp_size > 1 and mapping.tp_dim is not None:
+                    shards = [torch.empty_like(param) for _ in range(tp_size)]
+                    dist.all_gather(shards, param.detach().contiguous(), group=tp_group)
+                out = mapping.to_hf(shards, self._shapes(chunk))
+                hf_names = mapping.hf_names(local[name][3])
+                out = {hf_names[role]: t for role, t in out.items()}
+            if pp_size > 1:
+                box = [out]
+                dist.broadcast_object_list(box, src=dist.get_global_rank(pp_group, owner),
+                                           group=pp_group)
+                out = box[0]
+            for hf_name, t in out.items():
+                if cpu:
+                    t = t.cpu()
+                if self.checkpoint is not None and hf_name in self.checkpoint:
+                    t = t.to(self.checkpoint.dtype(hf_name))
+                seen.append(hf_name)
+                yield hf_name, t
+        if strict:
+            self._check_export_names(seen)
+
+    def _check_export_names(self, seen: list[str]) -> None:
+        if self.checkpoint is not None:
+            expected = {n for n in self.checkpoint.names() if not self._ignored(n)}
+        else:
+            expected = set(self.expected_hf_names())
+        dup = sorted({n for n in seen if seen.count(n) > 1})
+        missing, extra = sorted(expected - set(seen)), sorted(set(seen) - expected)
+        if dup or missing or extra:
+            raise CoverageError(f"export does not reproduce the source layout: missing {missing}, "
+                                f"unexpected {extra}, duplicated {dup}")
+
+    def save_hf_pretrained(self, model_chunks: list, out_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
+        """Export and write an HF checkpoint (rank 0 writes, atomically)."""
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        tensors = self.export_hf_weights(model_chunks, cpu=True)
+        if rank0:
+            source = self.checkpoint.path if self.checkpoint is not None else None
+            save_hf_checkpoint(tensors, self.export_config(), out_dir, source, max_shard_bytes)
+        else:
+            for _ in tensors:
+                pass
+        if dist.is_initialized():
+            dist.barrier()
+
+    def export_config(self) -> dict[str, Any]:
+        """config.json for export: the source's own fields, with every mapped field rewritten."""
+        base = self.checkpoint.config() if self.checkpoint is not None else {}
+        return {**base, **self.hf_config_dict()}
+
+
+def _sort_key(name: str):
+    m = re.search(r"\.(\d+)\.", name)
+    stage = 0 if name.startswith("embedding") else 2 if m is None else 1
+    return (stage, int(m.group(1)) if m else 0, name)
+
+
+def _layout_name() -> str:
+    from bridges.core.parallel import current_layout
+
+    return current_layout().name
+
+
+def _all_gather(obj) -> list:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out

@@ -1,0 +1,103 @@
+"""GPTBridge: the base for GPT-style decoder families (Llama, Qwen, Mistral, ...).
+
+Families declare what differs with class attributes (``qkv_bias``, ``qk_norm``, extra config
+fields) or by overriding ``mappings`` / ``megatron_attrs``; nothing model-specific lives here.
+"""
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from bridges.core.bridge import Bridge
+from bridges.core.config import GPT_FIELDS, ConfigError, Field, get_path, params_dtype, rope_parameters, rope_to_megatron
+from bridges.core.mappings import (QKV, GatedMLP, Mapping, Replicated, RowParallel,
+                                   TiedOutput, VocabParallel)
+from bridges.core.provider import GPTModelProvider
+
+L = "decoder.layers.*."
+H = "model.layers.*."
+
+
+def local_layer_spec(provider: GPTModelProvider):
+    """Megatron-Core's local (no TransformerEngine) layer spec for a dense decoder."""
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+    return get_gpt_layer_local_spec(qk_layernorm=provider.qk_layernorm,
+                                    normalization=provider.normalization)
+
+
+class GPTBridge(Bridge):
+    config_fields: ClassVar[tuple[Field, ...]] = GPT_FIELDS
+    # None: read from the HF config field ``attention_bias``; True/False: fixed by the family.
+    qkv_bias: ClassVar[bool | None] = None
+    qk_norm: ClassVar[bool] = False
+
+    # -- config ---------------------------------------------------------------------------
+    def megatron_attrs(self) -> dict[str, Any]:
+        cfg = self.hf_config
+        attrs = super().megatron_attrs()
+        attrs.update(rope_to_megatron(rope_parameters(cfg)))
+        bias = self.qkv_bias if self.qkv_bias is not None else bool(get_path(cfg, "attention_bias", False))
+        if self.qkv_bias is None and bias or get_path(cfg, "mlp_bias", False):
+            # HF adds the o_proj (and MLP) bias too; Megatron ties them all to add_bias_linear.
+            raise ConfigError("attention_bias=True / mlp_bias=True (bias on o_proj and MLP) is "
+                              f"not supported by the {self.model_type} bridge")
+        attrs.update(add_qkv_bias=bias, qk_layernorm=self.qk_norm, add_bias_linear=False,
+                     params_dtype=params_dtype(cfg))
+        return attrs
+
+    def hf_config_dict(self, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+        attrs = attrs if attrs is not None else self.megatron_attrs()
+        out = super().hf_config_dict(attrs)
+        out["rope_parameters"] = _rope_to_hf(attrs)
+        if self.qkv_bias is None:
+            out["attention_bias"] = attrs["add_qkv_bias"]
+        out["dtype"] = str(attrs["params_dtype"]).replace("torch.", "")
+        return out
+
+    def to_megatron_provider(self) -> GPTModelProvider:
+        return GPTModelProvider(self.megatron_attrs(), layer_spec=local_layer_spec)
+
+    # -- weights --------------------------------------------------------------------------
+    def mappings(self, attrs: dict[str, Any]) -> list[Mapping]:
+        table: list[Mapping] = [
+            VocabParallel("embedding.word_embeddings.weight", "model.embed_tokens.weight"),
+            Replicated(L + "input_layernorm.weight", H + "input_layernorm.weight"),
+            QKV(L + "self_attention.linear_qkv.weight",
+                {"q": H + "self_attn.q_proj.weight", "k": H + "self_attn.k_proj.weight",
+                 "v": H + "self_attn.v_proj.weight"}),
+            RowParallel(L + "self_attention.linear_proj.weight", H + "self_attn.o_proj.weight"),
+            Replicated(L + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight"),
+            GatedMLP(L + "mlp.linear_fc1.weight",
+                     {"gate": H + "mlp.gate_proj.weight", "up": H + "mlp.up_proj.weight"}),
+            RowParallel(L + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight"),
+            Replicated("decoder.final_layernorm.weight", "model.norm.weight"),
+        ]
+        if attrs["add_qkv_bias"]:
+            table.append(QKV(L + "self_attention.linear_qkv.bias",
+                             {"q": H + "self_attn.q_proj.bias", "k": H + "self_attn.k_proj.bias",
+                              "v": H + "self_attn.v_proj.bias"}))
+        if attrs["qk_layernorm"]:
+            table += [Replicated(L + "self_attention.q_layernorm.weight", H + "self_attn.q_norm.weight"),
+                      Replicated(L + "self_attention.k_layernorm.weight", H + "self_attn.k_norm.weight")]
+        if attrs["share_embeddings_and_output_weights"]:
+            table.append(TiedOutput("output_layer.weight", "model.embed_tokens.weight"))
+        else:
+            table.append(VocabParallel("output_layer.weight", "lm_head.weight"))
+        return table
+
+
+def _rope_to_hf(attrs: dict[str, Any]) -> dict[str, Any]:
+    p: dict[str, Any] = {"rope_theta": attrs["rotary_base"]}
+    if attrs["position_embedding_type"] == "yarn":
+        p.update(rope_type="yarn", factor=attrs["yarn_rotary_scaling_factor"],
+                 original_max_position_embeddings=attrs["yarn_original_max_position_embeddings"],
+                 beta_fast=attrs["yarn_beta_fast"], beta_slow=attrs["yarn_beta_slow"],
+                 mscale=attrs["yarn_mscale"], mscale_all_dim=attrs["yarn_mscale_all_dim"])
+    elif attrs["rope_scaling"]:
+        p.update(rope_type="llama3", factor=attrs["rope_scaling_factor"], low_freq_factor=1.0,
+                 high_freq_factor=4.0, original_max_position_embeddings=8192)
+    elif attrs["seq_len_interpolation_factor"]:
+        p.update(rope_type="linear", factor=attrs["seq_len_interpolation_factor"])
+    else:
+        p["rope_type"] = "default"
+    return p

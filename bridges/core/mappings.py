@@ -1,0 +1,217 @@
+"""Parameter mappings: one HF tensor group <-> one Megatron parameter, both directions, TP-aware.
+
+A mapping converts full HF tensors into *this TP rank's shard* of a Megatron parameter
+(``to_megatron``), and the list of *all TP shards* back into full HF tensors (``to_hf``).
+For every mapping, ``to_hf([to_megatron(x, r) for r in ranks]) == x`` exactly.
+
+Names are patterns: ``*`` stands for a layer index (Megatron-side global index; the same value
+on the HF side). ``hf`` is one pattern, or a dict role -> pattern for fused parameters.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+
+
+class MappingError(ValueError):
+    """A tensor does not fit its mapping (shape, divisibility); the message names it."""
+
+
+@dataclass(frozen=True)
+class Shapes:
+    """Model dimensions the fused mappings need."""
+
+    num_attention_heads: int
+    num_query_groups: int
+    kv_channels: int
+    vocab_size: int = 0
+    padded_vocab_size: int = 0
+
+
+@dataclass(frozen=True)
+class Mapping:
+    megatron: str
+    hf: str | dict[str, str]
+    kind: ClassVar[str] = "direct"
+    tp_dim: ClassVar[int | None] = None
+
+    # -- naming --------------------------------------------------------------------------
+    @property
+    def roles(self) -> dict[str, str]:
+        return self.hf if isinstance(self.hf, dict) else {"": self.hf}
+
+    def regex(self) -> re.Pattern:
+        return _compile(self.megatron)
+
+    def hf_names(self, captures: tuple[str, ...]) -> dict[str, str]:
+        return {role: _fill(pat, captures) for role, pat in self.roles.items()}
+
+    # -- conversion ----------------------------------------------------------------------
+    def to_megatron(self, hf: dict[str, torch.Tensor], tp_rank: int, tp_size: int,
+                    shapes: Shapes) -> torch.Tensor:
+        return self._split(self._merge(hf, shapes), tp_rank, tp_size, shapes)
+
+    def to_hf(self, shards: list[torch.Tensor], shapes: Shapes) -> dict[str, torch.Tensor]:
+        return self._unmerge(self._gather(shards, shapes), shapes)
+
+    # full-tensor fuse / unfuse (identity unless fused)
+    def _merge(self, hf: dict[str, torch.Tensor], shapes: Shapes) -> torch.Tensor:
+        return hf[""]
+
+    def _unmerge(self, full: torch.Tensor, shapes: Shapes) -> dict[str, torch.Tensor]:
+        return {"": full}
+
+    # TP split / gather (replicated unless tp_dim is set)
+    def _split(self, full, tp_rank, tp_size, shapes):
+        if self.tp_dim is None:
+            return full
+        n = full.shape[self.tp_dim]
+        if n % tp_size:
+            raise MappingError(f"{self.megatron}: dimension {self.tp_dim} of size {n} does not "
+                               f"divide by TP={tp_size}")
+        return full.chunk(tp_size, dim=self.tp_dim)[tp_rank].clone()
+
+    def _gather(self, shards, shapes):
+        if self.tp_dim is None:
+            return shards[0]
+        return torch.cat(shards, dim=self.tp_dim)
+
+    def describe(self) -> dict:
+        return {"megatron": self.megatron, "hf": self.hf, "kind": self.kind, "tp_dim": self.tp_dim}
+
+
+class Replicated(Mapping):
+    """Same full tensor on every TP rank (norms, row-parallel biases)."""
+
+    kind = "replicated"
+
+
+class ColumnParallel(Mapping):
+    """Split along the output dimension (dim 0)."""
+
+    kind = "column"
+    tp_dim = 0
+
+
+class RowParallel(Mapping):
+    """Split along the input dimension (dim 1)."""
+
+    kind = "row"
+    tp_dim = 1
+
+
+class VocabParallel(Mapping):
+    """Embedding / output layer: pad vocab rows to a TP-divisible size, split dim 0.
+
+    Padding rows are zeros on import and dropped on export.
+    """
+
+    kind = "vocab"
+    tp_dim = 0
+
+    def _merge(self, hf, shapes):
+        w = hf[""]
+        if w.shape[0] != shapes.vocab_size:
+            raise MappingError(f"{self.hf}: {w.shape[0]} rows, config vocab_size is "
+                               f"{shapes.vocab_size}")
+        pad = shapes.padded_vocab_size - w.shape[0]
+        return torch.cat([w, w.new_zeros((pad, *w.shape[1:]))]) if pad > 0 else w
+
+    def _unmerge(self, full, shapes):
+        return {"": full[: shapes.vocab_size]}
+
+
+class QKV(Mapping):
+    """Fused QKV, grouped-query interleave: per query group [q heads..., k, v] along dim 0.
+
+    TP splits whole query groups. Works for weights ([out, in]) and biases ([out]).
+    """
+
+    kind = "qkv"
+    tp_dim = 0
+
+    def _merge(self, hf, shapes):
+        q, k, v = hf["q"], hf["k"], hf["v"]
+        g, d = shapes.num_query_groups, shapes.kv_channels
+        per = shapes.num_attention_heads // g
+        for role, t, rows in (("q", q, g * per * d), ("k", k, g * d), ("v", v, g * d)):
+            if t.shape[0] != rows:
+                raise MappingError(f"{self.hf[role]}: dim 0 is {t.shape[0]}, expected {rows} "
+                                   f"({shapes.num_attention_heads} heads, {g} KV groups, "
+                                   f"head_dim {d})")
+        rest = q.shape[1:]
+        return torch.cat([q.reshape(g, per * d, *rest), k.reshape(g, d, *rest),
+                          v.reshape(g, d, *rest)], dim=1).reshape(-1, *rest)
+
+    def _split(self, full, tp_rank, tp_size, shapes):
+        if shapes.num_query_groups % tp_size:
+            raise MappingError(f"{self.megatron}: {shapes.num_query_groups} KV groups do not "
+                               f"divide by TP={tp_size}")
+        return super()._split(full, tp_rank, tp_size, shapes)
+
+    def _unmerge(self, full, shapes):
+        g, d = shapes.num_query_groups, shapes.kv_channels
+        per = shapes.num_attention_heads // g
+        rest = full.shape[1:]
+        q, k, v = full.reshape(g, (per + 2) * d, *rest).split([per * d, d, d], dim=1)
+        return {"q": q.reshape(-1, *rest), "k": k.reshape(-1, *rest), "v": v.reshape(-1, *rest)}
+
+
+class GatedMLP(Mapping):
+    """Fused gate/up (linear_fc1): each TP shard is [gate_shard; up_shard].
+
+    So the full fused tensor's layout depends on TP; the split is done per role.
+    """
+
+    kind = "gated_mlp"
+    tp_dim = 0
+
+    def to_megatron(self, hf, tp_rank, tp_size, shapes):
+        gate, up = hf["gate"], hf["up"]
+        if gate.shape != up.shape:
+            raise MappingError(f"{self.hf['gate']} {tuple(gate.shape)} and {self.hf['up']} "
+                               f"{tuple(up.shape)} differ in shape")
+        if gate.shape[0] % tp_size:
+            raise MappingError(f"{self.hf['gate']}: {gate.shape[0]} rows do not divide by "
+                               f"TP={tp_size}")
+        return torch.cat([gate.chunk(tp_size)[tp_rank], up.chunk(tp_size)[tp_rank]]).clone()
+
+    def to_hf(self, shards, shapes):
+        halves = [s.chunk(2) for s in shards]
+        return {"gate": torch.cat([h[0] for h in halves]), "up": torch.cat([h[1] for h in halves])}
+
+
+@dataclass(frozen=True)
+class TiedOutput(VocabParallel):
+    """Output layer that shares the embedding's HF tensor (tie_word_embeddings, PP > 1 keeps a
+    copy on the last stage). Not exported: the embedding already writes the HF tensor."""
+
+    kind = "tied_vocab"
+    export: bool = field(default=False)
+
+
+# -- name patterns --------------------------------------------------------------------------
+_cache: dict[str, re.Pattern] = {}
+
+
+def _compile(pattern: str) -> re.Pattern:
+    if pattern not in _cache:
+        _cache[pattern] = re.compile("^" + re.escape(pattern).replace(r"\*", r"(\d+)") + "$")
+    return _cache[pattern]
+
+
+def _fill(pattern: str, captures: tuple[str, ...]) -> str:
+    it = iter(captures)
+    return re.sub(r"\*", lambda _: next(it), pattern)
+
+
+def match(mappings: list[Mapping], name: str) -> tuple[Mapping, tuple[str, ...]] | None:
+    """The mapping whose Megatron pattern matches ``name``, with the wildcard captures."""
+    for m in mappings:
+        hit = m.regex().match(name)
+        if hit:
+            return m, hit.groups()
+    return None

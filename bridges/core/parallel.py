@@ -1,0 +1,108 @@
+"""Process-group setup: torch.distributed + Megatron-Core model parallel state.
+
+gloo on CPU (with the cpu_compat patches), NCCL on GPU. Works under torchrun, under the
+conformance runner's workers, and as one plain process (world size 1).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from bridges.core import cpu_compat
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A parallel layout. ``name`` is the short form used in test ids: tp2pp2, vpp2, ep2..."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: int | None = None
+    ep: int = 1
+
+    @property
+    def world_size(self) -> int:
+        return self.tp * self.pp  # experts ride on data-parallel ranks
+
+    @property
+    def name(self) -> str:
+        parts = [f"tp{self.tp}"] if self.tp > 1 else []
+        parts += [f"pp{self.pp}"] if self.pp > 1 else []
+        parts += [f"vpp{self.vpp}"] if self.vpp else []
+        parts += [f"ep{self.ep}"] if self.ep > 1 else []
+        return "".join(parts) or "tp1pp1"
+
+    @classmethod
+    def parse(cls, text: str) -> "Layout":
+        """Parse 'tp2pp2', 'tp1pp1', 'vpp2' (implies pp2), 'ep2'."""
+        import re
+
+        text = text.strip().lower()
+        parts = dict(re.findall(r"(tp|vpp|pp|ep)(\d+)", text))
+        if not parts or re.sub(r"(tp|vpp|pp|ep)\d+", "", text):
+            raise ValueError(f"bad layout {text!r}: expected e.g. tp1pp1, tp2, pp2, tp2pp2, vpp2, ep2")
+        vpp = int(parts["vpp"]) if "vpp" in parts else None
+        pp = int(parts.get("pp", 2 if vpp else 1))
+        return cls(tp=int(parts.get("tp", 1)), pp=pp, vpp=vpp, ep=int(parts.get("ep", 1)))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float = 600.0) -> None:
+    """Initialise torch.distributed from torchrun's environment, or as a single process."""
+    if dist.is_initialized():
+        return
+    cuda = torch.cuda.is_available()
+    rank = int(os.environ.get("RANK", "0"))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "MASTER_ADDR" not in os.environ:
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(free_port())
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
+    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def init_model_parallel(layout: Layout, seed: int = 1234) -> None:
+    """(Re)initialise Megatron-Core's parallel state for ``layout`` on the current world."""
+    from megatron.core import parallel_state as ps
+
+    init_distributed()
+    world = dist.get_world_size()
+    if world % layout.world_size:
+        raise ValueError(
+            f"layout {layout.name} needs a multiple of {layout.world_size} ranks, the world has "
+            f"{world}; launch with torchrun --nproc-per-node {layout.world_size}")
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    cpu_compat.ensure()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        expert_model_parallel_size=layout.ep,
+    )
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+        model_parallel_cuda_manual_seed(seed)
+
+
+def current_layout() -> Layout:
+    from megatron.core import parallel_state as ps
+
+    return Layout(tp=ps.get_tensor_model_parallel_world_size(),
+                  pp=ps.get_pipeline_model_parallel_world_size(),
+                  vpp=ps.get_virtual_pipeline_model_parallel_world_size(),
+                  ep=ps.get_expert_model_parallel_world_size())

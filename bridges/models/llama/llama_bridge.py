@@ -1,0 +1,8 @@
+"""Llama 2 and 3.x: GQA, SwiGLU, RMSNorm, llama3 rope scaling, tied embeddings (3.2 1B/3B)."""
+from bridges.core.gpt import GPTBridge
+from bridges.core.registry import register_bridge
+
+
+@register_bridge(model_type="llama", architectures=["LlamaForCausalLM"])
+class LlamaBridge(GPTBridge):
+    pass

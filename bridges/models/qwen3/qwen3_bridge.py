@@ -1,0 +1,9 @@
+"""Qwen3: per-head RMSNorm on queries and keys (q_norm / k_norm), head_dim set apart from
+hidden_size / num_attention_heads, no QKV bias."""
+from bridges.core.gpt import GPTBridge
+from bridges.core.registry import register_bridge
+
+
+@register_bridge(model_type="qwen3", architectures=["Qwen3ForCausalLM"])
+class Qwen3Bridge(GPTBridge):
+    qk_norm = True

@@ -1,0 +1,103 @@
+"""Toy models from real configs: same architecture and quirks, tiny sizes, random weights
+that make every mapping bug visible.
+
+Shrinking keeps: the GQA ratio, rope type and parameters, tied/untied embeddings, biases,
+QK norm, activation. It decouples head_dim from hidden/heads, makes the vocab odd (so TP
+padding is exercised), keeps at least ``min_layers`` layers (>= pp * vpp), and re-randomises
+every tensor, norms and biases included (at their init values of 1 and 0 swaps are invisible).
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+TOY = dict(hidden_size=64, intermediate_size=96, head_dim=16, vocab_size=503, kv_heads=4,
+           max_heads=16, sliding_window=8)
+
+
+def shrink_config(config: dict[str, Any], max_tp: int = 4, min_layers: int = 4,
+                  tie: bool | None = None) -> dict[str, Any]:
+    """Toy config dict from a published config dict (pure function of its inputs)."""
+    c = copy.deepcopy(config)
+    heads = int(c["num_attention_heads"])
+    kv = int(c.get("num_key_value_heads") or heads)
+    ratio = heads // kv
+    toy_kv = max(max_tp, 2)
+    if toy_kv * ratio > TOY["max_heads"]:  # keep the ratio, but no more heads than needed
+        toy_kv = max_tp
+    c.update(num_hidden_layers=min_layers, hidden_size=TOY["hidden_size"],
+             intermediate_size=TOY["intermediate_size"], head_dim=TOY["head_dim"],
+             num_attention_heads=toy_kv * ratio, num_key_value_heads=toy_kv,
+             vocab_size=TOY["vocab_size"], dtype="float32")
+    c.pop("torch_dtype", None)
+    if c.get("sliding_window"):
+        c["sliding_window"] = TOY["sliding_window"]
+    if tie is not None:
+        c["tie_word_embeddings"] = tie
+    for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        v = c.get(k)
+        if isinstance(v, int) and v >= c["vocab_size"]:
+            c[k] = c["vocab_size"] - 1 - ("bos eos pad".split().index(k[:3]))
+        elif isinstance(v, list):
+            c[k] = [min(x, c["vocab_size"] - 1) for x in v]
+    return c
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Re-randomise every parameter: matrices ~ N(0, 1/fan_in), vectors well away from 0/1."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if p.dim() >= 2:
+                std = 1.0 / p.shape[-1] ** 0.5
+                if "embed" in name:
+                    std = 1.0
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+            else:  # norm weights
+                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+
+
+def build_hf_model(config: dict[str, Any], seed: int = 0):
+    """A transformers model for the toy config dict, with randomised weights, eval mode."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kw = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    cfg = AutoConfig.for_model(config["model_type"], **kw)
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    randomize_(model, seed)
+    if getattr(cfg, "tie_word_embeddings", False):
+        model.tie_weights()
+    return model.eval()
+
+
+def make_toy_checkpoint(config: dict[str, Any], root: str | os.PathLike, seed: int = 0) -> Path:
+    """Save the toy model once under ``root`` (keyed by config + seed); safe to call from many
+    processes at once: the directory appears by an atomic rename, and a loser reuses it."""
+    key = hashlib.sha256(json.dumps([config, seed], sort_keys=True).encode()).hexdigest()[:12]
+    out = Path(root) / f"{config.get('model_type', 'model')}-{key}"
+    if (out / "config.json").exists():
+        return out
+    Path(root).mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".toy-", dir=root))
+    try:
+        model = build_hf_model(config, seed)
+        model.save_pretrained(tmp)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process won the race: use its copy
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
