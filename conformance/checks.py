@@ -1,0 +1,131 @@
+"""The conformance checks: plain functions, no pytest. Each returns a ``CheckResult``.
+
+Verdicts (see DESIGN.md): roundtrip is ``torch.equal`` with the same dtype; fp32 logits within
+1e-5 relative error; bf16 logits cosine >= 0.9999 and top-1 agreement >= 99 %; coverage is
+exact; generation is token-identical.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+FP32_REL_ERR = 1e-5
+BF16_COSINE = 0.9999
+BF16_TOP1 = 0.99
+
+
+@dataclass
+class CheckResult:
+    check: str
+    passed: bool
+    figure: str = ""  # the key figure, shown in the summary
+    details: str = ""  # the diagnosis when it fails
+    data: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        head = f"{self.check}: {'PASS' if self.passed else 'FAIL'} {self.figure}".rstrip()
+        return head + (f"\n{self.details}" if self.details else "")
+
+
+def rel_err(ref: torch.Tensor, got: torch.Tensor) -> float:
+    ref, got = ref.double(), got.double()
+    return float((got - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def cosine(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(ref.double().flatten(), got.double().flatten(), dim=0))
+
+
+def top1(ref: torch.Tensor, got: torch.Tensor) -> float:
+    return float((ref.argmax(-1) == got.argmax(-1)).double().mean())
+
+
+def check_roundtrip(source: dict[str, torch.Tensor], exported: list[tuple[str, torch.Tensor]]) -> CheckResult:
+    """Every exported tensor bit-exactly equals the source tensor of the same name and dtype."""
+    bad = []
+    for name, t in exported:
+        ref = source.get(name)
+        if ref is None:
+            bad.append(f"{name}: not in the source checkpoint")
+        elif ref.dtype != t.dtype or ref.shape != t.shape:
+            bad.append(f"{name}: exported {t.dtype} {tuple(t.shape)}, source {ref.dtype} {tuple(ref.shape)}")
+        elif not torch.equal(ref, t):
+            diff = (ref.double() - t.double()).abs()
+            bad.append(f"{name}: {int((diff > 0).sum())}/{ref.numel()} values differ "
+                       f"(max abs diff {float(diff.max()):.3g})")
+    missing = sorted(set(source) - {n for n, _ in exported})
+    bad += [f"{n}: not exported" for n in missing]
+    return CheckResult("roundtrip", not bad, f"{len(exported) - len(bad) + len(missing)}/{len(source)} tensors bit-exact",
+                       "\n".join(bad[:20]))
+
+
+def check_coverage(import_error: str | None, exported: list[str], source: list[str]) -> CheckResult:
+    """Import used every HF tensor and wrote every parameter; export wrote exactly the
+    source's tensor names, each once."""
+    problems = [import_error] if import_error else []
+    dup = sorted({n for n in exported if exported.count(n) > 1})
+    missing, extra = sorted(set(source) - set(exported)), sorted(set(exported) - set(source))
+    if dup:
+        problems.append(f"export wrote {dup} more than once")
+    if missing:
+        problems.append(f"export is missing {missing}")
+    if extra:
+        problems.append(f"export wrote tensors the source does not have: {extra}")
+    return CheckResult("coverage", not problems, f"{len(source)} HF tensors", "\n".join(problems))
+
+
+def check_logits(ref: torch.Tensor, got: torch.Tensor, baseline: torch.Tensor | None = None,
+                 dtype: str = "float32") -> CheckResult:
+    """Megatron logits against HF's; ``baseline`` is HF's logits for a re-initialised model,
+    reported beside the figure so a reader sees how far from 'wrong' the result is."""
+    if got.shape != ref.shape:
+        return CheckResult("logits", False, "", f"shape {tuple(got.shape)} != HF {tuple(ref.shape)}")
+    err, cos, agree = rel_err(ref, got), cosine(ref, got), top1(ref, got)
+    data = {"rel_err": err, "cosine": cos, "top1": agree}
+    base = ""
+    if baseline is not None:
+        data.update(baseline_rel_err=rel_err(ref, baseline), baseline_cosine=cosine(ref, baseline),
+                    baseline_top1=top1(ref, baseline))
+        base = f" (re-initialised model: {data['baseline_rel_err']:.3g})"
+    if dtype == "float32":
+        ok = err <= FP32_REL_ERR and bool(torch.isfinite(got).all())
+        fig = f"rel err {err:.2e}{base}"
+        why = "" if ok else f"relative error {err:.3g} > {FP32_REL_ERR:g}"
+    else:
+        ok = cos >= BF16_COSINE and agree >= BF16_TOP1
+        fig = f"cosine {cos:.6f}, top-1 {agree:.1%}, rel err {err:.2e}{base}"
+        why = "" if ok else f"cosine {cos:.6f} (min {BF16_COSINE}) / top-1 {agree:.1%} (min {BF16_TOP1:.0%})"
+    return CheckResult("logits", ok, fig, why, data)
+
+
+def check_generation(ref: torch.Tensor, got: torch.Tensor, prompt_len: int) -> CheckResult:
+    """Greedy continuations are token-identical."""
+    ref_new, got_new = ref[:, prompt_len:], got[:, prompt_len:]
+    same = ref_new == got_new
+    ok = bool(same.all())
+    first = "" if ok else f"first difference at token {int((~same).int().argmax(-1).min())}: HF {ref_new.tolist()} vs Megatron {got_new.tolist()}"
+    return CheckResult("generation", ok, f"{int(same.sum())}/{same.numel()} tokens agree", first)
+
+
+def check_config_roundtrip(hf_config: dict[str, Any], exported: dict[str, Any],
+                           fields: list[str]) -> CheckResult:
+    """HF -> Megatron -> HF keeps every mapped field (dotted paths) at the same value."""
+    from bridges.core.config import get_path
+
+    bad = []
+    for f in fields:
+        a, b = get_path(hf_config, f, None), get_path(exported, f, None)
+        if _norm(a) != _norm(b):
+            bad.append(f"{f}: source {a!r}, after roundtrip {b!r}")
+    return CheckResult("config", not bad, f"{len(fields) - len(bad)}/{len(fields)} fields kept",
+                       "\n".join(bad))
+
+
+def _norm(v):
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items() if x is not None}
+    if isinstance(v, float) and v.is_integer():
+        return int(v)
+    return v

@@ -1,0 +1,129 @@
+"""Forward passes for checking: Megatron chunks under any TP/PP/VPP layout, and HF models,
+with activations captured at the same places on both sides for divergence localisation.
+
+The pipeline forward is a plain send/recv loop (no training schedule): chunk v of stage s
+receives from the previous (stage, chunk) in order, so it works over gloo and NCCL alike.
+Stage names: ``embedding``, ``layer N attention``, ``layer N mlp``, ``final norm``, ``output``.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+
+def _first(x):
+    return x[0] if isinstance(x, (tuple, list)) else x
+
+
+@contextlib.contextmanager
+def capture_megatron(chunks, store: dict):
+    """Record activations (as [batch, seq, hidden], float32, CPU) into ``store``."""
+    from bridges.core.bridge import unwrap
+
+    hooks = []
+
+    def save(name, sbh=True):
+        def hook(_m, _inp, out):
+            t = _first(out)
+            if isinstance(out, tuple) and len(out) > 1 and torch.is_tensor(out[1]):
+                t = t + out[1]  # (output, bias) pairs: the bias is added later by Megatron
+            store[name] = (t.transpose(0, 1) if sbh else t).detach().float().cpu().clone()
+        return hook
+
+    for chunk in map(unwrap, chunks):
+        if getattr(chunk, "embedding", None) is not None and chunk.pre_process:
+            hooks.append(chunk.embedding.register_forward_hook(save("embedding")))
+        for layer in chunk.decoder.layers:
+            n = layer.layer_number - 1
+            hooks.append(layer.self_attention.register_forward_hook(save(f"layer {n} attention")))
+            hooks.append(layer.mlp.register_forward_hook(save(f"layer {n} mlp")))
+        if chunk.post_process and getattr(chunk.decoder, "final_layernorm", None) is not None:
+            hooks.append(chunk.decoder.final_layernorm.register_forward_hook(save("final norm")))
+    try:
+        yield store
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+@contextlib.contextmanager
+def capture_hf(model, store: dict):
+    base = model.model
+    hooks = [base.embed_tokens.register_forward_hook(
+        lambda _m, _i, o: store.__setitem__("embedding", o.detach().float().cpu().clone()))]
+    for n, layer in enumerate(base.layers):
+        for attr, label in (("self_attn", "attention"), ("mlp", "mlp")):
+            hooks.append(getattr(layer, attr).register_forward_hook(
+                lambda _m, _i, o, k=f"layer {n} {label}": store.__setitem__(k, _first(o).detach().float().cpu().clone())))
+    hooks.append(base.norm.register_forward_hook(
+        lambda _m, _i, o: store.__setitem__("final norm", o.detach().float().cpu().clone())))
+    try:
+        yield store
+    finally:
+        for h in hooks:
+            h.remove()
+
+
+def megatron_logits(chunks, ids: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
+    """Full logits [b, s, vocab] on the last pipeline stage (every TP rank); None elsewhere."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from bridges.core.bridge import unwrap
+
+    dev = next(unwrap(chunks[0]).parameters()).device
+    ids = ids.to(dev)
+    pos = torch.arange(ids.shape[1], device=dev).unsqueeze(0).expand_as(ids)
+    pp, first, last = (ps.get_pipeline_model_parallel_world_size(),
+                       ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
+    out = None
+    for v, chunk in enumerate(chunks):
+        chunk = unwrap(chunk)
+        if pp > 1 and not (first and v == 0):
+            h = torch.empty((ids.shape[1], ids.shape[0], chunk.config.hidden_size),
+                            dtype=chunk.config.params_dtype, device=dev)
+            dist.recv(h, src=ps.get_pipeline_model_parallel_prev_rank())
+            chunk.set_input_tensor(h)
+        with torch.no_grad():
+            out = chunk(ids, pos, attention_mask=None)
+        if pp > 1 and not (last and v == len(chunks) - 1):
+            dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
+    if not last:
+        return None
+    if ps.get_tensor_model_parallel_world_size() > 1 and unwrap(chunks[-1]).parallel_output:
+        out = gather_from_tensor_model_parallel_region(out)
+    return out[..., :vocab_size].float()
+
+
+def megatron_generate(chunks, ids: torch.Tensor, steps: int, vocab_size: int) -> torch.Tensor:
+    """Greedy decoding by repeated full forwards; the tokens are known on every rank."""
+    from megatron.core import parallel_state as ps
+
+    ids = ids.clone()
+    group = ps.get_pipeline_model_parallel_group()
+    src = dist.get_global_rank(group, ps.get_pipeline_model_parallel_world_size() - 1)
+    dev = next(chunks[0].parameters()).device
+    for _ in range(steps):
+        logits = megatron_logits(chunks, ids, vocab_size)
+        tok = (logits[:, -1].argmax(-1) if logits is not None
+               else torch.zeros(ids.shape[0], dtype=torch.long, device=dev))
+        tok = tok.to(dev)
+        if ps.get_pipeline_model_parallel_world_size() > 1:
+            dist.broadcast(tok, src=src, group=group)
+        ids = torch.cat([ids, tok.cpu().unsqueeze(1)], dim=1)
+    return ids
+
+
+def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids.to(model.device)).logits.float().cpu()
+
+
+def hf_generate(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    ids = ids.clone()
+    for _ in range(steps):
+        tok = hf_logits(model, ids)[:, -1].argmax(-1)
+        ids = torch.cat([ids, tok.unsqueeze(1)], dim=1)
+    return ids

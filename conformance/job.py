@@ -1,0 +1,143 @@
+"""Work done inside the runner's rank processes. Each function runs on every rank it is sent
+to and returns plain data (tensors, dicts, strings) for the checks in ``checks.py``.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from conformance.forward import (capture_hf, capture_megatron, hf_generate, hf_logits,
+                                 megatron_generate, megatron_logits)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def make_bridge(source: str | dict, bridge_ref: str | None = None):
+    """The registered bridge for a checkpoint dir (or config dict), or the class named by
+    ``bridge_ref`` ('module:Class', e.g. a deliberately broken bridge in the self-tests)."""
+    from bridges import AutoBridge
+
+    bridge = (AutoBridge.from_hf_pretrained(source) if isinstance(source, str)
+              else AutoBridge.from_hf_config(source))
+    if bridge_ref:
+        mod, name = bridge_ref.split(":")
+        cls = getattr(importlib.import_module(mod), name)
+        bridge = cls(bridge.hf_config, bridge.checkpoint)
+    return bridge
+
+
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+
+
+def hf_reference(toy_dir: str, ids: torch.Tensor, steps: int, dtype: str = "float32",
+                 baseline_seed: int = 12345) -> dict[str, Any]:
+    """HF logits, activations and greedy tokens; and logits of a re-initialised model."""
+    from transformers import AutoModelForCausalLM
+
+    from conformance.toy import build_hf_model
+
+    model = AutoModelForCausalLM.from_pretrained(toy_dir, dtype=DTYPES[dtype],
+                                                 attn_implementation="eager").to(_device()).eval()
+    acts: dict = {}
+    with capture_hf(model, acts):
+        logits = hf_logits(model, ids)
+    gen = hf_generate(model, ids, steps)
+    other = build_hf_model(model.config.to_dict(), seed=baseline_seed).to(DTYPES[dtype]).to(_device())
+    return {"logits": logits, "acts": acts, "generation": gen, "baseline": hf_logits(other, ids)}
+
+
+def megatron_case(toy_dir: str, layout: str, ids: torch.Tensor, steps: int,
+                  dtype: str = "float32", bridge_ref: str | None = None) -> dict[str, Any]:
+    """Import the toy checkpoint under ``layout``, run it, export it. Every rank returns a
+    dict; data that exists on one rank only is None elsewhere."""
+    from megatron.core import parallel_state as ps
+
+    from bridges.core.ledger import CoverageError
+    from bridges.core.parallel import Layout
+
+    bridge = make_bridge(toy_dir, bridge_ref)
+    provider = bridge.to_megatron_provider()
+    lay = Layout.parse(layout)
+    provider.tensor_model_parallel_size = lay.tp
+    provider.pipeline_model_parallel_size = lay.pp
+    provider.virtual_pipeline_model_parallel_size = lay.vpp
+    provider.expert_model_parallel_size = lay.ep
+    provider.params_dtype = DTYPES[dtype]
+    provider.finalize()
+    chunks = provider.provide_distributed_model()
+    for c in chunks:
+        c.eval()
+    out: dict[str, Any] = {"rank": dist.get_rank(), "import_error": None, "export_error": None}
+    try:
+        bridge.load_hf_weights(chunks)
+    except CoverageError as e:
+        out["import_error"] = str(e)
+        return out
+    primary = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
+    acts: dict = {}
+    vocab = provider.vocab_size
+    with capture_megatron(chunks, acts):
+        logits = megatron_logits(chunks, ids, vocab)
+    out["logits"] = logits.cpu() if logits is not None and primary else None
+    out["acts"] = acts if primary else {}
+    gen = megatron_generate(chunks, ids, steps, vocab)
+    out["generation"] = gen if dist.get_rank() == 0 else None
+    try:
+        exported = list(bridge.export_hf_weights(chunks, cpu=True, strict=False))
+    except CoverageError as e:
+        out["export_error"] = str(e)
+        exported = []
+    out["exported"] = exported if dist.get_rank() == 0 else None
+    return out
+
+
+def describe(source: str | dict, toy_dir: str | None = None,
+             bridge_ref: str | None = None) -> dict[str, Any]:
+    """Config translation, config roundtrip and mapping table for a model (one rank)."""
+    from bridges.core.config import get_path
+    from bridges.core.hf_io import HFCheckpoint
+    from bridges.core.mappings import Shapes
+
+    bridge = make_bridge(source, bridge_ref)
+    attrs = bridge.megatron_attrs()
+    exported = bridge.hf_config_dict(attrs)
+    raw = source if isinstance(source, dict) else HFCheckpoint(source).config()
+    fields = [f.hf for f in bridge.config_fields if get_path(raw, f.hf, None) is not None]
+    fields += [k for k in ("rope_parameters", "attention_bias", "sliding_window") if k in exported
+               and (k in raw or k == "rope_parameters")]
+    source_cfg = bridge.hf_config.to_dict() if hasattr(bridge.hf_config, "to_dict") else raw
+    table = []
+    if toy_dir is not None:
+        toy = make_bridge(toy_dir, bridge_ref)
+        tattrs = toy.megatron_attrs()
+        shapes = Shapes(tattrs["num_attention_heads"], tattrs["num_query_groups"],
+                        tattrs["kv_channels"], tattrs["vocab_size"], tattrs["vocab_size"])
+        ckpt = toy.checkpoint
+        for m in toy.mappings(tattrs):
+            caps = ("0",) if "*" in m.megatron else ()
+            names = m.hf_names(caps)
+            row = {"megatron": m.megatron, "hf": m.hf, "kind": m.kind, "tp_dim": m.tp_dim,
+                   "hf_shapes": {r: list(ckpt.shape(n)) if n in ckpt else None for r, n in names.items()}}
+            try:
+                t = m.to_megatron({r: ckpt.get(n) for r, n in names.items()}, 0, 1, shapes)
+                row["megatron_shape"] = list(t.shape)
+            except Exception as e:  # reported in the table, judged by the other checks
+                row["megatron_shape"] = f"error: {e}"
+            table.append(row)
+    return {"attrs": {k: _plain(v) for k, v in sorted(attrs.items())},
+            "source_config": source_cfg, "exported_config": exported, "fields": fields,
+            "table": table}
+
+
+def _plain(v):
+    if callable(v):
+        return getattr(v, "__name__", repr(v))
+    if isinstance(v, torch.dtype):
+        return str(v)
+    if isinstance(v, tuple):
+        return list(v)
+    return v

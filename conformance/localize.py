@@ -1,0 +1,44 @@
+"""Divergence localisation: where do HF and Megatron activations part?"""
+from __future__ import annotations
+
+import re
+
+import torch
+
+from conformance.checks import rel_err
+
+
+def _order(name: str):
+    if name == "embedding":
+        return (0, 0, 0)
+    m = re.match(r"layer (\d+) (attention|mlp)", name)
+    if m:
+        return (1, int(m.group(1)), 0 if m.group(2) == "attention" else 1)
+    return (2, 0, 0) if name == "final norm" else (3, 0, 0)
+
+
+def localize(ref: dict[str, torch.Tensor], got: dict[str, torch.Tensor],
+             tol: float = 1e-5) -> tuple[str | None, list[tuple[str, float]]]:
+    """(first stage whose relative error exceeds ``tol``, [(stage, error) up to and including it]).
+
+    Stages missing on either side are listed with error NaN and not judged.
+    """
+    trail: list[tuple[str, float]] = []
+    for name in sorted(set(ref) | set(got), key=_order):
+        if name not in ref or name not in got or ref[name].shape != got[name].shape:
+            trail.append((name, float("nan")))
+            if name in ref and name in got:
+                return name, trail
+            continue
+        err = rel_err(ref[name], got[name])
+        trail.append((name, err))
+        if err > tol:
+            return name, trail
+    return None, trail
+
+
+def describe(first: str | None, trail: list[tuple[str, float]]) -> str:
+    if first is None:
+        return "activations agree at every stage"
+    lines = [f"first divergence: {first}"] + [f"  {n:<24} rel err {e:.3g}" for n, e in trail]
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""A conformance session: toy checkpoints, the rank pool, and every check for a model x layout.
+
+Used by the pytest plugin, the self-tests and the benchmark; it has no pytest dependency.
+Results are cached per (model, layout, bridge), so the separate test items of one case cost
+one conversion.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+
+from bridges.core.parallel import Layout
+from conformance import checks
+from conformance.checks import CheckResult
+from conformance.localize import describe as describe_divergence, localize
+from conformance.models import ModelSpec
+from conformance.runner import RankError, RankPool
+from conformance.toy import shrink_config
+
+CASE_CHECKS = ("coverage", "roundtrip", "logits", "generation")
+DEFAULT_LAYOUTS = ("tp1pp1", "tp2", "pp2", "tp2pp2", "vpp2")
+
+
+class Conformance:
+    def __init__(self, workdir: str | Path, layouts: list[str] | tuple[str, ...] = DEFAULT_LAYOUTS,
+                 world: int = 4, dtype: str = "float32", weights: str = "toy",
+                 seq_len: int = 12, steps: int = 16, timeout: float = 300.0):
+        self.workdir = Path(workdir)
+        self.layouts = [Layout.parse(x) for x in layouts]
+        self.world, self.dtype, self.weights = world, dtype, weights
+        self.steps, self.timeout = steps, timeout
+        self.max_tp = max([2] + [lay.tp for lay in self.layouts])
+        self.min_layers = max([4] + [lay.pp * (lay.vpp or 1) for lay in self.layouts])
+        self.ids = torch.randint(0, 503, (2, seq_len), generator=torch.Generator().manual_seed(0))
+        self.pool = RankPool(world)
+        self._cache: dict[tuple, Any] = {}
+
+    def close(self) -> None:
+        self.pool.close()
+
+    def _memo(self, key: tuple, fn):
+        if key not in self._cache:
+            self._cache[key] = fn()
+        return self._cache[key]
+
+    # -- inputs ---------------------------------------------------------------------------
+    def toy_config(self, spec: ModelSpec) -> dict:
+        return shrink_config(spec.config, max_tp=self.max_tp, min_layers=self.min_layers)
+
+    def checkpoint(self, spec: ModelSpec) -> str:
+        """The checkpoint under test: a toy made from the config, or the user's own weights."""
+        if self.weights == "real":
+            if not spec.checkpoint:
+                raise ValueError(f"--mbridge-weights=real needs a local checkpoint directory; "
+                                 f"{spec.name} resolved to a {spec.source} config without weights")
+            return spec.checkpoint
+        return self._memo(("toy", spec.name), lambda: str(self.pool.run(
+            "conformance.toy:make_toy_checkpoint", ranks=[0], timeout=self.timeout,
+            config=self.toy_config(spec), root=str(self.workdir / "toys"))[0]))
+
+    def _ids(self, ckpt: str) -> torch.Tensor:
+        import json
+
+        vocab = json.loads((Path(ckpt) / "config.json").read_text())["vocab_size"]
+        return self.ids % vocab
+
+    def reference(self, spec: ModelSpec, dtype: str | None = None) -> dict:
+        ckpt, dtype = self.checkpoint(spec), dtype or self.dtype
+        return self._memo(("ref", spec.name, dtype), lambda: self.pool.run(
+            "conformance.job:hf_reference", ranks=[0], timeout=self.timeout, toy_dir=ckpt,
+            ids=self._ids(ckpt), steps=self.steps, dtype=dtype)[0])
+
+    # -- checks ---------------------------------------------------------------------------
+    def case(self, spec: ModelSpec, layout: str, bridge_ref: str | None = None,
+             dtype: str | None = None) -> dict[str, CheckResult]:
+        """Every per-layout check for one model: coverage, roundtrip, logits, generation."""
+        dtype = dtype or self.dtype
+        return self._memo(("case", spec.name, layout, bridge_ref, dtype),
+                          lambda: self._run_case(spec, layout, bridge_ref, dtype))
+
+    def _run_case(self, spec, layout, bridge_ref, dtype) -> dict[str, CheckResult]:
+        lay = Layout.parse(layout)
+        if self.world % lay.world_size:
+            raise ValueError(f"layout {layout} needs {lay.world_size} ranks; the pool has {self.world}")
+        ckpt = self.checkpoint(spec)
+        ref = self.reference(spec, dtype)
+        try:
+            ranks = self.pool.run("conformance.job:megatron_case", timeout=self.timeout,
+                                  toy_dir=ckpt, layout=layout, ids=self._ids(ckpt),
+                                  steps=self.steps, dtype=dtype, bridge_ref=bridge_ref)
+        except RankError as e:
+            return {c: CheckResult(c, False, "", f"conversion crashed:\n{e}") for c in CASE_CHECKS}
+        r0 = ranks[0]
+        source = self._source(ckpt)
+        if r0["import_error"]:
+            out = {"coverage": checks.check_coverage(r0["import_error"], [], [])}
+            for c in CASE_CHECKS[1:]:
+                out[c] = CheckResult(c, False, "", "not run: import failed (see coverage)",
+                                     {"blocked": True})
+            return out
+        exported = r0["exported"]
+        logits = next(r["logits"] for r in ranks if r.get("logits") is not None)
+        acts: dict = {}
+        for r in ranks:
+            acts.update(r["acts"])
+        out = {
+            "coverage": checks.check_coverage(r0["export_error"], [n for n, _ in exported], sorted(source)),
+            "roundtrip": checks.check_roundtrip(source, exported),
+            "logits": checks.check_logits(ref["logits"], logits, ref["baseline"], dtype),
+            "generation": checks.check_generation(ref["generation"], r0["generation"], self.ids.shape[1]),
+        }
+        tol = checks.FP32_REL_ERR if dtype == "float32" else 1e-2
+        first, trail = localize(ref["acts"], acts, tol)
+        out["logits"].data["divergence"] = first
+        if not out["logits"].passed or not out["generation"].passed:
+            for c in ("logits", "generation"):
+                out[c].details = (out[c].details + "\n" + describe_divergence(first, trail)).strip()
+        return out
+
+    def _source(self, ckpt: str) -> dict[str, torch.Tensor]:
+        def read():
+            files = sorted(Path(ckpt).glob("*.safetensors"))
+            return {k: v for f in files for k, v in load_file(str(f)).items()}
+
+        return self._memo(("source", ckpt), read)
+
+    def describe(self, spec: ModelSpec, bridge_ref: str | None = None) -> dict:
+        """Config translation (published config), mapping table (toy) and config roundtrip."""
+        def run():
+            toy = self.checkpoint(spec) if self.weights == "toy" else spec.checkpoint
+            d = self.pool.run("conformance.job:describe", ranks=[0], timeout=self.timeout,
+                              source=spec.config, toy_dir=toy, bridge_ref=bridge_ref)[0]
+            d["config_check"] = checks.check_config_roundtrip(d["source_config"], d["exported_config"],
+                                                              d["fields"])
+            return d
+
+        return self._memo(("describe", spec.name, bridge_ref), run)
