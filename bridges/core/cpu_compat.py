@@ -54,6 +54,26 @@ def _rng_fork(orig):
     return fork
 
 
+def _tied_setup(orig):
+    # With tied embeddings and PP > 1 the last stage's copy is moved with .cuda() before the
+    # all-reduce that syncs it with the first stage: keep it on the CPU for that call only.
+    def setup_embeddings_and_output_layer(self, *args, **kwargs):
+        cuda = torch.Tensor.cuda
+        torch.Tensor.cuda = lambda t, *a, **k: t
+        try:
+            return orig(self, *args, **kwargs)
+        finally:
+            torch.Tensor.cuda = cuda
+
+    return setup_embeddings_and_output_layer
+
+
+def _language_module():
+    from megatron.core.models.common.language_module.language_module import LanguageModule
+
+    return LanguageModule
+
+
 def _fused_softmax():
     import megatron.core.fusions.fused_softmax as m
 
@@ -75,6 +95,8 @@ PATCHES: list[_Patch] = [
            _fused_softmax, "get_sliding_window_causal_mask", _window_mask),
     _Patch("rng_fork", "attention forks a CUDA RNG state that cannot exist without CUDA",
            _rng_tracker_cls, "fork", _rng_fork),
+    _Patch("tied_embedding", "tied embeddings at PP > 1 move the output copy with .cuda()",
+           _language_module, "setup_embeddings_and_output_layer", _tied_setup),
 ]
 
 _saved: dict[str, tuple[Any, Any]] = {}

@@ -76,6 +76,8 @@ class GPTModelProvider:
 
     @property
     def padded_vocab_size(self) -> int:
+        if not self.make_vocab_size_divisible_by:  # padding switched off
+            return self.vocab_size
         m = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
         return int(math.ceil(self.vocab_size / m) * m)
 
@@ -94,6 +96,9 @@ class GPTModelProvider:
             if value % by:
                 raise ConfigError(f"layout {lay.name}: {fld}={value} does not divide by "
                                   f"{what}={by}")
+        if self.padded_vocab_size % lay.tp:
+            raise ConfigError(f"layout {lay.name}: vocab_size={self.vocab_size} does not divide by "
+                              f"TP={lay.tp} and make_vocab_size_divisible_by is off")
         if lay.vpp is not None and lay.pp < 2:
             raise ConfigError(f"layout {lay.name}: virtual pipeline needs PP >= 2")
         object.__setattr__(self, "_finalized", True)
