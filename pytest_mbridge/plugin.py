@@ -81,6 +81,7 @@ def pytest_configure(config: pytest.Config) -> None:
         if not torch.cuda.is_available():
             raise pytest.UsageError("--run-gpu: no CUDA device is visible (torch.cuda.is_available() is False)")
     config._mbridge_rows = []  # type: ignore[attr-defined]
+    _models(config)  # resolve now: a bad model name is a usage error, not a collection error
 
 
 # -- parametrisation ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ class MbridgeSnapshot(AmberSnapshotExtension):
     @classmethod
     def get_file_basename(cls, *, test_location, index) -> str:
         model = test_location.nodename.split("[", 1)[-1].rstrip("]")  # snapshot tests: [model]
-        return "mbridge-" + re.sub(r"[^A-Za-z0-9_.]+", "_", model)
+        return "mbridge-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
 
     @classmethod
     def exists(cls, snapshot) -> bool:

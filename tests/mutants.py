@@ -1,0 +1,210 @@
+"""Deliberately broken bridges: each injects one class of real-world conversion bug.
+
+The mutation self-tests (test_mutations.py) run the conformance checks on each and assert
+which check catches it. Every mutant is consistent in both directions where the real bug
+would be (so a roundtrip alone cannot see it) unless the bug is an export bug.
+"""
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from bridges.core import mappings as M
+from bridges.models.llama.llama_bridge import LlamaBridge
+from bridges.models.qwen2.qwen2_bridge import Qwen2Bridge
+from bridges.models.qwen3.qwen3_bridge import Qwen3Bridge
+
+
+def _swap_mapping(table, megatron_suffix, new_cls=None, **changes):
+    out = []
+    for m in table:
+        if m.megatron.endswith(megatron_suffix):
+            m = (new_cls or type(m))(m.megatron, changes.get("hf", m.hf))
+        out.append(m)
+    return out
+
+
+# 1. q and k swapped inside each query group of the fused QKV ------------------------------
+class _KQV(M.QKV):
+    def _merge(self, hf, shapes):
+        g, d = shapes.num_query_groups, shapes.kv_channels
+        per = shapes.num_attention_heads // g
+        q, k, v = hf["q"], hf["k"], hf["v"]
+        rest = q.shape[1:]
+        # k first, then the query heads: the layout Megatron reads as [q..., k, v] is scrambled
+        return torch.cat([k.reshape(g, d, *rest), q.reshape(g, per * d, *rest),
+                          v.reshape(g, d, *rest)], dim=1).reshape(-1, *rest)
+
+    def _unmerge(self, full, shapes):
+        g, d = shapes.num_query_groups, shapes.kv_channels
+        per = shapes.num_attention_heads // g
+        rest = full.shape[1:]
+        k, q, v = full.reshape(g, (per + 2) * d, *rest).split([d, per * d, d], dim=1)
+        return {"q": q.reshape(-1, *rest), "k": k.reshape(-1, *rest), "v": v.reshape(-1, *rest)}
+
+
+class QKSwapped(Qwen3Bridge):
+    def mappings(self, attrs):
+        return _swap_mapping(super().mappings(attrs), "linear_qkv.weight", _KQV)
+
+
+# 2. query heads assigned to the wrong KV group (head-major instead of group-major) --------
+class _WrongGroups(M.QKV):
+    def _merge(self, hf, shapes):
+        g, d = shapes.num_query_groups, shapes.kv_channels
+        per = shapes.num_attention_heads // g
+        q = hf["q"]
+        rest = q.shape[1:]
+        q = q.reshape(per, g, d, *rest).transpose(0, 1).reshape(-1, *rest)
+        return super()._merge({**hf, "q": q}, shapes)
+
+    def _unmerge(self, full, shapes):
+        out = super()._unmerge(full, shapes)
+        g, d = shapes.num_query_groups, shapes.kv_channels
+        per = shapes.num_attention_heads // g
+        rest = out["q"].shape[1:]
+        out["q"] = out["q"].reshape(g, per, d, *rest).transpose(0, 1).reshape(-1, *rest)
+        return out
+
+
+class WrongGQAGroups(Qwen3Bridge):
+    def mappings(self, attrs):
+        return _swap_mapping(super().mappings(attrs), "linear_qkv.weight", _WrongGroups)
+
+
+# 3. gate and up swapped -------------------------------------------------------------------
+class GateUpSwapped(Qwen3Bridge):
+    def mappings(self, attrs):
+        table = super().mappings(attrs)
+        fc1 = next(m for m in table if m.megatron.endswith("linear_fc1.weight"))
+        return _swap_mapping(table, "linear_fc1.weight", hf={"gate": fc1.hf["up"], "up": fc1.hf["gate"]})
+
+
+# 4. row-parallel weight split on the wrong dimension -------------------------------------
+class RowSplitWrongDim(Qwen3Bridge):
+    def mappings(self, attrs):
+        return _swap_mapping(super().mappings(attrs), "linear_proj.weight", M.ColumnParallel)
+
+
+# 5. a norm mapping dropped ------------------------------------------------------------------
+class NormDropped(Qwen3Bridge):
+    def mappings(self, attrs):
+        return [m for m in super().mappings(attrs) if not m.megatron.endswith("pre_mlp_layernorm.weight")]
+
+
+# 6. layer index off by one (wrapping, so every tensor is still used) ---------------------
+class _Shifted:
+    def hf_names(self, captures):
+        n = self.num_layers
+        shifted = tuple(str((int(c) + 1) % n) for c in captures)
+        return super().hf_names(shifted)
+
+
+class LayerOffByOne(Qwen3Bridge):
+    def mappings(self, attrs):
+        out = []
+        for m in super().mappings(attrs):
+            if "*" in m.megatron:
+                cls = type(f"Shifted{type(m).__name__}", (_Shifted, type(m)), {"num_layers": attrs["num_layers"]})
+                m = cls(m.megatron, m.hf)
+            out.append(m)
+        return out
+
+
+# 7. wrong rope theta ------------------------------------------------------------------------
+class WrongRopeTheta(LlamaBridge):
+    def megatron_attrs(self):
+        attrs = super().megatron_attrs()
+        attrs["rotary_base"] = 10000.0  # the Llama-2 default instead of the config's 500000
+        return attrs
+
+
+# 8. tied / untied confusion: output layer always read from the embedding ----------------
+class TiedConfusion(Qwen3Bridge):
+    def megatron_attrs(self):
+        attrs = super().megatron_attrs()
+        attrs["share_embeddings_and_output_weights"] = True
+        return attrs
+
+
+# 9. vocab padding not truncated on export -----------------------------------------------
+class _NoTruncate(M.VocabParallel):
+    def _unmerge(self, full, shapes):
+        return {"": full}
+
+
+class PaddingNotTruncated(Qwen3Bridge):
+    def mappings(self, attrs):
+        return _swap_mapping(super().mappings(attrs), "word_embeddings.weight", _NoTruncate)
+
+
+# 10. a tensor silently skipped: no mapping, and the HF name put on the ignore list --------
+class TensorSkipped(Qwen3Bridge):
+    ignored_hf = Qwen3Bridge.ignored_hf + (r".*self_attn\.k_norm\.weight",)
+
+    def mappings(self, attrs):
+        return [m for m in super().mappings(attrs) if not m.megatron.endswith("k_layernorm.weight")]
+
+
+# 11. QKV bias dropped -------------------------------------------------------------------------
+class BiasDropped(Qwen2Bridge):
+    def megatron_attrs(self):
+        attrs = super().megatron_attrs()
+        attrs["add_qkv_bias"] = False
+        return attrs
+
+
+# 12. TP-only bug: gate/up fused as [gate; up] on the full tensor, then split like a plain
+#     column-parallel weight (right at TP=1, wrong at TP>1) ------------------------------
+class _NaiveFC1(M.Mapping):
+    kind = "gated_mlp"
+    tp_dim = 0
+
+    def _merge(self, hf, shapes):
+        return torch.cat([hf["gate"], hf["up"]])
+
+    def _unmerge(self, full, shapes):
+        gate, up = full.chunk(2)
+        return {"gate": gate, "up": up}
+
+
+class NaiveGatedMLP(Qwen3Bridge):
+    def mappings(self, attrs):
+        return _swap_mapping(super().mappings(attrs), "linear_fc1.weight", _NaiveFC1)
+
+
+# 13. TP shards gathered in the wrong order on export ------------------------------------
+class _ReversedGather(M.RowParallel):
+    def _gather(self, shards, shapes):
+        return super()._gather(shards[::-1], shapes)
+
+
+class ExportShardOrder(Qwen3Bridge):
+    def mappings(self, attrs):
+        return _swap_mapping(super().mappings(attrs), "mlp.linear_fc2.weight", _ReversedGather)
+
+
+# 14. QKV bias interleaved as if it were [q; k; v] concatenated (weights right) -----------
+class _ConcatBias(M.QKV):
+    def _merge(self, hf, shapes):
+        return torch.cat([hf["q"], hf["k"], hf["v"]])
+
+    def _unmerge(self, full, shapes):
+        g, d = shapes.num_query_groups, shapes.kv_channels
+        q, k, v = full.split([shapes.num_attention_heads * d, g * d, g * d])
+        return {"q": q, "k": k, "v": v}
+
+
+class BiasInterleave(Qwen2Bridge):
+    def mappings(self, attrs):
+        return _swap_mapping(super().mappings(attrs), "linear_qkv.bias", _ConcatBias)
+
+
+# 15. QK-norm weights of queries and keys exchanged ----------------------------------------
+class QKNormSwapped(Qwen3Bridge):
+    def mappings(self, attrs):
+        table = super().mappings(attrs)
+        q = next(m for m in table if m.megatron.endswith("q_layernorm.weight"))
+        k = next(m for m in table if m.megatron.endswith("k_layernorm.weight"))
+        return [replace(m, hf=k.hf) if m is q else replace(m, hf=q.hf) if m is k else m for m in table]

@@ -1,0 +1,251 @@
+"""bridges.core.cpu_compat: every patch is needed (the CPU forward fails without it) and works.
+
+Each patch is switched off alone with ``cpu_compat.patched(exclude={name})``; the model is a
+tiny Megatron GPTModel built in this process (gloo, world size 1), except for the tied-embedding
+patch, which only matters at PP > 1 and runs on two ranks of a ``RankPool``.
+"""
+from __future__ import annotations
+
+import json
+import threading
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+from bridges.core import cpu_compat
+
+ROOT = Path(__file__).resolve().parents[1]
+QWEN3 = ROOT / "fixtures/configs/Qwen/Qwen3-8B/config.json"
+MISTRAL = ROOT / "fixtures/configs/mistralai/Mistral-7B-v0.1/config.json"
+
+# Every patch name must have a "fails without it" test below; a new patch without one fails
+# test_every_patch_has_a_failing_without_test.
+COVERED = {"current_device", "causal_mask", "window_mask", "rng_fork", "tied_embedding"}
+
+needs_cpu = pytest.mark.skipif(torch.cuda.is_available(),
+                               reason="the patches exist for machines without CUDA")
+
+
+def _toy(path: Path, **kw) -> dict:
+    from conformance.toy import shrink_config
+
+    return shrink_config(json.loads(path.read_text()), **kw)
+
+
+def _provider(path: Path, **kw):
+    from bridges.core.auto import AutoBridge
+
+    return AutoBridge.from_hf_config(_toy(path, **kw)).to_megatron_provider()
+
+
+# -- worker for the two-rank test (imported by the pool's ranks as f"{__name__}:...") ---------
+def tied_pp2_worker(exclude: list[str]) -> tuple[int, torch.Tensor]:
+    """Build a tied-embedding toy at PP=2 with ``exclude`` patches off; return this rank's
+    pipeline rank and its copy of the shared embedding / output weight."""
+    from megatron.core import parallel_state as ps
+
+    from bridges.core.parallel import init_model_parallel
+
+    provider = _provider(QWEN3, tie=True)
+    provider.pipeline_model_parallel_size = 2
+    provider.finalize()
+    init_model_parallel(provider.layout)
+    with cpu_compat.patched(exclude=set(exclude)):
+        (chunk,) = provider.provide_distributed_model()
+    w = chunk.embedding.word_embeddings.weight if chunk.pre_process else chunk.output_layer.weight
+    return ps.get_pipeline_model_parallel_rank(), w.detach().clone()
+
+
+# -- fixtures ---------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def pool():
+    """Two ranks; started in a thread at once so the forkserver's heavy preload overlaps the
+    in-process tests (which use the other core)."""
+    from conformance.runner import RankPool
+
+    p = RankPool(2)
+    started: list[BaseException] = []
+
+    def start():
+        try:
+            p.start()
+        except BaseException as e:  # surfaced by the first test that uses the pool
+            started.append(e)
+
+    t = threading.Thread(target=start, daemon=True)
+    t.start()
+
+    def ready():
+        t.join()
+        if started:
+            raise started[0]
+        return p
+
+    yield ready
+    t.join()
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def world1(pool):
+    """Parallel state for one process (tp1pp1), whatever earlier test files left behind."""
+    from bridges.core.parallel import Layout, current_layout, init_model_parallel
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized() or current_layout() != Layout():
+        init_model_parallel(Layout())
+    cpu_compat.ensure()
+    yield
+
+
+@pytest.fixture(scope="module")
+def qwen3_provider(world1):
+    return _provider(QWEN3)
+
+
+@pytest.fixture(scope="module")
+def mistral_provider(world1):
+    p = _provider(MISTRAL)
+    assert p.window_size == (7, 0), "the toy Mistral must use a sliding window"
+    return p
+
+
+def _forward(provider, seq: int = 12) -> torch.Tensor:
+    # A fresh model each time: RotaryEmbedding.forward is lru_cached per instance, so a reused
+    # model would not call torch.cuda.current_device() again.
+    model = provider.provide(True, True).eval()
+    g = torch.Generator().manual_seed(seq)
+    ids = torch.randint(0, provider.vocab_size, (2, seq), generator=g)
+    pos = torch.arange(seq).unsqueeze(0).expand_as(ids)
+    with torch.no_grad():
+        return model(ids, pos, attention_mask=None)
+
+
+def _tb(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
+
+
+# -- bookkeeping ------------------------------------------------------------------------------
+def test_every_patch_has_a_failing_without_test():
+    names = [p.name for p in cpu_compat.PATCHES]
+    assert len(names) == len(set(names)), f"duplicate patch names: {names}"
+    assert set(names) == COVERED
+
+
+def test_patch_targets_exist_in_installed_megatron():
+    for p in cpu_compat.PATCHES:
+        assert hasattr(p.target(), p.attr), f"{p.name}: {p.target()} has no {p.attr}"
+
+
+def test_patched_switches_exactly_one_off_and_restores(world1):
+    before = cpu_compat.apply()
+    assert before == sorted(COVERED)
+    originals = {p.name: cpu_compat._saved[p.name][1] for p in cpu_compat.PATCHES}
+    for p in cpu_compat.PATCHES:
+        with cpu_compat.patched(exclude={p.name}) as active:
+            assert active == sorted(COVERED - {p.name})
+            assert getattr(p.target(), p.attr) is originals[p.name]
+        assert getattr(p.target(), p.attr) is not originals[p.name]
+    assert cpu_compat.apply() == before  # idempotent, and everything is back
+
+
+def test_remove_restores_the_originals(world1):
+    originals = {p.name: cpu_compat._saved[p.name][1] for p in cpu_compat.PATCHES}
+    try:
+        cpu_compat.remove({"causal_mask"})
+        p = next(p for p in cpu_compat.PATCHES if p.name == "causal_mask")
+        assert getattr(p.target(), p.attr) is originals["causal_mask"]
+        assert "causal_mask" not in cpu_compat.apply(exclude={"causal_mask"})
+    finally:
+        cpu_compat.apply()
+
+
+def test_ensure_is_a_noop_when_cuda_is_available(world1, monkeypatch):
+    with cpu_compat.patched(exclude={p.name for p in cpu_compat.PATCHES}) as active:
+        assert active == []
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        cpu_compat.ensure()
+        assert cpu_compat._saved == {}
+        monkeypatch.undo()
+    # back on a CPU machine, ensure() applies everything
+    with cpu_compat.patched(exclude={p.name for p in cpu_compat.PATCHES}):
+        if not torch.cuda.is_available():
+            cpu_compat.ensure()
+            assert sorted(cpu_compat._saved) == sorted(COVERED)
+
+
+# -- the CPU replacements compute what Megatron's CUDA versions compute ------------------------
+class _TorchWithoutCuda:
+    """``torch`` as seen by megatron.core.transformer.utils, with device='cuda' dropped."""
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def ones(*args, device=None, **kwargs):
+        return torch.ones(*args, **kwargs)
+
+
+def test_masks_equal_megatrons_own(monkeypatch):
+    from megatron.core.transformer import utils
+
+    monkeypatch.setattr(utils, "torch", _TorchWithoutCuda())
+    causal, window = cpu_compat._causal_mask(None), cpu_compat._window_mask(None)
+    for sq in (1, 2, 7, 16):
+        assert torch.equal(causal(sq), utils.get_default_causal_mask(sq))
+    for sq, skv, ws in [(12, 12, (7, 0)), (5, 9, (2, 0)), (8, 8, (3, 2)), (16, 16, (0, 0))]:
+        assert torch.equal(window(sq, skv, ws), utils.get_sliding_window_causal_mask(sq, skv, ws))
+
+
+# -- each patch: the CPU forward fails without it ---------------------------------------------
+@needs_cpu
+def test_forward_runs_with_all_patches(qwen3_provider, mistral_provider):
+    for provider in (qwen3_provider, mistral_provider):
+        out = _forward(provider)
+        assert out.shape[:2] == (2, 12) and torch.isfinite(out).all()
+
+
+@needs_cpu
+@pytest.mark.parametrize("name, where", [
+    ("current_device", "rotary_pos_embedding"),
+    ("causal_mask", "get_default_causal_mask"),
+    ("rng_fork", "rng state model-parallel-rng is not added"),
+])
+def test_forward_fails_without(qwen3_provider, name, where):
+    with cpu_compat.patched(exclude={name}):
+        with pytest.raises(Exception) as ei:
+            _forward(qwen3_provider)
+    assert where in _tb(ei.value)
+    _forward(qwen3_provider)  # and the patch is back
+
+
+@needs_cpu
+def test_sliding_window_forward_fails_without_window_mask(mistral_provider):
+    with cpu_compat.patched(exclude={"window_mask"}):
+        with pytest.raises(Exception) as ei:
+            _forward(mistral_provider)
+    assert "get_sliding_window_causal_mask" in _tb(ei.value)
+    with cpu_compat.patched(exclude={"causal_mask"}):  # the windowed model needs only its own
+        _forward(mistral_provider)
+
+
+# -- tied embeddings at PP=2 (two ranks) --------------------------------------------------------
+@needs_cpu
+def test_tied_embedding_pp2_works_with_all_patches(pool):
+    results = pool().run(f"{__name__}:tied_pp2_worker", timeout=180, exclude=[])
+    (r0, emb), (r1, out) = results
+    assert (r0, r1) == (0, 1)
+    # the last stage's zero-filled copy was all-reduced with the first stage's embedding
+    assert emb.abs().sum() > 0 and torch.equal(emb, out)
+
+
+@needs_cpu
+def test_tied_embedding_pp2_fails_without_patch(pool):
+    from conformance.runner import RankError
+
+    with pytest.raises(RankError) as ei:
+        pool().run(f"{__name__}:tied_pp2_worker", timeout=180, exclude=["tied_embedding"])
+    msg = str(ei.value)
+    assert "cuda" in msg.lower() and "setup_embeddings_and_output_layer" in msg

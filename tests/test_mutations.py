@@ -1,0 +1,52 @@
+"""Mutation self-tests: every injected bridge bug is caught, by the check we expect.
+
+Each row: mutant, model, {layout: set of checks that must fail there}. A check "fails" when
+it finds the bug itself (checks blocked by a failed import do not count). A layout mapped to
+an empty set must pass entirely: e.g. the TP-only bug is invisible at TP=1.
+"""
+import pytest
+
+MUTANTS = [
+    ("QKSwapped", "Qwen/Qwen3-8B", {"tp1pp1": {"logits", "generation"}}),
+    ("WrongGQAGroups", "Qwen/Qwen3-8B", {"tp1pp1": {"logits", "generation"}}),
+    ("GateUpSwapped", "Qwen/Qwen3-8B", {"tp1pp1": {"logits", "generation"}}),
+    ("RowSplitWrongDim", "Qwen/Qwen3-8B", {"tp1pp1": set(), "tp2": {"coverage"}}),
+    ("NormDropped", "Qwen/Qwen3-8B", {"tp1pp1": {"coverage"}}),
+    ("LayerOffByOne", "Qwen/Qwen3-8B", {"tp1pp1": {"logits", "generation"}}),
+    ("WrongRopeTheta", "meta-llama/Llama-3.1-8B", {"tp1pp1": {"logits", "generation"}}),
+    ("TiedConfusion", "Qwen/Qwen3-8B", {"tp1pp1": {"coverage"}}),
+    ("PaddingNotTruncated", "Qwen/Qwen3-8B", {"tp1pp1": {"roundtrip"}}),
+    ("TensorSkipped", "Qwen/Qwen3-8B", {"tp1pp1": {"coverage"}}),
+    ("BiasDropped", "Qwen/Qwen2.5-7B-Instruct", {"tp1pp1": {"coverage"}}),
+    ("NaiveGatedMLP", "Qwen/Qwen3-8B", {"tp1pp1": set(), "tp2": {"logits", "generation"}}),
+    ("ExportShardOrder", "Qwen/Qwen3-8B", {"tp1pp1": set(), "tp2": {"roundtrip"}}),
+    ("BiasInterleave", "Qwen/Qwen2.5-7B-Instruct", {"tp1pp1": {"logits", "generation"}}),
+    ("QKNormSwapped", "Qwen/Qwen3-8B", {"tp1pp1": {"logits", "generation"}}),
+]
+
+
+def caught_by(results) -> set[str]:
+    return {name for name, r in results.items() if not r.passed and not r.data.get("blocked")}
+
+
+@pytest.mark.parametrize("mutant,model,expect", MUTANTS, ids=[m[0] for m in MUTANTS])
+def test_mutant_is_caught(conformance, spec, mutant, model, expect):
+    for layout, checks in expect.items():
+        results = conformance.case(spec(model), layout, bridge_ref=f"tests.mutants:{mutant}")
+        got = caught_by(results)
+        assert got == checks, f"{mutant} at {layout}: caught by {sorted(got)}, expected {sorted(checks)}\n" + \
+            "\n".join(str(r) for r in results.values() if not r.passed)
+
+
+def test_wrong_rope_theta_breaks_config_roundtrip(conformance, spec):
+    d = conformance.describe(spec("meta-llama/Llama-3.1-8B"), bridge_ref="tests.mutants:WrongRopeTheta")
+    assert not d["config_check"].passed
+    assert "rope_parameters" in d["config_check"].details
+
+
+def test_logit_failure_names_first_divergence(conformance, spec):
+    r = conformance.case(spec("Qwen/Qwen3-8B"), "tp1pp1", bridge_ref="tests.mutants:GateUpSwapped")["logits"]
+    assert "first divergence: layer 0 mlp" in r.details
+    assert r.data["divergence"] == "layer 0 mlp"
+    r = conformance.case(spec("Qwen/Qwen3-8B"), "tp1pp1", bridge_ref="tests.mutants:QKSwapped")["logits"]
+    assert r.data["divergence"] == "layer 0 attention"

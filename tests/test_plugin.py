@@ -1,0 +1,75 @@
+"""The plugin as a user meets it: pytest run in an empty directory, in a subprocess."""
+import json
+from pathlib import Path
+
+import pytest
+
+pytest_plugins = ["pytester"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def run(pytester, monkeypatch):
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def go(*args):
+        return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore", *args, timeout=600)
+    return go
+
+
+def test_suite_passes_from_an_empty_directory_under_xdist(run, pytester):
+    res = run("--mbridge-model=Qwen/Qwen3-8B", "--mbridge-layouts=tp1pp1,tp2pp2", "-n", "2",
+              "--mbridge-report=report.json")
+    assert res.ret == 0, res.stdout.str()
+    res.assert_outcomes(passed=9, skipped=2)  # 4 checks x 2 layouts + config; snapshots not recorded
+    res.stdout.fnmatch_lines(["*mbridge conformance*", "*Qwen/Qwen3-8B*logits*tp2pp2*PASS*rel err*"])
+    report = json.loads((pytester.path / "report.json").read_text())
+    assert report["failed"] == 0 and report["passed"] == 9
+    logits = [r for r in report["results"] if r.get("check") == "logits"]
+    assert {r["layout"] for r in logits} == {"tp1pp1", "tp2pp2"}
+    assert all(r["data"]["rel_err"] <= 1e-5 and r["data"]["baseline_rel_err"] > 0.5 for r in logits)
+
+
+def test_injected_bug_fails_with_a_diagnosis(run):
+    res = run("--mbridge-model=Qwen/Qwen3-8B", "--mbridge-layouts=tp1pp1",
+              "--mbridge-bridge=tests.mutants:GateUpSwapped", "-k", "logits or roundtrip")
+    assert res.ret == 1
+    res.assert_outcomes(passed=2, failed=1)  # roundtrip and config cannot see it, logits can
+    res.stdout.fnmatch_lines(["*first divergence: layer 0 mlp*", "*embedding*rel err 0*"])
+
+
+def test_snapshots_record_then_gate(run, pytester):
+    args = ("--mbridge-model=Qwen/Qwen3-0.6B", "-k", "snapshot")
+    first = run(*args, "-rs")
+    first.assert_outcomes(skipped=2)
+    first.stdout.fnmatch_lines(["*--snapshot-update*"])
+    run(*args, "--snapshot-update").assert_outcomes(passed=2)
+    assert (pytester.path / "__snapshots__" / "mbridge-Qwen_Qwen3-0.6B.ambr").exists()
+    run(*args).assert_outcomes(passed=2)
+    broken = run(*args, "--mbridge-bridge=tests.mutants:NormDropped")
+    broken.assert_outcomes(passed=1, failed=1)  # the mapping table changed, the config did not
+
+
+def test_unknown_model_offline_is_a_clear_error(run):
+    res = run("--mbridge-model=nobody/no-such-model")
+    assert res.ret == 4
+    res.stderr.fnmatch_lines(["*nobody/no-such-model*HF_HUB_OFFLINE*Qwen/Qwen3-8B*"])
+
+
+def test_run_gpu_without_gpu_is_an_error(run):
+    res = run("--mbridge-model=Qwen/Qwen3-8B", "--run-gpu")
+    assert res.ret == 4
+    res.stderr.fnmatch_lines(["*--run-gpu*no CUDA device*"])
+
+
+def test_plugin_is_inert_without_its_options(run, pytester):
+    pytester.makepyfile(test_x="def test_x():\n    pass\n")
+    res = run()
+    res.assert_outcomes(passed=1)
+
+
+def test_help_lists_the_option_group(run):
+    res = run("--help")
+    res.stdout.fnmatch_lines(["*HF <-> Megatron-Core bridge conformance*", "*--mbridge-model*",
+                              "*--run-gpu*", "*--mbridge-layouts*", "*--mbridge-report*"])
