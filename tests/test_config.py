@@ -357,9 +357,6 @@ def test_null_required_field_names_it():
         AutoBridge.from_hf_config(raw).megatron_attrs()
 
 
-@pytest.mark.xfail(strict=True, reason="a config.json of a model type transformers knows is "
-                   "completed with transformers' class defaults before the bridge reads it, so "
-                   "a missing vocab_size silently becomes 32000 (see the report)")
 def test_missing_field_in_known_model_type_is_not_silently_defaulted():
     raw = raw_config(LLAMA31_8B)
     del raw["vocab_size"]
@@ -401,9 +398,6 @@ def test_unsupported_activation_and_biases():
 
 
 @pytest.mark.parametrize("model", [QWEN25_7B, QWEN3_8B])
-@pytest.mark.xfail(strict=True, reason="Qwen2/Qwen3 with use_sliding_window=True (sliding "
-                   "attention on layers >= max_window_layers) translate to full attention "
-                   "without an error (see the report)")
 def test_qwen_sliding_window_is_not_silently_dropped(model):
     raw = dict(raw_config(model), use_sliding_window=True, sliding_window=4096,
                max_window_layers=4)

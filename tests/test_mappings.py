@@ -419,10 +419,7 @@ def test_property_vocab(vocab, multiple, tp, hidden, dtype, seed):
     assert full.shape == (padded, hidden) and not full[vocab:].any()
 
 
-# -- known gaps (see the report that came with this file): strict xfail, flip when fixed ------
-@pytest.mark.xfail(raises=RuntimeError, strict=True,
-                   reason="QKV._merge checks only dim 0: a k/v whose trailing dims differ from "
-                          "q's fails in torch.reshape with a RuntimeError that names no tensor")
+# -- gaps found by these tests, now fixed ------------------------------------------------
 def test_qkv_rejects_k_with_wrong_hidden_dim():
     hf = _qkv_hf(4, 2, 2, 6)
     hf["k"] = _rand(4, 5)
@@ -431,17 +428,12 @@ def test_qkv_rejects_k_with_wrong_hidden_dim():
     assert QKV_W.hf["k"] in str(e.value)
 
 
-@pytest.mark.xfail(strict=True, reason="QKV does not check num_attention_heads % "
-                                       "num_query_groups: 6 heads / 4 groups is accepted with "
-                                       "q of 4 heads' rows")
 def test_qkv_rejects_heads_not_divisible_by_groups():
     hf = _qkv_hf(4, 4, 2, 6)  # q sized for 6 // 4 == 1 head per group
     with pytest.raises(MappingError):
         QKV_W.to_megatron(hf, 0, 1, Shapes(6, 4, 2))
 
 
-@pytest.mark.xfail(strict=True, reason="GatedMLP.to_hf chunks each shard in two without "
-                                       "checking the row count is even")
 def test_gated_mlp_to_hf_rejects_odd_shard():
     with pytest.raises(MappingError):
         FC1.to_hf([_rand(3, 2)], SHAPES)

@@ -25,6 +25,17 @@ def _hf_config_object(config: dict[str, Any], source: str) -> Any:
         raise ConfigError(f"{source}: transformers rejects this config ({e})") from e
 
 
+def _require_fields(cls, raw: dict[str, Any], source: str) -> None:
+    """Required table fields must be in the file itself: transformers would fill its class
+    defaults in (a missing vocab_size silently becoming 32000)."""
+    from bridges.core.config import _MISSING, get_path
+
+    for f in cls.config_fields:
+        if f.default is _MISSING and f.megatron not in ("num_query_groups", "kv_channels") \
+                and get_path(raw, f.hf, None) is None:
+            raise ConfigError(f"{source}: config field {f.hf!r} is required but missing")
+
+
 class AutoBridge:
     """Entry points. Every constructor returns an instance of the registered bridge."""
 
@@ -43,6 +54,7 @@ class AutoBridge:
         if "model_type" not in raw:
             raise ConfigError(f"{path / 'config.json'}: field 'model_type' is missing")
         cls = lookup(raw)
+        _require_fields(cls, raw, str(path / "config.json"))
         return cls(_hf_config_object(raw, str(path / "config.json")), ckpt)
 
     @staticmethod
@@ -62,6 +74,7 @@ class AutoBridge:
             if "model_type" not in config:
                 raise ConfigError(f"{source}: field 'model_type' is missing")
             cls = lookup(config)
+            _require_fields(cls, config, source)
             config = _hf_config_object(config, source)
         else:
             cls = lookup(config)

@@ -140,7 +140,7 @@ class Bridge:
                 hf = {role: self.hf_weight(n, ckpt.get(n)) for role, n in hf_names.items()}
                 shard = mapping.to_megatron(hf, tp_rank, tp_size, self._shapes(chunk))
             except (MappingError, CheckpointError) as e:
-                ledger.problem(str(e))
+                ledger.problem(f"{name} <- {list(hf_names.values())}: {e}")
                 continue
             if shard.shape != param.shape:
                 ledger.problem(f"{name}: mapped from {list(hf_names.values())} gives shape "

@@ -136,7 +136,14 @@ class QKV(Mapping):
     def _merge(self, hf, shapes):
         q, k, v = hf["q"], hf["k"], hf["v"]
         g, d = shapes.num_query_groups, shapes.kv_channels
+        if shapes.num_attention_heads % g:
+            raise MappingError(f"{self.megatron}: {shapes.num_attention_heads} heads do not "
+                               f"divide into {g} KV groups")
         per = shapes.num_attention_heads // g
+        for role, t in (("k", k), ("v", v)):
+            if t.shape[1:] != q.shape[1:]:
+                raise MappingError(f"{self.hf[role]}: shape {tuple(t.shape)} does not match "
+                                   f"{self.hf['q']} {tuple(q.shape)} beyond dim 0")
         for role, t, rows in (("q", q, g * per * d), ("k", k, g * d), ("v", v, g * d)):
             if t.shape[0] != rows:
                 raise MappingError(f"{self.hf[role]}: dim 0 is {t.shape[0]}, expected {rows} "
@@ -180,6 +187,9 @@ class GatedMLP(Mapping):
         return torch.cat([gate.chunk(tp_size)[tp_rank], up.chunk(tp_size)[tp_rank]]).clone()
 
     def to_hf(self, shards, shapes):
+        if any(s.shape[0] % 2 for s in shards):
+            raise MappingError(f"{self.megatron}: a TP shard has an odd row count "
+                               f"{[s.shape[0] for s in shards]}; expected [gate; up] halves")
         halves = [s.chunk(2) for s in shards]
         return {"gate": torch.cat([h[0] for h in halves]), "up": torch.cat([h[1] for h in halves])}
 
