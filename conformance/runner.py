@@ -92,9 +92,11 @@ class RankPool:
         for p in self._procs:
             p.start()
 
-    def close(self) -> None:
+    def close(self, graceful: bool = True) -> None:
         for q, p in zip(getattr(self, "_in", []), self._procs):
-            if p.is_alive():
+            if not graceful:
+                p.kill()
+            elif p.is_alive():
                 try:
                     q.put(None)
                 except Exception:
@@ -132,21 +134,21 @@ class RankPool:
                 dead = [r for r in ranks if not self._procs[r].is_alive() and r not in results]
                 for r in dead:
                     errors.setdefault(r, f"rank {r} died (exit code {self._procs[r].exitcode})")
-                    grace = grace or time.monotonic() + 5
+                    grace = grace or time.monotonic() + 2
                 continue
             if got_tid is None:  # a worker failed to start
                 errors[rank] = _loads(data)
-                grace = grace or time.monotonic() + 5
+                grace = grace or time.monotonic() + 2
             elif got_tid != tid:
                 continue  # stale answer from a task that was abandoned
             elif ok:
                 results[rank] = _loads(data)
             else:
                 errors[rank] = _loads(data)
-                grace = grace or time.monotonic() + 5
+                grace = grace or time.monotonic() + 2
         missing = [r for r in ranks if r not in results and r not in errors]
         if errors or missing:
-            self.close()  # ranks may be stuck in a collective: start afresh next time
+            self.close(graceful=False)  # ranks may be stuck in a collective: start afresh
             parts = [f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())]
             if missing:
                 why = "timed out" if not errors else "did not finish after another rank failed"
