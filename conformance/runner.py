@@ -70,9 +70,13 @@ def _worker(rank: int, world: int, port: int, inbox, outbox, path: list[str], en
 class RankPool:
     """``world`` rank processes over gloo (CPU) or NCCL (one GPU per rank)."""
 
-    def __init__(self, world: int = 4, start_method: str = "forkserver"):
+    def __init__(self, world: int = 4, start_method: str | None = None):
+        import torch
+
         self.world = world
-        self._start_method = start_method
+        # forkserver shares the preloaded imports; a CUDA process must not be forked from a
+        # parent whose imports touched CUDA, so GPU ranks are spawned (and import themselves).
+        self._start_method = start_method or ("spawn" if torch.cuda.is_available() else "forkserver")
         self._procs: list = []
         self._ids = itertools.count()
 

@@ -27,14 +27,14 @@ DEFAULT_LAYOUTS = ("tp1pp1", "tp2", "pp2", "tp2pp2", "vpp2")
 class Conformance:
     def __init__(self, workdir: str | Path, layouts: list[str] | tuple[str, ...] = DEFAULT_LAYOUTS,
                  world: int = 4, dtype: str = "float32", weights: str = "toy",
-                 seq_len: int = 12, steps: int = 16, timeout: float = 300.0):
+                 seq_len: int = 32, steps: int = 16, batch: int = 4, timeout: float = 300.0):
         self.workdir = Path(workdir)
         self.layouts = [Layout.parse(x) for x in layouts]
         self.world, self.dtype, self.weights = world, dtype, weights
         self.steps, self.timeout = steps, timeout
         self.max_tp = max([2] + [lay.tp for lay in self.layouts])
         self.min_layers = max([4] + [lay.pp * (lay.vpp or 1) for lay in self.layouts])
-        self.ids = torch.randint(0, 503, (2, seq_len), generator=torch.Generator().manual_seed(0))
+        self.ids = torch.randint(0, 503, (batch, seq_len), generator=torch.Generator().manual_seed(0))
         self.pool = RankPool(world)
         self._cache: dict[tuple, Any] = {}
 
@@ -47,19 +47,21 @@ class Conformance:
         return self._cache[key]
 
     # -- inputs ---------------------------------------------------------------------------
-    def toy_config(self, spec: ModelSpec) -> dict:
-        return shrink_config(spec.config, max_tp=self.max_tp, min_layers=self.min_layers)
+    def toy_config(self, spec: ModelSpec, dtype: str = "float32") -> dict:
+        return {**shrink_config(spec.config, max_tp=self.max_tp, min_layers=self.min_layers),
+                "dtype": dtype}
 
-    def checkpoint(self, spec: ModelSpec) -> str:
+    def checkpoint(self, spec: ModelSpec, dtype: str = "float32") -> str:
         """The checkpoint under test: a toy made from the config, or the user's own weights."""
         if self.weights == "real":
             if not spec.checkpoint:
                 raise ValueError(f"--mbridge-weights=real needs a local checkpoint directory; "
                                  f"{spec.name} resolved to a {spec.source} config without weights")
             return spec.checkpoint
-        return self._memo(("toy", spec.name), lambda: str(self.pool.run(
+        # The toy is saved in the dtype under test, so the roundtrip compares like with like.
+        return self._memo(("toy", spec.name, dtype), lambda: str(self.pool.run(
             "conformance.toy:make_toy_checkpoint", ranks=[0], timeout=self.timeout,
-            config=self.toy_config(spec), root=str(self.workdir / "toys"))[0]))
+            config=self.toy_config(spec, dtype), root=str(self.workdir / "toys"))[0]))
 
     def _ids(self, ckpt: str) -> torch.Tensor:
         import json
@@ -68,7 +70,8 @@ class Conformance:
         return self.ids % vocab
 
     def reference(self, spec: ModelSpec, dtype: str | None = None) -> dict:
-        ckpt, dtype = self.checkpoint(spec), dtype or self.dtype
+        dtype = dtype or self.dtype
+        ckpt = self.checkpoint(spec, dtype)
         return self._memo(("ref", spec.name, dtype), lambda: self.pool.run(
             "conformance.job:hf_reference", ranks=[0], timeout=self.timeout, toy_dir=ckpt,
             ids=self._ids(ckpt), steps=self.steps, dtype=dtype)[0])
@@ -85,7 +88,7 @@ class Conformance:
         lay = Layout.parse(layout)
         if self.world % lay.world_size:
             raise ValueError(f"layout {layout} needs {lay.world_size} ranks; the pool has {self.world}")
-        ckpt = self.checkpoint(spec)
+        ckpt = self.checkpoint(spec, dtype)
         ref = self.reference(spec, dtype)
         try:
             ranks = self.pool.run("conformance.job:megatron_case", timeout=self.timeout,

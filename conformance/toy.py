@@ -76,10 +76,10 @@ def build_hf_model(config: dict[str, Any], seed: int = 0):
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    randomize_(model, seed)
+    randomize_(model, seed)  # in fp32, then cast: the same values, rounded, in every dtype
     if getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()
-    return model.eval()
+    return model.to(getattr(torch, str(config.get("dtype") or "float32"))).eval()
 
 
 def make_toy_checkpoint(config: dict[str, Any], root: str | os.PathLike, seed: int = 0) -> Path:

@@ -84,19 +84,45 @@ def init_model_parallel(layout: Layout, seed: int = 1234) -> None:
             f"layout {layout.name} needs a multiple of {layout.world_size} ranks, the world has "
             f"{world}; launch with torchrun --nproc-per-node {layout.world_size}")
     if ps.model_parallel_is_initialized():
-        ps.destroy_model_parallel()
+        destroy_model_parallel()
     cpu_compat.ensure()
     ps.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
         expert_model_parallel_size=layout.ep,
+        # On CPU every group is gloo already; the extra gloo copies only cost threads.
+        create_gloo_process_groups=torch.cuda.is_available(),
     )
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(seed)
+
+
+def destroy_model_parallel() -> None:
+    """Tear down Megatron's parallel state *and* its process groups.
+
+    Megatron only forgets its groups; each gloo group keeps its threads (about 60 per rank for
+    one layout), so a long-lived process that switches layouts must destroy them itself.
+    """
+    from megatron.core import parallel_state as ps
+
+    groups = []
+    for value in list(vars(ps).values()):
+        items = value if isinstance(value, (list, tuple)) else [value]
+        groups += [g for g in items if isinstance(g, dist.ProcessGroup)]
+    ps.destroy_model_parallel()
+    seen = set()
+    for g in groups:
+        if id(g) in seen or g is dist.GroupMember.WORLD or g == dist.group.WORLD:
+            continue
+        seen.add(id(g))
+        try:
+            dist.destroy_process_group(g)
+        except (ValueError, RuntimeError):
+            pass  # not a live group of this rank
 
 
 def current_layout() -> Layout:

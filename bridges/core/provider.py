@@ -28,7 +28,8 @@ MODEL_ARGS = ("vocab_size", "max_sequence_length", "position_embedding_type", "r
 _PORTABLE = dict(bias_activation_fusion=False, masked_softmax_fusion=False, persist_layer_norm=False,
                  bias_dropout_fusion=False, apply_rope_fusion=False, gradient_accumulation_fusion=False,
                  hidden_dropout=0.0, use_cpu_initialization=True, sequence_parallel=False,
-                 normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False)
+                 normalization="RMSNorm", gated_linear_unit=True, add_bias_linear=False,
+                 attention_softmax_in_fp32=True)  # as HF does: bf16 parity depends on it
 
 
 def _transformer_fields() -> set[str]:
