@@ -1,5 +1,6 @@
 """The plugin as a user meets it: pytest run in an empty directory, in a subprocess."""
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,21 @@ def test_help_lists_the_option_group(run):
     res = run("--help")
     res.stdout.fnmatch_lines(["*HF <-> Megatron-Core bridge conformance*", "*--mbridge-model*",
                               "*--run-gpu*", "*--mbridge-layouts*", "*--mbridge-report*"])
+
+
+def test_real_weights_of_a_local_checkpoint(run, conformance, spec, tmp_path):
+    toy = conformance.checkpoint(spec("mistralai/Mistral-7B-v0.1"))  # sliding window 8 < 32 tokens
+    res = run(f"--mbridge-model={toy}", "--mbridge-weights=real", "--mbridge-layouts=tp2", "-k", "not snapshot")
+    assert res.ret == 0, res.stdout.str()
+    res.assert_outcomes(passed=5)
+
+
+def test_cli_lists_bridges_and_runs_the_suite(pytester, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mbridge = str(Path(sys.executable).with_name("mbridge"))  # the console script
+    res = pytester.run(mbridge, "list")
+    assert res.ret == 0
+    res.stdout.fnmatch_lines(["qwen3*Qwen3Bridge*Qwen3ForCausalLM*Qwen/Qwen3-0.6B, Qwen/Qwen3-8B"])
+    res = pytester.run(mbridge, "check", "Qwen/Qwen3-0.6B", "--mbridge-layouts=tp1pp1", "-q", "-k", "roundtrip")
+    assert res.ret == 0
+    res.stdout.fnmatch_lines(["*2 passed*"])
