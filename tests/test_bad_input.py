@@ -7,6 +7,7 @@ this process) are shared by all tests; each test copies the checkpoint and break
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -108,19 +109,15 @@ def test_missing_model_type_names_field_and_file(toy, tmp_path):
 def test_invalid_config_json_names_file(toy, tmp_path):
     d = _variant(toy, tmp_path / "bad_json")
     (d / "config.json").write_text("{oops")
-    with pytest.raises(CheckpointError, match=str(d / "config.json")):
+    with pytest.raises(CheckpointError, match=re.escape(str(d / "config.json"))):
         AutoBridge.from_hf_pretrained(d)
-    with pytest.raises(ConfigError, match=str(d / "config.json")):
+    with pytest.raises(ConfigError, match=re.escape(str(d / "config.json"))):
         AutoBridge.from_hf_config(d)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="bug: a local path that does not exist is taken for a hub id; the error "
-                          "is huggingface_hub's 'Repo id must be in the form ...' (and a relative "
-                          "name goes to the network) instead of a CheckpointError for the path")
 def test_missing_local_directory(tmp_path):
     missing = tmp_path / "no" / "such" / "checkpoint"
-    with pytest.raises(CheckpointError, match=str(missing)):
+    with pytest.raises(CheckpointError, match=re.escape(str(missing))):
         AutoBridge.from_hf_pretrained(missing)
 
 
@@ -154,19 +151,21 @@ def test_ignored_tensor_is_not_extra(toy, toy_tensors, chunks, tmp_path):
     AutoBridge.from_hf_pretrained(_variant(toy, tmp_path / "inv_freq", t)).load_hf_weights(chunks)
 
 
-@pytest.mark.parametrize("name, shape, param, expected", [
+@pytest.mark.parametrize("name, shape, param, got, expected", [
     ("model.layers.0.mlp.down_proj.weight", (64, 97), "decoder.layers.0.mlp.linear_fc2.weight",
-     "(64, 96)"),
-    ("model.norm.weight", (65,), "decoder.final_layernorm.weight", "(64,)"),
+     "(64, 97)", "(64, 96)"),
+    ("model.norm.weight", (65,), "decoder.final_layernorm.weight", "(65,)", "(64,)"),
     ("model.layers.1.self_attn.q_norm.weight", (17,),
-     "decoder.layers.1.self_attention.q_layernorm.weight", "(16,)"),
-    ("model.embed_tokens.weight", (503, 65), "embedding.word_embeddings.weight", "(512, 64)"),
+     "decoder.layers.1.self_attention.q_layernorm.weight", "(17,)", "(16,)"),
+    # vocab rows are padded to 512 before the comparison
+    ("model.embed_tokens.weight", (503, 65), "embedding.word_embeddings.weight", "(512, 65)",
+     "(512, 64)"),
 ])
-def test_wrong_shape(toy, toy_tensors, chunks, tmp_path, name, shape, param, expected):
+def test_wrong_shape(toy, toy_tensors, chunks, tmp_path, name, shape, param, got, expected):
     t = dict(toy_tensors, **{name: torch.zeros(shape)})
     msg = _load_error(_variant(toy, tmp_path / "shape", t), chunks)
     line = next(line for line in msg.splitlines() if param in line)
-    assert name in line and str(tuple(shape)) in line and expected in line
+    assert name in line and got in line and expected in line
 
 
 @pytest.mark.parametrize("name, shape, says", [
@@ -177,28 +176,26 @@ def test_wrong_shape(toy, toy_tensors, chunks, tmp_path, name, shape, param, exp
 def test_wrong_shape_in_fused_or_padded_mapping(toy, toy_tensors, chunks, tmp_path, name, shape, says):
     t = dict(toy_tensors, **{name: torch.zeros(shape)})
     msg = _load_error(_variant(toy, tmp_path / "shape", t), chunks)
-    assert any(all(s in line for s in says) for line in msg.splitlines()), msg
-    assert name.split(".")[-2] in msg
+    assert any(name in line and all(s in line for s in says) for line in msg.splitlines()), msg
 
 
-@pytest.mark.xfail(strict=True, reason="bug: MappingError messages name the pattern "
-                   "'model.layers.*.self_attn.q_proj.weight', not the tensor of the failing layer")
 def test_fused_mapping_error_names_the_layer(toy, toy_tensors, chunks, tmp_path):
+    """The mapping's own message names the pattern (model.layers.*...); the import's line
+    must name the tensor of the failing layer and the parameter."""
     name = "model.layers.2.self_attn.q_proj.weight"
     t = dict(toy_tensors, **{name: torch.zeros(250, 64)})
     msg = _load_error(_variant(toy, tmp_path / "shape", t), chunks)
     line = next(line for line in msg.splitlines() if "250" in line)
-    assert name in line
+    assert name in line and "decoder.layers.2.self_attention.linear_qkv.weight" in line
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="bug: QKV._merge checks only dim 0; a q/k/v column mismatch escapes as "
-                          "a bare torch RuntimeError (reshape) naming no tensor, not a CoverageError")
 def test_wrong_columns_in_qkv(toy, toy_tensors, chunks, tmp_path):
+    """q/k/v that disagree beyond dim 0: a named error, not a bare torch reshape error."""
     name = "model.layers.0.self_attn.q_proj.weight"
     t = dict(toy_tensors, **{name: torch.zeros(256, 65)})
     msg = _load_error(_variant(toy, tmp_path / "qcols", t), chunks)
-    assert name in msg and "65" in msg
+    line = next(line for line in msg.splitlines() if "(256, 65)" in line)
+    assert name in line and "decoder.layers.0.self_attention.linear_qkv.weight" in line
 
 
 def test_truncated_safetensors(toy, chunks, tmp_path):
@@ -209,7 +206,7 @@ def test_truncated_safetensors(toy, chunks, tmp_path):
         AutoBridge.from_hf_pretrained(d)
     assert str(f) in str(ei.value) and "truncated" in str(ei.value)
     bridge = AutoBridge.from_hf_pretrained(toy)
-    with pytest.raises(CheckpointError, match=str(f)):
+    with pytest.raises(CheckpointError, match=re.escape(str(f))):
         bridge.load_hf_weights(chunks, checkpoint=str(d))
 
 

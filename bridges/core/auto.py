@@ -8,7 +8,7 @@ from typing import Any
 
 from bridges.core.bridge import Bridge
 from bridges.core.config import ConfigError
-from bridges.core.hf_io import HFCheckpoint
+from bridges.core.hf_io import CheckpointError, HFCheckpoint
 from bridges.core.registry import lookup
 
 
@@ -42,18 +42,21 @@ class AutoBridge:
     @staticmethod
     def from_hf_pretrained(path_or_hub_id: str | os.PathLike) -> Bridge:
         """From a local checkpoint directory, or a hub id (downloaded with huggingface_hub)."""
-        path = Path(path_or_hub_id)
+        path = Path(path_or_hub_id).expanduser()
         if not path.is_dir():
+            s = str(path_or_hub_id)
+            if path.exists() or path.is_absolute() or s.startswith((".", "~")) or s.count("/") > 1:
+                raise CheckpointError(f"{path}: no such checkpoint directory")
             from huggingface_hub import snapshot_download
 
             path = Path(snapshot_download(str(path_or_hub_id),
                                           allow_patterns=["*.json", "*.safetensors", "*.model",
                                                           "*.txt", "*.jinja"]))
-        ckpt = HFCheckpoint(path)
-        raw = ckpt.config()
+        raw = HFCheckpoint.read_config(path)
         if "model_type" not in raw:
             raise ConfigError(f"{path / 'config.json'}: field 'model_type' is missing")
-        cls = lookup(raw)
+        cls = lookup(raw)  # an unsupported model is reported before any weight file is read
+        ckpt = HFCheckpoint(path)
         _require_fields(cls, raw, str(path / "config.json"))
         return cls(_hf_config_object(raw, str(path / "config.json")), ckpt)
 

@@ -7,6 +7,7 @@ VPP happens here, in ``_global_name``.
 """
 from __future__ import annotations
 
+import os
 import re
 from typing import Any, ClassVar, Iterator
 
@@ -116,7 +117,8 @@ class Bridge:
         """
         from megatron.core import parallel_state as ps
 
-        ckpt = HFCheckpoint(checkpoint) if isinstance(checkpoint, str) else (checkpoint or self.checkpoint)
+        ckpt = (HFCheckpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike))
+                else checkpoint or self.checkpoint)
         if ckpt is None:
             raise ValueError("load_hf_weights needs a checkpoint: build the bridge with "
                              "AutoBridge.from_hf_pretrained(dir) or pass checkpoint=")

@@ -11,6 +11,7 @@ a failed export leaves nothing at the target path.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -53,8 +54,22 @@ def read_header(path: Path) -> dict:
             header = json.loads(f.read(n))
         except ValueError as e:
             raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     header.pop("__metadata__", None)
-    end = max((int(v["data_offsets"][1]) for v in header.values()), default=0)
+    end = 0
+    for name, info in header.items():
+        try:
+            dtype, shape = info["dtype"], [int(s) for s in info["shape"]]
+            a, b = (int(x) for x in info["data_offsets"])
+        except (TypeError, KeyError, ValueError):
+            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name}: "
+                                  f"{info!r}") from None
+        need = math.prod(shape) * _DTYPES[dtype].itemsize if dtype in _DTYPES else b - a
+        if b - a != need or a > b:
+            raise CheckpointError(f"{path}: tensor {name}: data_offsets [{a}, {b}] hold {b - a} "
+                                  f"bytes, shape {shape} {dtype} needs {need}")
+        end = max(end, b)
     if 8 + n + end > size:
         raise CheckpointError(f"{path}: truncated safetensors file: tensors need {8 + n + end} "
                               f"bytes, file has {size}")
@@ -73,7 +88,9 @@ class HFCheckpoint:
         if index.exists():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (ValueError, KeyError) as e:
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (ValueError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
             shards = {}
             root = self.path.resolve()
@@ -125,13 +142,20 @@ class HFCheckpoint:
         return self._open[f].get_tensor(name)
 
     def config(self) -> dict:
-        p = self.path / "config.json"
+        return self.read_config(self.path)
+
+    @staticmethod
+    def read_config(path: str | os.PathLike) -> dict:
+        p = Path(path) / "config.json"
         if not p.exists():
-            raise CheckpointError(f"{self.path}: no config.json")
+            raise CheckpointError(f"{path}: no config.json")
         try:
-            return json.loads(p.read_text())
+            cfg = json.loads(p.read_text())
         except ValueError as e:
             raise CheckpointError(f"{p}: invalid JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise CheckpointError(f"{p}: not a JSON object")
+        return cfg
 
 
 def save_hf_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]], config: dict,
@@ -195,7 +219,11 @@ def _replace_dir(tmp: Path, out: Path) -> None:
     if out.exists():
         old = out.with_name(f".{out.name}.old-{os.getpid()}")
         out.rename(old)
-        tmp.rename(out)
+        try:
+            tmp.rename(out)
+        except BaseException:
+            old.rename(out)  # put the previous output back
+            raise
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
