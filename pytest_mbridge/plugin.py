@@ -179,7 +179,7 @@ def mbridge_conformance(request, tmp_path_factory):
 
     config = request.config
     base = tmp_path_factory.getbasetemp()
-    shared = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    shared = base.parent if hasattr(config, "workerinput") else base  # xdist: share toys
     dtypes = _dtypes(config)
     conf = Conformance(shared / "mbridge", layouts=_layouts(config), world=_world(config),
                        dtype=dtypes[0], weights=config.getoption("mbridge_weights"),
@@ -233,7 +233,7 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     path = session.config.getoption("mbridge_report", None)
-    if not path or os.environ.get("PYTEST_XDIST_WORKER"):
+    if not path or hasattr(session.config, "workerinput"):  # the xdist controller writes it
         return
     rows = getattr(session.config, "_mbridge_rows", [])
     report = {"exit_status": int(exitstatus), "results": rows,
