@@ -70,3 +70,13 @@ def test_config_snapshot(request, mbridge_model, mbridge_conformance, mbridge_sp
     """The config translation of the published config matches the recorded snapshot."""
     d = mbridge_conformance.describe(mbridge_spec, request.config.getoption("mbridge_bridge"))
     _snapshot(request, snapshot, d["attrs"], "config translation")
+
+
+def test_flops_snapshot(request, mbridge_model, mbridge_conformance, mbridge_spec, snapshot):
+    """FLOPs of one training step (seq 4096, batch 1) and the parameter counts of the published
+    config, per component, match the recorded snapshot (conventions: docs/flops.md)."""
+    from bridges.flops import training_flops
+    from conformance.job import make_bridge
+
+    bridge = make_bridge(mbridge_spec.config, request.config.getoption("mbridge_bridge"))
+    _snapshot(request, snapshot, training_flops(bridge, seq_len=4096, batch_size=1).as_dict(), "FLOPs")

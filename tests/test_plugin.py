@@ -23,7 +23,7 @@ def test_suite_passes_from_an_empty_directory_under_xdist(run, pytester):
     res = run("--mbridge-model=Qwen/Qwen3-8B", "--mbridge-layouts=tp1pp1,tp2pp2", "-n", "2",
               "--mbridge-report=report.json")
     assert res.ret == 0, res.stdout.str()
-    res.assert_outcomes(passed=9, skipped=2)  # 4 checks x 2 layouts + config; snapshots not recorded
+    res.assert_outcomes(passed=9, skipped=3)  # 4 checks x 2 layouts + config; snapshots not recorded
     res.stdout.fnmatch_lines(["*mbridge conformance*", "*Qwen/Qwen3-8B*logits*tp2pp2*PASS*rel err*"])
     report = json.loads((pytester.path / "report.json").read_text())
     assert report["failed"] == 0 and report["passed"] == 9
@@ -43,13 +43,13 @@ def test_injected_bug_fails_with_a_diagnosis(run):
 def test_snapshots_record_then_gate(run, pytester):
     args = ("--mbridge-model=Qwen/Qwen3-0.6B", "-k", "snapshot")
     first = run(*args, "-rs")
-    first.assert_outcomes(skipped=2)
+    first.assert_outcomes(skipped=3)
     first.stdout.fnmatch_lines(["*--snapshot-update*"])
-    run(*args, "--snapshot-update").assert_outcomes(passed=2)
+    run(*args, "--snapshot-update").assert_outcomes(passed=3)
     assert (pytester.path / "__snapshots__" / "mbridge-Qwen_Qwen3-0.6B.ambr").exists()
-    run(*args).assert_outcomes(passed=2)
+    run(*args).assert_outcomes(passed=3)
     broken = run(*args, "--mbridge-bridge=tests.mutants:NormDropped")
-    broken.assert_outcomes(passed=1, failed=1)  # the mapping table changed, the config did not
+    broken.assert_outcomes(passed=2, failed=1)  # the mapping table changed, the config did not
 
 
 def test_unknown_model_offline_is_a_clear_error(run):
