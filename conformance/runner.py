@@ -7,6 +7,7 @@ that dies or hangs fails it within the timeout, and the pool is restarted: never
 """
 from __future__ import annotations
 
+import atexit
 import importlib
 import io
 import itertools
@@ -90,7 +91,10 @@ class RankPool:
         self._in = [ctx.Queue() for _ in range(self.world)]
         port = free_port()
         env = {k: v for k, v in os.environ.items() if k.startswith(("PYTHON", "CUDA", "NCCL", "HF_", "TRANSFORMERS"))}
-        self._procs = [ctx.Process(target=_worker, daemon=True,
+        # Not daemonic: ranks may start helpers of their own (dist_checkpointing's writer
+        # does). close() is registered at exit so that no rank outlives the session.
+        atexit.register(self.close)
+        self._procs = [ctx.Process(target=_worker, daemon=False,
                                    args=(r, self.world, port, self._in[r], self._out, list(sys.path), env))
                        for r in range(self.world)]
         for p in self._procs:

@@ -22,7 +22,8 @@ MISTRAL = ROOT / "fixtures/configs/mistralai/Mistral-7B-v0.1/config.json"
 
 # Every patch name must have a "fails without it" test below; a new patch without one fails
 # test_every_patch_has_a_failing_without_test.
-COVERED = {"current_device", "causal_mask", "window_mask", "rng_fork", "tied_embedding"}
+COVERED = {"current_device", "causal_mask", "window_mask", "rng_fork", "tied_embedding",
+           "synchronize"}
 
 needs_cpu = pytest.mark.skipif(torch.cuda.is_available(),
                                reason="the patches exist for machines without CUDA")
@@ -56,6 +57,21 @@ def tied_pp2_worker(exclude: list[str]) -> tuple[int, torch.Tensor]:
         (chunk,) = provider.provide_distributed_model()
     w = chunk.embedding.word_embeddings.weight if chunk.pre_process else chunk.output_layer.weight
     return ps.get_pipeline_model_parallel_rank(), w.detach().clone()
+
+
+def dist_ckpt_worker(exclude: list[str], out: str) -> bool:
+    """Save a TP=2 toy with megatron.core.dist_checkpointing, ``exclude`` patches off."""
+    from bridges.core.megatron_ckpt import save_megatron
+    from bridges.core.parallel import init_model_parallel
+
+    provider = _provider(QWEN3)
+    provider.tensor_model_parallel_size = 2
+    provider.finalize()
+    init_model_parallel(provider.layout)
+    with cpu_compat.patched(exclude=set(exclude)):
+        chunks = provider.provide_distributed_model()
+        save_megatron(chunks, out, {})
+    return True
 
 
 # -- fixtures ---------------------------------------------------------------------------------
@@ -262,3 +278,16 @@ def test_tied_embedding_pp2_fails_without_patch(pool):
         pool().run(f"{__name__}:tied_pp2_worker", timeout=180, exclude=["tied_embedding"])
     msg = str(ei.value)
     assert "cuda" in msg.lower() and "setup_embeddings_and_output_layer" in msg
+
+
+@needs_cpu
+def test_synchronize_patch_lets_dist_checkpointing_save(pool, tmp_path):
+    from conformance.runner import RankError
+
+    p = pool()
+    with pytest.raises(RankError) as e:
+        p.run(f"{__name__}:dist_ckpt_worker", exclude=["synchronize"], out=str(tmp_path / "a"), timeout=120)
+    assert "synchronize" in str(e.value)
+    assert not (tmp_path / "a").exists()  # the failed save left nothing at the target
+    assert p.run(f"{__name__}:dist_ckpt_worker", exclude=[], out=str(tmp_path / "b"), timeout=120) == [True, True]
+    assert (tmp_path / "b" / "iter_0000000" / "metadata.json").exists()

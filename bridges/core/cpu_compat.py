@@ -27,6 +27,11 @@ def _current_device(_orig):
     return lambda: "cpu"
 
 
+def _synchronize(_orig):
+    # dist_checkpointing's writer copies tensors with non_blocking=True, then synchronises.
+    return lambda *args, **kwargs: None
+
+
 def _causal_mask(_orig):
     def get_default_causal_mask(sq: int) -> torch.Tensor:
         return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
@@ -89,6 +94,8 @@ def _rng_tracker_cls():
 PATCHES: list[_Patch] = [
     _Patch("current_device", "rotary embedding calls torch.cuda.current_device()",
            lambda: torch.cuda, "current_device", _current_device),
+    _Patch("synchronize", "dist_checkpointing's writer calls torch.cuda.synchronize()",
+           lambda: torch.cuda, "synchronize", _synchronize),
     _Patch("causal_mask", "default causal mask is built with device='cuda'",
            _fused_softmax, "get_default_causal_mask", _causal_mask),
     _Patch("window_mask", "sliding-window mask is built with device='cuda'",
