@@ -1,0 +1,65 @@
+"""mbridge inspect on published configs (shipped fixtures and shared data) and a toy checkpoint."""
+import json
+from pathlib import Path
+
+import pytest
+
+from bridges.commands.inspect import inspect_config
+from bridges.cli import main
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "hf-configs"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "configs"
+
+
+def _cfg(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.parametrize("model", ["Qwen/Qwen3-8B", "meta-llama/Llama-3.1-8B", "mistralai/Mistral-7B-v0.1"])
+def test_registered_dense_models_have_a_bridge_and_nothing_unknown(model):
+    info = inspect_config(_cfg(FIXTURES / model / "config.json"))
+    assert info["bridge"] and info["blocks"] == ["dense"] and info["unknown_fields"] == []
+    assert info["kind"] == "llm"
+
+
+def test_new_blocks_are_flagged(tmp_path):
+    cfg = _cfg(FIXTURES / "Qwen/Qwen3-8B/config.json")
+    cfg.update(model_type="qwen3_moe_like", architectures=["X"], num_experts=8, num_experts_per_tok=2,
+               moe_intermediate_size=64, kv_lora_rank=32, quantization_config={"quant_method": "fp8"})
+    info = inspect_config(cfg)
+    assert info["bridge"] is None and info["closest_bridge"] == "qwen3"
+    assert set(info["blocks"]) == {"moe", "mla"}
+    assert {"num_experts", "kv_lora_rank", "moe_intermediate_size"} <= set(info["unknown_fields"])
+    assert info["quantization"]["config"] == {"quant_method": "fp8"}
+
+
+def test_vlm_fields_are_located():
+    cfg = {"model_type": "toy_vl", "architectures": ["ToyVL"], "tie_word_embeddings": False,
+           "text_config": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4},
+           "vision_config": {"depth": 2, "hidden_size": 32}}
+    info = inspect_config(cfg)
+    assert info["kind"] == "vlm"
+    assert "tie_word_embeddings" in info["fields_at"]["top"]
+    assert info["fields_at"]["vision_config"] == ["depth", "hidden_size"]
+
+
+def test_quantized_tensors_from_headers_only(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(4, 4, dtype=torch.float8_e4m3fn), "w_scale_inv": torch.ones(1)},
+              str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(_cfg(FIXTURES / "Qwen/Qwen3-8B/config.json")))
+    info = inspect_config(_cfg(tmp_path / "config.json"), tmp_path)
+    assert info["quantization"]["quantized_tensors"] == {"dtypes": ["F8_E4M3"], "companions": ["_scale_inv"]}
+
+
+def test_cli_text_and_json(capsys):
+    assert main(["inspect", "Qwen/Qwen3-8B"]) == 0
+    assert "Qwen3Bridge" in capsys.readouterr().out
+    path = SHARED / "deepseek-ai/DeepSeek-V3/config.json"
+    if path.exists():
+        assert main(["inspect", str(path), "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert {"moe", "mla", "mtp"} <= set(info["blocks"]) and "kv_lora_rank" in info["unknown_fields"]
+        assert info["quantization"]["config"]["weight_block_size"] == [128, 128]
