@@ -121,9 +121,18 @@ def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
         return model(ids.to(model.device)).logits.float().cpu()
 
 
-def hf_generate(model, ids: torch.Tensor, steps: int) -> torch.Tensor:
+def margin(logits: torch.Tensor) -> torch.Tensor:
+    """Top-1 minus top-2 logit, per position."""
+    top = logits.topk(2, dim=-1).values
+    return top[..., 0] - top[..., 1]
+
+
+def hf_generate(model, ids: torch.Tensor, steps: int, margins: list | None = None) -> torch.Tensor:
+    """Greedy decoding; appends each step's top-1 margins ([batch]) to ``margins`` if given."""
     ids = ids.clone()
     for _ in range(steps):
-        tok = hf_logits(model, ids)[:, -1].argmax(-1)
-        ids = torch.cat([ids, tok.unsqueeze(1)], dim=1)
+        last = hf_logits(model, ids)[:, -1]
+        if margins is not None:
+            margins.append(margin(last))
+        ids = torch.cat([ids, last.argmax(-1).unsqueeze(1)], dim=1)
     return ids

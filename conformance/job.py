@@ -9,7 +9,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from conformance.forward import (capture_hf, capture_megatron, hf_generate, hf_logits,
+from conformance.forward import (capture_hf, capture_megatron, hf_generate, hf_logits, margin,
                                  megatron_generate, megatron_logits)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -36,18 +36,29 @@ def _device() -> torch.device:
 def hf_reference(toy_dir: str, ids: torch.Tensor, steps: int, dtype: str = "float32",
                  baseline_seed: int = 12345) -> dict[str, Any]:
     """HF logits, activations and greedy tokens; and logits of a re-initialised model."""
-    from transformers import AutoModelForCausalLM
+    from conformance.toy import build_hf_model, load_hf_model
 
-    from conformance.toy import build_hf_model
-
-    model = AutoModelForCausalLM.from_pretrained(toy_dir, dtype=DTYPES[dtype],
-                                                 attn_implementation="eager").to(_device()).eval()
+    model = load_hf_model(toy_dir, DTYPES[dtype]).to(_device()).eval()
     acts: dict = {}
     with capture_hf(model, acts):
         logits = hf_logits(model, ids)
-    gen = hf_generate(model, ids, steps)
-    other = build_hf_model(model.config.to_dict(), seed=baseline_seed).to(DTYPES[dtype]).to(_device())
-    return {"logits": logits, "acts": acts, "generation": gen, "baseline": hf_logits(other, ids)}
+    margins: list = []
+    gen = hf_generate(model, ids, steps, margins)
+    noise = {}
+    if dtype != "float32":
+        # HF's own fp32 run on the same weights measures the bf16 rounding noise of the logits:
+        # a position is decisive when HF's top-1 margin clears 4x the typical noise.
+        model32 = load_hf_model(toy_dir, torch.float32).to(_device()).eval()
+        err = (logits - hf_logits(model32, ids)).abs().amax(-1)
+        del model32
+        tau = 4 * float(err.median())
+        noise = {"decisive": margin(logits) > tau, "gen_decisive": torch.stack(margins, 1) > tau,
+                 "noise_tau": tau}
+    import json
+    from pathlib import Path
+
+    other = build_hf_model(json.loads((Path(toy_dir) / "config.json").read_text()), seed=baseline_seed).to(DTYPES[dtype]).to(_device())
+    return {"logits": logits, "acts": acts, "generation": gen, "baseline": hf_logits(other, ids), **noise}
 
 
 def megatron_case(toy_dir: str, layout: str, ids: torch.Tensor, steps: int,

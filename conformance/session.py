@@ -112,8 +112,9 @@ class Conformance:
         out = {
             "coverage": checks.check_coverage(r0["export_error"], [n for n, _ in exported], sorted(source)),
             "roundtrip": checks.check_roundtrip(source, exported),
-            "logits": checks.check_logits(ref["logits"], logits, ref["baseline"], dtype),
-            "generation": checks.check_generation(ref["generation"], r0["generation"], self.ids.shape[1]),
+            "logits": checks.check_logits(ref["logits"], logits, ref["baseline"], dtype, ref.get("decisive")),
+            "generation": checks.check_generation(ref["generation"], r0["generation"], self.ids.shape[1],
+                                                  ref.get("gen_decisive")),
         }
         tol = checks.FP32_REL_ERR if dtype == "float32" else 1e-2
         first, trail = localize(ref["acts"], acts, tol)

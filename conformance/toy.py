@@ -67,12 +67,38 @@ def randomize_(model: torch.nn.Module, seed: int) -> None:
                 p.copy_(torch.rand(p.shape, generator=g) + 0.5)
 
 
-def build_hf_model(config: dict[str, Any], seed: int = 0):
-    """A transformers model for the toy config dict, with randomised weights, eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def hf_model_type(config: dict[str, Any]) -> str:
+    """The transformers model type for a config: the bridge's ``hf_model_type`` if it sets one."""
+    from bridges.core.registry import UnknownModelError, lookup
+
+    try:
+        return lookup(config).hf_model_type or config["model_type"]
+    except UnknownModelError:
+        return config["model_type"]
+
+
+def hf_config(config: dict[str, Any]):
+    from transformers import AutoConfig
 
     kw = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
-    cfg = AutoConfig.for_model(config["model_type"], **kw)
+    return AutoConfig.for_model(hf_model_type(config), **kw)
+
+
+def load_hf_model(path: str | os.PathLike, dtype: torch.dtype):
+    """Load an HF checkpoint with transformers, through the bridge's hf_model_type if needed."""
+    from transformers import AutoModelForCausalLM
+
+    config = json.loads((Path(path) / "config.json").read_text())
+    cfg = hf_config(config)
+    cfg._attn_implementation = "eager"
+    return AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=dtype)
+
+
+def build_hf_model(config: dict[str, Any], seed: int = 0):
+    """A transformers model for the toy config dict, with randomised weights, eval mode."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = hf_config(config)
     cfg._attn_implementation = "eager"
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
@@ -94,6 +120,10 @@ def make_toy_checkpoint(config: dict[str, Any], root: str | os.PathLike, seed: i
     try:
         model = build_hf_model(config, seed)
         model.save_pretrained(tmp)
+        saved = json.loads((tmp / "config.json").read_text())
+        if saved.get("model_type") != config.get("model_type"):  # built as its hf_model_type
+            saved.update(model_type=config["model_type"], architectures=config.get("architectures"))
+            (tmp / "config.json").write_text(json.dumps(saved, indent=2))
         try:
             tmp.rename(out)
         except OSError:  # another process won the race: use its copy

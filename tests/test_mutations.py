@@ -50,3 +50,11 @@ def test_logit_failure_names_first_divergence(conformance, spec):
     assert r.data["divergence"] == "layer 0 mlp"
     r = conformance.case(spec("Qwen/Qwen3-8B"), "tp1pp1", bridge_ref="tests.mutants:QKSwapped")["logits"]
     assert r.data["divergence"] == "layer 0 attention"
+
+
+def test_bf16_verdicts_pass_a_good_bridge_and_catch_a_bug(conformance, spec):
+    good = conformance.case(spec("Qwen/Qwen3-8B"), "tp2", dtype="bfloat16")
+    assert all(r.passed for r in good.values()), "\n".join(str(r) for r in good.values() if not r.passed)
+    assert good["logits"].data["decisive"] > 0.5  # most positions are judged
+    bad = conformance.case(spec("Qwen/Qwen3-8B"), "tp2", bridge_ref="tests.mutants:QKSwapped", dtype="bfloat16")
+    assert caught_by(bad) == {"logits", "generation"}
