@@ -55,6 +55,7 @@ def _worker(rank: int, world: int, port: int, inbox, outbox, path: list[str], en
     except BaseException:
         outbox.put((None, rank, False, _dumps(traceback.format_exc())))
         return
+    outbox.put((None, rank, True, b""))  # ready
     while True:
         task = inbox.get()
         if task is None:
@@ -80,8 +81,30 @@ class RankPool:
         self._start_method = start_method or ("spawn" if torch.cuda.is_available() else "forkserver")
         self._procs: list = []
         self._ids = itertools.count()
+        atexit.register(self.close)
 
-    def start(self) -> None:
+    def start(self, attempts: int = 3, timeout: float = 300.0) -> None:
+        """Start the ranks and wait until all have joined the process group. A failed
+        rendezvous (e.g. the free port was taken meanwhile) is retried on a new port."""
+        for attempt in range(attempts):
+            self._spawn()
+            ready, errors, deadline = set(), {}, time.monotonic() + timeout
+            while len(ready) + len(errors) < self.world and time.monotonic() < deadline:
+                try:
+                    tid, rank, ok, data = self._out.get(timeout=0.2)
+                except queue.Empty:
+                    errors.update({r: f"rank {r} died (exit code {p.exitcode})"
+                                   for r, p in enumerate(self._procs) if not p.is_alive() and r not in ready})
+                    continue
+                (ready.add(rank) if ok else errors.__setitem__(rank, _loads(data)))
+            if len(ready) == self.world:
+                return
+            self.close(graceful=False)
+            if attempt == attempts - 1:
+                raise RankError("rank pool failed to start:\n" + "\n".join(
+                    f"--- rank {r} ---\n{tb}" for r, tb in sorted(errors.items())) or "timed out")
+
+    def _spawn(self) -> None:
         from bridges.core.parallel import free_port
 
         ctx = mp.get_context(self._start_method)
@@ -92,8 +115,7 @@ class RankPool:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if k.startswith(("PYTHON", "CUDA", "NCCL", "HF_", "TRANSFORMERS"))}
         # Not daemonic: ranks may start helpers of their own (dist_checkpointing's writer
-        # does). close() is registered at exit so that no rank outlives the session.
-        atexit.register(self.close)
+        # does); close() runs at exit (registered in __init__) so no rank outlives the session.
         self._procs = [ctx.Process(target=_worker, daemon=False,
                                    args=(r, self.world, port, self._in[r], self._out, list(sys.path), env))
                        for r in range(self.world)]
@@ -144,10 +166,7 @@ class RankPool:
                     errors.setdefault(r, f"rank {r} died (exit code {self._procs[r].exitcode})")
                     grace = grace or time.monotonic() + 2
                 continue
-            if got_tid is None:  # a worker failed to start
-                errors[rank] = _loads(data)
-                grace = grace or time.monotonic() + 2
-            elif got_tid != tid:
+            if got_tid != tid:
                 continue  # stale answer from a task that was abandoned
             elif ok:
                 results[rank] = _loads(data)

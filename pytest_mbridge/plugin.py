@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import json
 import os
+import platform
+import time
 from pathlib import Path
 
 import pytest
@@ -139,6 +141,8 @@ def _layouts(config: pytest.Config) -> list[str]:
         raise pytest.UsageError(f"--mbridge-layouts: {e}") from None
     world = _world(config)
     if not given:
+        if config.getoption("run_gpu") and world >= 4:
+            layouts.append(Layout(tp=4))
         layouts = [lay for lay in layouts if world % lay.world_size == 0]
     return [lay.name for lay in layouts]
 
@@ -214,6 +218,7 @@ _CONFIG: pytest.Config | None = None
 def pytest_sessionstart(session: pytest.Session) -> None:
     global _CONFIG
     _CONFIG = session.config
+    session.config._mbridge_t0 = time.time()  # type: ignore[attr-defined]
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config) -> None:
@@ -236,10 +241,28 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
     if not path or hasattr(session.config, "workerinput"):  # the xdist controller writes it
         return
     rows = getattr(session.config, "_mbridge_rows", [])
-    report = {"exit_status": int(exitstatus), "results": rows,
+    report = {"exit_status": int(exitstatus), "results": rows, "environment": _environment(),
+              "wall_s": round(time.time() - getattr(session.config, "_mbridge_t0", time.time()), 1),
               "passed": sum(1 for r in rows if r.get("passed")),
               "failed": sum(1 for r in rows if r.get("passed") is False)}
     out = Path(path)
     tmp = out.with_name(f".{out.name}.tmp")
     tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     tmp.replace(out)
+
+
+def _environment() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    import torch
+
+    env = {"python": platform.python_version(), "machine": platform.machine(),
+           "cpus": os.cpu_count(), "torch": torch.__version__}
+    for pkg in ("megatron-core", "transformers"):
+        try:
+            env[pkg] = version(pkg)
+        except PackageNotFoundError:
+            env[pkg] = "?"
+    if torch.cuda.is_available():
+        env["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    return env

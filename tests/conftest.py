@@ -3,6 +3,8 @@ import pytest
 from conformance.models import resolve
 from conformance.session import Conformance
 
+pytest_plugins = ["pytester"]
+
 
 @pytest.fixture(scope="session")
 def conformance(tmp_path_factory):

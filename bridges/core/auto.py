@@ -8,17 +8,37 @@ from typing import Any
 
 from bridges.core.bridge import Bridge
 from bridges.core.config import ConfigError
-from bridges.core.hf_io import CheckpointError, HFCheckpoint
+from bridges.core.hf_io import INDEX, SINGLE, CheckpointError, HFCheckpoint
 from bridges.core.registry import lookup
 
 
-def _hf_config_object(config: dict[str, Any], source: str) -> Any:
-    """A transformers config object for the dict (normalises legacy fields, e.g. rope)."""
+class RemoteCodeError(ConfigError):
+    """The config asks for remote code (``auto_map``) and ``trust_remote_code`` was not given."""
+
+
+def _check_remote_code(config: Any, source: str, trust_remote_code: bool) -> None:
+    """Refuse a config whose ``auto_map`` points at code in the model repository, unless the
+    caller trusts it. (The bridge never runs that code; a model that needs it is one whose
+    author says the stock classes do not describe it, so we want the caller to say so.)"""
+    auto_map = (config.get("auto_map") if isinstance(config, dict)
+                else getattr(config, "auto_map", None))
+    if auto_map and not trust_remote_code:
+        raise RemoteCodeError(
+            f"{source}: field 'auto_map' asks for remote code ({auto_map!r}). This model's "
+            f"repository ships its own modelling code; the bridge never runs it (bridges are "
+            f"declarative), but converting such a model means trusting that the registered "
+            f"bridge describes it. Pass trust_remote_code=True to proceed")
+
+
+def _hf_config_object(config: dict[str, Any], source: str, hf_type: str | None = None) -> Any:
+    """A transformers config object for the dict (normalises legacy fields, e.g. rope).
+    ``hf_type``: the transformers model type to read it as, for a bridge whose own model type
+    transformers does not know (``Bridge.hf_model_type``)."""
     from transformers import AutoConfig
 
     kw = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
     try:
-        return AutoConfig.for_model(config["model_type"], **kw)
+        return AutoConfig.for_model(hf_type or config["model_type"], **kw)
     except (ValueError, KeyError):
         return config  # a model type transformers does not know: the bridge reads the dict
     except Exception as e:  # transformers validates fields: surface which file was bad
@@ -40,8 +60,19 @@ class AutoBridge:
     """Entry points. Every constructor returns an instance of the registered bridge."""
 
     @staticmethod
-    def from_hf_pretrained(path_or_hub_id: str | os.PathLike) -> Bridge:
-        """From a local checkpoint directory, or a hub id (downloaded with huggingface_hub)."""
+    def from_hf_pretrained(path_or_hub_id: str | os.PathLike, *, trust_remote_code: bool = False,
+                           allow_pickle: bool = False) -> Bridge:
+        """From a local checkpoint directory, or a hub id (downloaded with huggingface_hub).
+
+        A config with ``auto_map`` (the model needs remote code) is refused with RemoteCodeError
+        unless ``trust_remote_code=True``. With it, the bridge proceeds as for any config: the
+        remote code is never downloaded, imported or executed (bridges are declarative: the
+        registered bridge's tables describe the model, not the repository's Python).
+
+        Pickle weights (``pytorch_model.bin`` and other ``*.bin`` / ``*.pt``) are refused with
+        PickleRefusedError unless ``allow_pickle=True``; then they are read with
+        ``torch.load(weights_only=True)``. Safetensors, when present, are always preferred.
+        """
         path = Path(path_or_hub_id).expanduser()
         if not path.is_dir():
             s = str(path_or_hub_id)
@@ -49,20 +80,28 @@ class AutoBridge:
                 raise CheckpointError(f"{path}: no such checkpoint directory")
             from huggingface_hub import snapshot_download
 
-            path = Path(snapshot_download(str(path_or_hub_id),
-                                          allow_patterns=["*.json", "*.safetensors", "*.model",
-                                                          "*.txt", "*.jinja"]))
+            patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]
+            path = Path(snapshot_download(str(path_or_hub_id), allow_patterns=patterns))
+            if allow_pickle and not ((path / SINGLE).exists() or (path / INDEX).exists()):
+                # no safetensors on the hub: fetch the pickle weights too (never *.py)
+                path = Path(snapshot_download(str(path_or_hub_id),
+                                              allow_patterns=patterns + ["*.bin", "*.pt"]))
         raw = HFCheckpoint.read_config(path)
+        _check_remote_code(raw, str(path / "config.json"), trust_remote_code)
         if "model_type" not in raw:
             raise ConfigError(f"{path / 'config.json'}: field 'model_type' is missing")
         cls = lookup(raw)  # an unsupported model is reported before any weight file is read
-        ckpt = HFCheckpoint(path)
+        ckpt = HFCheckpoint(path, allow_pickle=allow_pickle)
         _require_fields(cls, raw, str(path / "config.json"))
-        return cls(_hf_config_object(raw, str(path / "config.json")), ckpt)
+        return cls(_hf_config_object(raw, str(path / "config.json"), cls.hf_model_type), ckpt)
 
     @staticmethod
-    def from_hf_config(config: Any) -> Bridge:
-        """From a transformers config object, a config dict, or a path to config.json."""
+    def from_hf_config(config: Any, *, trust_remote_code: bool = False) -> Bridge:
+        """From a transformers config object, a config dict, or a path to config.json.
+
+        A config with ``auto_map`` (remote code) is refused with RemoteCodeError unless
+        ``trust_remote_code=True``; the remote code itself is never run (bridges are declarative).
+        """
         if isinstance(config, (str, os.PathLike)):
             p = Path(config)
             p = p / "config.json" if p.is_dir() else p
@@ -73,12 +112,13 @@ class AutoBridge:
             source = str(p)
         else:
             source = "config"
+        _check_remote_code(config, source, trust_remote_code)
         if isinstance(config, dict):
             if "model_type" not in config:
                 raise ConfigError(f"{source}: field 'model_type' is missing")
             cls = lookup(config)
             _require_fields(cls, config, source)
-            config = _hf_config_object(config, source)
+            config = _hf_config_object(config, source, cls.hf_model_type)
         else:
             cls = lookup(config)
         return cls(config)

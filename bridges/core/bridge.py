@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from typing import Any, ClassVar, Iterator
 
 import torch
@@ -25,6 +26,29 @@ def unwrap(chunk):
     while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
         chunk = chunk.module
     return chunk
+
+
+class NonFiniteWeightWarning(UserWarning):
+    """``load_hf_weights(strict=False)`` read HF tensors holding NaN or Inf; names them."""
+
+
+def _nonfinite(t: torch.Tensor) -> str | None:
+    """None when every value of ``t`` is finite, else a short count ("2 NaN, 1 Inf of 96").
+
+    The common path is one ``torch.isfinite(t.sum())``: a finite sum proves every value finite
+    (NaN and Inf propagate through addition), costs one read of the tensor and, unlike
+    ``torch.isfinite(t).all()``, no boolean copy: 1.6 ms instead of 57 ms for a 4096x4096 fp32
+    tensor on one CPU thread. Only when the sum is not finite (a NaN/Inf, or a sum that
+    overflows) is the exact element-wise check run, and the values counted.
+    """
+    if not (t.is_floating_point() or t.is_complex()):
+        return None
+    if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):  # no isfinite / sum kernels
+        t = t.to(torch.float16)  # exact for both formats
+    if bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all()):
+        return None
+    nan = int(torch.isnan(t).sum())
+    return f"{nan} NaN, {int(torch.isinf(t).sum())} Inf of {t.numel()} values"
 
 
 _LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
@@ -46,6 +70,9 @@ class Bridge:
     model_type: ClassVar[str] = ""
     architectures: ClassVar[tuple[str, ...]] = ()
     config_fields: ClassVar[tuple[Field, ...]] = ()
+    # The transformers model type that reads this family's config and builds its HF model,
+    # when transformers does not know ``model_type`` itself (None: ``model_type``).
+    hf_model_type: ClassVar[str | None] = None
     # HF tensors that exist in some checkpoints but carry no weights (regex, full match).
     ignored_hf: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq",)
 
@@ -109,11 +136,18 @@ class Bridge:
         return sorted(names)
 
     # -- import ---------------------------------------------------------------------------
-    def load_hf_weights(self, model_chunks: list, checkpoint: HFCheckpoint | str | None = None) -> None:
+    def load_hf_weights(self, model_chunks: list, checkpoint: HFCheckpoint | str | None = None,
+                        *, strict: bool = False) -> None:
         """Load HF weights into this rank's chunks. Reads only the tensors this rank needs.
 
         Raises CoverageError (same message on every rank) on any unused HF tensor, unwritten
         Megatron parameter, wrong shape or missing tensor.
+
+        Every tensor read is checked for NaN / Inf (one ``torch.isfinite(t.sum())`` each, after
+        the ``hf_weight`` hook; see ``_nonfinite``). Non-finite tensors are loaded and named in a
+        NonFiniteWeightWarning (on every rank, the same list), or, with ``strict=True``, named in
+        the CoverageError instead. A path given as ``checkpoint`` is opened without pickle
+        support; pass ``HFCheckpoint(path, allow_pickle=True)`` to load a pickle checkpoint.
         """
         from megatron.core import parallel_state as ps
 
@@ -126,6 +160,7 @@ class Bridge:
         table = self.mappings(attrs)
         tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
         ledger = Ledger()
+        nonfinite: dict[str, str] = {}  # HF tensor -> what is wrong with it
         for chunk, name, param in self._params(model_chunks):
             hit = match(table, name)
             if hit is None:
@@ -140,6 +175,10 @@ class Bridge:
                 continue
             try:
                 hf = {role: self.hf_weight(n, ckpt.get(n)) for role, n in hf_names.items()}
+                for role, n in hf_names.items():
+                    bad = _nonfinite(hf[role])
+                    if bad:
+                        nonfinite[n] = bad
                 shard = mapping.to_megatron(hf, tp_rank, tp_size, self._shapes(chunk))
             except (MappingError, CheckpointError) as e:
                 ledger.problem(f"{name} <- {list(hf_names.values())}: {e}")
@@ -153,9 +192,18 @@ class Bridge:
                 param.copy_(shard.to(dtype=param.dtype))
             for n in hf_names.values():
                 ledger.use(n, name, shared=isinstance(mapping, TiedOutput))
-        ledgers = _all_gather(ledger)
+        gathered = _all_gather((ledger, nonfinite))
+        ledgers = [lg for lg, _ in gathered]
+        bad = {n: why for _, nf in gathered for n, why in nf.items()}
         names = {n for n in ckpt.names() if not self._ignored(n)}
         problems = Ledger.verdict(ledgers, names, f"layout {_layout_name()}")
+        lines = [f"HF tensor {n} is not finite ({bad[n]})" for n in sorted(bad)]
+        if strict:
+            problems += lines
+        elif lines:
+            warnings.warn(f"{ckpt.path}: {len(lines)} HF tensor(s) hold NaN/Inf and were loaded "
+                          f"as they are (strict=True makes this an error):\n  "
+                          + "\n  ".join(lines), NonFiniteWeightWarning, stacklevel=2)
         if problems:
             raise CoverageError(f"import of {ckpt.path} failed:\n  " + "\n  ".join(problems))
 
@@ -229,11 +277,18 @@ class Bridge:
             raise CoverageError(f"export does not reproduce the source layout: missing {missing}, "
                                 f"unexpected {extra}, duplicated {dup}")
 
-    def save_hf_pretrained(self, model_chunks: list, out_dir: str, max_shard_bytes: int = 5 * 2**30) -> None:
-        """Export and write an HF checkpoint (rank 0 writes, atomically)."""
+    def save_hf_pretrained(self, model_chunks: list, out_dir: str, max_shard_bytes: int = 5 * 2**30,
+                           progress: bool = False) -> None:
+        """Export and write an HF checkpoint (rank 0 writes, atomically; ``progress`` shows a
+        progress bar there)."""
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         tensors = self.export_hf_weights(model_chunks, cpu=True)
         if rank0:
+            if progress:
+                from tqdm import tqdm
+
+                total = len(self.checkpoint.names()) if self.checkpoint is not None else None
+                tensors = tqdm(tensors, total=total, unit="tensor", desc="export")
             source = self.checkpoint.path if self.checkpoint is not None else None
             save_hf_checkpoint(tensors, self.export_config(), out_dir, source, max_shard_bytes)
         else:

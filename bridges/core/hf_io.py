@@ -4,16 +4,27 @@ Reader: one file or a sharded ``model.safetensors.index.json``; headers are read
 validated (shards inside the directory, sizes consistent with the header), tensors are read one
 at a time on demand, so each rank reads only what it needs.
 
+Pickle checkpoints (``pytorch_model.bin``, its ``.index.json``, any ``*.bin`` / ``*.pt``) can run
+arbitrary code when unpickled: they are refused unless the caller passes ``allow_pickle=True``,
+and then read with ``torch.load(weights_only=True, mmap=True)``, which refuses every object
+that is not a tensor or a plain container. When a directory has safetensors, those are used
+and pickle files next to them are ignored.
+
 Writer: sharded safetensors + index + config.json (+ tokenizer / generation files copied from
-the source), written into a temporary sibling directory that is renamed into place at the end:
-a failed export leaves nothing at the target path.
+the source), written into a temporary sibling directory (``.<name>.tmp-<host>-<pid>-*``) that is
+fsynced and renamed into place at the end: a failed or killed export leaves nothing at the
+target path, and the previous output, if any, stays whole. Temporary siblings left by a killed
+writer (a dead process of this host) are removed by the next save to the same target. The
+output is deterministic: the same tensors and config give byte-identical files.
 """
 from __future__ import annotations
 
 import json
 import math
 import os
+import re
 import shutil
+import socket
 import struct
 import tempfile
 from pathlib import Path
@@ -25,6 +36,9 @@ from safetensors.torch import save_file
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+PT_INDEX = "pytorch_model.bin.index.json"
+PT_SINGLE = "pytorch_model.bin"
+PICKLE_SUFFIXES = (".bin", ".pt")
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                 "merges.txt", "special_tokens_map.json", "added_tokens.json",
                 "generation_config.json", "chat_template.jinja", "chat_template.json")
@@ -37,6 +51,10 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, malformed or inconsistent; the message names the file."""
+
+
+class PickleRefusedError(CheckpointError):
+    """A pickle checkpoint was found and ``allow_pickle`` was not given; names the file."""
 
 
 def read_header(path: Path) -> dict:
@@ -77,49 +95,92 @@ def read_header(path: Path) -> dict:
 
 
 class HFCheckpoint:
-    """Read-only view of an HF safetensors checkpoint directory."""
+    """Read-only view of an HF checkpoint directory: safetensors (one file or sharded), or, only
+    with ``allow_pickle=True``, a PyTorch pickle checkpoint (``pytorch_model.bin``, a sharded
+    ``pytorch_model.bin.index.json``, or a lone ``*.bin`` / ``*.pt``).
 
-    def __init__(self, path: str | os.PathLike):
+    Pickle files are refused by default (PickleRefusedError names the file): unpickling can run
+    arbitrary code. When allowed they are read with ``torch.load(weights_only=True,
+    map_location="cpu", mmap=True)``, which refuses any object other than tensors and plain
+    containers. A directory holding safetensors is read from those; pickle files beside them
+    are ignored (and so never refused).
+    """
+
+    def __init__(self, path: str | os.PathLike, allow_pickle: bool = False):
         self.path = Path(path)
+        self.allow_pickle = allow_pickle
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         self._open: dict[Path, object] = {}
+        self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         index, single = self.path / INDEX, self.path / SINGLE
+        weight_map: dict[str, Path] | None = None
         if index.exists():
-            try:
-                weight_map = json.loads(index.read_text())["weight_map"]
-                if not isinstance(weight_map, dict):
-                    raise TypeError("weight_map is not an object")
-            except (ValueError, KeyError, TypeError) as e:
-                raise CheckpointError(f"{index}: not a valid safetensors index ({e})") from None
-            shards = {}
-            root = self.path.resolve()
-            for name, shard in weight_map.items():
-                p = (self.path / shard).resolve()
-                if root not in p.parents:
-                    raise CheckpointError(f"{index}: shard {shard!r} of {name} lies outside "
-                                          f"the checkpoint directory")
-                if not p.exists():
-                    raise CheckpointError(f"{index}: shard {shard!r} (holding {name}) does not exist")
-                shards.setdefault(p, []).append(name)
-            files = list(shards)
+            weight_map = _read_index(index, self.path)
+            files = list(dict.fromkeys(weight_map.values()))
         elif single.exists():
             files = [single]
         else:
-            raise CheckpointError(f"{self.path}: no {SINGLE} or {INDEX} found")
+            self._init_pickle()
+            return
         for f in files:
             for name, info in read_header(f).items():
-                if name in self._where:
-                    raise CheckpointError(f"{f}: tensor {name} also in {self._where[name]}")
                 if info["dtype"] not in _DTYPES:
                     raise CheckpointError(f"{f}: tensor {name} has unsupported dtype {info['dtype']}")
-                self._where[name] = f
-                self._meta[name] = (tuple(info["shape"]), _DTYPES[info["dtype"]])
+                self._add(f, name, tuple(info["shape"]), _DTYPES[info["dtype"]])
+        self._check_index(index, weight_map)
+
+    def _add(self, f: Path, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        if name in self._where:
+            raise CheckpointError(f"{f}: tensor {name} also in {self._where[name]}")
+        self._where[name] = f
+        self._meta[name] = (shape, dtype)
+
+    def _check_index(self, index: Path, weight_map: dict | None) -> None:
+        if weight_map is None:
+            return
+        missing = set(weight_map) - set(self._where)
+        if missing:
+            raise CheckpointError(f"{index}: tensors listed but absent from their shard: "
+                                  f"{sorted(missing)[:5]}")
+
+    def _init_pickle(self) -> None:
+        index, single = self.path / PT_INDEX, self.path / PT_SINGLE
         if index.exists():
-            missing = set(weight_map) - set(self._where)
-            if missing:
-                raise CheckpointError(f"{index}: tensors listed but absent from their shard: "
-                                      f"{sorted(missing)[:5]}")
+            found = [index]
+        elif single.exists():
+            found = [single]
+        elif self.path.is_dir():
+            found = sorted(p for p in self.path.iterdir()
+                           if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        else:
+            found = []
+        if not found:
+            raise CheckpointError(f"{self.path}: no {SINGLE} or {INDEX} found")
+        if not self.allow_pickle:
+            raise PickleRefusedError(
+                f"{', '.join(map(str, found))}: pickle checkpoint refused (unpickling can run "
+                f"arbitrary code, and {self.path} has no {SINGLE} or {INDEX}). Convert it to "
+                f"safetensors, or pass allow_pickle=True if you trust it: it is then read with "
+                f"torch.load(weights_only=True), which loads tensors only")
+        weight_map = None
+        if index.exists():
+            weight_map = _read_index(index, self.path)
+            files = list(dict.fromkeys(weight_map.values()))
+        elif len(found) == 1:
+            files = found
+        else:
+            raise CheckpointError(f"{self.path}: several pickle files "
+                                  f"({', '.join(p.name for p in found)}) and no {PT_INDEX}: "
+                                  f"cannot tell which holds the weights")
+        for f in files:
+            state = _torch_load(f)
+            for name, t in state.items():
+                if t.dtype not in _DTYPES.values():
+                    raise CheckpointError(f"{f}: tensor {name} has unsupported dtype {t.dtype}")
+                self._add(f, name, tuple(t.shape), t.dtype)
+            self._pickled[f] = state
+        self._check_index(index, weight_map)
 
     def names(self) -> list[str]:
         return sorted(self._where)
@@ -137,6 +198,8 @@ class HFCheckpoint:
         if name not in self._where:
             raise CheckpointError(f"{self.path}: tensor {name} not found in the checkpoint")
         f = self._where[name]
+        if f in self._pickled:  # memory-mapped: copy out, as safetensors' get_tensor does
+            return self._pickled[f][name].clone()
         if f not in self._open:
             self._open[f] = safe_open(str(f), framework="pt")
         return self._open[f].get_tensor(name)
@@ -158,13 +221,74 @@ class HFCheckpoint:
         return cfg
 
 
+def _read_index(index: Path, root: Path) -> dict[str, Path]:
+    """An index's weight map {tensor: shard path}; every shard inside ``root`` and present."""
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        if not isinstance(weight_map, dict):
+            raise TypeError("weight_map is not an object")
+    except (ValueError, KeyError, TypeError) as e:
+        kind = "safetensors" if index.name == INDEX else "PyTorch"
+        raise CheckpointError(f"{index}: not a valid {kind} index ({e})") from None
+    out = {}
+    resolved_root = root.resolve()
+    for name, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise CheckpointError(f"{index}: shard of {name} is {shard!r}, not a file name")
+        p = (root / shard).resolve()
+        if resolved_root not in p.parents:
+            raise CheckpointError(f"{index}: shard {shard!r} of {name} lies outside "
+                                  f"the checkpoint directory")
+        if not p.exists():
+            raise CheckpointError(f"{index}: shard {shard!r} (holding {name}) does not exist")
+        out[name] = p
+    return out
+
+
+def _torch_load(path: Path) -> dict[str, torch.Tensor]:
+    """A pickle state dict, loaded with weights_only=True (tensors and plain containers only)."""
+    import pickle
+
+    kw = dict(weights_only=True, map_location="cpu")
+    try:
+        try:
+            obj = torch.load(path, mmap=True, **kw)
+        except RuntimeError as e:
+            if "mmap can only be used" not in str(e):
+                raise
+            obj = torch.load(path, **kw)  # legacy (pre-zip) format: cannot be memory-mapped
+    except pickle.UnpicklingError as e:
+        lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+        why = next((x for x in lines if "GLOBAL" in x or "Unsupported" in x),
+                   lines[0] if lines else type(e).__name__)
+        why = why.split(" Please use")[0]  # not torch's advice to allowlist the global
+        raise CheckpointError(f"{path}: refused by torch.load(weights_only=True), which reads "
+                              f"only tensors and plain containers: {why}") from None
+    except Exception as e:  # noqa: BLE001 - any failure to parse names the file
+        first = (str(e).splitlines() or [""])[0]
+        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint "
+                              f"({type(e).__name__}: {first})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors")
+    for name, t in obj.items():
+        if not isinstance(name, str) or not isinstance(t, torch.Tensor):
+            raise CheckpointError(f"{path}: entry {name!r} is a {type(t).__name__}, not a tensor "
+                                  f"(expected a flat state dict)")
+    return obj
+
+
 def save_hf_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]], config: dict,
                        out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None,
                        max_shard_bytes: int = 5 * 2**30) -> Path:
-    """Write an HF checkpoint atomically (temporary directory, then rename into place)."""
+    """Write an HF checkpoint atomically (temporary directory, fsync, then rename into place).
+
+    Deterministic: the same tensors (same order) and config give byte-identical files. Before
+    writing, temporary siblings left at this target by a killed writer of this host are removed.
+    """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    _clean_stale(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner()}-", dir=out.parent))
     try:
         shards = list(_write_shards(tensors, tmp, max_shard_bytes))
         weight_map = {n: f for f, names in shards for n in names}
@@ -179,7 +303,9 @@ def save_hf_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]], config: dict
             for name in COPIED_FILES:
                 if (Path(source_dir) / name).exists():
                     shutil.copy2(Path(source_dir) / name, tmp / name)
+        _fsync(tmp)
         _replace_dir(tmp, out)
+        _fsync(out.parent, files=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -217,7 +343,7 @@ def _write_json(path: Path, obj) -> None:
 def _replace_dir(tmp: Path, out: Path) -> None:
     """Rename tmp to out; an existing out is moved aside first and removed after."""
     if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        old = out.with_name(f".{out.name}.old-{_owner()}")
         out.rename(old)
         try:
             tmp.rename(out)
@@ -227,3 +353,64 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(out)
+
+
+def _host() -> str:
+    """This host's name with no '-' (so ``<host>-<pid>-<random>`` parses back unambiguously)."""
+    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
+
+
+def _owner() -> str:
+    """``<host>-<pid>`` of this writer, for the names of its temporary siblings."""
+    return f"{_host()}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _clean_stale(out: Path) -> None:
+    """Remove what a killed writer left beside ``out``: ``.<name>.tmp-<host>-<pid>-*``
+    directories, and ``.<name>.old-<host>-<pid>`` (the previous output, moved aside for the swap:
+    put back when ``out`` is missing, i.e. the writer died between its two renames). Only names
+    of this host whose process is gone are touched: a live writer's files, or another host's on
+    a shared file system, are left alone."""
+    pat = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-{re.escape(_host())}-(\d+)"
+                     rf"(-[a-z0-9_]+)?")
+    for p in sorted(out.parent.iterdir()):
+        m = pat.fullmatch(p.name)
+        if m is None or (m.group(1) == "tmp") != bool(m.group(3)) or not p.is_dir() \
+                or _alive(int(m.group(2))):
+            continue
+        if m.group(1) == "old" and not out.exists():
+            try:
+                p.rename(out)
+                continue
+            except OSError:
+                pass
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync(d: Path, files: bool = True) -> None:
+    """Flush a directory's files and the directory itself to disk before the rename, so the
+    renamed output is complete even after a power loss, not only after a killed process."""
+    paths = [p for p in d.iterdir() if p.is_file()] if files else []
+    for p in paths + [d]:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass  # file systems without fsync on directories
+        finally:
+            os.close(fd)

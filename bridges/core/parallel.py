@@ -64,12 +64,12 @@ def init_distributed(timeout_s: float = 600.0) -> None:
     cuda = torch.cuda.is_available()
     rank = int(os.environ.get("RANK", "0"))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if "MASTER_ADDR" not in os.environ:
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(free_port())
+    # One process without torchrun: a private rendezvous, leaving os.environ alone (children
+    # started later, e.g. a torchrun of our own, must not inherit a port that is now taken).
+    init = None if "MASTER_ADDR" in os.environ else f"tcp://127.0.0.1:{free_port()}"
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
-    dist.init_process_group("nccl" if cuda else "gloo", rank=rank, world_size=world,
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=init, rank=rank, world_size=world,
                             timeout=timedelta(seconds=timeout_s))
 
 

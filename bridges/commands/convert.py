@@ -1,0 +1,121 @@
+"""mbridge convert: HF checkpoints <-> Megatron-Core distributed checkpoints.
+
+    mbridge convert import --hf <dir|org/model> --out <dir> --tp 2 --pp 2 [--vpp N] [--dtype bfloat16]
+    mbridge convert export --megatron <dir> --out <dir> [--hf-source <dir|org/model>] [--tp N --pp N]
+
+Runs as one process, or under torchrun for many ranks; started as one process for a layout
+that needs several ranks, it relaunches itself under torchrun on this machine. The Megatron
+checkpoint is written in Megatron-LM's layout (iter_0000000/, latest_checkpointed_iteration.txt)
+and can be exported under any other layout.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+HELP = "convert HF <-> Megatron-Core distributed checkpoints"
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_arguments(parser) -> None:
+    sub = parser.add_subparsers(dest="direction", required=True)
+    imp = sub.add_parser("import", help="HF checkpoint -> Megatron-Core distributed checkpoint")
+    imp.add_argument("--hf", required=True, help="HF checkpoint directory or hub id")
+    exp = sub.add_parser("export", help="Megatron-Core distributed checkpoint -> HF checkpoint")
+    exp.add_argument("--megatron", required=True, help="Megatron checkpoint directory")
+    exp.add_argument("--hf-source", help="the HF checkpoint it came from (default: recorded at import)")
+    for p in (imp, exp):
+        p.add_argument("--out", required=True, help="output directory (written atomically)")
+        p.add_argument("--tp", type=int, default=1)
+        p.add_argument("--pp", type=int, default=1)
+        p.add_argument("--vpp", type=int, default=None)
+        p.add_argument("--ep", type=int, default=1)
+    imp.add_argument("--dtype", choices=DTYPES, help="parameter dtype (default: the checkpoint's)")
+    imp.add_argument("--strict", action="store_true", help="NaN/Inf weights are an error, not a warning")
+    for p in (imp, exp):
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="accept a config with auto_map (its code is never run: the bridge is declarative)")
+        p.add_argument("--allow-pickle", action="store_true",
+                       help="accept .bin/.pt weights (loaded with torch.load(weights_only=True))")
+
+
+def _relaunch(args, world: int) -> int:
+    """Start ``world`` local ranks with torchrun, running this same command."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           f"--nproc-per-node={world}", "-m", "bridges.cli", *sys.argv[1:]]
+    return subprocess.call(cmd)
+
+
+def run(args) -> int:
+    import torch.distributed as dist
+
+    from bridges.core.parallel import Layout
+
+    layout = Layout(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep)
+    if not dist.is_initialized() and "RANK" not in os.environ and layout.world_size > 1:
+        return _relaunch(args, layout.world_size)
+    return _import(args, layout) if args.direction == "import" else _export(args, layout)
+
+
+def _provider(bridge, layout, dtype=None):
+    import torch
+
+    provider = bridge.to_megatron_provider()
+    provider.tensor_model_parallel_size = layout.tp
+    provider.pipeline_model_parallel_size = layout.pp
+    provider.virtual_pipeline_model_parallel_size = layout.vpp
+    provider.expert_model_parallel_size = layout.ep
+    if dtype:
+        provider.params_dtype = getattr(torch, dtype)
+    provider.finalize()
+    return provider
+
+
+def _say(text: str) -> None:
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(text, file=sys.stderr, flush=True)
+
+
+def _import(args, layout) -> int:
+    from pathlib import Path
+
+    from bridges import AutoBridge
+    from bridges.core.megatron_ckpt import save_megatron
+
+    bridge = AutoBridge.from_hf_pretrained(args.hf, trust_remote_code=args.trust_remote_code,
+                                           allow_pickle=args.allow_pickle)
+    provider = _provider(bridge, layout, args.dtype)
+    chunks = provider.provide_distributed_model()
+    _say(f"importing {args.hf} ({bridge.model_type}) at {layout.name}")
+    bridge.load_hf_weights(chunks, strict=args.strict)
+    meta = {"hf_config": bridge.checkpoint.config(), "hf_source": str(Path(bridge.checkpoint.path).resolve()),
+            "model_type": bridge.model_type, "layout": layout.name,
+            "dtype": str(provider.params_dtype).replace("torch.", "")}
+    save_megatron(chunks, args.out, meta)
+    _say(f"wrote {args.out}")
+    return 0
+
+
+def _export(args, layout) -> int:
+    from pathlib import Path
+
+    from bridges import AutoBridge
+    from bridges.core.megatron_ckpt import load_megatron, read_meta
+
+    meta = read_meta(args.megatron) if not args.hf_source else {}
+    source = args.hf_source or meta.get("hf_source")
+    trust = {"trust_remote_code": args.trust_remote_code}
+    if source and (Path(source).is_dir() or args.hf_source):
+        bridge = AutoBridge.from_hf_pretrained(source, allow_pickle=args.allow_pickle, **trust)
+    else:  # the source is gone: rebuild from the recorded config
+        bridge = AutoBridge.from_hf_config(meta["hf_config"], **trust)
+    provider = _provider(bridge, layout, meta.get("dtype"))
+    chunks = provider.provide_distributed_model()
+    load_megatron(chunks, args.megatron)
+    _say(f"exporting {args.megatron} at {layout.name}")
+    bridge.save_hf_pretrained(chunks, args.out, progress=True)
+    _say(f"wrote {args.out}")
+    return 0

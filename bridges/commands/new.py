@@ -1,0 +1,138 @@
+"""mbridge new: scaffold a bridge for a model from its config.
+
+    mbridge new <org/model|dir|config.json> --family <name> [--name org/model] [--dest <repo>]
+
+Writes bridges/models/<family>/<family>_bridge.py (a subclass of the closest registered
+bridge, registered for the config's model_type and architectures), the config as a fixture,
+a test that runs the conformance suite on it, and a docs page. For a standard GPT-style model
+the bridge passes the suite as generated; config fields no bridge understands are listed in
+the bridge as UNHANDLED, and the bridge refuses to convert until each is handled.
+"""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+HELP = "scaffold a bridge, its fixture, test and docs page from a config"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="org/model (shipped fixture or hub config), a directory or a config.json")
+    parser.add_argument("--family", required=True, help="family folder name, e.g. mymodel")
+    parser.add_argument("--name", help="fixture name org/model (default: the model argument, or local/<family>)")
+    parser.add_argument("--dest", default=str(ROOT), help="repository root to write into (default: this one)")
+    parser.add_argument("--force", action="store_true", help="overwrite existing files")
+
+
+BRIDGE = '''"""{title}: scaffolded by `mbridge new` from {source}, starting from the {base} bridge.
+
+{todo}"""
+from bridges.core.config import ConfigError
+from {base_module} import {base}
+from bridges.core.registry import register_bridge
+
+# Config fields no registered bridge understands: read the HF modeling code for each, map it
+# (config table, mappings, or a modeling_{family}/ block), then remove it from this list.
+UNHANDLED: tuple[str, ...] = {unhandled!r}
+
+
+@register_bridge(model_type={model_type!r}, architectures={architectures!r})
+class {cls}({base}):
+{hf_type}
+    def megatron_attrs(self):
+        if UNHANDLED:
+            raise ConfigError(f"{{self.model_type}} bridge: config fields not handled yet: {{list(UNHANDLED)}}")
+        return super().megatron_attrs()
+'''
+
+TEST = '''"""Conformance suite for the {family} bridge on its fixture config (scaffolded by `mbridge new`)."""
+import pytest
+
+from conformance.session import CASE_CHECKS, DEFAULT_LAYOUTS
+
+MODEL = {name!r}
+
+
+@pytest.mark.parametrize("layout", DEFAULT_LAYOUTS)
+def test_{family}_case(conformance, spec, layout):
+    results = conformance.case(spec(MODEL), layout)
+    assert set(results) == set(CASE_CHECKS)
+    assert all(r.passed for r in results.values()), "\\n".join(str(r) for r in results.values() if not r.passed)
+
+
+def test_{family}_config_roundtrip(conformance, spec):
+    assert conformance.describe(spec(MODEL))["config_check"].passed
+'''
+
+DOC = '''# {title}
+
+Bridge: `bridges/models/{family}/{family}_bridge.py` (`{cls}`, from `{base}`), registered for
+`model_type={model_type}`, architectures {architectures}. Fixture config: `fixtures/configs/{name}/config.json`.
+
+{todo}
+
+```bash
+mbridge inspect {name}
+mbridge check {name}
+mbridge convert import --hf <dir> --out <megatron_dir> --tp 2 --pp 2
+mbridge convert export --megatron <megatron_dir> --out <hf_dir>
+```
+'''
+
+
+def _write(path: Path, text: str, force: bool) -> None:
+    if path.exists() and not force:
+        raise FileExistsError(f"{path} exists (use --force to overwrite)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def scaffold(config: dict, family: str, name: str, dest: Path, force: bool = False) -> list[Path]:
+    from bridges.commands.inspect import inspect_config
+    from bridges.core.registry import registered
+
+    if not re.fullmatch(r"[a-z][a-z0-9_]*", family):
+        raise ValueError(f"--family {family!r}: use lower-case letters, digits and _")
+    info = inspect_config(config)
+    base_type = info["closest_bridge"]
+    base_cls = registered()[base_type]
+    cls = "".join(p.capitalize() for p in family.split("_")) + "Bridge"
+    unhandled = tuple(info["unknown_fields"])
+    todo = ("Left to write: " + ", ".join(unhandled) + "." if unhandled
+            else "Nothing left to write: every config field is understood.")
+    try:
+        from transformers import AutoConfig
+
+        AutoConfig.for_model(config["model_type"])
+        hf_type = ""
+    except (ValueError, KeyError):
+        hf_type = (f"    # transformers does not know {config['model_type']!r}: read and build it as\n"
+                   f"    hf_model_type = {base_type!r}\n")
+    fields = dict(title=f"{family} ({config['model_type']})", family=family, cls=cls,
+                  base=base_cls.__name__, base_module=base_cls.__module__, model_type=config["model_type"],
+                  architectures=list(config.get("architectures") or []), unhandled=unhandled,
+                  todo=todo, hf_type=hf_type, source=name, name=name)
+    files = {
+        dest / "bridges" / "models" / family / "__init__.py": "",
+        dest / "bridges" / "models" / family / f"{family}_bridge.py": BRIDGE.format(**fields),
+        dest / "fixtures" / "configs" / name / "config.json": json.dumps(config, indent=2) + "\n",
+        dest / "tests" / f"test_{family}_bridge.py": TEST.format(**fields),
+        dest / "docs" / "models" / f"{family}.md": DOC.format(**fields),
+    }
+    for path, text in files.items():
+        _write(path, text, force)
+    return list(files)
+
+
+def run(args) -> int:
+    from bridges.commands.inspect import _load
+
+    config, _ = _load(args.model)
+    name = args.name or (args.model if re.fullmatch(r"[\w.-]+/[\w.-]+", args.model) else f"local/{args.family}")
+    for path in scaffold(config, args.family, name, Path(args.dest), args.force):
+        print(f"wrote {path}")
+    return 0

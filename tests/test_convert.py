@@ -1,0 +1,54 @@
+"""mbridge convert: import at one layout, export from another, bit-exact against the source."""
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from bridges.core.hf_io import HFCheckpoint
+
+LAYOUTS = [(["--tp", "2"], ["--pp", "2"]), (["--pp", "2", "--vpp", "2"], ["--tp", "2", "--pp", "2"])]
+
+
+def _same(a, b) -> None:
+    src, out = HFCheckpoint(a), HFCheckpoint(b)
+    assert out.names() == src.names()
+    for n in src.names():
+        assert torch.equal(src.get(n), out.get(n)) and src.dtype(n) == out.dtype(n), n
+
+
+@pytest.mark.parametrize("model", ["Qwen/Qwen3-8B", "meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-7B-Instruct",
+                                   "mistralai/Mistral-7B-v0.1"])
+def test_import_at_one_layout_export_at_another(conformance, spec, tmp_path, model):
+    toy = conformance.checkpoint(spec(model))
+    for imp, exp in LAYOUTS:
+        mc, out = tmp_path / f"megatron{imp}", tmp_path / f"hf{imp}"
+        assert conformance.pool.run("tests.convert_tasks:cli",
+                                    argv=["convert", "import", "--hf", toy, "--out", str(mc), *imp]) == [0] * 4
+        assert (mc / "latest_checkpointed_iteration.txt").read_text() == "0\n"
+        assert (mc / "iter_0000000" / "metadata.json").exists()
+        assert conformance.pool.run("tests.convert_tasks:cli",
+                                    argv=["convert", "export", "--megatron", str(mc), "--out", str(out), *exp]) == [0] * 4
+        _same(toy, out)
+        assert (out / "config.json").exists()
+
+
+def test_cli_as_one_process_relaunches_for_several_ranks(conformance, spec, tmp_path):
+    toy = conformance.checkpoint(spec("Qwen/Qwen3-0.6B"))
+    mbridge = [sys.executable, "-m", "bridges.cli", "convert"]
+    r = subprocess.run([*mbridge, "import", "--hf", toy, "--out", str(tmp_path / "m"), "--tp", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([*mbridge, "export", "--megatron", str(tmp_path / "m"), "--out", str(tmp_path / "hf")],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "export" in r.stderr  # the progress bar
+    _same(toy, tmp_path / "hf")
+
+
+def test_export_without_a_checkpoint_is_a_clear_error(tmp_path):
+    from bridges.cli import main
+
+    with pytest.raises(FileNotFoundError, match="latest_checkpointed_iteration|mbridge.json"):
+        main(["convert", "export", "--megatron", str(tmp_path), "--out", str(tmp_path / "x")])
