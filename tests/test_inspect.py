@@ -15,7 +15,8 @@ def _cfg(path: Path) -> dict:
     return json.loads(path.read_text())
 
 
-@pytest.mark.parametrize("model", ["Qwen/Qwen3-8B", "meta-llama/Llama-3.1-8B", "mistralai/Mistral-7B-v0.1"])
+@pytest.mark.parametrize("model", ["Qwen/Qwen3-8B", "meta-llama/Llama-3.1-8B", "mistralai/Mistral-7B-v0.1",
+                                   "Qwen/Qwen2.5-7B-Instruct"])
 def test_registered_dense_models_have_a_bridge_and_nothing_unknown(model):
     info = inspect_config(_cfg(FIXTURES / model / "config.json"))
     assert info["bridge"] and info["blocks"] == ["dense"] and info["unknown_fields"] == []
