@@ -89,7 +89,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # -- parametrisation ---------------------------------------------------------------------
 def _models(config: pytest.Config) -> list[str]:
     if not hasattr(config, "_mbridge_models"):
-        from conformance.models import ModelNotFound, fixture_names, resolve
+        from conformance.models import ModelNotFound, resolve
 
         names = config.getoption("mbridge_model") or _default_models()
         specs = {}

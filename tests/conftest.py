@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import pytest
 
 from conformance.models import resolve
@@ -17,3 +20,20 @@ def conformance(tmp_path_factory):
 @pytest.fixture(scope="session")
 def spec():
     return resolve
+
+
+@pytest.fixture(scope="session")
+def toy(tmp_path_factory) -> Path:
+    """A Qwen3 toy checkpoint (fp32, single safetensors file), made once per session."""
+    from conformance.toy import make_toy_checkpoint, shrink_config
+
+    cfg = Path(__file__).resolve().parents[1] / "fixtures/configs/Qwen/Qwen3-8B/config.json"
+    return make_toy_checkpoint(shrink_config(json.loads(cfg.read_text())),
+                               tmp_path_factory.getbasetemp() / "mbridge-toys")
+
+
+@pytest.fixture(scope="session")
+def toy_tensors(toy) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(toy / "model.safetensors"))

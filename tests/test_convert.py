@@ -4,7 +4,6 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from bridges.core.hf_io import HFCheckpoint
 

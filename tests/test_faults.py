@@ -14,7 +14,6 @@ warns naming them by default, and fails naming them with ``strict=True``.
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -26,7 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from bridges.core.auto import AutoBridge
 from bridges.core.bridge import NonFiniteWeightWarning, _nonfinite
@@ -53,19 +52,6 @@ def pool():
     p.start()
     yield p
     p.close()
-
-
-@pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> Path:
-    from conformance.toy import make_toy_checkpoint, shrink_config
-
-    root = tmp_path_factory.getbasetemp() / "mbridge-toys"  # shared with the other modules
-    return make_toy_checkpoint(shrink_config(json.loads(QWEN3.read_text())), root)
-
-
-@pytest.fixture(scope="module")
-def toy_tensors(toy) -> dict[str, torch.Tensor]:
-    return load_file(str(toy / SINGLE))
 
 
 @pytest.fixture(scope="module")

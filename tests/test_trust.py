@@ -41,19 +41,6 @@ class Evil:
 
 # -- fixtures -------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def toy(tmp_path_factory) -> Path:
-    from conformance.toy import make_toy_checkpoint, shrink_config
-
-    root = tmp_path_factory.getbasetemp() / "mbridge-toys"  # shared with the other modules
-    return make_toy_checkpoint(shrink_config(json.loads(QWEN3.read_text())), root)
-
-
-@pytest.fixture(scope="module")
-def toy_tensors(toy) -> dict[str, torch.Tensor]:
-    return load_file(str(toy / SINGLE))
-
-
-@pytest.fixture(scope="module")
 def chunks(toy):
     bridge = AutoBridge.from_hf_pretrained(toy)
     return bridge.to_megatron_provider().provide_distributed_model()

@@ -1,0 +1,111 @@
+"""One rank of a conversion benchmark: HF -> Megatron import, then Megatron -> HF export.
+
+    python benchmarks/convert.py CKPT_DIR OUT_DIR --tp 1 [--json OUT] [--profile load|export|build]
+
+For TP > 1 the parent starts one process per rank with RANK / WORLD_SIZE / MASTER_ADDR /
+MASTER_PORT set (gloo). Phases, each with its wall time and peak RSS:
+
+- ``start+imports``: from the parent's spawn (``BENCH_T0``) through importing torch,
+  megatron.core (GPTModel), transformers and bridges;
+- ``setup``: torch.distributed init, ``AutoBridge.from_hf_pretrained`` (config + shard headers),
+  provider with TP and ``params_dtype = torch.bfloat16``;
+- ``build``: ``provider.provide_distributed_model()`` (Megatron parallel state + GPTModel,
+  including Megatron's own random initialisation of every parameter);
+- ``load``: ``bridge.load_hf_weights(model)``, the part that reads the checkpoint;
+- ``export``: ``bridge.save_hf_pretrained(model, OUT_DIR)`` (export_hf_weights ->
+  save_hf_checkpoint; rank 0 writes).
+
+``--profile PHASE`` runs that phase under cProfile and writes the stats next to the JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+from _common import Phases, emit
+
+T0 = float(os.environ["BENCH_T0"]) if "BENCH_T0" in os.environ else None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("ckpt")
+    ap.add_argument("out")
+    ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--json")
+    ap.add_argument("--profile", choices=["build", "load", "export"])
+    ap.add_argument("--no-init", action="store_true",
+                    help="provider.perform_initialization = False (skip Megatron's random init)")
+    a = ap.parse_args()
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+
+    import torch
+
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    import megatron.core  # noqa: F401
+    from megatron.core.models.gpt import GPTModel  # noqa: F401
+    import transformers  # noqa: F401
+    from transformers import AutoConfig  # noqa: F401
+
+    from bridges import AutoBridge
+    from bridges.core.parallel import init_distributed
+
+    phases = Phases(T0)
+    phases.startup()
+    prof = None
+    if a.profile:
+        import cProfile
+
+        prof = cProfile.Profile()
+
+    def run(name, fn):
+        with phases(name):
+            if prof is not None and a.profile == name:
+                prof.enable()
+            try:
+                return fn()
+            finally:
+                if prof is not None and a.profile == name:
+                    prof.disable()
+
+    def setup():
+        init_distributed()
+        bridge = AutoBridge.from_hf_pretrained(a.ckpt)
+        provider = bridge.to_megatron_provider()
+        provider.tensor_model_parallel_size = a.tp
+        provider.params_dtype = torch.bfloat16
+        if a.no_init:
+            provider.perform_initialization = False
+        provider.finalize()
+        return bridge, provider
+
+    bridge, provider = run("setup", setup)
+    model = run("build", lambda: provider.provide_distributed_model(wrap_with_ddp=False))
+    run("load", lambda: bridge.load_hf_weights(model))
+    params = [p for chunk in model for p in chunk.parameters()]
+    share = sum(p.numel() * p.element_size() for p in params)
+    largest_param = max(p.numel() * p.element_size() for p in params)
+    dtypes = sorted({str(p.dtype) for p in params})
+    run("export", lambda: bridge.save_hf_pretrained(model, a.out))
+    written = None
+    if rank == 0:
+        written = sum(p.stat().st_size for p in Path(a.out).glob("*.safetensors"))
+    if prof is not None and a.json:
+        prof.dump_stats(a.json + ".prof")
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+    emit(a.json, phases.result(rank=rank, world=world, tp=a.tp, share_bytes=share,
+                               largest_param_bytes=largest_param, param_dtypes=dtypes,
+                               written_bytes=written, threads=torch.get_num_threads(),
+                               no_init=a.no_init, end_time=time.time()))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
