@@ -36,7 +36,6 @@ from conformance.runner import RankError, RankPool
 from tests.fault_tasks import INJECTED
 
 ROOT = Path(__file__).resolve().parents[1]
-QWEN3 = ROOT / "fixtures/configs/Qwen/Qwen3-8B/config.json"
 
 # plain-process scenarios: name -> (failing rank, mode, init_distributed timeout_s)
 SCENARIOS = {"rank 1 raises": (1, "raise", 30.0), "rank 0 raises": (0, "raise", 30.0),

@@ -24,7 +24,6 @@ from bridges.core.hf_io import (INDEX, PT_INDEX, PT_SINGLE, SINGLE, CheckpointEr
                                 PickleRefusedError)
 
 ROOT = Path(__file__).resolve().parents[1]
-QWEN3 = ROOT / "fixtures/configs/Qwen/Qwen3-8B/config.json"
 AUTO_MAP = {"AutoConfig": "configuration_evil.EvilConfig",
             "AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
 
