@@ -37,6 +37,18 @@ field takes Megatron-Core's default (``gated_linear_unit=False``, ``add_bias_lin
 ``normalization="LayerNorm"``, ``ffn_hidden_size=4*hidden``, ``num_query_groups=heads``,
 ``kv_channels=hidden/heads``, ``position_embedding_type="learned_absolute"``, untied output).
 
+Mixture of experts, multi-latent attention and multi-token prediction are counted from their
+Megatron-Core fields (``num_moe_experts``, ``moe_router_topk``, ``moe_ffn_hidden_size``,
+``moe_shared_expert_intermediate_size``, ``moe_shared_expert_gate``, ``moe_layer_freq``;
+``multi_latent_attention``, ``q_lora_rank``, ``kv_lora_rank``, ``qk_head_dim``,
+``qk_pos_emb_head_dim``, ``v_head_dim``; ``mtp_num_layers``). There are no bridges for those
+families yet, so ``attrs_from_hf_config`` maps an HF config of a family in ``HF_MODEL_TYPES``
+(qwen3_moe, qwen2_moe, mixtral, deepseek_v2, deepseek_v3, kimi_k2) to those fields. They add the
+components ``router`` (router logits H x E, and Qwen2-MoE's H x 1 shared-expert gate),
+``routed_experts`` (top-k experts per token), ``shared_experts`` and ``mtp`` (per MTP layer:
+eh_proj 2H -> H, one transformer layer, the shared output head's logits), each only for models
+that have it, so a dense model's report is unchanged.
+
 Extending: the model is described per layer (``_layer_plan``: which token mixer and which MLP
 each layer has); ``_layer_forward`` gives one layer's FLOPs per component and ``_params`` the
 parameters. MoE, MLA, MTP and linear-attention / SSM blocks are further layer kinds with their
@@ -52,11 +64,16 @@ from typing import Any
 
 from bridges.core.config import ConfigError
 
-__all__ = ["COMPONENTS", "FlopsError", "FlopsReport", "Params", "Term", "UNSUPPORTED",
-           "attention_pairs", "model_attrs", "parameter_counts", "training_flops"]
+__all__ = ["ALL_COMPONENTS", "COMPONENTS", "FlopsError", "FlopsReport", "HF_MODEL_TYPES",
+           "Params", "Term", "UNSUPPORTED", "attention_pairs", "attrs_from_hf_config",
+           "model_attrs", "parameter_counts", "training_flops"]
 
+# The components of a dense model; MoE and MTP models have more (ALL_COMPONENTS, in report order).
 COMPONENTS = ("embedding", "qkv_projection", "core_attention", "attention_output_projection",
               "mlp", "logits")
+ALL_COMPONENTS = ("embedding", "qkv_projection", "core_attention", "attention_output_projection",
+                  "mlp", "router", "routed_experts", "shared_experts", "logits", "mtp")
+_MOE_COMPONENTS = ("router", "routed_experts", "shared_experts")
 RECOMPUTE = (None, "selective", "full")
 
 
@@ -71,18 +88,14 @@ def _set(v: Any) -> bool:
     return v not in (None, False, 0, "", (), [])
 
 
+_HF = " (an HF field: pass the HF config through attrs_from_hf_config)"
 UNSUPPORTED: tuple[tuple[str, str, Any], ...] = (
-    ("num_moe_experts", "mixture of experts (routed experts, router)", _set),
-    ("moe_ffn_hidden_size", "mixture of experts (expert FFN size)", _set),
-    ("moe_shared_expert_intermediate_size", "mixture of experts (shared experts)", _set),
-    ("num_experts", "mixture of experts", _set),
-    ("num_local_experts", "mixture of experts", _set),
-    ("n_routed_experts", "mixture of experts", _set),
-    ("multi_latent_attention", "multi-latent attention (MLA)", _set),
-    ("q_lora_rank", "multi-latent attention (MLA, q LoRA)", _set),
-    ("kv_lora_rank", "multi-latent attention (MLA)", _set),
-    ("mtp_num_layers", "multi-token prediction heads (MTP)", _set),
-    ("num_nextn_predict_layers", "multi-token prediction heads (MTP)", _set),
+    ("num_experts", "mixture of experts" + _HF, _set),
+    ("num_local_experts", "mixture of experts" + _HF, _set),
+    ("n_routed_experts", "mixture of experts" + _HF, _set),
+    ("num_nextn_predict_layers", "multi-token prediction heads (MTP)" + _HF, _set),
+    ("moe_pad_expert_input_to_capacity", "MoE expert inputs padded to capacity", _set),
+    ("moe_latent_size", "MoE latent projection", _set),
     ("experimental_attention_variant", "linear / sparse attention (e.g. gated delta net, DSA)", _set),
     ("linear_attention_freq", "linear attention layers (e.g. gated delta net)", _set),
     ("is_hybrid_model", "hybrid SSM model (Mamba-2 layers)", _set),
@@ -122,6 +135,97 @@ def model_attrs(model: Any) -> dict[str, Any]:
                     f"{type(model).__name__}")
 
 
+# -- HF configs of families without a bridge -------------------------------------------------
+HF_MODEL_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3", "kimi_k2")
+_DEEPSEEK = ("deepseek_v2", "deepseek_v3", "kimi_k2")
+
+
+def attrs_from_hf_config(config: Any) -> dict[str, Any]:
+    """The calculator's (Megatron-Core) attributes for an HF config of a family in
+    ``HF_MODEL_TYPES`` (a dict, or a path to a config.json / a directory holding one).
+
+    Layer patterns follow the HF modelling code: Qwen MoE layer i is MoE unless i is in
+    ``mlp_only_layers``, and when (i + 1) % ``decoder_sparse_step`` == 0; DeepSeek layer i is MoE
+    when i >= ``first_k_dense_replace`` and i % ``moe_layer_freq`` == 0; Mixtral is MoE in every
+    layer. Raises ``FlopsError`` for what is not counted (sliding windows, non-full
+    ``layer_types``, MLA biases, DeepSeek-V3.2's indexer).
+    """
+    if not isinstance(config, Mapping):
+        import json
+        from pathlib import Path
+
+        path = Path(config)
+        config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+    c = dict(config)
+    mt = c.get("model_type")
+    if mt not in HF_MODEL_TYPES:
+        raise FlopsError(f"model_type={mt!r} is not an HF family the calculator maps directly "
+                         f"({', '.join(HF_MODEL_TYPES)}); dense models go through their bridge")
+
+    def need(name: str) -> Any:
+        if c.get(name) is None:
+            raise FlopsError(f"{mt} config field {name} is required to count FLOPs but is missing")
+        return c[name]
+
+    layer_types = c.get("layer_types")
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        raise FlopsError(f"config field layer_types={layer_types!r} has layers other than full "
+                         f"attention, which the FLOPs calculator does not count yet")
+    windowed = c.get("use_sliding_window") if mt in ("qwen3_moe", "qwen2_moe") \
+        else c.get("sliding_window")
+    if windowed:
+        raise FlopsError(f"config field {'use_sliding_window' if mt != 'mixtral' else 'sliding_window'}"
+                         f"={windowed!r}: sliding-window layers in MoE models are not counted yet")
+    for name in ("index_n_heads", "index_topk", "index_head_dim"):
+        if _set(c.get(name)):
+            raise FlopsError(f"config field {name} turns on a sparse-attention indexer (DSA), which "
+                             f"the FLOPs calculator does not count yet")
+    n, h = int(need("num_hidden_layers")), int(need("hidden_size"))
+    heads = int(need("num_attention_heads"))
+    a: dict[str, Any] = dict(
+        num_layers=n, hidden_size=h, num_attention_heads=heads,
+        num_query_groups=int(c.get("num_key_value_heads") or heads),
+        kv_channels=int(c.get("head_dim") or h // heads), vocab_size=int(need("vocab_size")),
+        ffn_hidden_size=int(need("intermediate_size")), gated_linear_unit=True,
+        add_bias_linear=False, add_qkv_bias=False, normalization="RMSNorm",
+        position_embedding_type="rope", share_embeddings_and_output_weights=bool(
+            c.get("tie_word_embeddings", False)), qk_layernorm=False)
+    if mt in ("qwen3_moe", "qwen2_moe"):
+        step, dense = int(c.get("decoder_sparse_step") or 1), set(c.get("mlp_only_layers") or [])
+        a.update(num_moe_experts=int(need("num_experts")),
+                 moe_router_topk=int(need("num_experts_per_tok")),
+                 moe_ffn_hidden_size=int(need("moe_intermediate_size")),
+                 moe_layer_freq=[int(i not in dense and (i + 1) % step == 0) for i in range(n)])
+        if mt == "qwen3_moe":
+            a.update(qk_layernorm=True, add_qkv_bias=bool(c.get("attention_bias", False)))
+        else:
+            a["add_qkv_bias"] = bool(c.get("qkv_bias", True))  # Qwen2's q/k/v biases
+            shared = int(c.get("shared_expert_intermediate_size") or 0)
+            if shared:
+                a.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=True)
+    elif mt == "mixtral":
+        a.update(num_moe_experts=int(need("num_local_experts")),
+                 moe_router_topk=int(need("num_experts_per_tok")),
+                 moe_ffn_hidden_size=a["ffn_hidden_size"], moe_layer_freq=1)
+    else:  # DeepSeek-V2 / V3, Kimi-K2
+        if c.get("attention_bias"):
+            raise FlopsError("config field attention_bias=True: MLA biases are not counted yet")
+        first, freq = int(c.get("first_k_dense_replace") or 0), int(c.get("moe_layer_freq") or 1)
+        moe_ffn = int(need("moe_intermediate_size"))
+        a.update(multi_latent_attention=True, qk_layernorm=True,
+                 q_lora_rank=c.get("q_lora_rank") or None, kv_lora_rank=int(need("kv_lora_rank")),
+                 qk_head_dim=int(need("qk_nope_head_dim")),
+                 qk_pos_emb_head_dim=int(need("qk_rope_head_dim")),
+                 v_head_dim=int(need("v_head_dim")),
+                 num_moe_experts=int(need("n_routed_experts")),
+                 moe_router_topk=int(need("num_experts_per_tok")), moe_ffn_hidden_size=moe_ffn,
+                 moe_shared_expert_intermediate_size=int(c.get("n_shared_experts") or 0) * moe_ffn
+                 or None,
+                 moe_layer_freq=[int(i >= first and i % freq == 0) for i in range(n)],
+                 mtp_num_layers=int(c.get("num_nextn_predict_layers") or 0) or None)
+    return a
+
+
 @dataclass(frozen=True)
 class _Arch:
     num_layers: int
@@ -142,6 +246,81 @@ class _Arch:
     max_sequence_length: int | None
     window_size: tuple[int, int] | None
     window_attn_skip_freq: int | list | None
+    moe: _MoE | None = None
+    moe_layers: tuple[bool, ...] = ()  # per layer: MoE MLP (True) or dense (False)
+    mla: _MLA | None = None
+    mtp_layers: int = 0
+
+
+@dataclass(frozen=True)
+class _MoE:
+    experts: int
+    topk: int
+    ffn: int  # one routed expert's FFN width
+    shared_ffn: int  # all shared experts together (0: none)
+    shared_gate: bool  # Qwen2-MoE: sigmoid(x W), W of H x 1, scales the shared experts
+
+
+@dataclass(frozen=True)
+class _MLA:
+    q_lora_rank: int | None  # None: a plain q projection
+    kv_lora_rank: int
+    nope: int  # qk_head_dim (Megatron) / qk_nope_head_dim (HF)
+    rope: int  # qk_pos_emb_head_dim / qk_rope_head_dim
+    v: int
+
+
+def _int(a: Mapping[str, Any], name: str, why: str) -> int:
+    if a.get(name) in (None, ""):
+        raise FlopsError(f"config field {name} is required for {why} but is missing")
+    return int(a[name])
+
+
+def _moe(a: Mapping[str, Any], num_layers: int, ffn: int) -> tuple[_MoE | None, tuple[bool, ...]]:
+    experts = a.get("num_moe_experts")
+    if not experts:
+        for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
+                     "moe_shared_expert_gate"):
+            if _set(a.get(name)):
+                raise FlopsError(f"config field {name}={a[name]!r} is set but num_moe_experts is "
+                                 f"not: no MoE layer would use it")
+        return None, (False,) * num_layers
+    experts, topk = int(experts), int(a.get("moe_router_topk") or 2)
+    if not 1 <= topk <= experts:
+        raise FlopsError(f"moe_router_topk={topk} must be in 1..num_moe_experts={experts}")
+    shared = int(a.get("moe_shared_expert_intermediate_size") or 0)
+    gate = bool(a.get("moe_shared_expert_gate"))
+    if gate and not shared:
+        raise FlopsError("moe_shared_expert_gate is set without shared experts "
+                         "(moe_shared_expert_intermediate_size)")
+    freq = a.get("moe_layer_freq", 1)
+    if isinstance(freq, int) and not isinstance(freq, bool) and freq >= 1:
+        pattern = tuple(i % freq == 0 for i in range(num_layers))  # Megatron: layer 0 is MoE
+    elif isinstance(freq, (list, tuple)) and len(freq) == num_layers and set(freq) <= {0, 1}:
+        pattern = tuple(bool(x) for x in freq)
+    else:
+        raise FlopsError(f"moe_layer_freq={freq!r}: expected an int >= 1 or a list of {num_layers} "
+                         f"0/1 entries (a string pattern is not evaluated)")
+    return _MoE(experts, topk, int(a.get("moe_ffn_hidden_size") or ffn), shared, gate), pattern
+
+
+def _mla(a: Mapping[str, Any], has_q_lora_field: bool) -> _MLA | None:
+    if not a.get("multi_latent_attention"):
+        for name in ("q_lora_rank", "kv_lora_rank"):
+            if _set(a.get(name)):
+                raise FlopsError(f"config field {name}={a[name]!r} is set but "
+                                 f"multi_latent_attention is not")
+        return None
+    why = "multi-latent attention"
+    if not has_q_lora_field:
+        raise FlopsError("config field q_lora_rank is required for multi-latent attention "
+                         "(None: no q LoRA) but is missing")
+    if a.get("add_qkv_bias") or a.get("add_bias_linear"):
+        raise FlopsError("biases in multi-latent attention (add_qkv_bias / add_bias_linear) are "
+                         "not counted yet")
+    q = a.get("q_lora_rank")
+    return _MLA(int(q) if q else None, _int(a, "kv_lora_rank", why), _int(a, "qk_head_dim", why),
+                _int(a, "qk_pos_emb_head_dim", why), _int(a, "v_head_dim", why))
 
 
 def _arch(attrs: Mapping[str, Any]) -> _Arch:
@@ -166,14 +345,22 @@ def _arch(attrs: Mapping[str, Any]) -> _Arch:
         window = (int(window[0]), int(window[1]))
         if any(w < -1 for w in window):
             raise FlopsError(f"window_size={window} is not a valid (left, right) window")
-    return _Arch(num_layers=int(a["num_layers"]), hidden=h, ffn=int(a.get("ffn_hidden_size") or 4 * h),
-                 heads=heads, groups=groups, qk_head_dim=kv, v_head_dim=kv,
+    num_layers, ffn = int(a["num_layers"]), int(a.get("ffn_hidden_size") or 4 * h)
+    moe, moe_layers = _moe(a, num_layers, ffn)
+    mla = _mla(a, "q_lora_rank" in attrs)
+    qk_dim, v_dim = (mla.nope + mla.rope, mla.v) if mla else (kv, kv)
+    mtp = int(a.get("mtp_num_layers") or 0)
+    if mtp < 0:
+        raise FlopsError(f"mtp_num_layers={mtp} must be >= 0")
+    return _Arch(num_layers=num_layers, hidden=h, ffn=ffn,
+                 heads=heads, groups=groups, qk_head_dim=qk_dim, v_head_dim=v_dim,
                  vocab=int(a["vocab_size"]), tied=bool(a["share_embeddings_and_output_weights"]),
                  gated=bool(a["gated_linear_unit"]), qkv_bias=bool(a["add_qkv_bias"]),
                  linear_bias=bool(a["add_bias_linear"]), qk_norm=bool(a["qk_layernorm"]),
                  norm_params=norm, position_embedding_type=str(a["position_embedding_type"]),
                  max_sequence_length=a["max_sequence_length"], window_size=window,
-                 window_attn_skip_freq=a["window_attn_skip_freq"])
+                 window_attn_skip_freq=a["window_attn_skip_freq"], moe=moe,
+                 moe_layers=moe_layers, mla=mla, mtp_layers=mtp)
 
 
 @dataclass(frozen=True)
@@ -199,7 +386,9 @@ def _layer_plan(arch: _Arch) -> list[_Layer]:
     for number in range(1, arch.num_layers + 1):
         windowed = arch.window_size is not None and (
             skip is None or (number % skip != 0 if isinstance(skip, int) else bool(skip[number - 1])))
-        plan.append(_Layer(window=arch.window_size if windowed else None))
+        plan.append(_Layer(mixer="mla" if arch.mla else "attention",
+                           window=arch.window_size if windowed else None,
+                           mlp="moe" if arch.moe_layers[number - 1] else "dense"))
     return plan
 
 
@@ -239,20 +428,45 @@ def _qkv_width(a: _Arch) -> int:
     return a.heads * a.qk_head_dim + a.groups * (a.qk_head_dim + a.v_head_dim)
 
 
+def _qkv_weights(a: _Arch) -> int:
+    """Weights of the projections from the hidden state to Q, K and V (each used once a token)."""
+    m = a.mla
+    if m is None:
+        return a.hidden * _qkv_width(a)
+    n, h, qk = a.heads, a.hidden, m.nope + m.rope
+    # q: q_a [h -> q_lora] then q_b [q_lora -> n (nope + rope)], or q_proj [h -> n (nope + rope)]
+    q = h * m.q_lora_rank + m.q_lora_rank * n * qk if m.q_lora_rank else h * n * qk
+    # kv_a [h -> kv_lora + rope] (the rope part is the shared k_pe), kv_b [kv_lora -> n (nope + v)]
+    return q + h * (m.kv_lora_rank + m.rope) + m.kv_lora_rank * n * (m.nope + m.v)
+
+
+def _mlp_weights(h: int, f: int, gated: bool) -> int:
+    return h * f * (2 if gated else 1) + f * h  # gated: gate and up projections, fused in fc1
+
+
 def _layer_forward(a: _Arch, layer: _Layer, b: _Batch) -> dict[str, int]:
     """Forward FLOPs of one layer, per component (2 per multiply-add)."""
-    if layer.mixer != "attention" or layer.mlp != "dense":
+    if layer.mixer not in ("attention", "mla") or layer.mlp not in ("dense", "moe"):
         raise FlopsError(f"layer kind {layer} has no FLOPs term")
     t = b.tokens
     pairs = b.batch_size * sum(attention_pairs(s, b.causal, layer.window) for s in b.seq_lens)
-    mlp_in = a.ffn * (2 if a.gated else 1)  # gated: gate and up projections, fused in fc1
-    return {
-        "qkv_projection": 2 * t * a.hidden * _qkv_width(a),
+    out = {
+        "qkv_projection": 2 * t * _qkv_weights(a),
         # QK^T (qk_head_dim per pair) and softmax x V (v_head_dim per pair), every query head
         "core_attention": 2 * pairs * a.heads * (a.qk_head_dim + a.v_head_dim),
         "attention_output_projection": 2 * t * a.heads * a.v_head_dim * a.hidden,
-        "mlp": 2 * t * a.hidden * mlp_in + 2 * t * a.ffn * a.hidden,
     }
+    if layer.mlp == "dense":
+        out["mlp"] = 2 * t * _mlp_weights(a.hidden, a.ffn, a.gated)
+        return out
+    m = a.moe
+    # router logits h -> E for every token; Qwen2-MoE's shared-expert gate h -> 1
+    out["router"] = 2 * t * a.hidden * (m.experts + (1 if m.shared_gate else 0))
+    # every token runs through top-k experts (no token dropped, no padding to capacity)
+    out["routed_experts"] = 2 * t * m.topk * _mlp_weights(a.hidden, m.ffn, a.gated)
+    if m.shared_ffn:
+        out["shared_experts"] = 2 * t * _mlp_weights(a.hidden, m.shared_ffn, a.gated)
+    return out
 
 
 @dataclass(frozen=True)
@@ -273,7 +487,10 @@ class Params:
     """Parameter counts from the same attributes (vocabulary unpadded, tied weights once).
 
     ``active``: parameters a token passes through; equal to ``total`` for dense models (the
-    input embedding counts, as published counts do). ``non_embedding``: without the input
+    input embedding counts, as published counts do); in an MoE layer the router, the shared
+    experts and top-k of the routed experts. MTP layers count in ``total`` and ``active``
+    (sharing the model's embedding and output head, as in Megatron-Core); ``main`` and
+    ``main_active`` leave them out. ``non_embedding``: without the input
     embedding and the untied output projection (the figure Qwen's model cards publish).
     """
     total: int
@@ -281,10 +498,21 @@ class Params:
     embedding: int
     output: int
     by_component: dict[str, int] = field(default_factory=dict)
+    mtp_active: int = 0
 
     @property
     def non_embedding(self) -> int:
         return self.total - self.embedding - self.output
+
+    @property
+    def main(self) -> int:
+        """Without the MTP layers (DeepSeek-V3's published 671 B)."""
+        return self.total - self.by_component.get("mtp", 0)
+
+    @property
+    def main_active(self) -> int:
+        """Active parameters without the MTP layers (DeepSeek-V3's published 37 B)."""
+        return self.active - self.mtp_active
 
 
 @dataclass(frozen=True)
@@ -341,7 +569,9 @@ class FlopsReport:
                 "params": {"total": self.params.total, "active": self.params.active,
                            "embedding": self.params.embedding, "output": self.params.output,
                            "non_embedding": self.params.non_embedding,
-                           "by_component": dict(self.params.by_component)}}
+                           "by_component": dict(self.params.by_component),
+                           **({"main": self.params.main, "main_active": self.params.main_active}
+                              if "mtp" in self.params.by_component else {})}}
 
 
 # -- entry points --------------------------------------------------------------------------
@@ -361,18 +591,30 @@ def training_flops(model: Any, seq_len: int | Sequence[int] = 4096, batch_size: 
     attrs = model_attrs(model)
     a = _arch(attrs)
     batch = _Batch(seqs, int(batch_size), bool(causal))
-    layer_fwd = {n: 0 for n in COMPONENTS}
-    for layer in _layer_plan(a):
+    names = [n for n in ALL_COMPONENTS if n in COMPONENTS
+             or (n in _MOE_COMPONENTS and a.moe and (n != "shared_experts" or a.moe.shared_ffn))
+             or (n == "mtp" and a.mtp_layers)]
+    fwd = {n: 0 for n in names}
+    plan = _layer_plan(a)
+    for layer in plan:
         for name, flops in _layer_forward(a, layer, batch).items():
-            layer_fwd[name] += flops
-    layer_fwd["logits"] = 2 * batch.tokens * a.hidden * a.vocab
-    terms = []
-    for name in COMPONENTS:
-        fwd = layer_fwd[name]
-        again = (recompute == "full" and name not in ("embedding", "logits")
-                 or recompute == "selective" and name == "core_attention")
-        terms.append(Term(name, fwd, 2 * fwd, fwd if again else 0))
-    return FlopsReport(tuple(terms), _params(a), seqs, batch.batch_size, batch.causal, recompute)
+            fwd[name] += flops
+    logits = 2 * batch.tokens * a.hidden * a.vocab
+    fwd["logits"] = logits
+    again = {n: fwd[n] if (recompute == "full" and n not in ("embedding", "logits")
+                           or recompute == "selective" and n == "core_attention") else 0
+             for n in names}
+    if a.mtp_layers:
+        # per MTP layer: eh_proj [2h -> h] on the concatenated (normed) hidden state and embedding
+        # of the shifted tokens, one transformer layer (the kind of the last decoder layer, as
+        # Megatron-Core builds it), and the logits of the shared output head
+        layer = _layer_forward(a, plan[-1], batch)
+        body = 2 * batch.tokens * 2 * a.hidden * a.hidden + sum(layer.values())
+        fwd["mtp"] = a.mtp_layers * (body + logits)
+        again["mtp"] = a.mtp_layers * (body if recompute == "full" else
+                                       layer["core_attention"] if recompute == "selective" else 0)
+    terms = tuple(Term(n, fwd[n], 2 * fwd[n], again[n]) for n in names)
+    return FlopsReport(terms, _params(a), seqs, batch.batch_size, batch.causal, recompute)
 
 
 def parameter_counts(model: Any) -> Params:
@@ -380,14 +622,35 @@ def parameter_counts(model: Any) -> Params:
     return _params(_arch(model_attrs(model)))
 
 
-def _params(a: _Arch) -> Params:
-    h, n = a.hidden, a.num_layers
+def _layer_params(a: _Arch, moe: bool) -> tuple[dict[str, int], int]:
+    """One layer's parameters by component, and how many of them a token does not use."""
+    h, npar = a.hidden, a.norm_params
     bias = a.qkv_bias or a.linear_bias
-    attn = h * _qkv_width(a) + (_qkv_width(a) if bias else 0) \
+    attn = _qkv_weights(a) + (_qkv_width(a) if bias and not a.mla else 0) \
         + a.heads * a.v_head_dim * h + (h if a.linear_bias else 0)
-    mlp_in = a.ffn * (2 if a.gated else 1)
-    mlp = h * mlp_in + a.ffn * h + ((mlp_in + h) if a.linear_bias else 0)
-    norms = 2 * a.norm_params * h + (2 * a.norm_params * a.qk_head_dim if a.qk_norm else 0)
+    if a.mla:  # RMSNorms on the latents: q_a's output (with q LoRA) and kv_a's compressed kv
+        qk_norms = npar * ((a.mla.q_lora_rank or 0) + a.mla.kv_lora_rank) if a.qk_norm else 0
+    else:
+        qk_norms = 2 * npar * a.qk_head_dim if a.qk_norm else 0
+    out = {"attention": attn, "norms": 2 * npar * h + qk_norms}
+
+    def mlp(f: int) -> int:
+        f_in = f * (2 if a.gated else 1)
+        return _mlp_weights(h, f, a.gated) + ((f_in + h) if a.linear_bias else 0)
+
+    if not moe:
+        out["mlp"] = mlp(a.ffn)
+        return out, 0
+    m = a.moe
+    out["router"] = h * m.experts + (h if m.shared_gate else 0)
+    out["routed_experts"] = m.experts * mlp(m.ffn)
+    if m.shared_ffn:
+        out["shared_experts"] = mlp(m.shared_ffn)
+    return out, (m.experts - m.topk) * mlp(m.ffn)
+
+
+def _params(a: _Arch) -> Params:
+    h = a.hidden
     embedding = a.vocab * h
     output = 0 if a.tied else a.vocab * h
     if a.position_embedding_type == "learned_absolute":
@@ -398,7 +661,27 @@ def _params(a: _Arch) -> Params:
         positions = int(a.max_sequence_length) * h
     else:
         positions = 0
-    by = {"embedding": embedding, "position_embedding": positions, "attention": n * attn,
-          "mlp": n * mlp, "norms": n * norms + a.norm_params * h, "output": output}
+    layers: dict[str, int] = {}
+    inactive = 0
+    for is_moe in a.moe_layers:
+        counts, unused = _layer_params(a, is_moe)
+        inactive += unused
+        for k, v in counts.items():
+            layers[k] = layers.get(k, 0) + v
+    by = {"embedding": embedding, "position_embedding": positions,
+          "attention": layers["attention"], "mlp": layers.get("mlp", 0)}
+    if a.moe:
+        by.update({k: layers[k] for k in _MOE_COMPONENTS if k in layers})
+    by.update(norms=layers["norms"] + a.norm_params * h, output=output)
+    mtp_total = mtp_active = 0
+    if a.mtp_layers:
+        # per MTP layer (Megatron-Core's MultiTokenPredictionLayer): enorm, hnorm, eh_proj 2h x h,
+        # one transformer layer, a final norm; embedding and output head shared with the model
+        counts, unused = _layer_params(a, a.moe_layers[-1])
+        one = 3 * a.norm_params * h + 2 * h * h + sum(counts.values())
+        mtp_total, mtp_active = a.mtp_layers * one, a.mtp_layers * (one - unused)
+        by["mtp"] = mtp_total
     total = sum(by.values())
-    return Params(total=total, active=total, embedding=embedding, output=output, by_component=by)
+    active = total - inactive - (mtp_total - mtp_active)
+    return Params(total=total, active=active, embedding=embedding, output=output,
+                  by_component=by, mtp_active=mtp_active)

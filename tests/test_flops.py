@@ -14,10 +14,11 @@ import pytest
 import torch
 
 from bridges import AutoBridge, ConfigError
-from bridges.flops import (COMPONENTS, FlopsError, attention_pairs, parameter_counts,
-                           training_flops)
+from bridges.flops import (COMPONENTS, FlopsError, attention_pairs, attrs_from_hf_config,
+                           parameter_counts, training_flops)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "fixtures" / "configs"
+HF_DATA = Path(__file__).resolve().parent / "data" / "flops"  # provenance: its README.md
 LLAMA31_8B = "meta-llama/Llama-3.1-8B"
 MISTRAL_7B = "mistralai/Mistral-7B-v0.1"
 LINEAR = ("qkv_projection", "attention_output_projection", "mlp", "logits")
@@ -165,10 +166,12 @@ def test_varlen_batches_sum_attention_per_sequence():
 
 # -- unsupported configs raise ---------------------------------------------------------------
 @pytest.mark.parametrize("field,value", [
-    ("num_moe_experts", 64), ("moe_shared_expert_intermediate_size", 1408),
-    ("moe_ffn_hidden_size", 1408), ("num_experts", 128), ("n_routed_experts", 256),
-    ("multi_latent_attention", True), ("q_lora_rank", 1536), ("kv_lora_rank", 512),
-    ("mtp_num_layers", 1), ("num_nextn_predict_layers", 1),
+    # Megatron MoE / MLA fields without the field that turns the block on
+    ("moe_shared_expert_intermediate_size", 1408), ("moe_ffn_hidden_size", 1408),
+    ("moe_shared_expert_gate", True), ("q_lora_rank", 1536), ("kv_lora_rank", 512),
+    # HF spellings in a Megatron dict (HF configs go through attrs_from_hf_config)
+    ("num_experts", 128), ("n_routed_experts", 256), ("num_local_experts", 8),
+    ("num_nextn_predict_layers", 1), ("moe_pad_expert_input_to_capacity", True),
     ("experimental_attention_variant", "gated_delta_net"), ("linear_attention_freq", 4),
     ("is_hybrid_model", True), ("hybrid_override_pattern", "M-M*-"), ("mamba_num_heads", 64),
     ("heterogeneous_block_specs", True), ("attention_output_gate", True),
@@ -340,3 +343,226 @@ def test_independent_count_by_torch_flop_counter_on_the_hf_model():
     r = training_flops(AutoBridge.from_hf_config(cfg.to_dict()), seq_len=10, batch_size=3,
                        causal=False)
     assert (forward, counter.get_total_flops()) == (r.forward, r.total) == (5_041_920, 15_125_760)
+
+
+# -- MoE, MLA, MTP: each term by hand -----------------------------------------------------------
+# TINY with 4 routed experts of width 40 (top-2), a shared expert of 48 with Qwen2-MoE's sigmoid
+# gate, and layer 0 dense (DeepSeek's first_k_dense_replace = 1): Megatron's moe_layer_freq list.
+TINY_MOE = {**TINY, "num_moe_experts": 4, "moe_router_topk": 2, "moe_ffn_hidden_size": 40,
+            "moe_shared_expert_intermediate_size": 48, "moe_shared_expert_gate": True,
+            "moe_layer_freq": [0, 1]}
+
+
+def test_moe_terms_match_their_closed_form():
+    r = training_flops(TINY_MOE, seq_len=10, batch_size=3)  # 30 tokens
+    dense = training_flops(TINY, seq_len=10, batch_size=3)
+    fwd = {t.name: t.forward for t in r.terms}
+    assert list(fwd) == ["embedding", "qkv_projection", "core_attention",
+                         "attention_output_projection", "mlp", "router", "routed_experts",
+                         "shared_experts", "logits"]
+    for name in ("qkv_projection", "core_attention", "attention_output_projection", "logits"):
+        assert fwd[name] == dense.term(name).forward
+    # the dense first layer: 2*30*(64*2*96 + 96*64), exactly half of TINY's two dense layers
+    assert fwd["mlp"] == 1_105_920 == dense.term("mlp").forward // 2
+    # router 64 -> 4 experts plus the 64 -> 1 shared-expert gate: 2*30*64*(4+1)
+    assert fwd["router"] == 19_200
+    # top-2 experts of width 40, gated (3 matmuls): 2*30*2*(64*80 + 40*64)
+    assert fwd["routed_experts"] == 921_600
+    # the shared expert of width 48: 2*30*(64*96 + 48*64)
+    assert fwd["shared_experts"] == 552_960
+    assert all(t.backward == 2 * t.forward for t in r.terms)
+    p = r.params
+    # MoE layer: router 64*4 + gate 64, 4 experts of 3*64*40, shared 3*64*48; it replaces
+    # one dense MLP of 3*64*96
+    assert p.by_component["router"] == 320 and p.by_component["routed_experts"] == 30_720
+    assert p.by_component["shared_experts"] == 9_216 and p.by_component["mlp"] == 18_432
+    assert p.total == 86_976 - 18_432 + 320 + 30_720 + 9_216 == 108_800
+    assert p.active == p.total - 2 * 7_680 == 93_440  # 2 of the 4 routed experts idle
+
+
+def test_mla_terms_match_their_closed_form():
+    mla = {**TINY, "multi_latent_attention": True, "q_lora_rank": 16, "kv_lora_rank": 8,
+           "qk_head_dim": 6, "qk_pos_emb_head_dim": 2, "v_head_dim": 5, "qk_layernorm": True}
+    r = training_flops(mla, seq_len=10, batch_size=3)
+    # q_a 64*16 + q_b 16*4*(6+2) + kv_a 64*(8+2) + kv_b 8*4*(6+5) = 2528 weights; 2 layers
+    assert r.term("qkv_projection").forward == 2 * 30 * 2528 * 2 == 303_360
+    # 165 causal pairs, 4 heads, QK over 6+2, AV over 5: 2*165*4*(8+5) * 2 layers
+    assert r.term("core_attention").forward == 34_320
+    assert r.term("attention_output_projection").forward == 2 * 30 * (4 * 5) * 64 * 2
+    assert r.term("mlp").forward == training_flops(TINY, 10, 3).term("mlp").forward
+    no_lora = training_flops({**mla, "q_lora_rank": None}, seq_len=10, batch_size=3)
+    # q_proj 64*4*8 instead of q_a + q_b
+    assert no_lora.term("qkv_projection").forward == 2 * 30 * (2048 + 640 + 352) * 2
+    # parameters: attention 2528 + o_proj 1280, norms 2*64 + q_a and kv_a latent norms 16 + 8
+    p = parameter_counts(mla)
+    assert p.by_component["attention"] == 2 * 3808 and p.by_component["norms"] == 2 * 152 + 64
+    assert p.total == 86_976 - 2 * (18_432 + 128) + 2 * (3_808 + 152) == 57_776
+    assert parameter_counts({**mla, "q_lora_rank": None}).total == 57_776 + 2 * (2048 - 1536 - 16)
+    with pytest.raises(FlopsError, match="q_lora_rank"):  # None (no LoRA) must be said
+        parameter_counts({k: v for k, v in mla.items() if k != "q_lora_rank"})
+    with pytest.raises(FlopsError, match="kv_lora_rank"):
+        parameter_counts({k: v for k, v in mla.items() if k != "kv_lora_rank"})
+
+
+def test_mtp_terms_match_their_closed_form():
+    r = training_flops({**TINY, "mtp_num_layers": 1}, seq_len=10, batch_size=3)
+    dense = training_flops(TINY, seq_len=10, batch_size=3)
+    assert [t.name for t in r.terms] == list(COMPONENTS) + ["mtp"]
+    # eh_proj 2*30*(2*64)*64 + one layer (half of TINY's two) + logits 2*30*64*101
+    one_layer = (dense.forward - dense.term("logits").forward) // 2
+    assert r.term("mtp").forward == 491_520 + one_layer + 387_840 == 3_154_560
+    assert r.total == dense.total + 3 * 3_154_560
+    # full recompute: the MTP layer and eh_proj again, not its logits; selective: its attention
+    full = training_flops({**TINY, "mtp_num_layers": 1}, 10, 3, recompute="full")
+    assert full.term("mtp").recompute == 491_520 + one_layer
+    sel = training_flops({**TINY, "mtp_num_layers": 1}, 10, 3, recompute="selective")
+    assert sel.term("mtp").recompute == dense.term("core_attention").forward // 2
+    p = parameter_counts({**TINY, "mtp_num_layers": 2})
+    # per MTP layer: enorm, hnorm, final norm (3*64), eh_proj 2*64*64, one layer 36,992
+    assert p.by_component["mtp"] == 2 * (192 + 8_192 + 36_992)
+    assert p.main == 86_976 and p.total == 86_976 + 90_752 and p.active == p.total
+
+
+def test_moe_with_one_expert_equals_the_dense_model_but_the_router():
+    """One expert, top-1, the dense width, no shared expert: every token runs the same MLP, so
+    the step differs from the dense model's only by the router's h x 1 matmul (2 T h forward per
+    layer) and the parameters by its h weights per layer."""
+    one = {**TINY, "num_moe_experts": 1, "moe_router_topk": 1, "moe_ffn_hidden_size": 96}
+    r, d = training_flops(one, 10, 3), training_flops(TINY, 10, 3)
+    assert r.term("routed_experts").forward == d.term("mlp").forward and r.term("mlp").forward == 0
+    assert r.term("router").forward == 2 * 30 * 64 * 2
+    assert r.total - r.step("router") == d.total
+    assert parameter_counts(one).total == parameter_counts(TINY).total + 2 * 64
+    assert parameter_counts(one).active == parameter_counts(one).total
+
+
+def test_dense_first_layers_are_counted_as_dense():
+    r = training_flops({**TINY_MOE, "moe_layer_freq": [0, 0]}, 10, 3)
+    assert r.term("routed_experts").forward == r.term("router").forward == 0
+    assert r.total == training_flops(TINY, 10, 3).total
+    # Megatron's int frequency: layer i is MoE when i % freq == 0 (layer 0 of 2 with freq 2)
+    # Megatron's int frequency: layer i is MoE when i % freq == 0, so freq 2 makes layer 0 MoE
+    # and layer 1 dense: the same counts as [0, 1]
+    flipped = training_flops({**TINY_MOE, "moe_layer_freq": 2}, 10, 3)
+    assert flipped.as_dict() == training_flops(TINY_MOE, 10, 3).as_dict()
+    with pytest.raises(FlopsError, match="moe_layer_freq"):
+        training_flops({**TINY_MOE, "moe_layer_freq": "([0]+[1]*1)"}, 10)
+
+
+# -- HF configs of MoE / MLA families ----------------------------------------------------------
+def _hf(model_type, **kw):
+    base = dict(model_type=model_type, num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
+                num_key_value_heads=2, vocab_size=101, intermediate_size=96,
+                tie_word_embeddings=False)
+    return {**base, **kw}
+
+
+def test_hf_layer_patterns():
+    q = attrs_from_hf_config(_hf("qwen2_moe", num_experts=4, num_experts_per_tok=2,
+                                 moe_intermediate_size=40, shared_expert_intermediate_size=48,
+                                 decoder_sparse_step=2, mlp_only_layers=[3]))
+    assert q["moe_layer_freq"] == [0, 1, 0, 0]  # (i+1) % 2 == 0, and not layer 3
+    assert q["moe_shared_expert_gate"] and q["add_qkv_bias"] and not q["qk_layernorm"]
+    ds = attrs_from_hf_config(_hf(
+        "deepseek_v3", n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+        n_shared_experts=2, first_k_dense_replace=1, moe_layer_freq=1, q_lora_rank=16,
+        kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=2, v_head_dim=5,
+        num_nextn_predict_layers=1))
+    assert ds["moe_layer_freq"] == [0, 1, 1, 1] and ds["moe_shared_expert_intermediate_size"] == 80
+    assert ds["mtp_num_layers"] == 1 and ds["multi_latent_attention"]
+    r = training_flops(ds, 10)
+    # the MTP layer is built like the last decoder layer: MoE here
+    dense_first = training_flops({**ds, "mtp_num_layers": None}, 10)
+    assert r.term("mtp").forward > 0 and dense_first.term("mlp").forward == 2 * 10 * 3 * 64 * 96
+    mix = attrs_from_hf_config(_hf("mixtral", num_local_experts=8, num_experts_per_tok=2))
+    assert mix["moe_layer_freq"] == 1 and mix["moe_ffn_hidden_size"] == 96
+
+
+@pytest.mark.parametrize("cfg,field", [
+    (_hf("qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+         use_sliding_window=True, sliding_window=8), "use_sliding_window"),
+    (_hf("mixtral", num_local_experts=8, num_experts_per_tok=2, sliding_window=4096),
+     "sliding_window"),
+    (_hf("qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+         layer_types=["full_attention", "linear_attention"] * 2), "layer_types"),
+    (_hf("deepseek_v3", attention_bias=True), "attention_bias"),
+    (_hf("deepseek_v3", index_n_heads=64), "index_n_heads"),
+    (_hf("qwen3_next"), "model_type"),
+    (_hf("mixtral", num_experts_per_tok=2), "num_local_experts"),
+])
+def test_hf_configs_with_uncounted_features_raise(cfg, field):
+    with pytest.raises(FlopsError, match=field):
+        training_flops(attrs_from_hf_config(cfg), 16)
+
+
+# -- published MoE figures ---------------------------------------------------------------------
+def _published(model):
+    return attrs_from_hf_config(HF_DATA / model / "config.json")
+
+
+def test_qwen3_30b_a3b_published_sizes():
+    """Qwen3 technical report (arXiv:2505.09388) and the Qwen3-30B-A3B model card:
+    30.5 B total, 3.3 B activated, 29.9 B non-embedding. Our active count, 3.353 B, is 1.6 %
+    above 3.3 B: the card truncates (3.35 -> 3.3; 30.53 -> 30.5), so it is checked to the
+    figure's precision."""
+    p = parameter_counts(_published("Qwen/Qwen3-30B-A3B"))
+    assert p.total == pytest.approx(30.5e9, rel=0.01)
+    assert p.non_embedding == pytest.approx(29.9e9, rel=0.01)
+    assert 3.3e9 <= p.active < 3.4e9
+    assert (p.total, p.active) == (30_532_122_624, 3_353_032_704)
+
+
+def test_deepseek_v3_published_sizes():
+    """DeepSeek-V3 technical report (arXiv:2412.19437): 671 B total parameters, 37 B activated
+    per token; the hub checkpoint is 685 B = 671 B main model + 14 B MTP module. The 671 B leaves
+    the MTP module out (Params.main). The hub's MTP weights hold their own copy of the embedding
+    and output head (2 V h), which Megatron-Core shares: 11.6 B unique + 1.85 B copies."""
+    p = parameter_counts(_published("deepseek-ai/DeepSeek-V3"))
+    assert p.main == pytest.approx(671e9, rel=0.01)
+    assert p.main + p.by_component["mtp"] + 2 * 129280 * 7168 == pytest.approx(685e9, rel=0.01)
+    assert p.by_component["mtp"] + 2 * 129280 * 7168 == pytest.approx(14e9, rel=0.05)
+    # 37.55 B with the input embedding (+1.5 %), 36.63 B without it (-1.0 %): the report's
+    # "37B" is within its precision either way
+    assert 37e9 <= p.main_active < 38e9
+    assert p.main_active - p.embedding == pytest.approx(37e9, rel=0.011)
+    assert (p.main, p.main_active, p.total) == (671_026_404_352, 37_552_282_624, 682_636_472_320)
+
+
+def test_mixtral_8x7b_published_sizes():
+    """Jiang et al. 2024, "Mixtral of Experts" (arXiv:2401.04088): 47 B parameters (rounded),
+    13 B active; 46.7 B / 12.9 B in the Mixtral announcement (mistral.ai/news/mixtral-of-experts)."""
+    p = parameter_counts(_published("mistralai/Mixtral-8x7B-v0.1"))
+    assert p.total == pytest.approx(46.7e9, rel=0.01)
+    assert p.active == pytest.approx(12.9e9, rel=0.01)
+
+
+# docs/flops.md quotes these (seq 4096, batch 1, training step)
+QWEN3_30B_A3B_STEP = {
+    "embedding": 0, "qkv_projection": 12_369_505_812_480, "core_attention": 19_796_041_138_176,
+    "attention_output_projection": 9_895_604_649_984, "mlp": 0, "router": 309_237_645_312,
+    "routed_experts": 44_530_220_924_928, "logits": 7_647_189_270_528}
+DEEPSEEK_V3_STEP = {
+    "embedding": 0, "qkv_projection": 104_436_961_640_448,
+    "core_attention": 125_787_344_732_160, "attention_output_projection": 176_059_299_397_632,
+    "mlp": 29_222_957_481_984, "router": 2_615_635_083_264,
+    "routed_experts": 502_201_935_986_688, "shared_experts": 62_775_241_998_336,
+    "logits": 22_774_064_087_040, "mtp": 41_745_974_820_864}
+
+
+def test_moe_exact_figures_quoted_in_the_docs():
+    q = training_flops(_published("Qwen/Qwen3-30B-A3B"), 4096)
+    d = training_flops(_published("deepseek-ai/DeepSeek-V3"), 4096)
+    assert {t.name: t.step for t in q.terms} == QWEN3_30B_A3B_STEP
+    assert {t.name: t.step for t in d.terms} == DEEPSEEK_V3_STEP
+
+
+def test_cli_accepts_hf_moe_configs(capsys):
+    from bridges.cli import main
+
+    assert main(["flops", str(HF_DATA / "deepseek-ai/DeepSeek-V3/config.json")]) == 0
+    out = capsys.readouterr().out
+    for row in ("router", "routed_experts", "shared_experts", "mtp"):
+        assert any(line.startswith(row) for line in out.splitlines()), row
+    assert "without MTP: total 671,026,404,352" in out
+    assert main(["flops", str(HF_DATA / "Qwen/Qwen3-30B-A3B")]) == 0  # a directory
+    assert "active 3,353,032,704 (3.35 B)" in capsys.readouterr().out

@@ -5,7 +5,9 @@ HELP = "FLOPs per training step, per component, parameter counts and MFU"
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="org/model (shipped fixture or hub config), a local "
-                                      "directory, or a config.json path")
+                                      "directory, or a config.json path; MoE / MLA families "
+                                      "without a bridge (qwen3_moe, qwen2_moe, mixtral, "
+                                      "deepseek_v2, deepseek_v3, kimi_k2) by path")
     parser.add_argument("--seq-len", type=int, default=4096, metavar="N",
                         help="tokens per sequence (default 4096)")
     parser.add_argument("--batch", type=int, default=1, metavar="B",
@@ -23,14 +25,26 @@ def add_arguments(parser) -> None:
 
 
 def _bridge(name: str):
+    """A bridge, or for an HF config of an MoE / MLA family without one (by path: a config.json
+    or a directory holding one), the calculator's attributes mapped from it."""
+    import json
     from pathlib import Path
 
     from bridges import AutoBridge
+    from bridges.flops import HF_MODEL_TYPES, attrs_from_hf_config
     from conformance.models import resolve
 
     p = Path(name).expanduser()
-    if p.is_file():
-        return AutoBridge.from_hf_config(p)
+    config = p / "config.json" if p.is_dir() else p
+    if config.is_file():
+        try:
+            model_type = json.loads(config.read_text()).get("model_type")
+        except (ValueError, AttributeError):
+            model_type = None
+        if model_type in HF_MODEL_TYPES:
+            return attrs_from_hf_config(config)
+        if p.is_file():
+            return AutoBridge.from_hf_config(p)
     return AutoBridge.from_hf_config(resolve(name).config)
 
 
@@ -71,6 +85,10 @@ def run(args) -> int:
     p = report.params
     print(f"parameters: total {p.total:,} ({p.total / 1e9:.2f} B), active {p.active:,} "
           f"({p.active / 1e9:.2f} B), non-embedding {p.non_embedding:,}")
+    if "mtp" in p.by_component:
+        print(f"without MTP: total {p.main:,} ({p.main / 1e9:.2f} B), active {p.main_active:,} "
+              f"({p.main_active / 1e9:.2f} B); MTP layers {p.by_component['mtp']:,} (sharing the "
+              f"embedding and output head)")
     if args.step_time is not None:
         achieved = report.total / args.step_time
         mfu = report.mfu(args.step_time, args.peak * 1e12 * args.devices)
