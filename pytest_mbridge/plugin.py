@@ -70,10 +70,12 @@ def pytest_configure(config: pytest.Config) -> None:
     MbridgeSnapshot.directory = str(Path(snap).resolve())
     # Only the suite when a model was named and no path was; else the suite beside the user's tests.
     explicit = config.args_source == pytest.Config.ArgsSource.ARGS
+    # The suite's folder is collected (so items read "pytest_mbridge/suite.py::..."), and
+    # pytest_collect_file picks the suite module out of it.
     if config.getoption("mbridge_model") and not explicit:
-        config.args[:] = [str(SUITE)]
-    elif str(SUITE) not in config.args:
-        config.args.append(str(SUITE))
+        config.args[:] = [str(SUITE.parent)]
+    elif str(SUITE.parent) not in config.args:
+        config.args.append(str(SUITE.parent))
     # Keep the items of one model x layout on one xdist worker: one conversion serves them all.
     if getattr(config.option, "dist", "no") == "load":
         config.option.dist = "loadgroup"
@@ -84,6 +86,12 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError("--run-gpu: no CUDA device is visible (torch.cuda.is_available() is False)")
     config._mbridge_rows = []  # type: ignore[attr-defined]
     _models(config)  # resolve now: a bad model name is a usage error, not a collection error
+
+
+def pytest_collect_file(file_path: Path, parent):
+    if file_path == SUITE and _active(parent.config):
+        return pytest.Module.from_parent(parent, path=file_path)
+    return None
 
 
 # -- parametrisation ---------------------------------------------------------------------
