@@ -147,3 +147,41 @@ def _norm(v):
     if isinstance(v, float) and v.is_integer():
         return int(v)
     return v
+
+
+def check_quant(dequantized: dict[str, torch.Tensor], imported: list[tuple[str, torch.Tensor]],
+                unquantized: dict[str, torch.Tensor], source: dict[str, torch.Tensor],
+                requantized: list[tuple[str, torch.Tensor]]) -> CheckResult:
+    """A quantized checkpoint was dequantized on import, and re-quantizes bit-exactly.
+
+    (a) every imported weight equals the dequantized reference; (b) the std of every imported
+    weight is within [0.5, 2] x that of the unquantized model (raw FP8 codes sit orders of
+    magnitude away); (c) FP8 re-export gives back the source's quantized tensors and scales.
+    """
+    from bridges.core import quant
+
+    bad = []
+    got = dict(imported)
+    quantized = [n for n, t in source.items() if t.dtype in quant.FP8]
+    for n in quantized:
+        w = got.get(n)
+        if w is None:
+            bad.append(f"{n}: not imported")
+            continue
+        if not torch.equal(w.float(), dequantized[n].float()):
+            bad.append(f"{n}: imported values differ from the dequantized reference "
+                       f"(max abs diff {float((w.float() - dequantized[n].float()).abs().max()):.3g})")
+        ratio = float(w.float().std() / unquantized[n].float().std())
+        if not 0.5 <= ratio <= 2.0:
+            bad.append(f"{n}: std {float(w.float().std()):.3g} is {ratio:.3g}x the unquantized "
+                       f"model's (band 0.5-2): a quantized tensor loaded without its scale?")
+    back = dict(requantized)
+    for n, t in source.items():
+        r = back.get(n)
+        if r is None:
+            bad.append(f"{n}: missing from the FP8 re-export")
+        elif r.dtype != t.dtype or not torch.equal(r.view(torch.uint8) if r.dtype in quant.FP8 else r,
+                                                   t.view(torch.uint8) if t.dtype in quant.FP8 else t):
+            bad.append(f"{n}: FP8 re-export differs from the source ({r.dtype} vs {t.dtype})")
+    return CheckResult("quant", not bad, f"{len(quantized)} FP8 tensors dequantized, re-exported bit-exact"
+                       if not bad else f"{len(bad)} problems", "\n".join(bad[:20]))

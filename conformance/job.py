@@ -71,6 +71,7 @@ def megatron_case(toy_dir: str, layout: str, ids: torch.Tensor, steps: int,
     from bridges.core.parallel import Layout
 
     bridge = make_bridge(toy_dir, bridge_ref)
+    bridge.dequantized_dtype = DTYPES[dtype]  # compare dequantized values in the dtype under test
     provider = bridge.to_megatron_provider()
     lay = Layout.parse(layout)
     provider.tensor_model_parallel_size = lay.tp
@@ -103,6 +104,12 @@ def megatron_case(toy_dir: str, layout: str, ids: torch.Tensor, steps: int,
         out["export_error"] = str(e)
         exported = []
     out["exported"] = exported if dist.get_rank() == 0 else None
+    from bridges.core import quant
+
+    ckpt = bridge.checkpoint
+    if any(ckpt.dtype(n) in quant.FP8 for n in ckpt.names()):
+        requant = list(bridge.export_hf_weights(chunks, cpu=True, quantized=True))
+        out["requantized"] = requant if dist.get_rank() == 0 else None
     return out
 
 

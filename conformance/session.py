@@ -142,3 +142,32 @@ class Conformance:
             return d
 
         return self._memo(("describe", spec.name, bridge_ref), run)
+
+    def quant_case(self, spec: ModelSpec, kind: str, bridge_ref: str | None = None,
+                   layout: str = "tp1pp1") -> dict[str, CheckResult]:
+        """Quant sanity: an FP8 toy checkpoint imports to its dequantized values, runs like HF
+        on them, and re-exports bit-exactly."""
+        def run():
+            toy = self.checkpoint(spec)
+            fp8, deq = self.pool.run("conformance.toy:make_fp8_checkpoint", ranks=[0], timeout=self.timeout,
+                                     src=toy, root=str(self.workdir / "toys"), kind=kind)[0]
+            ref = self._memo(("ref-deq", deq), lambda: self.pool.run(
+                "conformance.job:hf_reference", ranks=[0], timeout=self.timeout, toy_dir=deq,
+                ids=self._ids(deq), steps=1, dtype="float32")[0])
+            try:
+                ranks = self.pool.run("conformance.job:megatron_case", timeout=self.timeout, toy_dir=fp8,
+                                      layout=layout, ids=self._ids(fp8), steps=1, bridge_ref=bridge_ref)
+            except RankError as e:
+                return {c: CheckResult(c, False, "", f"conversion crashed:\n{e}") for c in ("quant", "logits")}
+            r0 = ranks[0]
+            if r0["import_error"]:
+                return {"quant": CheckResult("quant", False, "", r0["import_error"]),
+                        "logits": CheckResult("logits", False, "", "not run: import failed", {"blocked": True})}
+            logits = next(r["logits"] for r in ranks if r.get("logits") is not None)
+            return {
+                "quant": checks.check_quant(self._source(deq), r0["exported"], self._source(toy),
+                                            self._source(fp8), r0["requantized"]),
+                "logits": checks.check_logits(ref["logits"], logits, ref["baseline"]),
+            }
+
+        return self._memo(("quant", spec.name, kind, bridge_ref, layout), run)

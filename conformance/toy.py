@@ -131,3 +131,45 @@ def make_toy_checkpoint(config: dict[str, Any], root: str | os.PathLike, seed: i
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: str = "block",
+                        block: tuple[int, int] = (32, 32)) -> tuple[str, str]:
+    """FP8 copy of a toy checkpoint (every 2-D weight but embeddings / lm_head quantized, in
+    ``kind`` 'block' or 'tensor' layout) and its dequantized fp32 twin, the HF reference.
+    Small blocks so that toy weights span several tiles, ragged edges included."""
+    from safetensors.torch import save_file
+
+    from bridges.core import quant
+    from bridges.core.hf_io import HFCheckpoint
+
+    src = Path(src)
+    Path(root).mkdir(parents=True, exist_ok=True)
+    out = Path(root) / f"{src.name}-fp8{kind}"
+    deq = Path(root) / f"{src.name}-fp8{kind}-dequantized"
+    if (out / "config.json").exists() and (deq / "config.json").exists():
+        return str(out), str(deq)
+    ckpt = HFCheckpoint(src)
+    tensors = {n: ckpt.get(n) for n in ckpt.names()}
+    qt, dt = {}, {}
+    for name, w in tensors.items():
+        if w.dim() == 2 and "embed" not in name and "lm_head" not in name:
+            q, s = quant.quantize(w, None, kind, block)
+            qt[name] = q
+            qt[f"{name}_scale_inv" if kind == "block" else f"{name}_scale"] = s.float()
+            dt[name] = quant.dequantize(q, s, kind, block)
+        else:
+            qt[name] = dt[name] = w
+    config = json.loads((src / "config.json").read_text())
+    qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
+    if kind == "block":
+        qc["weight_block_size"] = list(block)
+    for d, ts, cfg in ((out, qt, {**config, "quantization_config": qc}), (deq, dt, config)):
+        tmp = Path(tempfile.mkdtemp(prefix=".toy-", dir=root))
+        save_file(ts, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        try:
+            tmp.rename(d)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out), str(deq)

@@ -178,9 +178,23 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
                                marks=[pytest.mark.xdist_group(f"{m}"), pytest.mark.mbridge])
                   for m, lay, dt in combos]
         metafunc.parametrize(("mbridge_model", "mbridge_layout", "mbridge_dtype"), params)
+    elif "mbridge_format" in metafunc.fixturenames:  # one item per FP8 layout the family ships
+        from bridges.core.registry import lookup
+
+        specs = config._mbridge_models  # type: ignore[attr-defined]
+        metafunc.parametrize(("mbridge_model", "mbridge_format"), [
+            pytest.param(m, f, id=f"{m}-{f}", marks=[pytest.mark.xdist_group(m), pytest.mark.mbridge])
+            for m in models for f in _formats(lookup, specs[m].config)])
     else:
         metafunc.parametrize("mbridge_model", [pytest.param(m, id=m, marks=[
             pytest.mark.xdist_group(m), pytest.mark.mbridge]) for m in models])
+
+
+def _formats(lookup, config: dict) -> tuple[str, ...]:
+    try:
+        return lookup(config).quantized_formats
+    except LookupError:
+        return ()
 
 
 # -- fixtures ----------------------------------------------------------------------------

@@ -80,3 +80,15 @@ def test_flops_snapshot(request, mbridge_model, mbridge_conformance, mbridge_spe
 
     bridge = make_bridge(mbridge_spec.config, request.config.getoption("mbridge_bridge"))
     _snapshot(request, snapshot, training_flops(bridge, seq_len=4096, batch_size=1).as_dict(), "FLOPs")
+
+
+def test_quant_sanity(request, mbridge_model, mbridge_format, mbridge_conformance, mbridge_spec):
+    """An FP8 toy checkpoint imports to its dequantized values (never raw codes), runs like HF
+    on those values, and re-exports to the source's FP8 tensors and scales bit-exactly."""
+    results = mbridge_conformance.quant_case(mbridge_spec, mbridge_format, request.config.getoption("mbridge_bridge"))
+    for r in results.values():
+        r.check = f"{r.check} ({mbridge_format} fp8)"
+    bad = [r for r in results.values() if not r.passed]
+    for r in results.values():
+        if r.passed or r is bad[0]:
+            _verdict(request, r, "tp1pp1")

@@ -58,3 +58,16 @@ def test_bf16_verdicts_pass_a_good_bridge_and_catch_a_bug(conformance, spec):
     assert good["logits"].data["decisive"] > 0.5  # most positions are judged
     bad = conformance.case(spec("Qwen/Qwen3-8B"), "tp2", bridge_ref="tests.mutants:QKSwapped", dtype="bfloat16")
     assert caught_by(bad) == {"logits", "generation"}
+
+
+def test_skipped_dequantization_is_caught(conformance, spec):
+    good = conformance.quant_case(spec("Qwen/Qwen3-8B"), "block")
+    assert all(r.passed for r in good.values()), "\n".join(str(r) for r in good.values())
+    bad = conformance.quant_case(spec("Qwen/Qwen3-8B"), "block", bridge_ref="tests.mutants:SkipDequant")
+    assert not bad["quant"].passed and not bad["logits"].passed
+    assert "a quantized tensor loaded without its scale?" in bad["quant"].details
+
+
+def test_per_tensor_fp8_under_tp2(conformance, spec):
+    r = conformance.quant_case(spec("mistralai/Mistral-7B-v0.1"), "tensor", layout="tp2")
+    assert all(x.passed for x in r.values()), "\n".join(str(x) for x in r.values())

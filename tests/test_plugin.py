@@ -22,10 +22,10 @@ def test_suite_passes_from_an_empty_directory_under_xdist(run, pytester):
     res = run("--mbridge-model=Qwen/Qwen3-8B", "--mbridge-layouts=tp1pp1,tp2pp2", "-n", "2",
               "--mbridge-report=report.json")
     assert res.ret == 0, res.stdout.str()
-    res.assert_outcomes(passed=9, skipped=3)  # 4 checks x 2 layouts + config; snapshots not recorded
+    res.assert_outcomes(passed=10, skipped=3)  # 4 checks x 2 layouts + config + FP8 sanity; snapshots not recorded
     res.stdout.fnmatch_lines(["*mbridge conformance*", "*Qwen/Qwen3-8B*logits*tp2pp2*PASS*rel err*"])
     report = json.loads((pytester.path / "report.json").read_text())
-    assert report["failed"] == 0 and report["passed"] == 9
+    assert report["failed"] == 0 and report["passed"] == 11  # the FP8 item reports quant and logits
     logits = [r for r in report["results"] if r.get("check") == "logits"]
     assert {r["layout"] for r in logits} == {"tp1pp1", "tp2pp2"}
     assert all(r["data"]["rel_err"] <= 1e-5 and r["data"]["baseline_rel_err"] > 0.5 for r in logits)
@@ -79,7 +79,7 @@ def test_real_weights_of_a_local_checkpoint(run, conformance, spec, tmp_path):
     toy = conformance.checkpoint(spec("mistralai/Mistral-7B-v0.1"))  # sliding window 8 < 32 tokens
     res = run(f"--mbridge-model={toy}", "--mbridge-weights=real", "--mbridge-layouts=tp2", "-k", "not snapshot")
     assert res.ret == 0, res.stdout.str()
-    res.assert_outcomes(passed=5)
+    res.assert_outcomes(passed=6)
 
 
 def test_cli_lists_bridges_and_runs_the_suite(pytester, monkeypatch):

@@ -25,6 +25,8 @@ def add_arguments(parser) -> None:
     exp = sub.add_parser("export", help="Megatron-Core distributed checkpoint -> HF checkpoint")
     exp.add_argument("--megatron", required=True, help="Megatron checkpoint directory")
     exp.add_argument("--hf-source", help="the HF checkpoint it came from (default: recorded at import)")
+    exp.add_argument("--fp8", action="store_true",
+                     help="re-quantize tensors that were FP8 in the source to its layout and scales")
     for p in (imp, exp):
         p.add_argument("--out", required=True, help="output directory (written atomically)")
         p.add_argument("--tp", type=int, default=1)
@@ -116,6 +118,6 @@ def _export(args, layout) -> int:
     chunks = provider.provide_distributed_model()
     load_megatron(chunks, args.megatron)
     _say(f"exporting {args.megatron} at {layout.name}")
-    bridge.save_hf_pretrained(chunks, args.out, progress=True)
+    bridge.save_hf_pretrained(chunks, args.out, progress=True, quantized=args.fp8)
     _say(f"wrote {args.out}")
     return 0

@@ -15,6 +15,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 import torch.distributed as dist
 
+from bridges.core import quant
 from bridges.core.config import Field, translate, untranslate
 from bridges.core.hf_io import CheckpointError, HFCheckpoint, save_hf_checkpoint
 from bridges.core.ledger import CoverageError, Ledger
@@ -73,6 +74,11 @@ class Bridge:
     # The transformers model type that reads this family's config and builds its HF model,
     # when transformers does not know ``model_type`` itself (None: ``model_type``).
     hf_model_type: ClassVar[str | None] = None
+    # FP8 layouts this family ships ("block": *_scale_inv tiles, "tensor": *_scale), checked by
+    # the suite's quant-sanity item. Import dequantizes any of them for every family.
+    quantized_formats: ClassVar[tuple[str, ...]] = ()
+    # Export dtype of tensors that were quantized in the source (unless re-quantized).
+    dequantized_dtype: ClassVar[torch.dtype] = torch.bfloat16
     # HF tensors that exist in some checkpoints but carry no weights (regex, full match).
     ignored_hf: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq",)
 
@@ -174,7 +180,7 @@ class Bridge:
                                f"from {ckpt.path}")
                 continue
             try:
-                hf = {role: self.hf_weight(n, ckpt.get(n)) for role, n in hf_names.items()}
+                hf = {role: self.hf_weight(n, self._read(ckpt, n)) for role, n in hf_names.items()}
                 for role, n in hf_names.items():
                     bad = _nonfinite(hf[role])
                     if bad:
@@ -191,7 +197,8 @@ class Bridge:
             with torch.no_grad():
                 param.copy_(shard.to(dtype=param.dtype))
             for n in hf_names.values():
-                ledger.use(n, name, shared=isinstance(mapping, TiedOutput))
+                for used in [n] + ([c[0]] if (c := quant.companion(n, ckpt)) else []):
+                    ledger.use(used, name, shared=isinstance(mapping, TiedOutput))
         gathered = _all_gather((ledger, nonfinite))
         ledgers = [lg for lg, _ in gathered]
         bad = {n: why for _, nf in gathered for n, why in nf.items()}
@@ -207,9 +214,27 @@ class Bridge:
         if problems:
             raise CoverageError(f"import of {ckpt.path} failed:\n  " + "\n  ".join(problems))
 
+    def _read(self, ckpt: HFCheckpoint, name: str) -> torch.Tensor:
+        """An HF tensor as values: float8 tensors are dequantized with their scale companion,
+        and one without a companion is an error naming it."""
+        t = ckpt.get(name)
+        if t.dtype in (torch.uint8, torch.int8) and (name.endswith("_blocks") or f"{name[:-7]}_scales" in ckpt):
+            raise CheckpointError(f"{ckpt.path}: {name} is packed {t.dtype} (MXFP4-style blocks): "
+                                  f"no dequantization path for this format yet")
+        if t.dtype not in quant.FP8:
+            return t
+        comp = quant.companion(name, ckpt)
+        if comp is None:
+            raise CheckpointError(f"{ckpt.path}: {name} is {t.dtype} with no scale companion "
+                                  f"({name}_scale_inv or {name}_scale): no dequantization path")
+        try:
+            return quant.dequantize(t, ckpt.get(comp[0]), comp[1], quant.block_size(ckpt.config()))
+        except quant.QuantError as e:
+            raise CheckpointError(f"{ckpt.path}: {name}: {e}") from None
+
     # -- export ---------------------------------------------------------------------------
-    def export_hf_weights(self, model_chunks: list, cpu: bool = True,
-                          strict: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    def export_hf_weights(self, model_chunks: list, cpu: bool = True, strict: bool = True,
+                          quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(hf_name, full tensor)`` on every rank, in a fixed order.
 
         Tensors are cast to the source checkpoint's dtype when the bridge has one. With
@@ -259,16 +284,29 @@ class Bridge:
             for hf_name, t in out.items():
                 if cpu:
                     t = t.cpu()
-                if self.checkpoint is not None and hf_name in self.checkpoint:
-                    t = t.to(self.checkpoint.dtype(hf_name))
+                src = self.checkpoint
+                if src is not None and hf_name in src and src.dtype(hf_name) in quant.FP8:
+                    comp = quant.companion(hf_name, src)
+                    if quantized:  # the source's layout, with the source's scales: bit-exact
+                        q, s = quant.quantize(t, src.get(comp[0]), comp[1], quant.block_size(src.config()),
+                                              src.dtype(hf_name))
+                        seen += [hf_name, comp[0]]
+                        yield hf_name, q
+                        yield comp[0], s.to(src.dtype(comp[0]))
+                        continue
+                    t = t.to(self.dequantized_dtype)
+                elif src is not None and hf_name in src:
+                    t = t.to(src.dtype(hf_name))
                 seen.append(hf_name)
                 yield hf_name, t
         if strict:
-            self._check_export_names(seen)
+            self._check_export_names(seen, quantized)
 
-    def _check_export_names(self, seen: list[str]) -> None:
+    def _check_export_names(self, seen: list[str], quantized: bool = False) -> None:
         if self.checkpoint is not None:
             expected = {n for n in self.checkpoint.names() if not self._ignored(n)}
+            if not quantized:  # dequantized export: no scale companions
+                expected -= {c[0] for n in expected if (c := quant.companion(n, self.checkpoint))}
         else:
             expected = set(self.expected_hf_names())
         dup = sorted({n for n in seen if seen.count(n) > 1})
@@ -278,11 +316,11 @@ class Bridge:
                                 f"unexpected {extra}, duplicated {dup}")
 
     def save_hf_pretrained(self, model_chunks: list, out_dir: str, max_shard_bytes: int = 5 * 2**30,
-                           progress: bool = False) -> None:
+                           progress: bool = False, quantized: bool = False) -> None:
         """Export and write an HF checkpoint (rank 0 writes, atomically; ``progress`` shows a
-        progress bar there)."""
+        progress bar there; ``quantized`` re-quantizes to the source's FP8 layout)."""
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        tensors = self.export_hf_weights(model_chunks, cpu=True)
+        tensors = self.export_hf_weights(model_chunks, cpu=True, quantized=quantized)
         if rank0:
             if progress:
                 from tqdm import tqdm
@@ -290,16 +328,19 @@ class Bridge:
                 total = len(self.checkpoint.names()) if self.checkpoint is not None else None
                 tensors = tqdm(tensors, total=total, unit="tensor", desc="export")
             source = self.checkpoint.path if self.checkpoint is not None else None
-            save_hf_checkpoint(tensors, self.export_config(), out_dir, source, max_shard_bytes)
+            save_hf_checkpoint(tensors, self.export_config(quantized), out_dir, source, max_shard_bytes)
         else:
             for _ in tensors:
                 pass
         if dist.is_initialized():
             dist.barrier()
 
-    def export_config(self) -> dict[str, Any]:
-        """config.json for export: the source's own fields, with every mapped field rewritten."""
+    def export_config(self, quantized: bool = False) -> dict[str, Any]:
+        """config.json for export: the source's own fields, with every mapped field rewritten;
+        a dequantized export drops the source's quantization_config."""
         base = self.checkpoint.config() if self.checkpoint is not None else {}
+        if not quantized:
+            base.pop("quantization_config", None)
         return {**base, **self.hf_config_dict()}
 
 

@@ -8,6 +8,8 @@ from bridges.core.registry import register_bridge
 
 @register_bridge(model_type="mistral", architectures=["MistralForCausalLM"])
 class MistralBridge(GPTBridge):
+    quantized_formats = ("tensor",)  # per-tensor FP8 with weight_scale
+
     def megatron_attrs(self) -> dict[str, Any]:
         attrs = super().megatron_attrs()
         window = get_path(self.hf_config, "sliding_window", None)
