@@ -40,7 +40,7 @@ def _reset_peak() -> bool:
 class Phases:
     """Wall time and memory peaks per phase: ``with phases("load"): ...``."""
 
-    def __init__(self, t0: float | None = None):
+    def __init__(self, t0: float | None = None, sample: bool = True):
         # t0: wall-clock time (time.time()) at which the parent spawned this process
         self.t0 = t0
         self.rows: dict[str, dict] = {}
@@ -49,7 +49,8 @@ class Phases:
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self.resettable = _reset_peak()
-        threading.Thread(target=self._sample, daemon=True).start()
+        if sample:
+            threading.Thread(target=self._sample, daemon=True).start()
 
     def _sample(self) -> None:
         while not self._stop.wait(0.01):

@@ -1,6 +1,6 @@
 """One rank of a conversion benchmark: HF -> Megatron import, then Megatron -> HF export.
 
-    python benchmarks/convert.py CKPT_DIR OUT_DIR --tp 1 [--json OUT] [--profile load|export|build]
+    python benchmarks/convert.py CKPT_DIR OUT_DIR --tp 1 [--json OUT] [--profile build,load,export]
 
 For TP > 1 the parent starts one process per rank with RANK / WORLD_SIZE / MASTER_ADDR /
 MASTER_PORT set (gloo). Phases, each with its wall time and peak RSS:
@@ -15,7 +15,8 @@ MASTER_PORT set (gloo). Phases, each with its wall time and peak RSS:
 - ``export``: ``bridge.save_hf_pretrained(model, OUT_DIR)`` (export_hf_weights ->
   save_hf_checkpoint; rank 0 writes).
 
-``--profile PHASE`` runs that phase under cProfile and writes the stats next to the JSON.
+``--profile build,load,export`` runs those phases under cProfile and writes the stats next to
+the JSON (``<json>.<phase>.prof``); the memory sampler thread is off in a profiled run.
 """
 from __future__ import annotations
 
@@ -35,7 +36,10 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--json")
-    ap.add_argument("--profile", choices=["build", "load", "export"])
+    ap.add_argument("--profile", default="",
+                    help="comma list of phases (build, load, export) to run under cProfile")
+    ap.add_argument("--no-sample", action="store_true",
+                    help="no 10 ms RSS sampler thread (RssAnon / RssFile peaks not measured)")
     ap.add_argument("--no-init", action="store_true",
                     help="provider.perform_initialization = False (skip Megatron's random init)")
     a = ap.parse_args()
@@ -50,26 +54,28 @@ def main() -> None:
     import transformers  # noqa: F401
     from transformers import AutoConfig  # noqa: F401
 
+    import bridges
     from bridges import AutoBridge
     from bridges.core.parallel import init_distributed
 
-    phases = Phases(T0)
+    profiled = [p for p in a.profile.split(",") if p]
+    # no sampler thread under the profiler: it would show up in the profile
+    phases = Phases(T0, sample=not (profiled or a.no_sample))
     phases.startup()
-    prof = None
-    if a.profile:
-        import cProfile
-
-        prof = cProfile.Profile()
+    profs = {}
 
     def run(name, fn):
         with phases(name):
-            if prof is not None and a.profile == name:
-                prof.enable()
+            if name in profiled:
+                import cProfile
+
+                profs[name] = cProfile.Profile()
+                profs[name].enable()
             try:
                 return fn()
             finally:
-                if prof is not None and a.profile == name:
-                    prof.disable()
+                if name in profiled:
+                    profs[name].disable()
 
     def setup():
         init_distributed()
@@ -93,8 +99,8 @@ def main() -> None:
     written = None
     if rank == 0:
         written = sum(p.stat().st_size for p in Path(a.out).glob("*.safetensors"))
-    if prof is not None and a.json:
-        prof.dump_stats(a.json + ".prof")
+    for name, prof in profs.items():
+        prof.dump_stats(f"{a.json or 'convert'}.{name}.prof")
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -102,7 +108,8 @@ def main() -> None:
     emit(a.json, phases.result(rank=rank, world=world, tp=a.tp, share_bytes=share,
                                largest_param_bytes=largest_param, param_dtypes=dtypes,
                                written_bytes=written, threads=torch.get_num_threads(),
-                               no_init=a.no_init, end_time=time.time()))
+                               no_init=a.no_init, end_time=time.time(),
+                               bridges_from=str(Path(bridges.__file__).parent)))
     if dist.is_initialized():
         dist.destroy_process_group()
 

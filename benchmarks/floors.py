@@ -4,9 +4,11 @@
     python benchmarks/floors.py write CKPT_DIR OUT_DIR [--json OUT]
     python benchmarks/floors.py imports [--json OUT]
 
-``read``: open every shard with ``safe_open`` and read every tensor once (``get_tensor``), as
-the bridge's reader does, dropping each tensor after reading it.
-``write``: read every tensor into memory first (not timed), then write them with ``save_file``
+``read``: open every shard with ``safe_open`` and read every tensor once into process memory
+(``get_tensor(name).clone()``), dropping it after reading it. safetensors >= 0.8 returns
+``get_tensor`` as a zero-copy view of the memory-mapped file, so the copy is what makes the
+bytes actually read; a loader must copy them into its parameters anyway.
+``write``: read every tensor into process memory first (not part of the write phase), then write them with ``save_file``
 in the shards the exporter would cut (5 GiB, in checkpoint order), and fsync each file, as the
 exporter does; the fsync share is reported apart.
 ``imports``: a process that only imports torch, megatron.core (GPTModel) and transformers: the
@@ -48,7 +50,7 @@ def read_floor(ckpt: Path, phases: Phases) -> dict:
         for f, names in _names_by_shard(ckpt).items():
             with safe_open(str(ckpt / f), framework="pt") as st:
                 for name in names or st.keys():
-                    t = st.get_tensor(name)
+                    t = st.get_tensor(name).clone()
                     n += 1
                     nbytes += t.numel() * t.element_size()
                     del t
@@ -68,7 +70,7 @@ def write_floor(ckpt: Path, out: Path, phases: Phases) -> dict:
         for f, names in _names_by_shard(ckpt).items():
             with safe_open(str(ckpt / f), framework="pt") as st:
                 for name in names or st.keys():
-                    tensors[name] = st.get_tensor(name)
+                    tensors[name] = st.get_tensor(name).clone()  # in process memory
     order = sorted(tensors, key=_order)
     batches, size = [[]], 0
     for name in order:

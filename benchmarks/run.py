@@ -1,0 +1,437 @@
+"""Conversion benchmark: HF <-> Megatron import / export of full-size synthetic checkpoints,
+against the floors of plain safetensors I/O. Writes docs/performance.md.
+
+    .venv/bin/python benchmarks/run.py            # median of 3, both models, profiles (~10 min)
+    .venv/bin/python benchmarks/run.py --quick    # 1 run, Llama-3.2-1B only, no profile (< 2 min)
+
+Every figure is a whole process started afresh (``subprocess``): TP1 is one process, TP2 two
+gloo ranks (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT), each running benchmarks/convert.py.
+Checkpoints are made under a temporary directory (benchmarks/make_checkpoint.py) and deleted at
+the end. See docs/performance.md for what is measured and how the targets are computed.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+from make_checkpoint import load_config, make_checkpoint  # noqa: E402
+
+MODELS = {
+    "llama": ("meta-llama/Llama-3.2-1B", None, "Llama-3.2-1B (whole model, tied embeddings)"),
+    "qwen": ("Qwen/Qwen3-8B", 4, "Qwen3-8B, first 4 of 36 layers (untied lm_head)"),
+}
+GiB, MiB = 2**30, 2**20
+IMPORT_TARGET = EXPORT_TARGET = 1.5
+
+
+# -- CPU accounting: how much of the machine other processes took during a measurement -----
+def _busy_ticks() -> int:
+    with open("/proc/stat") as f:
+        parts = [int(x) for x in f.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = parts[:8]
+    return user + nice + system + irq + softirq + steal
+
+
+def _own_cpu() -> float:
+    import resource
+
+    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
+
+
+class Meter:
+    """CPU seconds used by processes other than this benchmark, over a measurement."""
+
+    def __enter__(self):
+        self.busy, self.own, self.t = _busy_ticks(), _own_cpu(), time.monotonic()
+        self.load = os.getloadavg()[0]
+        return self
+
+    def __exit__(self, *exc):
+        hz = os.sysconf("SC_CLK_TCK")
+        self.wall = time.monotonic() - self.t
+        self.foreign = max(0.0, (_busy_ticks() - self.busy) / hz - (_own_cpu() - self.own))
+
+
+# -- processes --------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def spawn(script: str, args: list[str], work: Path, tag: str, world: int = 1,
+          timeout: float = 600.0, env_extra: dict | None = None) -> dict:
+    """Run ``script`` as ``world`` fresh processes; return {wall_s, ranks: [json...], foreign_cpu_s}."""
+    for attempt in range(2):
+        port = free_port()
+        logs, procs, jsons = [], [], []
+        base = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+        base.update(PYTHONWARNINGS="ignore", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
+                    **(env_extra or {}))
+        os.sync()  # start from no dirty pages: earlier writes must not be flushed on our time
+        with Meter() as meter:
+            t0 = time.time()
+            for r in range(world):
+                env = dict(base, BENCH_T0=repr(t0))
+                if world > 1:
+                    env.update(RANK=str(r), WORLD_SIZE=str(world), LOCAL_RANK=str(r),
+                               MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                jsons.append(work / f"{tag}.r{r}.json")
+                jsons[-1].unlink(missing_ok=True)
+                logs.append(open(work / f"{tag}.r{r}.log", "w"))
+                procs.append(subprocess.Popen([sys.executable, str(BENCH / script), *args,
+                                               "--json", str(jsons[-1])], env=env, cwd=BENCH,
+                                              stdout=logs[-1], stderr=subprocess.STDOUT))
+            failed = _wait(procs, timeout)
+            wall = time.time() - t0
+        for f in logs:
+            f.close()
+        if not failed:
+            return {"wall_s": wall, "foreign_cpu_s": meter.foreign, "load_before": meter.load,
+                    "ranks": [json.loads(j.read_text()) for j in jsons]}
+        tail = "\n".join(f"--- rank {r} ---\n" + (work / f"{tag}.r{r}.log").read_text()[-3000:]
+                         for r in failed)
+        if attempt == 0 and world > 1 and "address already in use" in tail.lower():
+            continue  # the free port was taken meanwhile: once more on another
+        raise RuntimeError(f"{script} {' '.join(args)} failed:\n{tail}")
+    raise AssertionError("unreachable")
+
+
+def _wait(procs: list, timeout: float) -> list[int]:
+    """Wait for all; on the first failure or the timeout, kill the others. Returns failed ranks."""
+    deadline = time.monotonic() + timeout
+    failed: list[int] = []
+    while any(p.poll() is None for p in procs):
+        bad = [r for r, p in enumerate(procs) if p.poll() not in (None, 0)]
+        if bad or time.monotonic() > deadline:
+            failed = bad or [r for r, p in enumerate(procs) if p.poll() is None]
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+            for p in procs:
+                p.wait()
+            return failed
+        time.sleep(0.05)
+    return [r for r, p in enumerate(procs) if p.returncode != 0]
+
+
+# -- statistics -------------------------------------------------------------------------------
+def med(xs) -> float:
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else float("nan")
+
+
+def phase(run: dict, rank: int, name: str, key: str = "wall_s"):
+    return run["ranks"][rank]["phases"].get(name, {}).get(key)
+
+
+def max_over_ranks(run: dict, name: str, key: str = "wall_s") -> float:
+    return max(phase(run, r, name, key) for r in range(len(run["ranks"])))
+
+
+# -- main -------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help="one run, Llama-3.2-1B only, no profile (< 2 minutes)")
+    ap.add_argument("--runs", type=int, help="runs per figure (default 3; 1 with --quick)")
+    ap.add_argument("--models", help="comma list of: " + ", ".join(MODELS))
+    ap.add_argument("--profile", choices=["auto", "always", "never"], default=None,
+                    help="cProfile run where a target is missed (default: auto; never with --quick)")
+    ap.add_argument("--fixes", choices=["on", "off"], default="on",
+                    help="also run the import/export once per TP with benchmarks/proposed-fixes.patch "
+                         "applied to a copy of bridges/ (default: on)")
+    ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
+                    help="first wait up to S seconds for the 1-minute load average to fall below 1")
+    ap.add_argument("--tmp", help="parent directory of the temporary checkpoints (default: $TMPDIR)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
+    ap.add_argument("--save-results", metavar="JSON", help="also save the raw figures")
+    ap.add_argument("--render-only", metavar="JSON",
+                    help="no measurement: write the doc from figures saved by --save-results")
+    a = ap.parse_args()
+    if a.render_only:
+        results = json.loads(Path(a.render_only).read_text(), object_hook=_int_keys)
+        Path(a.out).write_text(render(results))
+        print(f"[bench] wrote {a.out} from {a.render_only}")
+        return
+    runs = a.runs or (1 if a.quick else 3)
+    models = a.models.split(",") if a.models else (["llama"] if a.quick else list(MODELS))
+    profile = a.profile or ("never" if a.quick else "auto")
+    started = time.monotonic()
+    if a.wait_idle:
+        _wait_idle(a.wait_idle)
+    load_start = os.getloadavg()
+
+    tmp = Path(tempfile.mkdtemp(prefix="mbridge-bench-", dir=a.tmp))
+    work = tmp / "work"
+    work.mkdir()
+    results: dict = {"runs": runs, "quick": a.quick, "load_start": load_start, "models": {}}
+    try:
+        print(f"[bench] temp dir {tmp}; {runs} run(s); models {models}", flush=True)
+        results["baseline"] = [spawn("floors.py", ["imports"], work, f"imports{i}")
+                               for i in range(runs)]
+        print(f"[bench] imports-only baseline: "
+              f"{med(r['ranks'][0]['peak_rss'] for r in results['baseline']) / MiB:.0f} MiB",
+              flush=True)
+        results["baseline_rss"] = med(r["ranks"][0]["peak_rss"] for r in results["baseline"])
+        patched = None
+        if a.fixes == "on":
+            patched, results["fixes_note"] = _patched_tree(tmp)
+        for key in models:
+            results["models"][key] = _bench_model(key, tmp, work, runs, results["baseline_rss"],
+                                                  profile, patched, first=key == models[0])
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    results["load_end"] = os.getloadavg()
+    results["total_s"] = time.monotonic() - started
+    if a.save_results:
+        Path(a.save_results).write_text(json.dumps(results, indent=1, default=str))
+    text = render(results)
+    Path(a.out).write_text(text)
+    print(text)
+    print(f"[bench] wrote {a.out} in {results['total_s']:.0f} s", flush=True)
+
+
+def _int_keys(d: dict) -> dict:
+    """JSON turned the TP keys (1, 2) into strings: turn them back."""
+    return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in d.items()}
+
+
+def _wait_idle(limit: float) -> None:
+    deadline = time.monotonic() + limit
+    while os.getloadavg()[0] >= 1.0 and time.monotonic() < deadline:
+        time.sleep(5)
+
+
+def _ckpt_dir(tmp: Path, key: str) -> Path:
+    return tmp / key
+
+
+def _patched_tree(tmp: Path) -> tuple[Path | None, str]:
+    """A copy of bridges/ with benchmarks/proposed-fixes.patch applied, for PYTHONPATH."""
+    dest = tmp / "patched"
+    shutil.copytree(ROOT / "bridges", dest / "bridges",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    patch = BENCH / "proposed-fixes.patch"
+    proc = subprocess.run(["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch",
+                           "-d", str(dest), "-i", str(patch)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        return None, (f"benchmarks/proposed-fixes.patch does not apply to the current bridges/ "
+                      f"(patch says: {(proc.stdout + proc.stderr).strip()[-300:]}); "
+                      f"the with-fixes rows are missing")
+    print("[bench] proposed fixes applied to a copy of bridges/", flush=True)
+    return dest, ""
+
+
+def _bench_model(key: str, tmp: Path, work: Path, runs: int, base: float, profile: str,
+                 patched: Path | None = None, first: bool = True) -> dict:
+    """Floors, TP1 and TP2 runs of one model; with-fixes runs; profiles (``auto``: one run,
+    of the first model, at the largest TP that misses a target, to stay within the time
+    budget; ``always``: TP1 and TP2 of every model)."""
+    model, layers, label = MODELS[key]
+    cfg = load_config(model, layers)
+    ckpt = _ckpt_dir(tmp, key)
+    info = make_checkpoint(cfg, ckpt)
+    print(f"[bench] {key}: checkpoint {info['bytes'] / GiB:.2f} GiB in {info['shards']} shards, "
+          f"made in {info['seconds']:.0f} s", flush=True)
+    out, ref = tmp / "out", tmp / "out-ref"
+    res = {"model": model, "layers": layers, "label": label, "config": cfg, "ckpt": info,
+           "read": [], "write": [], "tp1": [], "tp2": []}
+    for i in range(runs):
+        res["read"].append(spawn("floors.py", ["read", str(ckpt)], work, f"{key}-read{i}"))
+        res["write"].append(spawn("floors.py", ["write", str(ckpt), str(out)], work,
+                                  f"{key}-write{i}"))
+        shutil.rmtree(out, ignore_errors=True)
+        for tp in (1, 2):
+            run = spawn("convert.py", [str(ckpt), str(out), "--tp", str(tp)], work,
+                        f"{key}-tp{tp}-{i}", world=tp)
+            _check_written(run, info, f"{key} TP{tp}")
+            if patched is not None and tp == 1 and i == runs - 1:
+                shutil.rmtree(ref, ignore_errors=True)
+                out.rename(ref)  # the with-fixes exports are compared with this one
+            shutil.rmtree(out, ignore_errors=True)
+            res[f"tp{tp}"].append(run)
+            print(f"[bench] {key} run {i + 1}/{runs} TP{tp}: process {run['wall_s']:.1f} s, "
+                  f"load {max_over_ranks(run, 'load'):.1f} s, export "
+                  f"{max_over_ranks(run, 'export'):.1f} s, peak RSS "
+                  f"{max(r['peak_rss'] for r in run['ranks']) / GiB:.2f} GiB "
+                  f"(other processes: {run['foreign_cpu_s']:.0f} CPU-s)", flush=True)
+        print(f"[bench] {key} run {i + 1}/{runs} floors: read "
+              f"{phase(res['read'][-1], 0, 'read'):.2f} s, write "
+              f"{phase(res['write'][-1], 0, 'write'):.2f} s", flush=True)
+    if patched is not None:
+        for tp in (1, 2):
+            run = spawn("convert.py", [str(ckpt), str(out), "--tp", str(tp)], work,
+                        f"{key}-fixed-tp{tp}", world=tp, env_extra={"PYTHONPATH": str(patched)})
+            _check_written(run, info, f"{key} TP{tp} with fixes")
+            run["same_files"] = _same_files(ref, out)
+            shutil.rmtree(out, ignore_errors=True)
+            res[f"fixed{tp}"] = [run]
+            print(f"[bench] {key} with fixes TP{tp}: process {run['wall_s']:.1f} s, load "
+                  f"{max_over_ranks(run, 'load'):.1f} s, export "
+                  f"{max_over_ranks(run, 'export'):.1f} s, peak RSS "
+                  f"{max(r['peak_rss'] for r in run['ranks']) / GiB:.2f} GiB, files "
+                  f"{'identical to' if run['same_files'] else 'DIFFERENT from'} the unpatched "
+                  f"export's", flush=True)
+        shutil.rmtree(ref, ignore_errors=True)
+    res["t"] = _targets(res, base)
+    missed = [tp for tp, v in res["t"]["tp"].items() if not v["ok"]]
+    if profile == "always" or (profile == "auto" and missed and first):
+        res["profile"] = {tp: _profile(key, ckpt, tmp, work, tp)
+                          for tp in ((1, 2) if profile == "always" else missed[-1:])}
+    shutil.rmtree(ckpt, ignore_errors=True)
+    return res
+
+
+def _same_files(a: Path, b: Path) -> bool:
+    import filecmp
+
+    names = sorted(p.name for p in a.iterdir())
+    if names != sorted(p.name for p in b.iterdir()):
+        return False
+    return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+
+
+def _check_written(run: dict, info: dict, what: str) -> None:
+    written = run["ranks"][0]["written_bytes"]
+    if written is None or abs(written - info["bytes"]) > 16 * MiB:
+        raise RuntimeError(f"{what}: export wrote {written} bytes of tensors, source has "
+                           f"{info['bytes']}")
+
+
+def _targets(res: dict, base: float) -> dict:
+    """Medians, ratios and verdicts of one model."""
+    read = med(phase(r, 0, "read") for r in res["read"])
+    write = med(phase(r, 0, "write") for r in res["write"])
+    largest = res["ckpt"]["largest_bytes"]
+    t = {"read_floor": read, "write_floor": write, "largest": largest, "tp": {}, "fixed": {}}
+    for variant, tp in ((v, tp) for v in ("tp", "fixed") for tp in (1, 2)):
+        rs = res.get(f"{variant}{tp}")
+        if not rs:
+            continue
+        ranks = []
+        for r in range(tp):
+            share = rs[0]["ranks"][r]["share_bytes"]
+            peak = med(x["ranks"][r]["peak_rss"] for x in rs)
+            budget = base + share + 2 * largest
+            ranks.append({
+                "share": share, "peak": peak, "budget": budget, "ok": peak <= budget,
+                "phases": {name: {k: med(x["ranks"][r]["phases"][name][k] for x in rs)
+                                  for k in ("wall_s", "peak_rss", "peak_anon", "peak_file",
+                                            "end_rss")}
+                           for name in rs[0]["ranks"][r]["phases"]},
+            })
+        load = med(max_over_ranks(x, "load") for x in rs)
+        export = med(max_over_ranks(x, "export") for x in rs)
+        imp_total = med(max(sum(phase(x, r, n) for n in ("start+imports", "setup", "build",
+                                                         "load")) for r in range(tp))
+                        for x in rs)
+        v = {"process": med(x["wall_s"] for x in rs), "import_total": imp_total,
+             "load": load, "export": export, "ranks": ranks,
+             "import_ratio": load / read, "export_ratio": export / write,
+             "import_ok": load / read <= IMPORT_TARGET,
+             "export_ok": export / write <= EXPORT_TARGET,
+             "foreign": max(x["foreign_cpu_s"] / x["wall_s"] for x in rs)}
+        v["ok"] = v["import_ok"] and v["export_ok"] and all(r["ok"] for r in ranks)
+        if variant == "fixed":
+            v["same_files"] = all(x.get("same_files") for x in rs)
+        t[variant][tp] = v
+    return t
+
+
+def _profile(key: str, ckpt: Path, tmp: Path, work: Path, tp: int) -> dict:
+    """One run under cProfile (build, load and export phases, separately; every rank)."""
+    import pstats
+
+    out = tmp / "out"
+    tag = f"{key}-tp{tp}-profile"
+    run = spawn("convert.py", [str(ckpt), str(out), "--tp", str(tp), "--profile",
+                               "build,load,export"], work, tag, world=tp)
+    shutil.rmtree(out, ignore_errors=True)
+    prof = {"wall": {n: max(phase(run, r, n) for r in range(tp))
+                     for n in run["ranks"][0]["phases"]}, "top": {}}
+    for name in ("build", "load", "export"):
+        st = pstats.Stats(str(work / f"{tag}.r0.json.{name}.prof"))
+        rows = [{"fn": _where(file, line, fn), "calls": nc, "tottime": tt, "cumtime": ct}
+                for (file, line, fn), (_cc, nc, tt, ct, _callers) in st.stats.items()]
+        prof["top"][name] = {
+            "total": st.total_tt,
+            "self": sorted(rows, key=lambda r: -r["tottime"])[:8],
+            "cum": [r for r in sorted(rows, key=lambda r: -r["cumtime"])
+                    if _interesting(r["fn"])][:10],
+        }
+    walls = ", ".join(f"{n} {w:.1f} s" for n, w in prof["wall"].items())
+    print(f"[bench] {key} TP{tp}: profiled ({walls})", flush=True)
+    return prof
+
+
+def _where(file: str, line: int, fn: str) -> str:
+    if file == "~":
+        return fn
+    for marker in ("site-packages/", str(ROOT) + "/"):
+        if marker in file:
+            file = file.split(marker, 1)[1]
+            break
+    else:
+        file = Path(file).name
+    return f"{file}:{line}({fn})"
+
+
+def _interesting(fn: str) -> bool:
+    return not any(s in fn for s in ("convert.py", "_common.py", "contextlib", "<lambda>",
+                                     "threading.py", "{built-in method builtins.exec}"))
+
+
+# -- report -----------------------------------------------------------------------------------
+def _versions() -> str:
+    from importlib.metadata import version
+
+    out = []
+    for p in ("torch", "megatron-core", "transformers", "safetensors", "psutil"):
+        try:
+            out.append(f"{p} {version(p)}")
+        except Exception:  # noqa: BLE001
+            out.append(f"{p} ?")
+    return ", ".join(out)
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GiB
+    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, CPU only, Linux "
+            f"{platform.release()}; Python {platform.python_version()}")
+
+
+def render(results: dict) -> str:
+    from render import render as _render  # benchmarks/render.py
+
+    return _render(results, machine=_machine(), versions=_versions())
+
+
+if __name__ == "__main__":
+    main()
