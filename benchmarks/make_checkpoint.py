@@ -90,6 +90,10 @@ def make_checkpoint(cfg: dict, out: Path, shard_bytes: int = 2 * 2**30, seed: in
         shards[-1].append((name, shape))
         size += nbytes
     gen = torch.Generator().manual_seed(seed)
+    # Weights are cut from a 64 MiB block of N(0, 0.02) values at a random offset per tensor:
+    # random-looking, distinct per tensor, and several times faster than drawing every value
+    # (torch's normal_ on CPU runs at about 0.2 GB/s; a copy at memory speed).
+    block = torch.empty(2**25, dtype=torch.bfloat16).normal_(0.0, 0.02, generator=gen)
     weight_map, total = {}, 0
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
@@ -99,7 +103,7 @@ def make_checkpoint(cfg: dict, out: Path, shard_bytes: int = 2 * 2**30, seed: in
             if name.endswith("norm.weight"):  # RMSNorm gains near 1, as trained models have
                 x.normal_(1.0, 0.05, generator=gen)
             else:
-                x.normal_(0.0, 0.02, generator=gen)
+                _fill(x.view(-1), block, int(torch.randint(len(block), (), generator=gen)))
             tensors[name] = x
             weight_map[name] = fname
             total += x.numel() * itemsize
@@ -112,6 +116,15 @@ def make_checkpoint(cfg: dict, out: Path, shard_bytes: int = 2 * 2**30, seed: in
     return {"tensors": len(plan), "bytes": total, "shards": len(shards),
             "largest_tensor": largest[0], "largest_bytes": _numel(largest[1]) * itemsize,
             "seconds": time.perf_counter() - t}
+
+
+def _fill(flat, block, start: int) -> None:
+    """``flat`` <- ``block`` repeated, starting at ``start``."""
+    pos = 0
+    while pos < flat.numel():
+        take = min(flat.numel() - pos, len(block) - start)
+        flat[pos:pos + take] = block[start:start + take]
+        pos, start = pos + take, 0
 
 
 def _numel(shape) -> int:

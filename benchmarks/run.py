@@ -2,7 +2,8 @@
 against the floors of plain safetensors I/O. Writes docs/performance.md.
 
     .venv/bin/python benchmarks/run.py            # median of 3, both models, profiles (~10 min)
-    .venv/bin/python benchmarks/run.py --quick    # 1 run, Llama-3.2-1B only, no profile (< 2 min)
+    .venv/bin/python benchmarks/run.py --quick    # 1 run, Llama-3.2-1B only, no profile, no
+                                                  # with-fixes rows (< 2 min)
 
 Every figure is a whole process started afresh (``subprocess``): TP1 is one process, TP2 two
 gloo ranks (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT), each running benchmarks/convert.py.
@@ -151,14 +152,14 @@ def max_over_ranks(run: dict, name: str, key: str = "wall_s") -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true",
-                    help="one run, Llama-3.2-1B only, no profile (< 2 minutes)")
+                    help="one run, Llama-3.2-1B only, no profile, no with-fixes rows (< 2 minutes)")
     ap.add_argument("--runs", type=int, help="runs per figure (default 3; 1 with --quick)")
     ap.add_argument("--models", help="comma list of: " + ", ".join(MODELS))
     ap.add_argument("--profile", choices=["auto", "always", "never"], default=None,
                     help="cProfile run where a target is missed (default: auto; never with --quick)")
-    ap.add_argument("--fixes", choices=["on", "off"], default="on",
+    ap.add_argument("--fixes", choices=["on", "off"], default=None,
                     help="also run the import/export once per TP with benchmarks/proposed-fixes.patch "
-                         "applied to a copy of bridges/ (default: on)")
+                         "applied to a copy of bridges/ (default: on; off with --quick)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="first wait up to S seconds for the 1-minute load average to fall below 1")
     ap.add_argument("--tmp", help="parent directory of the temporary checkpoints (default: $TMPDIR)")
@@ -175,15 +176,18 @@ def main() -> None:
     runs = a.runs or (1 if a.quick else 3)
     models = a.models.split(",") if a.models else (["llama"] if a.quick else list(MODELS))
     profile = a.profile or ("never" if a.quick else "auto")
+    fixes = a.fixes or ("off" if a.quick else "on")
     started = time.monotonic()
     if a.wait_idle:
         _wait_idle(a.wait_idle)
     load_start = os.getloadavg()
+    mem_start = _mem_available()
 
     tmp = Path(tempfile.mkdtemp(prefix="mbridge-bench-", dir=a.tmp))
     work = tmp / "work"
     work.mkdir()
-    results: dict = {"runs": runs, "quick": a.quick, "load_start": load_start, "models": {}}
+    results: dict = {"runs": runs, "quick": a.quick, "load_start": load_start,
+                     "mem_start": mem_start, "models": {}}
     try:
         print(f"[bench] temp dir {tmp}; {runs} run(s); models {models}", flush=True)
         results["baseline"] = [spawn("floors.py", ["imports"], work, f"imports{i}")
@@ -193,7 +197,7 @@ def main() -> None:
               flush=True)
         results["baseline_rss"] = med(r["ranks"][0]["peak_rss"] for r in results["baseline"])
         patched = None
-        if a.fixes == "on":
+        if fixes == "on":
             patched, results["fixes_note"] = _patched_tree(tmp)
         for key in models:
             results["models"][key] = _bench_model(key, tmp, work, runs, results["baseline_rss"],
@@ -213,6 +217,14 @@ def main() -> None:
 def _int_keys(d: dict) -> dict:
     """JSON turned the TP keys (1, 2) into strings: turn them back."""
     return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in d.items()}
+
+
+def _mem_available() -> int:
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _wait_idle(limit: float) -> None:
