@@ -8,7 +8,8 @@
 (``get_tensor(name).clone()``), dropping it after reading it. safetensors >= 0.8 returns
 ``get_tensor`` as a zero-copy view of the memory-mapped file, so the copy is what makes the
 bytes actually read; a loader must copy them into its parameters anyway.
-``write``: read every tensor into process memory first (not part of the write phase), then write them with ``save_file``
+``write``: read every tensor into process memory first (not part of the write phase), then
+write them with ``save_file``
 in the shards the exporter would cut (5 GiB, in checkpoint order), and fsync each file, as the
 exporter does; the fsync share is reported apart.
 ``imports``: a process that only imports torch, megatron.core (GPTModel) and transformers: the

@@ -80,7 +80,8 @@ _DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 def spawn(script: str, args: list[str], work: Path, tag: str, world: int = 1,
           timeout: float = 600.0, env_extra: dict | None = None) -> dict:
-    """Run ``script`` as ``world`` fresh processes; return {wall_s, ranks: [json...], foreign_cpu_s}."""
+    """Run ``script`` as ``world`` fresh processes (one per rank); return ``{wall_s,
+    foreign_cpu_s, load_before, ranks: [each rank's JSON]}``."""
     for attempt in range(2):
         port = free_port()
         logs, procs, jsons = [], [], []
@@ -150,19 +151,23 @@ def max_over_ranks(run: dict, name: str, key: str = "wall_s") -> float:
 
 # -- main -------------------------------------------------------------------------------------
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="one run, Llama-3.2-1B only, no profile, no with-fixes rows (< 2 minutes)")
     ap.add_argument("--runs", type=int, help="runs per figure (default 3; 1 with --quick)")
     ap.add_argument("--models", help="comma list of: " + ", ".join(MODELS))
     ap.add_argument("--profile", choices=["auto", "always", "never"], default=None,
-                    help="cProfile run where a target is missed (default: auto; never with --quick)")
+                    help="cProfile run where a target is missed "
+                         "(default: auto; never with --quick)")
     ap.add_argument("--fixes", choices=["on", "off"], default=None,
-                    help="also run the import/export once per TP with benchmarks/proposed-fixes.patch "
-                         "applied to a copy of bridges/ (default: on; off with --quick)")
+                    help="also run the import/export once per TP with "
+                         "benchmarks/proposed-fixes.patch applied to a copy of bridges/ "
+                         "(default: on; off with --quick)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
-                    help="first wait up to S seconds for the 1-minute load average to fall below 1")
-    ap.add_argument("--tmp", help="parent directory of the temporary checkpoints (default: $TMPDIR)")
+                    help="first wait up to S seconds for the 1-minute load average to fall "
+                         "below 1")
+    ap.add_argument("--tmp",
+                    help="parent directory of the temporary checkpoints (default: $TMPDIR)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "performance.md"))
     ap.add_argument("--save-results", metavar="JSON", help="also save the raw figures")
     ap.add_argument("--render-only", metavar="JSON",
