@@ -185,7 +185,8 @@ class Bridge:
                     bad = _nonfinite(hf[role])
                     if bad:
                         nonfinite[n] = bad
-                shard = mapping.to_megatron(hf, tp_rank, tp_size, self._shapes(chunk))
+                # may be a view of the HF tensors: copied into the parameter below
+                shard = mapping.shard_view(hf, tp_rank, tp_size, self._shapes(chunk))
             except (MappingError, CheckpointError) as e:
                 ledger.problem(f"{name} <- {list(hf_names.values())}: {e}")
                 continue
@@ -234,12 +235,16 @@ class Bridge:
 
     # -- export ---------------------------------------------------------------------------
     def export_hf_weights(self, model_chunks: list, cpu: bool = True, strict: bool = True,
-                          quantized: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+                          quantized: bool = False, *, tp_rank0_only: bool = False
+                          ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(hf_name, full tensor)`` on every rank, in a fixed order.
 
         Tensors are cast to the source checkpoint's dtype when the bridge has one. With
         ``strict``, the exported names must equal the source checkpoint's (or, without one, the
-        mapping table's) names exactly.
+        mapping table's) names exactly. With ``tp_rank0_only``, TP shards are gathered to TP rank
+        0 only (point to point: at TP2 half the traffic of ``all_gather``, and no full-size
+        copies on the other ranks), and the other TP ranks yield nothing (they must still run
+        the generator to its end).
         """
         from megatron.core import parallel_state as ps
 
@@ -263,6 +268,7 @@ class Bridge:
         pp_rank = ps.get_pipeline_model_parallel_rank()
         tp_group = ps.get_tensor_model_parallel_group()
         tp_size = ps.get_tensor_model_parallel_world_size()
+        silent = tp_rank0_only and ps.get_tensor_model_parallel_rank() != 0
         seen: list[str] = []
         for name in order:
             owner = next(r for r, names in enumerate(owners) if name in names)
@@ -270,12 +276,27 @@ class Bridge:
             if owner == pp_rank:
                 chunk, param, mapping, _ = local[name]
                 shards = [param.detach()]
-                if tp_size > 1 and mapping.tp_dim is not None:
+                if tp_size > 1 and mapping.tp_dim is not None and tp_rank0_only:
+                    # point to point into the chunks of one tensor (no flat buffer as gloo's
+                    # gather makes; _gather then joins the chunks without a copy)
+                    if silent:
+                        dist.send(param.detach().contiguous(),
+                                  dst=dist.get_global_rank(tp_group, 0), group=tp_group)
+                    else:
+                        full = param.new_empty((tp_size * param.shape[0], *param.shape[1:]))
+                        shards = list(full.chunk(tp_size))
+                        shards[0].copy_(param.detach())
+                        for r in range(1, tp_size):
+                            dist.recv(shards[r], src=dist.get_global_rank(tp_group, r),
+                                      group=tp_group)
+                elif tp_size > 1 and mapping.tp_dim is not None:
                     shards = [torch.empty_like(param) for _ in range(tp_size)]
                     dist.all_gather(shards, param.detach().contiguous(), group=tp_group)
-                out = mapping.to_hf(shards, self._shapes(chunk))
-                hf_names = mapping.hf_names(local[name][3])
-                out = {hf_names[role]: t for role, t in out.items()}
+                out = {}
+                if not silent:
+                    out = mapping.to_hf(shards, self._shapes(chunk))
+                    hf_names = mapping.hf_names(local[name][3])
+                    out = {hf_names[role]: t for role, t in out.items()}
             if pp_size > 1:
                 box = [out]
                 dist.broadcast_object_list(box, src=dist.get_global_rank(pp_group, owner),
@@ -299,7 +320,7 @@ class Bridge:
                     t = t.to(src.dtype(hf_name))
                 seen.append(hf_name)
                 yield hf_name, t
-        if strict:
+        if strict and not silent:
             self._check_export_names(seen, quantized)
 
     def _check_export_names(self, seen: list[str], quantized: bool = False) -> None:
@@ -320,7 +341,8 @@ class Bridge:
         """Export and write an HF checkpoint (rank 0 writes, atomically; ``progress`` shows a
         progress bar there; ``quantized`` re-quantizes to the source's FP8 layout)."""
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        tensors = self.export_hf_weights(model_chunks, cpu=True, quantized=quantized)
+        tensors = self.export_hf_weights(model_chunks, cpu=True, quantized=quantized,
+                                         tp_rank0_only=True)
         if rank0:
             if progress:
                 from tqdm import tqdm
@@ -328,12 +350,40 @@ class Bridge:
                 total = len(self.checkpoint.names()) if self.checkpoint is not None else None
                 tensors = tqdm(tensors, total=total, unit="tensor", desc="export")
             source = self.checkpoint.path if self.checkpoint is not None else None
-            save_hf_checkpoint(tensors, self.export_config(quantized), out_dir, source, max_shard_bytes)
+            save_hf_checkpoint(tensors, self.export_config(quantized), out_dir, source, max_shard_bytes,
+                               plan=self._export_plan())
         else:
             for _ in tensors:
                 pass
         if dist.is_initialized():
             dist.barrier()
+
+    def _export_plan(self) -> list[tuple[str, tuple[int, ...], torch.dtype]] | None:
+        """What ``export_hf_weights`` yields when it reproduces the source checkpoint: ``(HF
+        name, shape, dtype)`` in its order, so that ``save_hf_checkpoint`` can write each tensor
+        as it comes. None when that cannot be told up front (no source checkpoint, float8
+        tensors, a pattern with several wildcards, names that differ from the source's): the
+        writer then collects each shard before writing it."""
+        ckpt = self.checkpoint
+        if ckpt is None:
+            return None
+        attrs = self.megatron_attrs()
+        rows = []
+        for m in self.mappings(attrs):
+            stars = m.megatron.count("*")
+            if not getattr(m, "export", True):
+                continue
+            if stars > 1:
+                return None
+            for caps in ([str(i) for i in range(attrs["num_layers"])] if stars else [None]):
+                megatron = m.megatron.replace("*", caps) if caps else m.megatron
+                rows.append((_sort_key(megatron), m.hf_names((caps,) if caps else ())))
+        names = [n for _, hf in sorted(rows, key=lambda r: r[0]) for n in hf.values()]
+        expected = {n for n in ckpt.names() if not self._ignored(n)}
+        if len(names) != len(expected) or set(names) != expected \
+                or any(str(ckpt.dtype(n)).startswith("torch.float8") for n in names):
+            return None
+        return [(n, ckpt.shape(n), ckpt.dtype(n)) for n in names]
 
     def export_config(self, quantized: bool = False) -> dict[str, Any]:
         """config.json for export: the source's own fields, with every mapped field rewritten;

@@ -59,7 +59,13 @@ class GPTBridge(Bridge):
         return out
 
     def to_megatron_provider(self) -> GPTModelProvider:
-        return GPTModelProvider(self.megatron_attrs(), layer_spec=local_layer_spec)
+        attrs = self.megatron_attrs()
+        if self.checkpoint is not None:
+            # load_hf_weights writes every parameter (and fails on any it leaves unwritten), so
+            # Megatron's random init would be thrown away: it costs a full-size fp32 master
+            # tensor per weight on every rank and most of the build time on CPU.
+            attrs["perform_initialization"] = False
+        return GPTModelProvider(attrs, layer_spec=local_layer_spec)
 
     # -- weights --------------------------------------------------------------------------
     def mappings(self, attrs: dict[str, Any]) -> list[Mapping]:

@@ -2,7 +2,10 @@
 
 Reader: one file or a sharded ``model.safetensors.index.json``; headers are read up front and
 validated (shards inside the directory, sizes consistent with the header), tensors are read one
-at a time on demand, so each rank reads only what it needs.
+at a time on demand, so each rank reads only what it needs. Each read opens its shard anew:
+the tensor returned is a view of a memory map that lives as long as the tensor (a handle kept
+open would keep every page read resident in the process, the whole checkpoint after an
+import).
 
 Pickle checkpoints (``pytorch_model.bin``, its ``.index.json``, any ``*.bin`` / ``*.pt``) can run
 arbitrary code when unpickled: they are refused unless the caller passes ``allow_pickle=True``,
@@ -19,6 +22,7 @@ output is deterministic: the same tensors and config give byte-identical files.
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -111,7 +115,7 @@ class HFCheckpoint:
         self.allow_pickle = allow_pickle
         self._where: dict[str, Path] = {}
         self._meta: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
-        self._open: dict[Path, object] = {}
+        self._open: dict[Path, int] = {}  # shard -> how many tensors were read from it
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
         index, single = self.path / INDEX, self.path / SINGLE
         weight_map: dict[str, Path] | None = None
@@ -200,9 +204,10 @@ class HFCheckpoint:
         f = self._where[name]
         if f in self._pickled:  # memory-mapped: copy out, as safetensors' get_tensor does
             return self._pickled[f][name].clone()
-        if f not in self._open:
-            self._open[f] = safe_open(str(f), framework="pt")
-        return self._open[f].get_tensor(name)
+        # A fresh handle per read (about 0.4 ms): the map is released with the tensor.
+        self._open[f] = self._open.get(f, 0) + 1
+        with safe_open(str(f), framework="pt") as st:
+            return st.get_tensor(name)
 
     def config(self) -> dict:
         return self.read_config(self.path)
@@ -279,18 +284,26 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
 
 def save_hf_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]], config: dict,
                        out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None,
-                       max_shard_bytes: int = 5 * 2**30) -> Path:
+                       max_shard_bytes: int = 5 * 2**30,
+                       plan: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None) -> Path:
     """Write an HF checkpoint atomically (temporary directory, fsync, then rename into place).
 
     Deterministic: the same tensors (same order) and config give byte-identical files. Before
     writing, temporary siblings left at this target by a killed writer of this host are removed.
+
+    ``plan``: the ``(name, shape, dtype)`` of every tensor, in the order ``tensors`` yields them.
+    With it, the shard headers are written first and each tensor is written into its place as it
+    comes, by a writer thread (memory: the tensors in flight, not a shard; writing overlaps
+    producing); the files are the same bytes as without a plan. A tensor that is not in the
+    plan, or differs from it, is an error naming it.
     """
     out = Path(out_dir)
     out.parent.mkdir(parents=True, exist_ok=True)
     _clean_stale(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner()}-", dir=out.parent))
     try:
-        shards = list(_write_shards(tensors, tmp, max_shard_bytes))
+        shards = (list(_write_shards(tensors, tmp, max_shard_bytes)) if plan is None
+                  else _stream_shards(tensors, plan, tmp, max_shard_bytes))
         weight_map = {n: f for f, names in shards for n in names}
         if len(shards) == 1:
             (tmp / shards[0][0]).rename(tmp / SINGLE)
@@ -328,6 +341,101 @@ def _write_shards(tensors, tmp: Path, max_bytes: int) -> Iterator[tuple[str, lis
         size += nbytes
     idx += 1
     yield _flush(batch, tmp, idx)
+
+
+# safetensors orders a file's tensors by dtype (this order, descending), then name
+_ST_ORDER = {d: i for i, d in enumerate(["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16",
+                                         "BF16", "I32", "F32", "F64", "I64"])}
+_ST_NAMES = {v: k for k, v in _DTYPES.items()}
+
+
+def _stream_shards(tensors, plan, tmp: Path, max_bytes: int) -> list[tuple[str, list[str]]]:
+    """Write ``tensors`` into shards laid out from ``plan`` up front (same cut as
+    ``_write_shards``, same bytes as ``save_file``), each tensor as it comes."""
+    import queue
+    import threading
+
+    shards: list[list[tuple[str, tuple[int, ...], torch.dtype]]] = [[]]
+    size = 0
+    for name, shape, dtype in plan:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if shards[-1] and size + nbytes > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, tuple(shape), dtype))
+        size += nbytes
+    where: dict[str, tuple[int, int, tuple[int, ...], torch.dtype]] = {}  # name -> fd, offset...
+    fds, out = [], []
+    try:
+        for idx, entries in enumerate(shards, 1):
+            fname = f"model-{idx:05d}.safetensors"
+            header: dict = {"__metadata__": {"format": "pt"}}
+            off, spans = 0, {}
+            for name, shape, dtype in sorted(entries, key=lambda e: (-_ST_ORDER[_ST_NAMES[e[2]]],
+                                                                    e[0])):
+                n = math.prod(shape) * dtype.itemsize
+                header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape),
+                                "data_offsets": [off, off + n]}
+                spans[name] = off
+                off += n
+            raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+            raw += b" " * (-len(raw) % 8)
+            fd = os.open(tmp / fname, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            fds.append(fd)
+            _pwrite_all(fd, memoryview(struct.pack("<Q", len(raw)) + raw), 0)
+            os.ftruncate(fd, 8 + len(raw) + off)
+            for name, shape, dtype in entries:
+                where[name] = (fd, 8 + len(raw) + spans[name], shape, dtype)
+            out.append((fname, [e[0] for e in entries]))
+        todo: queue.Queue = queue.Queue(maxsize=1)
+        failed: list[BaseException] = []
+
+        def writer():
+            while (item := todo.get()) is not None:
+                fd, offset, t = item
+                try:
+                    if not failed and t.numel():
+                        buf = (ctypes.c_char * (t.numel() * t.element_size())).from_address(
+                            t.data_ptr())
+                        _pwrite_all(fd, memoryview(buf).cast("B"), offset)
+                except BaseException as e:  # noqa: BLE001 - re-raised by the producer
+                    failed.append(e)
+
+        thread = threading.Thread(target=writer, name="save_hf_checkpoint", daemon=True)
+        thread.start()
+        seen: set[str] = set()
+        try:
+            for name, t in tensors:
+                if failed:
+                    break
+                if name in seen:
+                    raise ValueError(f"export produced tensor {name} twice")
+                if name not in where:
+                    raise ValueError(f"export produced tensor {name}, which is not in the plan")
+                fd, offset, shape, dtype = where[name]
+                if tuple(t.shape) != shape or t.dtype != dtype:
+                    raise ValueError(f"export produced tensor {name} as {tuple(t.shape)} "
+                                     f"{t.dtype}, the plan says {shape} {dtype}")
+                seen.add(name)
+                todo.put((fd, offset, t.detach().cpu().contiguous()))
+        finally:
+            todo.put(None)
+            thread.join()
+        if failed:
+            raise failed[0]
+        missing = [n for n, *_ in plan if n not in seen]
+        if missing:
+            raise ValueError(f"export did not produce planned tensor(s) {missing[:5]}")
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return out
+
+
+def _pwrite_all(fd: int, view: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(view):
+        done += os.pwrite(fd, view[done:done + 2**30], offset + done)
 
 
 def _flush(batch: dict, tmp: Path, idx: int) -> tuple[str, list[str]]:

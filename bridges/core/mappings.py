@@ -54,6 +54,16 @@ class Mapping:
                     shapes: Shapes) -> torch.Tensor:
         return self._split(self._merge(hf, shapes), tp_rank, tp_size, shapes)
 
+    def shard_view(self, hf: dict[str, torch.Tensor], tp_rank: int, tp_size: int,
+                   shapes: Shapes) -> torch.Tensor:
+        """``to_megatron``, except that the result may be a view of the HF tensors: for a
+        caller that copies it into the parameter at once (``load_hf_weights``), one copy less.
+        A subclass with its own ``to_megatron`` or ``_split`` gets ``to_megatron``."""
+        cls = type(self)
+        if cls.to_megatron is not Mapping.to_megatron or cls._split is not Mapping._split:
+            return self.to_megatron(hf, tp_rank, tp_size, shapes)
+        return self._split_view(self._merge(hf, shapes), tp_rank, tp_size, shapes)
+
     def to_hf(self, shards: list[torch.Tensor], shapes: Shapes) -> dict[str, torch.Tensor]:
         return self._unmerge(self._gather(shards, shapes), shapes)
 
@@ -66,18 +76,23 @@ class Mapping:
 
     # TP split / gather (replicated unless tp_dim is set)
     def _split(self, full, tp_rank, tp_size, shapes):
+        part = self._split_view(full, tp_rank, tp_size, shapes)
+        return part if self.tp_dim is None else part.clone()  # a shard of its own
+
+    def _split_view(self, full, tp_rank, tp_size, shapes):
         if self.tp_dim is None:
             return full
         n = full.shape[self.tp_dim]
         if n % tp_size:
             raise MappingError(f"{self.megatron}: dimension {self.tp_dim} of size {n} does not "
                                f"divide by TP={tp_size}")
-        return full.chunk(tp_size, dim=self.tp_dim)[tp_rank].clone()
+        return full.chunk(tp_size, dim=self.tp_dim)[tp_rank]
 
     def _gather(self, shards, shapes):
-        if self.tp_dim is None:
+        if self.tp_dim is None or len(shards) == 1:
             return shards[0]
-        return torch.cat(shards, dim=self.tp_dim)
+        joined = _joined(shards) if self.tp_dim == 0 else None
+        return joined if joined is not None else torch.cat(shards, dim=self.tp_dim)
 
     def describe(self) -> dict:
         return {"megatron": self.megatron, "hf": self.hf, "kind": self.kind, "tp_dim": self.tp_dim}
@@ -123,6 +138,21 @@ class VocabParallel(Mapping):
     def _unmerge(self, full, shapes):
         return {"": full[: shapes.vocab_size]}
 
+    def shard_view(self, hf, tp_rank, tp_size, shapes):
+        """The rank's rows without padding the whole tensor first: a view of the HF rows, with
+        zero rows appended only on the rank that holds padding."""
+        w = hf[""]
+        if w.shape[0] != shapes.vocab_size:
+            return self.to_megatron(hf, tp_rank, tp_size, shapes)  # raises, naming the tensor
+        n = shapes.padded_vocab_size
+        if n % tp_size or n < w.shape[0]:
+            return self.to_megatron(hf, tp_rank, tp_size, shapes)
+        lo, hi = tp_rank * (n // tp_size), (tp_rank + 1) * (n // tp_size)
+        part = w[min(lo, w.shape[0]):min(hi, w.shape[0])]
+        if hi <= w.shape[0]:
+            return part
+        return torch.cat([part, w.new_zeros((hi - max(lo, w.shape[0]), *w.shape[1:]))])
+
 
 class QKV(Mapping):
     """Fused QKV, grouped-query interleave: per query group [q heads..., k, v] along dim 0.
@@ -153,11 +183,11 @@ class QKV(Mapping):
         return torch.cat([q.reshape(g, per * d, *rest), k.reshape(g, d, *rest),
                           v.reshape(g, d, *rest)], dim=1).reshape(-1, *rest)
 
-    def _split(self, full, tp_rank, tp_size, shapes):
+    def _split_view(self, full, tp_rank, tp_size, shapes):
         if shapes.num_query_groups % tp_size:
             raise MappingError(f"{self.megatron}: {shapes.num_query_groups} KV groups do not "
                                f"divide by TP={tp_size}")
-        return super()._split(full, tp_rank, tp_size, shapes)
+        return super()._split_view(full, tp_rank, tp_size, shapes)
 
     def _unmerge(self, full, shapes):
         g, d = shapes.num_query_groups, shapes.kv_channels
@@ -184,13 +214,15 @@ class GatedMLP(Mapping):
         if gate.shape[0] % tp_size:
             raise MappingError(f"{self.hf['gate']}: {gate.shape[0]} rows do not divide by "
                                f"TP={tp_size}")
-        return torch.cat([gate.chunk(tp_size)[tp_rank], up.chunk(tp_size)[tp_rank]]).clone()
+        return torch.cat([gate.chunk(tp_size)[tp_rank], up.chunk(tp_size)[tp_rank]])
 
     def to_hf(self, shards, shapes):
         if any(s.shape[0] % 2 for s in shards):
             raise MappingError(f"{self.megatron}: a TP shard has an odd row count "
                                f"{[s.shape[0] for s in shards]}; expected [gate; up] halves")
         halves = [s.chunk(2) for s in shards]
+        if len(halves) == 1:  # TP1: views of the parameter, no copy
+            return {"gate": halves[0][0], "up": halves[0][1]}
         return {"gate": torch.cat([h[0] for h in halves]), "up": torch.cat([h[1] for h in halves])}
 
 
@@ -201,6 +233,20 @@ class TiedOutput(VocabParallel):
 
     kind = "tied_vocab"
     export: bool = field(default=False)
+
+
+def _joined(shards: list[torch.Tensor]) -> torch.Tensor | None:
+    """``torch.cat(shards)`` without a copy when the shards already are consecutive dim-0 parts
+    of one contiguous buffer (an exporter that gathers into one tensor's chunks); else None."""
+    first = shards[0]
+    step = first.numel() * first.element_size()
+    ptr = first.untyped_storage().data_ptr()
+    for i, s in enumerate(shards):
+        if (not s.is_contiguous() or s.shape != first.shape or s.dtype != first.dtype
+                or s.untyped_storage().data_ptr() != ptr or s.data_ptr() != first.data_ptr() + i * step):
+            return None
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(),
+                                   (len(shards) * first.shape[0], *first.shape[1:]))
 
 
 # -- name patterns --------------------------------------------------------------------------
