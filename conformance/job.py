@@ -127,7 +127,16 @@ def describe(source: str | dict, toy_dir: str | None = None,
     fields = [f.hf for f in bridge.config_fields if get_path(raw, f.hf, None) is not None]
     fields += [k for k in ("rope_parameters", "attention_bias", "sliding_window") if k in exported
                and (k in raw or k == "rope_parameters")]
-    source_cfg = bridge.hf_config.to_dict() if hasattr(bridge.hf_config, "to_dict") else raw
+    # Both sides read through transformers' config class, so that spellings it treats as one
+    # (attribute_map: num_experts / num_local_experts) compare as one field.
+    from bridges.core.auto import _hf_config_object
+    from bridges.core.config import set_path
+
+    back = _hf_config_object(exported, "exported config", type(bridge).hf_model_type)
+    source_cfg, exported_cfg = {}, {}
+    for f in fields:
+        set_path(source_cfg, f, _plain(get_path(bridge.hf_config, f, None)))
+        set_path(exported_cfg, f, _plain(get_path(back, f, None)))
     table = []
     if toy_dir is not None:
         toy = make_bridge(toy_dir, bridge_ref)
@@ -136,19 +145,31 @@ def describe(source: str | dict, toy_dir: str | None = None,
                         tattrs["kv_channels"], tattrs["vocab_size"], tattrs["vocab_size"])
         ckpt = toy.checkpoint
         for m in toy.mappings(tattrs):
-            caps = ("0",) if "*" in m.megatron else ()
+            # shapes shown for the first layer the mapping applies to, expert 0
+            caps = ((str(m.layers[0]) if m.layers else "0",) + ("0",) * (m.megatron.count("*") - 1)
+                    if "*" in m.megatron else ())
             names = m.hf_names(caps)
-            row = {"megatron": m.megatron, "hf": m.hf, "kind": m.kind, "tp_dim": m.tp_dim,
-                   "hf_shapes": {r: list(ckpt.shape(n)) if n in ckpt else None for r, n in names.items()}}
+            row = {**m.describe(),
+                   "hf_shapes": {r: _shape(ckpt, n) for r, n in names.items()}}
             try:
-                t = m.to_megatron({r: ckpt.get(n) for r, n in names.items()}, 0, 1, shapes)
+                t = m.to_megatron({r: toy._read(ckpt, n) for r, n in names.items()}, 0, 1, shapes)
                 row["megatron_shape"] = list(t.shape)
             except Exception as e:  # reported in the table, judged by the other checks
                 row["megatron_shape"] = f"error: {e}"
             table.append(row)
     return {"attrs": {k: _plain(v) for k, v in sorted(attrs.items())},
-            "source_config": source_cfg, "exported_config": exported, "fields": fields,
+            "source_config": source_cfg, "exported_config": exported_cfg, "fields": fields,
             "table": table}
+
+
+def _shape(ckpt, name: str) -> list[int] | None:
+    """Shape of an HF tensor, or of one row of a stacked one (``name[k]``)."""
+    from bridges.core.mappings import split_row
+
+    base, row = split_row(name)
+    if base not in ckpt:
+        return None
+    return list(ckpt.shape(base))[1:] if row is not None else list(ckpt.shape(base))
 
 
 def _plain(v):

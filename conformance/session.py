@@ -22,6 +22,31 @@ from conformance.toy import shrink_config
 
 CASE_CHECKS = ("coverage", "roundtrip", "logits", "generation")
 DEFAULT_LAYOUTS = ("tp1pp1", "tp2", "pp2", "tp2pp2", "vpp2")
+# Mixture-of-experts models: EP 1/2/4, expert TP (= TP, and 1 under TP2), both Megatron
+# expert layouts (sequential; grouped GEMM), pipeline with EP.
+MOE_LAYOUTS = ("tp1pp1", "ep2", "tp2ep2", "pp2ep2", "ep4grouped", "tp2ep2etp1grouped")
+
+
+def is_moe(config: dict) -> bool:
+    """Whether the registered bridge for this config is a mixture-of-experts bridge."""
+    from bridges.core.moe import MoEBridge
+    from bridges.core.registry import UnknownModelError, lookup
+
+    try:
+        return issubclass(lookup(config), MoEBridge)
+    except UnknownModelError:
+        return False
+
+
+def layouts_for(config: dict, layouts: list[str] | tuple[str, ...] | None = None) -> list[str]:
+    """The layouts a model runs: the given ones that apply to it (expert layouts only for MoE
+    models), or its defaults."""
+    from bridges.core.parallel import Layout
+
+    moe = is_moe(config)
+    if layouts is None:
+        return list(MOE_LAYOUTS if moe else DEFAULT_LAYOUTS)
+    return [x for x in layouts if moe or (Layout.parse(x).ep == 1 and not Layout.parse(x).grouped)]
 
 
 class Conformance:

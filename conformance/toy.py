@@ -20,7 +20,9 @@ from typing import Any
 import torch
 
 TOY = dict(hidden_size=64, intermediate_size=96, head_dim=16, vocab_size=503, kv_heads=4,
-           max_heads=16, sliding_window=8)
+           max_heads=16, sliding_window=8, experts=8, max_topk=4, moe_intermediate_size=32,
+           shared_expert_intermediate_size=48)
+EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
 def shrink_config(config: dict[str, Any], max_tp: int = 4, min_layers: int = 4,
@@ -40,6 +42,15 @@ def shrink_config(config: dict[str, Any], max_tp: int = 4, min_layers: int = 4,
     c.pop("torch_dtype", None)
     if c.get("sliding_window"):
         c["sliding_window"] = TOY["sliding_window"]
+    if isinstance(c.get("layer_types"), list):  # per-layer list: keep the first layers'
+        c["layer_types"] = c["layer_types"][:min_layers]
+    _shrink_moe(c, min_layers)
+    from bridges.core.registry import UnknownModelError, lookup
+
+    try:
+        c = lookup(c).toy_config(c)
+    except UnknownModelError:
+        pass
     if tie is not None:
         c["tie_word_embeddings"] = tie
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -51,10 +62,37 @@ def shrink_config(config: dict[str, Any], max_tp: int = 4, min_layers: int = 4,
     return c
 
 
+def _shrink_moe(c: dict[str, Any], layers: int) -> None:
+    """Experts: 8 (EP up to 4 divides them), top-k at most 4 (and group-limited routing kept
+    consistent), small expert sizes, dense-first layers kept (one) but never all layers."""
+    key = next((k for k in EXPERT_COUNTS if c.get(k)), None)
+    if key is None:
+        return
+    groups = int(c.get("n_group") or 1)
+    c[key] = TOY["experts"]
+    if groups > 1:  # keep "experts per group" and "top-k within the chosen groups" sane
+        c["n_group"] = min(groups, 4)
+        c["topk_group"] = max(1, min(int(c.get("topk_group") or 1), c["n_group"] // 2))
+    c["num_experts_per_tok"] = min(int(c.get("num_experts_per_tok") or 2), TOY["max_topk"])
+    if c.get("moe_intermediate_size"):
+        c["moe_intermediate_size"] = TOY["moe_intermediate_size"]
+    if c.get("shared_expert_intermediate_size"):
+        c["shared_expert_intermediate_size"] = TOY["shared_expert_intermediate_size"]
+    if c.get("first_k_dense_replace"):
+        c["first_k_dense_replace"] = min(int(c["first_k_dense_replace"]), 1, layers - 1)
+    if c.get("mlp_only_layers"):
+        c["mlp_only_layers"] = [i for i in c["mlp_only_layers"] if i < layers - 1][:1]
+
+
 def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Re-randomise every parameter: matrices ~ N(0, 1/fan_in), vectors well away from 0/1."""
+    """Re-randomise every parameter: matrices ~ N(0, 1/fan_in), vectors well away from 0/1;
+    and the float buffers saved with the model (e.g. a router's score-correction bias)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        saved = set(model.state_dict())
+        for name, b in sorted(model.named_buffers()):
+            if name in saved and b.is_floating_point() and "inv_freq" not in name:
+                b.copy_(torch.randn(b.shape, generator=g) * 0.2)
         for name, p in sorted(model.named_parameters()):
             if p.dim() >= 2:
                 std = 1.0 / p.shape[-1] ** 0.5

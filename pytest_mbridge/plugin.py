@@ -137,16 +137,26 @@ def _world(config: pytest.Config) -> int:
     return 4
 
 
-def _layouts(config: pytest.Config) -> list[str]:
+def _layouts(config: pytest.Config, model: str | None = None) -> list[str]:
+    """The layouts of one model (its defaults: dense or MoE), or of all models (None)."""
     from bridges.core.parallel import Layout
-    from conformance.session import DEFAULT_LAYOUTS
+    from conformance.session import layouts_for
 
     given = config.getoption("mbridge_layouts")
-    names = [x.strip() for x in given.split(",") if x.strip()] if given else list(DEFAULT_LAYOUTS)
+    names = [x.strip() for x in given.split(",") if x.strip()] if given else None
     try:
-        layouts = [Layout.parse(x) for x in names]
+        for x in names or ():
+            Layout.parse(x)
     except ValueError as e:
         raise pytest.UsageError(f"--mbridge-layouts: {e}") from None
+    _models(config)
+    specs = config._mbridge_models  # type: ignore[attr-defined]
+    out: list[str] = []
+    for m in [model] if model else list(specs):
+        for x in layouts_for(specs[m].config, names):
+            if x not in out:
+                out.append(x)
+    layouts = [Layout.parse(x) for x in out]
     world = _world(config)
     if not given:
         if config.getoption("run_gpu") and world >= 4:
@@ -172,7 +182,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     models = _models(config)
     per_case = "mbridge_layout" in metafunc.fixturenames
     if per_case:
-        combos = [(m, lay, dt) for m in models for lay in _layouts(config) for dt in _dtypes(config)]
+        combos = [(m, lay, dt) for m in models for lay in _layouts(config, m) for dt in _dtypes(config)]
         many_dtypes = len(_dtypes(config)) > 1
         params = [pytest.param(m, lay, dt, id=f"{m}-{lay}" + (f"-{dt}" if many_dtypes else ""),
                                marks=[pytest.mark.xdist_group(f"{m}"), pytest.mark.mbridge])

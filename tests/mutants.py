@@ -214,3 +214,80 @@ class QKNormSwapped(Qwen3Bridge):
 class SkipDequant(Qwen3Bridge):
     def _read(self, ckpt, name):
         return ckpt.get(name).float()  # the scale companion is still "used": a silent bug
+
+
+# -- mixture of experts ----------------------------------------------------------------------
+from bridges.models.glm4_moe.glm4_moe_bridge import Glm4MoeBridge  # noqa: E402
+from bridges.models.qwen2_moe.qwen2_moe_bridge import Qwen2MoeBridge  # noqa: E402
+from bridges.models.qwen3_moe.qwen3_moe_bridge import Qwen3MoeBridge  # noqa: E402
+
+
+def _expert_hf(table, rename):
+    """Routed-expert mappings whose HF expert index is ``rename(layer, e)`` (both directions)."""
+    out = []
+    for m in table:
+        if ".mlp.experts." in m.megatron:
+            cls = type(m)
+
+            class Renamed(cls):
+                def hf_names(self, captures):
+                    layer, e = captures
+                    return super().hf_names((layer, str(rename(int(e)))))
+
+            m = Renamed(m.megatron, m.hf, layers=m.layers, alternate=m.alternate)
+        out.append(m)
+    return out
+
+
+# 16. experts permuted: Megatron expert e holds HF expert e+1 (import and export agree) -----
+class ExpertsPermuted(Qwen3MoeBridge):
+    def mappings(self, attrs):
+        n = attrs["num_moe_experts"]
+        return _expert_hf(super().mappings(attrs), lambda e: (e + 1) % n)
+
+
+# 17. one expert written twice: Megatron expert 1 also reads HF expert 0 ------------------
+class ExpertWrittenTwice(Qwen3MoeBridge):
+    def mappings(self, attrs):
+        return _expert_hf(super().mappings(attrs), lambda e: 0 if e == 1 else e)
+
+
+# 18. shared-expert gate dropped: the model is built without it, its HF tensor skipped ----
+class SharedGateDropped(Qwen2MoeBridge):
+    ignored_hf = Qwen2MoeBridge.ignored_hf + (r".*shared_expert_gate\.weight",)
+    shared_gate_hf = None
+
+    def megatron_attrs(self):
+        return {**super().megatron_attrs(), "moe_shared_expert_gate": False}
+
+
+# 19. router score-correction bias dropped: routing without it, the HF tensor skipped -----
+class RouterBiasDropped(Glm4MoeBridge):
+    ignored_hf = Glm4MoeBridge.ignored_hf + (r".*e_score_correction_bias",)
+    router_bias_hf = None
+
+    def megatron_attrs(self):
+        return {**super().megatron_attrs(), "moe_router_enable_expert_bias": False}
+
+
+# 20. EP export gathers experts strided (local * EP + rank) instead of in rank blocks ------
+class EPExportOrder(Qwen3MoeBridge):
+    def export_hf_weights(self, *args, **kwargs):
+        self._exporting = True
+        try:
+            yield from super().export_hf_weights(*args, **kwargs)
+        finally:
+            self._exporting = False
+
+    def _params(self, model_chunks, table):
+        import re
+
+        from megatron.core import parallel_state as ps
+
+        ep, rank = ps.get_expert_model_parallel_world_size(), ps.get_expert_model_parallel_rank()
+        n_local = self.megatron_attrs()["num_moe_experts"] // ep
+        for chunk, name, p in super()._params(model_chunks, table):
+            if getattr(self, "_exporting", False):
+                name = re.sub(r"(local_experts\.)(\d+)",
+                              lambda m: f"{m.group(1)}{(int(m.group(2)) - rank * n_local) * ep + rank}", name)
+            yield chunk, name, p

@@ -26,11 +26,15 @@ def test_registered_dense_models_have_a_bridge_and_nothing_unknown(model):
 def test_new_blocks_are_flagged(tmp_path):
     cfg = _cfg(FIXTURES / "Qwen/Qwen3-8B/config.json")
     cfg.update(model_type="qwen3_moe_like", architectures=["X"], num_experts=8, num_experts_per_tok=2,
-               moe_intermediate_size=64, kv_lora_rank=32, quantization_config={"quant_method": "fp8"})
+               moe_intermediate_size=64, kv_lora_rank=32, lightning_heads=4,
+               quantization_config={"quant_method": "fp8"})
     info = inspect_config(cfg)
     assert info["bridge"] is None and info["closest_bridge"] == "qwen3"
     assert set(info["blocks"]) == {"moe", "mla"}
-    assert {"num_experts", "kv_lora_rank", "moe_intermediate_size"} <= set(info["unknown_fields"])
+    # no registered bridge reads lightning_heads; the dense qwen3 bridge does not read MoE fields
+    assert "lightning_heads" in info["unknown_fields"] and "num_experts" not in info["unknown_fields"]
+    assert {"num_experts", "kv_lora_rank", "moe_intermediate_size", "lightning_heads"} <= \
+        set(info["unhandled_by_closest"])
     assert info["quantization"]["config"] == {"quant_method": "fp8"}
 
 

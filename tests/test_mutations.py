@@ -22,6 +22,12 @@ MUTANTS = [
     ("ExportShardOrder", "Qwen/Qwen3-8B", {"tp1pp1": set(), "tp2": {"roundtrip"}}),
     ("BiasInterleave", "Qwen/Qwen2.5-7B-Instruct", {"tp1pp1": {"logits", "generation"}}),
     ("QKNormSwapped", "Qwen/Qwen3-8B", {"tp1pp1": {"logits", "generation"}}),
+    ("ExpertsPermuted", "Qwen/Qwen3-30B-A3B", {"tp1pp1": {"logits", "generation"}}),
+    ("ExpertWrittenTwice", "Qwen/Qwen3-30B-A3B", {"ep2": {"coverage"}}),
+    # dropped and its HF tensor skipped as "ignored": the export lacks it, the routing differs
+    ("SharedGateDropped", "Qwen/Qwen1.5-MoE-A2.7B", {"tp1pp1": {"coverage", "roundtrip", "logits", "generation"}}),
+    ("RouterBiasDropped", "zai-org/GLM-4.5", {"tp1pp1": {"coverage", "roundtrip", "logits", "generation"}}),
+    ("EPExportOrder", "Qwen/Qwen3-30B-A3B", {"tp1pp1": set(), "ep2": {"roundtrip"}}),
 ]
 
 

@@ -93,17 +93,20 @@ def inspect_config(config: dict, ckpt: Path | None = None) -> dict:
     except UnknownModelError:
         info["bridge"] = None
     # Fields some registered bridge understands: its table, and the fields of its shipped configs.
-    known = set(NEUTRAL)
     by_type: dict[str, set] = {}
     for name in fixture_names():
         c = resolve(name).config
         by_type.setdefault(c["model_type"], set()).update(c)
-    for mt, cls in registered().items():
-        known |= {f.hf.split(".")[-1] for f in cls.config_fields} | by_type.get(mt, set())
+    handles = {mt: set(NEUTRAL) | {f.hf.split(".")[-1] for f in cls.config_fields} | by_type.get(mt, set())
+               for mt, cls in registered().items()}
+    known = set().union(*handles.values()) if handles else set(NEUTRAL)
     keys = set(text) - {k for k in text if isinstance(text[k], dict) and k not in ("rope_scaling", "rope_parameters")}
     scores = {mt: len(keys & fields) / len(keys | fields) for mt, fields in by_type.items() if mt in registered()}
-    info["closest_bridge"] = max(scores, key=scores.get) if scores else None
-    info["unknown_fields"] = sorted(k for k in keys - known if text.get(k) not in (None, False, 0, [], {}))
+    closest = info["closest_bridge"] = max(scores, key=scores.get) if scores else None
+    set_ = [k for k in keys if text.get(k) not in (None, False, 0, [], {})]
+    info["unknown_fields"] = sorted(k for k in set_ if k not in known)  # no bridge handles them
+    # what a bridge starting from the closest one would still have to handle
+    info["unhandled_by_closest"] = sorted(k for k in set_ if k not in handles.get(closest, known))
     return info
 
 
@@ -128,4 +131,7 @@ def run(args) -> int:
             print(f"  {k} = {json.dumps(config.get(k, (config.get('text_config') or {}).get(k)))[:80]}")
     else:
         print("unknown fields none")
+    if info["unhandled_by_closest"] and not info["bridge"]:
+        print(f"not read by the closest bridge ({info['closest_bridge']}): "
+              + ", ".join(info["unhandled_by_closest"]))
     return 0

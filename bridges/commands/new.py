@@ -101,7 +101,7 @@ def scaffold(config: dict, family: str, name: str, dest: Path, force: bool = Fal
     base_type = info["closest_bridge"]
     base_cls = registered()[base_type]
     cls = "".join(p.capitalize() for p in family.split("_")) + "Bridge"
-    unhandled = tuple(info["unknown_fields"])
+    unhandled = tuple(info["unhandled_by_closest"])
     todo = ("Left to write: " + ", ".join(unhandled) + "." if unhandled
             else "Nothing left to write: every config field is understood.")
     try:

@@ -50,10 +50,28 @@ def _require_fields(cls, raw: dict[str, Any], source: str) -> None:
     defaults in (a missing vocab_size silently becoming 32000)."""
     from bridges.core.config import _MISSING, get_path
 
+    aliases = _aliases(cls.hf_model_type or raw.get("model_type"))
     for f in cls.config_fields:
+        names = {f.hf} | aliases.get(f.hf, set())
         if f.default is _MISSING and f.megatron not in ("num_query_groups", "kv_channels") \
-                and get_path(raw, f.hf, None) is None:
+                and all(get_path(raw, n, None) is None for n in names):
             raise ConfigError(f"{source}: config field {f.hf!r} is required but missing")
+
+
+def _aliases(model_type: str | None) -> dict[str, set[str]]:
+    """Field spellings transformers treats as one (its config class's ``attribute_map``, e.g.
+    Qwen3-MoE's num_experts, saved as num_local_experts by transformers 5)."""
+    try:
+        from transformers import CONFIG_MAPPING
+
+        amap = CONFIG_MAPPING[model_type].attribute_map
+    except (KeyError, ImportError):
+        return {}
+    out: dict[str, set[str]] = {}
+    for a, b in amap.items():
+        out.setdefault(a, set()).add(b)
+        out.setdefault(b, set()).add(a)
+    return out
 
 
 class AutoBridge:

@@ -19,7 +19,8 @@ from bridges.core import quant
 from bridges.core.config import Field, translate, untranslate
 from bridges.core.hf_io import CheckpointError, HFCheckpoint, save_hf_checkpoint
 from bridges.core.ledger import CoverageError, Ledger
-from bridges.core.mappings import Mapping, MappingError, Shapes, TiedOutput, match
+from bridges.core.mappings import (Mapping, MappingError, Shapes, TiedOutput, _compile, _fill, match,
+                                   split_row)
 
 
 def unwrap(chunk):
@@ -53,15 +54,29 @@ def _nonfinite(t: torch.Tensor) -> str | None:
 
 
 _LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
+# an expert's local index: sequential (local_experts.<e>.) and grouped GEMM (weight<e>) layouts
+_EXPERT = re.compile(r"^(\.mlp\.experts\.(?:local_experts\.|linear_fc[12]\.(?:weight|bias)))(\d+)(.*)$")
 
 
 def _global_name(chunk, local_name: str) -> str:
-    """Local parameter name in a chunk -> name with the global layer index."""
+    """Local parameter name in a chunk -> name with the global layer and expert indices."""
     m = _LAYER.match(local_name)
     if not m:
         return local_name
     layer = chunk.decoder.layers[int(m.group(2))]
-    return f"{m.group(1)}{layer.layer_number - 1}{m.group(3)}"
+    rest = m.group(3)
+    e = _EXPERT.match(rest)
+    if e:
+        from megatron.core import parallel_state as ps
+
+        first = ps.get_expert_model_parallel_rank() * layer.mlp.experts.num_local_experts
+        rest = f"{e.group(1)}{first + int(e.group(2))}{e.group(3)}"
+    return f"{m.group(1)}{layer.layer_number - 1}{rest}"
+
+
+def is_expert(name: str) -> bool:
+    """Routed-expert parameters: split over the expert TP group, spread over EP ranks."""
+    return ".mlp.experts." in name
 
 
 class Bridge:
@@ -81,6 +96,12 @@ class Bridge:
     dequantized_dtype: ClassVar[torch.dtype] = torch.bfloat16
     # HF tensors that exist in some checkpoints but carry no weights (regex, full match).
     ignored_hf: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq",)
+
+    @classmethod
+    def toy_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Hook for the conformance toy generator: fix up a shrunk config dict where this
+        family's HF code ties sizes together (e.g. no free head_dim)."""
+        return config
 
     def __init__(self, hf_config: Any, checkpoint: HFCheckpoint | None = None):
         self.hf_config = hf_config
@@ -120,26 +141,38 @@ class Bridge:
     def _ignored(self, name: str) -> bool:
         return any(re.fullmatch(p, name) for p in self.ignored_hf)
 
-    def _params(self, model_chunks) -> Iterator[tuple[Any, str, torch.nn.Parameter]]:
-        """(chunk, global name, parameter) for every parameter on this rank."""
+    def _params(self, model_chunks, table: list[Mapping]) -> Iterator[tuple[Any, str, torch.Tensor]]:
+        """(chunk, global name, tensor) for every parameter on this rank, and every buffer the
+        mapping table names (e.g. a router's expert bias)."""
         for chunk in map(unwrap, model_chunks):
             for local, p in chunk.named_parameters():
                 yield chunk, _global_name(chunk, local), p
+            for local, b in chunk.named_buffers():
+                name = _global_name(chunk, local)
+                if b is not None and match(table, name) is not None:
+                    yield chunk, name, b
 
-    def expected_hf_names(self, num_layers: int | None = None) -> list[str]:
-        """HF tensor names the mapping table reads/writes for this config."""
-        attrs = self.megatron_attrs()
-        n = num_layers if num_layers is not None else attrs["num_layers"]
-        names = set()
+    def table_rows(self, attrs: dict[str, Any] | None = None) -> list[tuple[str, Mapping, dict[str, str]]]:
+        """Every (Megatron name, mapping, HF names) of the whole model, in export order:
+        wildcards expanded over layers (``mapping.layers``) and experts."""
+        attrs = attrs if attrs is not None else self.megatron_attrs()
+        rows = []
         for m in self.mappings(attrs):
-            if isinstance(m, TiedOutput):
+            if m.alternate:
                 continue
-            if "*" in m.megatron:
-                for i in range(n):
-                    names |= set(m.hf_names((str(i),)).values())
-            else:
-                names |= set(m.hf_names(()).values())
-        return sorted(names)
+            stars = m.megatron.count("*")
+            layers = m.layers if m.layers is not None else range(attrs["num_layers"])
+            combos = [()] if stars == 0 else [(str(i),) for i in layers] if stars == 1 else \
+                [(str(i), str(e)) for i in layers for e in range(attrs["num_moe_experts"])]
+            for caps in combos:
+                rows.append((_fill(m.megatron, caps), m, m.hf_names(caps)))
+        return sorted(rows, key=lambda r: _sort_key(r[0]))
+
+    def expected_hf_names(self) -> list[str]:
+        """HF tensor names the mapping table reads/writes for this config (stacked tensors by
+        their own name, not per row)."""
+        return sorted({split_row(n)[0] for _, m, hf in self.table_rows() if not isinstance(m, TiedOutput)
+                       for n in hf.values()})
 
     # -- import ---------------------------------------------------------------------------
     def load_hf_weights(self, model_chunks: list, checkpoint: HFCheckpoint | str | None = None,
@@ -155,8 +188,6 @@ class Bridge:
         the CoverageError instead. A path given as ``checkpoint`` is opened without pickle
         support; pass ``HFCheckpoint(path, allow_pickle=True)`` to load a pickle checkpoint.
         """
-        from megatron.core import parallel_state as ps
-
         ckpt = (HFCheckpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike))
                 else checkpoint or self.checkpoint)
         if ckpt is None:
@@ -164,17 +195,18 @@ class Bridge:
                              "AutoBridge.from_hf_pretrained(dir) or pass checkpoint=")
         attrs = self.megatron_attrs()
         table = self.mappings(attrs)
-        tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+        ranks = _tp_ranks()
         ledger = Ledger()
         nonfinite: dict[str, str] = {}  # HF tensor -> what is wrong with it
-        for chunk, name, param in self._params(model_chunks):
+        for chunk, name, param in self._params(model_chunks, table):
             hit = match(table, name)
             if hit is None:
                 ledger.problem(f"Megatron parameter {name} has no mapping (left unwritten)")
                 continue
             mapping, caps = hit
+            tp_rank, tp_size = ranks[is_expert(name)]
             hf_names = mapping.hf_names(caps)
-            missing = [n for n in hf_names.values() if n not in ckpt]
+            missing = [n for n in hf_names.values() if not self._has(ckpt, n)]
             if missing:
                 ledger.problem(f"Megatron parameter {name} needs HF tensor(s) {missing}, absent "
                                f"from {ckpt.path}")
@@ -198,13 +230,13 @@ class Bridge:
             with torch.no_grad():
                 param.copy_(shard.to(dtype=param.dtype))
             for n in hf_names.values():
-                for used in [n] + ([c[0]] if (c := quant.companion(n, ckpt)) else []):
+                comp = quant.companion(split_row(n)[0], ckpt)
+                for used in [n] + ([comp[0]] if comp else []):
                     ledger.use(used, name, shared=isinstance(mapping, TiedOutput))
         gathered = _all_gather((ledger, nonfinite))
         ledgers = [lg for lg, _ in gathered]
         bad = {n: why for _, nf in gathered for n, why in nf.items()}
-        names = {n for n in ckpt.names() if not self._ignored(n)}
-        problems = Ledger.verdict(ledgers, names, f"layout {_layout_name()}")
+        problems = Ledger.verdict(ledgers, self._hf_units(ckpt, table), f"layout {_layout_name()}")
         lines = [f"HF tensor {n} is not finite ({bad[n]})" for n in sorted(bad)]
         if strict:
             problems += lines
@@ -215,9 +247,39 @@ class Bridge:
         if problems:
             raise CoverageError(f"import of {ckpt.path} failed:\n  " + "\n  ".join(problems))
 
+    @staticmethod
+    def _stacked(table: list[Mapping]) -> list[re.Pattern]:
+        """Name patterns of the HF tensors the table reads row by row (``...[*]``)."""
+        return [_compile(p[:-3]) for m in table for p in m.roles.values() if p.endswith("[*]")]
+
+    def _hf_units(self, ckpt: HFCheckpoint, table: list[Mapping]) -> set[str]:
+        """What an import must use exactly once: each tensor, or each row of a stacked one."""
+        stacked = self._stacked(table)
+        out = set()
+        for n in ckpt.names():
+            if self._ignored(n):
+                continue
+            if any(p.match(n) for p in stacked):
+                out |= {f"{n}[{k}]" for k in range(ckpt.shape(n)[0])}
+            else:
+                out.add(n)
+        return out
+
+    @staticmethod
+    def _has(ckpt: HFCheckpoint, name: str) -> bool:
+        base, row = split_row(name)
+        return base in ckpt and (row is None or row < ckpt.shape(base)[0])
+
     def _read(self, ckpt: HFCheckpoint, name: str) -> torch.Tensor:
-        """An HF tensor as values: float8 tensors are dequantized with their scale companion,
-        and one without a companion is an error naming it."""
+        """An HF tensor (or one row of a stacked one: ``name[k]``) as values: float8 tensors
+        are dequantized with their scale companion, and one without a companion is an error
+        naming it."""
+        base, row = split_row(name)
+        if row is not None:
+            if ckpt.dtype(base) in quant.FP8 or quant.companion(base, ckpt):
+                raise CheckpointError(f"{ckpt.path}: {base} is quantized and stacked: reading it "
+                                      f"row by row has no dequantization path yet")
+            return ckpt.get_row(base, row)
         t = ckpt.get(name)
         if t.dtype in (torch.uint8, torch.int8) and (name.endswith("_blocks") or f"{name[:-7]}_scales" in ckpt):
             raise CheckpointError(f"{ckpt.path}: {name} is packed {t.dtype} (MXFP4-style blocks): "
@@ -250,70 +312,77 @@ class Bridge:
 
         attrs = self.megatron_attrs()
         table = self.mappings(attrs)
+        ranks = _tp_ranks()
+        groups = {False: ps.get_tensor_model_parallel_group(), True: ps.get_expert_tensor_parallel_group()}
+        # one replica of each tensor exports it: data-parallel rank 0 (expert-DP for experts)
+        replica0 = {False: ps.get_data_parallel_rank() == 0, True: ps.get_expert_data_parallel_rank() == 0}
         local: dict[str, tuple[Any, torch.Tensor, Mapping, tuple]] = {}
-        for chunk, name, param in self._params(model_chunks):
+        for chunk, name, param in self._params(model_chunks, table):
             hit = match(table, name)
             if hit is None:
                 raise CoverageError(f"Megatron parameter {name} has no mapping; cannot export")
-            if getattr(hit[0], "export", True):
+            if getattr(hit[0], "export", True) and replica0[is_expert(name)]:
                 local.setdefault(name, (chunk, param, *hit))
-        pp_group = ps.get_pipeline_model_parallel_group()
-        pp_size = ps.get_pipeline_model_parallel_world_size()
-        owners: list[list[str]] = [None] * pp_size  # type: ignore[list-item]
-        if pp_size > 1:
-            dist.all_gather_object(owners, sorted(local), group=pp_group)
-        else:
-            owners = [sorted(local)]
-        order = sorted({n for names in owners for n in names}, key=_sort_key)
-        pp_rank = ps.get_pipeline_model_parallel_rank()
-        tp_group = ps.get_tensor_model_parallel_group()
-        tp_size = ps.get_tensor_model_parallel_world_size()
-        silent = tp_rank0_only and ps.get_tensor_model_parallel_rank() != 0
+        # the owner of a tensor: the TP rank 0 (expert TP for experts) of the replica holding it
+        owner: dict[str, int] = {}
+        for r, names in enumerate(_all_gather(sorted(n for n in local if ranks[is_expert(n)][0] == 0))):
+            for n in names:
+                owner.setdefault(n, r)
+        me = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        silent = tp_rank0_only and me != 0
+        rows: dict[str, dict[int, torch.Tensor]] = {}  # stacked HF tensor -> rows so far
         seen: list[str] = []
-        for name in order:
-            owner = next(r for r, names in enumerate(owners) if name in names)
+        for name in sorted(owner, key=_sort_key):
             out = None
-            if owner == pp_rank:
-                chunk, param, mapping, _ = local[name]
+            if name in local:
+                chunk, param, mapping, caps = local[name]
+                expert = is_expert(name)
+                (tp_rank, tp_size), group = ranks[expert], groups[expert]
                 shards = [param.detach()]
                 if tp_size > 1 and mapping.tp_dim is not None and tp_rank0_only:
                     # point to point into the chunks of one tensor (no flat buffer as gloo's
                     # gather makes; _gather then joins the chunks without a copy)
-                    if silent:
-                        dist.send(param.detach().contiguous(),
-                                  dst=dist.get_global_rank(tp_group, 0), group=tp_group)
+                    if tp_rank:
+                        dist.send(param.detach().contiguous(), dst=dist.get_global_rank(group, 0),
+                                  group=group)
                     else:
                         full = param.new_empty((tp_size * param.shape[0], *param.shape[1:]))
                         shards = list(full.chunk(tp_size))
                         shards[0].copy_(param.detach())
                         for r in range(1, tp_size):
-                            dist.recv(shards[r], src=dist.get_global_rank(tp_group, r),
-                                      group=tp_group)
+                            dist.recv(shards[r], src=dist.get_global_rank(group, r), group=group)
                 elif tp_size > 1 and mapping.tp_dim is not None:
                     shards = [torch.empty_like(param) for _ in range(tp_size)]
-                    dist.all_gather(shards, param.detach().contiguous(), group=tp_group)
-                out = {}
-                if not silent:
-                    out = mapping.to_hf(shards, self._shapes(chunk))
-                    hf_names = mapping.hf_names(local[name][3])
-                    out = {hf_names[role]: t for role, t in out.items()}
-            if pp_size > 1:
-                box = [out]
-                dist.broadcast_object_list(box, src=dist.get_global_rank(pp_group, owner),
-                                           group=pp_group)
-                out = box[0]
+                    dist.all_gather(shards, param.detach().contiguous(), group=group)
+                if owner[name] == me:
+                    hf_names = mapping.hf_names(caps)
+                    out = {hf_names[role]: t for role, t in mapping.to_hf(shards, self._shapes(chunk)).items()}
+            out = _deliver(out, owner[name], me, world, to_all=not tp_rank0_only)
+            if silent:
+                continue
             for hf_name, t in out.items():
+                base, row = split_row(hf_name)
+                if row is not None:  # a row of a stacked tensor: yield the tensor once complete
+                    got = rows.setdefault(base, {})
+                    if row in got:
+                        seen.append(hf_name)  # written twice: reported as unexpected
+                    got[row] = t
+                    if len(got) < self._rows(base, attrs):
+                        continue
+                    hf_name, t = base, torch.stack([got[k] for k in sorted(got)])
+                    del rows[base]
                 if cpu:
                     t = t.cpu()
                 src = self.checkpoint
                 if src is not None and hf_name in src and src.dtype(hf_name) in quant.FP8:
                     comp = quant.companion(hf_name, src)
                     if quantized:  # the source's layout, with the source's scales: bit-exact
-                        q, s = quant.quantize(t, src.get(comp[0]), comp[1], quant.block_size(src.config()),
-                                              src.dtype(hf_name))
+                        q, sc = quant.quantize(t, src.get(comp[0]), comp[1], quant.block_size(src.config()),
+                                               src.dtype(hf_name))
                         seen += [hf_name, comp[0]]
                         yield hf_name, q
-                        yield comp[0], s.to(src.dtype(comp[0]))
+                        yield comp[0], sc.to(src.dtype(comp[0]))
                         continue
                     t = t.to(self.dequantized_dtype)
                 elif src is not None and hf_name in src:
@@ -321,7 +390,16 @@ class Bridge:
                 seen.append(hf_name)
                 yield hf_name, t
         if strict and not silent:
+            incomplete = [f"{b} (rows {sorted(r)} of {self._rows(b, attrs)})" for b, r in rows.items()]
+            if incomplete:
+                raise CoverageError(f"export left stacked tensor(s) incomplete: {incomplete}")
             self._check_export_names(seen, quantized)
+
+    def _rows(self, base: str, attrs: dict[str, Any]) -> int:
+        """Rows of a stacked HF tensor: as in the source checkpoint, else one per expert."""
+        if self.checkpoint is not None and base in self.checkpoint:
+            return self.checkpoint.shape(base)[0]
+        return attrs["num_moe_experts"]
 
     def _check_export_names(self, seen: list[str], quantized: bool = False) -> None:
         if self.checkpoint is not None:
@@ -362,23 +440,25 @@ class Bridge:
         """What ``export_hf_weights`` yields when it reproduces the source checkpoint: ``(HF
         name, shape, dtype)`` in its order, so that ``save_hf_checkpoint`` can write each tensor
         as it comes. None when that cannot be told up front (no source checkpoint, float8
-        tensors, a pattern with several wildcards, names that differ from the source's): the
-        writer then collects each shard before writing it."""
+        tensors, names that differ from the source's): the writer then collects each shard
+        before writing it."""
         ckpt = self.checkpoint
         if ckpt is None:
             return None
         attrs = self.megatron_attrs()
-        rows = []
-        for m in self.mappings(attrs):
-            stars = m.megatron.count("*")
+        names, pending = [], {}
+        for _, m, hf in self.table_rows(attrs):
             if not getattr(m, "export", True):
                 continue
-            if stars > 1:
-                return None
-            for caps in ([str(i) for i in range(attrs["num_layers"])] if stars else [None]):
-                megatron = m.megatron.replace("*", caps) if caps else m.megatron
-                rows.append((_sort_key(megatron), m.hf_names((caps,) if caps else ())))
-        names = [n for _, hf in sorted(rows, key=lambda r: r[0]) for n in hf.values()]
+            for n in hf.values():  # a stacked tensor comes when its last row does
+                base, row = split_row(n)
+                if row is None:
+                    names.append(n)
+                else:
+                    got = pending.setdefault(base, set())
+                    got.add(row)
+                    if len(got) == self._rows(base, attrs):
+                        names.append(base)
         expected = {n for n in ckpt.names() if not self._ignored(n)}
         if len(names) != len(expected) or set(names) != expected \
                 or any(str(ckpt.dtype(n)).startswith("torch.float8") for n in names):
@@ -395,9 +475,38 @@ class Bridge:
 
 
 def _sort_key(name: str):
+    """Export order: embedding, layers by index (experts by index within), the rest."""
     m = re.search(r"\.(\d+)\.", name)
     stage = 0 if name.startswith("embedding") else 2 if m is None else 1
-    return (stage, int(m.group(1)) if m else 0, name)
+    e = re.search(r"\.experts\.(?:local_experts\.|linear_fc[12]\.\w*?)(\d+)", name)
+    return (stage, int(m.group(1)) if m else 0, int(e.group(1)) if e else -1, name)
+
+
+def _tp_ranks() -> dict[bool, tuple[int, int]]:
+    """(rank, size) of this rank's TP group, for dense (False) and expert (True) parameters."""
+    from megatron.core import parallel_state as ps
+
+    return {False: (ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()),
+            True: (ps.get_expert_tensor_parallel_rank(), ps.get_expert_tensor_parallel_world_size())}
+
+
+def _deliver(out, src: int, me: int, world: int, to_all: bool):
+    """The owner's ``out`` on every rank (``to_all``) or on rank 0 only (others get {})."""
+    if world == 1:
+        return out
+    if to_all:
+        box = [out]
+        dist.broadcast_object_list(box, src=src)
+        return box[0]
+    if src == 0:
+        return out if me == 0 else {}
+    if me == src:
+        dist.send_object_list([out], dst=0)
+    elif me == 0:
+        box = [None]
+        dist.recv_object_list(box, src=src)
+        return box[0]
+    return {}
 
 
 def _layout_name() -> str:

@@ -124,6 +124,7 @@ def rope_parameters(cfg: Any, prefix: str = "") -> dict:
         p["rope_type"] = p.pop("type")
     p.setdefault("rope_type", "default")
     p.setdefault("rope_theta", get_path(cfg, prefix + "rope_theta", 10000.0))
+    p.setdefault("partial_rotary_factor", get_path(cfg, prefix + "partial_rotary_factor", 1.0))
     return p
 
 
@@ -136,7 +137,8 @@ def rope_to_megatron(p: dict) -> dict[str, Any]:
     kind = p["rope_type"]
     out: dict[str, Any] = {"position_embedding_type": "rope", "rotary_base": float(p["rope_theta"]),
                            "rope_scaling": False, "rope_scaling_factor": 8.0,
-                           "seq_len_interpolation_factor": None}
+                           "seq_len_interpolation_factor": None,
+                           "rotary_percent": float(p.get("partial_rotary_factor", 1.0))}
     if kind == "default":
         pass
     elif kind == "linear":

@@ -17,7 +17,7 @@ L = "decoder.layers.*."
 H = "model.layers.*."
 
 
-def local_layer_spec(provider: GPTModelProvider):
+def local_layer_spec(provider: GPTModelProvider, vp_stage: int | None = None):
     """Megatron-Core's local (no TransformerEngine) layer spec for a dense decoder."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -30,6 +30,8 @@ class GPTBridge(Bridge):
     # None: read from the HF config field ``attention_bias``; True/False: fixed by the family.
     qkv_bias: ClassVar[bool | None] = None
     qk_norm: ClassVar[bool] = False
+    # HF ``attention_bias`` also puts a bias on o_proj (Llama); False where it means q/k/v only.
+    attention_bias_on_o: ClassVar[bool] = True
 
     # -- config ---------------------------------------------------------------------------
     def megatron_attrs(self) -> dict[str, Any]:
@@ -37,7 +39,7 @@ class GPTBridge(Bridge):
         attrs = super().megatron_attrs()
         attrs.update(rope_to_megatron(rope_parameters(cfg)))
         bias = self.qkv_bias if self.qkv_bias is not None else bool(get_path(cfg, "attention_bias", False))
-        if self.qkv_bias is None and bias or get_path(cfg, "mlp_bias", False):
+        if self.qkv_bias is None and bias and self.attention_bias_on_o or get_path(cfg, "mlp_bias", False):
             # HF adds the o_proj (and MLP) bias too; Megatron ties them all to add_bias_linear.
             raise ConfigError("attention_bias=True / mlp_bias=True (bias on o_proj and MLP) is "
                               f"not supported by the {self.model_type} bridge")
@@ -65,7 +67,11 @@ class GPTBridge(Bridge):
             # Megatron's random init would be thrown away: it costs a full-size fp32 master
             # tensor per weight on every rank and most of the build time on CPU.
             attrs["perform_initialization"] = False
-        return GPTModelProvider(attrs, layer_spec=local_layer_spec)
+        return GPTModelProvider(attrs, layer_spec=self.layer_spec)
+
+    def layer_spec(self, provider: GPTModelProvider, vp_stage: int | None = None):
+        """The Megatron layer spec(s) for this family (a seam for families' own modules)."""
+        return local_layer_spec(provider, vp_stage)
 
     # -- weights --------------------------------------------------------------------------
     def mappings(self, attrs: dict[str, Any]) -> list[Mapping]:
@@ -96,8 +102,21 @@ class GPTBridge(Bridge):
         return table
 
 
+def sliding_window_to_megatron(cfg) -> tuple[int, int] | None:
+    """HF ``sliding_window`` (attends to the last w positions, the current one included) ->
+    Megatron ``window_size`` (w - 1 before, 0 after)."""
+    window = get_path(cfg, "sliding_window", None)
+    return (window - 1, 0) if window else None
+
+
+def sliding_window_to_hf(attrs: dict[str, Any]) -> int | None:
+    return attrs["window_size"][0] + 1 if attrs.get("window_size") else None
+
+
 def _rope_to_hf(attrs: dict[str, Any]) -> dict[str, Any]:
     p: dict[str, Any] = {"rope_theta": attrs["rotary_base"]}
+    if attrs.get("rotary_percent", 1.0) != 1.0:
+        p["partial_rotary_factor"] = attrs["rotary_percent"]
     if attrs["position_embedding_type"] == "yarn":
         p.update(rope_type="yarn", factor=attrs["yarn_rotary_scaling_factor"],
                  original_max_position_embeddings=attrs["yarn_original_max_position_embeddings"],

@@ -209,6 +209,20 @@ class HFCheckpoint:
         with safe_open(str(f), framework="pt") as st:
             return st.get_tensor(name)
 
+    def get_row(self, name: str, row: int) -> torch.Tensor:
+        """Row ``row`` (along dim 0) of a stacked tensor, reading only that row's bytes."""
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: tensor {name} not found in the checkpoint")
+        if not 0 <= row < self.shape(name)[0]:
+            raise CheckpointError(f"{self.path}: {name} has {self.shape(name)[0]} rows along "
+                                  f"dim 0; row {row} was asked for")
+        f = self._where[name]
+        if f in self._pickled:
+            return self._pickled[f][name][row].clone()
+        self._open[f] = self._open.get(f, 0) + 1
+        with safe_open(str(f), framework="pt") as st:
+            return st.get_slice(name)[row]
+
     def config(self) -> dict:
         return self.read_config(self.path)
 

@@ -4,8 +4,10 @@ A mapping converts full HF tensors into *this TP rank's shard* of a Megatron par
 (``to_megatron``), and the list of *all TP shards* back into full HF tensors (``to_hf``).
 For every mapping, ``to_hf([to_megatron(x, r) for r in ranks]) == x`` exactly.
 
-Names are patterns: ``*`` stands for a layer index (Megatron-side global index; the same value
-on the HF side). ``hf`` is one pattern, or a dict role -> pattern for fused parameters.
+Names are patterns: ``*`` stands for a layer or expert index (Megatron-side global index; the
+same value on the HF side). ``hf`` is one pattern, or a dict role -> pattern for fused
+parameters. An HF pattern ending in ``[*]`` names one row (dim 0) of a stacked tensor, as
+transformers stores experts (``mlp.experts.gate_up_proj[*]``: expert ``*`` of ``[E, 2I, H]``).
 """
 from __future__ import annotations
 
@@ -35,6 +37,11 @@ class Shapes:
 class Mapping:
     megatron: str
     hf: str | dict[str, str]
+    # The global layer indices this mapping applies to (None: all); e.g. dense-first layers.
+    layers: tuple[int, ...] | None = None
+    # Another Megatron layout of HF tensors an earlier mapping names (e.g. grouped-GEMM
+    # experts): used where the model has it, skipped when listing the model's tensors.
+    alternate: bool = False
     kind: ClassVar[str] = "direct"
     tp_dim: ClassVar[int | None] = None
 
@@ -95,7 +102,10 @@ class Mapping:
         return joined if joined is not None else torch.cat(shards, dim=self.tp_dim)
 
     def describe(self) -> dict:
-        return {"megatron": self.megatron, "hf": self.hf, "kind": self.kind, "tp_dim": self.tp_dim}
+        d = {"megatron": self.megatron, "hf": self.hf, "kind": self.kind, "tp_dim": self.tp_dim}
+        if self.layers is not None:
+            d["layers"] = list(self.layers)
+        return {**d, "alternate": True} if self.alternate else d
 
 
 class Replicated(Mapping):
@@ -226,6 +236,24 @@ class GatedMLP(Mapping):
         return {"gate": torch.cat([h[0] for h in halves]), "up": torch.cat([h[1] for h in halves])}
 
 
+class StackedGatedMLP(GatedMLP):
+    """linear_fc1 of one expert from a stacked HF ``gate_up_proj`` row ([gate; up] halves)."""
+
+    kind = "gated_mlp_stacked"
+
+    def to_megatron(self, hf, tp_rank, tp_size, shapes):
+        gate_up = hf["gate_up"]
+        if gate_up.shape[0] % 2:
+            raise MappingError(f"{self.hf['gate_up']}: {gate_up.shape[0]} rows, expected "
+                               f"[gate; up] halves")
+        gate, up = gate_up.chunk(2)
+        return super().to_megatron({"gate": gate, "up": up}, tp_rank, tp_size, shapes)
+
+    def to_hf(self, shards, shapes):
+        out = super().to_hf(shards, shapes)
+        return {"gate_up": torch.cat([out["gate"], out["up"]])}
+
+
 @dataclass(frozen=True)
 class TiedOutput(VocabParallel):
     """Output layer that shares the embedding's HF tensor (tie_word_embeddings, PP > 1 keeps a
@@ -259,6 +287,15 @@ def _compile(pattern: str) -> re.Pattern:
     return _cache[pattern]
 
 
+ROW = re.compile(r"^(.*)\[(\d+)\]$")
+
+
+def split_row(name: str) -> tuple[str, int | None]:
+    """``'a.b[3]'`` -> ``('a.b', 3)``; a plain name -> ``(name, None)``."""
+    m = ROW.match(name)
+    return (m.group(1), int(m.group(2))) if m else (name, None)
+
+
 def _fill(pattern: str, captures: tuple[str, ...]) -> str:
     it = iter(captures)
     return re.sub(r"\*", lambda _: next(it), pattern)
@@ -268,6 +305,6 @@ def match(mappings: list[Mapping], name: str) -> tuple[Mapping, tuple[str, ...]]
     """The mapping whose Megatron pattern matches ``name``, with the wildcard captures."""
     for m in mappings:
         hit = m.regex().match(name)
-        if hit:
+        if hit and (m.layers is None or int(hit.group(1)) in m.layers):
             return m, hit.groups()
     return None

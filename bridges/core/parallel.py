@@ -5,6 +5,7 @@ conformance runner's workers, and as one plain process (world size 1).
 """
 from __future__ import annotations
 
+import math
 import os
 import socket
 from dataclasses import dataclass
@@ -18,16 +19,30 @@ from bridges.core import cpu_compat
 
 @dataclass(frozen=True)
 class Layout:
-    """A parallel layout. ``name`` is the short form used in test ids: tp2pp2, vpp2, ep2..."""
+    """A parallel layout. ``name`` is the short form used in test ids: tp2pp2, vpp2, ep2,
+    tp2ep2etp1 (expert TP; default: TP, as Megatron), ep2grouped (experts in Megatron's grouped
+    GEMM layout instead of sequential experts)."""
 
     tp: int = 1
     pp: int = 1
     vpp: int | None = None
     ep: int = 1
+    etp: int | None = None
+    grouped: bool = False
+
+    @property
+    def expert_tp(self) -> int:
+        return self.etp or self.tp
+
+    @property
+    def groups(self) -> tuple:
+        """What the process groups depend on (not ``grouped``, a model-side choice)."""
+        return self.tp, self.pp, self.vpp, self.ep, self.expert_tp
 
     @property
     def world_size(self) -> int:
-        return self.tp * self.pp  # experts ride on data-parallel ranks
+        """Smallest world for this layout: dense ranks tp*pp, expert ranks etp*ep*pp."""
+        return math.lcm(self.tp * self.pp, self.expert_tp * self.ep * self.pp)
 
     @property
     def name(self) -> str:
@@ -35,20 +50,26 @@ class Layout:
         parts += [f"pp{self.pp}"] if self.pp > 1 else []
         parts += [f"vpp{self.vpp}"] if self.vpp else []
         parts += [f"ep{self.ep}"] if self.ep > 1 else []
-        return "".join(parts) or "tp1pp1"
+        parts += [f"etp{self.etp}"] if self.etp is not None and self.etp != self.tp else []
+        name = "".join(parts) or "tp1pp1"
+        return name + ("grouped" if self.grouped else "")
 
     @classmethod
     def parse(cls, text: str) -> "Layout":
-        """Parse 'tp2pp2', 'tp1pp1', 'vpp2' (implies pp2), 'ep2'."""
+        """Parse 'tp2pp2', 'tp1pp1', 'vpp2' (implies pp2), 'ep2', 'tp2ep2etp1', 'ep2grouped'."""
         import re
 
         text = text.strip().lower()
-        parts = dict(re.findall(r"(tp|vpp|pp|ep)(\d+)", text))
-        if not parts or re.sub(r"(tp|vpp|pp|ep)\d+", "", text):
-            raise ValueError(f"bad layout {text!r}: expected e.g. tp1pp1, tp2, pp2, tp2pp2, vpp2, ep2")
+        grouped = text.endswith("grouped")
+        body = text[: -len("grouped")] if grouped else text
+        parts = dict(re.findall(r"(etp|tp|vpp|pp|ep)(\d+)", body))
+        if (not parts and not grouped) or re.sub(r"(etp|tp|vpp|pp|ep)\d+", "", body):
+            raise ValueError(f"bad layout {text!r}: expected e.g. tp1pp1, tp2, pp2, tp2pp2, vpp2, "
+                             f"ep2, tp2ep2, tp2ep2etp1, ep2grouped")
         vpp = int(parts["vpp"]) if "vpp" in parts else None
         pp = int(parts.get("pp", 2 if vpp else 1))
-        return cls(tp=int(parts.get("tp", 1)), pp=pp, vpp=vpp, ep=int(parts.get("ep", 1)))
+        return cls(tp=int(parts.get("tp", 1)), pp=pp, vpp=vpp, ep=int(parts.get("ep", 1)),
+                   etp=int(parts["etp"]) if "etp" in parts else None, grouped=grouped)
 
 
 def free_port() -> int:
@@ -91,6 +112,7 @@ def init_model_parallel(layout: Layout, seed: int = 1234) -> None:
         pipeline_model_parallel_size=layout.pp,
         virtual_pipeline_model_parallel_size=layout.vpp,
         expert_model_parallel_size=layout.ep,
+        expert_tensor_parallel_size=layout.expert_tp,
         # On CPU every group is gloo already; the extra gloo copies only cost threads.
         create_gloo_process_groups=torch.cuda.is_available(),
     )
@@ -131,4 +153,5 @@ def current_layout() -> Layout:
     return Layout(tp=ps.get_tensor_model_parallel_world_size(),
                   pp=ps.get_pipeline_model_parallel_world_size(),
                   vpp=ps.get_virtual_pipeline_model_parallel_world_size(),
-                  ep=ps.get_expert_model_parallel_world_size())
+                  ep=ps.get_expert_model_parallel_world_size(),
+                  etp=ps.get_expert_tensor_parallel_world_size())

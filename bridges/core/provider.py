@@ -41,10 +41,11 @@ def _transformer_fields() -> set[str]:
 class GPTModelProvider:
     """Builds GPTModel chunks. Set parallel sizes, then ``finalize()``, then provide."""
 
-    def __init__(self, attrs: dict[str, Any], *, layer_spec: Callable[["GPTModelProvider"], Any],
+    def __init__(self, attrs: dict[str, Any], *, layer_spec: Callable[["GPTModelProvider", int | None], Any],
                  post_build: list[Callable[["GPTModelProvider", Any], None]] | None = None):
         defaults = dict(_PORTABLE, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                         virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1,
+                        expert_tensor_parallel_size=None, moe_grouped_gemm=False,
                         make_vocab_size_divisible_by=128, params_dtype=torch.float32,
                         position_embedding_type="rope", rotary_base=10000.0, rotary_percent=1.0,
                         rope_scaling=False, rope_scaling_factor=8.0,
@@ -73,7 +74,8 @@ class GPTModelProvider:
     def layout(self) -> Layout:
         return Layout(tp=self.tensor_model_parallel_size, pp=self.pipeline_model_parallel_size,
                       vpp=self.virtual_pipeline_model_parallel_size,
-                      ep=self.expert_model_parallel_size)
+                      ep=self.expert_model_parallel_size, etp=self.expert_tensor_parallel_size,
+                      grouped=bool(self.moe_grouped_gemm))
 
     @property
     def padded_vocab_size(self) -> int:
@@ -93,6 +95,14 @@ class GPTModelProvider:
             ("num_attention_heads", self.num_attention_heads, self.num_query_groups,
              "num_query_groups"),
         ]
+        if getattr(self, "num_moe_experts", None):
+            checks += [("num_moe_experts", self.num_moe_experts, lay.ep, "EP"),
+                       ("moe_ffn_hidden_size", self.moe_ffn_hidden_size, lay.expert_tp, "expert TP"),
+                       ("moe_shared_expert_intermediate_size",
+                        getattr(self, "moe_shared_expert_intermediate_size", None) or 0, lay.tp, "TP")]
+        elif lay.ep > 1 or lay.grouped:
+            raise ConfigError(f"layout {lay.name}: expert parallelism / grouped experts need a "
+                              f"mixture-of-experts model (num_moe_experts is not set)")
         for fld, value, by, what in checks:
             if value % by:
                 raise ConfigError(f"layout {lay.name}: {fld}={value} does not divide by "
@@ -114,6 +124,8 @@ class GPTModelProvider:
         kw["pipeline_dtype"] = self.params_dtype
         kw["bf16"] = self.params_dtype == torch.bfloat16
         kw["fp16"] = self.params_dtype == torch.float16
+        if kw.get("expert_tensor_parallel_size") is None:
+            kw["expert_tensor_parallel_size"] = self.tensor_model_parallel_size
         return TransformerConfig(**kw)
 
     def provide(self, pre_process: bool, post_process: bool, vp_stage: int | None = None):
@@ -122,7 +134,7 @@ class GPTModelProvider:
 
         model = GPTModel(
             config=self.transformer_config(),
-            transformer_layer_spec=self._layer_spec(self),
+            transformer_layer_spec=self._layer_spec(self, vp_stage),
             vocab_size=self.padded_vocab_size,
             max_sequence_length=self.max_sequence_length,
             pre_process=pre_process,
@@ -151,7 +163,7 @@ class GPTModelProvider:
 
         if not self._finalized:
             self.finalize()
-        if not ps.model_parallel_is_initialized() or current_layout() != self.layout:
+        if not ps.model_parallel_is_initialized() or current_layout().groups != self.layout.groups:
             init_model_parallel(self.layout)
         vpp = self.layout.vpp
         chunks = []

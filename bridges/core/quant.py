@@ -5,11 +5,16 @@ Formats (shared by several families, so they live here):
   shape [ceil(rows/b0), ceil(cols/b1)], ``weight_block_size`` [b0, b1] in the config's
   ``quantization_config``; value = q * scale_inv, edge tiles ragged;
 - per-tensor / per-row FP8 (Mistral style): ``<w>`` float8 + ``<w minus 'weight'>weight_scale``
-  of shape [] / [1] / [rows, 1]; value = q * scale.
+  of shape [] / [1] / [rows, 1]; value = q * scale;
+- MXFP4 (gpt-oss experts, ``quant_method: mxfp4``): the logical ``<w>`` is absent, stored as
+  ``<w>_blocks`` uint8 [E, rows, G, 16] (two FP4 E2M1 codes a byte, low nibble first, 32 values
+  a block) + ``<w>_scales`` uint8 [E, rows, G] (E8M0 exponents, bias 127); value =
+  FP4[code] * 2**(scale - 127), laid out [E, G*32, rows] (transformers' dequantized layout).
 
 Import dequantizes on the fly; a float8 tensor without a companion is an error naming it.
 Export writes the model dtype by default, or re-quantizes to the source's layout (reusing the
-source scales, so an FP8 checkpoint goes HF -> Megatron -> HF bit-exactly).
+source scales, so an FP8 checkpoint goes HF -> Megatron -> HF bit-exactly; ``mxfp4_quantize``
+is the bit-exact inverse for MXFP4, its wiring into the bridge is pending).
 """
 from __future__ import annotations
 
@@ -80,3 +85,95 @@ def quantize(w: torch.Tensor, scale: torch.Tensor | None, kind: str, block: tupl
         scale = (amax / FP8_MAX[dtype]).clamp_min(1e-12)
     full = expand(scale.float(), tuple(w.shape), block) if kind == "block" else scale.float()
     return (w / full).clamp(-FP8_MAX[dtype], FP8_MAX[dtype]).to(dtype), scale
+
+
+# -- MXFP4 ---------------------------------------------------------------------------------
+# E2M1 code -> value (bit 3 sign, bits 0-2 magnitude), as transformers.integrations.mxfp4.FP4_VALUES.
+FP4_VALUES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0)
+E8M0_BIAS = 127
+MX_BLOCK = 32  # values per scale: 16 bytes of blocks
+CHUNK = 1 << 22  # values handled at once (a few 16 MiB temporaries)
+
+
+def _mx_check(blocks: tuple, scales: tuple, bdtype: torch.dtype, sdtype: torch.dtype,
+              what: str = "blocks / scales") -> None:
+    for n, dt in (("blocks", bdtype), ("scales", sdtype)):
+        if dt != torch.uint8:
+            raise QuantError(f"MXFP4 {n} are {dt}, expected torch.uint8 ({what})")
+    if len(blocks) != 4 or blocks[-1] != MX_BLOCK // 2 or tuple(scales) != tuple(blocks[:-1]):
+        raise QuantError(f"MXFP4 scales shape {tuple(scales)} does not match blocks shape "
+                         f"{tuple(blocks)} ({what}): expected blocks [experts, rows, groups, 16] "
+                         f"and scales [experts, rows, groups]")
+
+
+def packed_parts(name: str, ckpt) -> tuple[str, str] | None:
+    """(``<name>_blocks``, ``<name>_scales``) when the checkpoint stores ``name`` as MXFP4, else
+    None. Half a pair, a pair beside a stored ``name``, or wrong dtypes / shapes are errors."""
+    blocks, scales = f"{name}_blocks", f"{name}_scales"
+    if blocks not in ckpt and scales not in ckpt:
+        return None
+    if blocks not in ckpt or scales not in ckpt:
+        have, lack = (blocks, scales) if blocks in ckpt else (scales, blocks)
+        raise QuantError(f"{have} has no {lack}: MXFP4 needs both")
+    if name in ckpt:
+        raise QuantError(f"{name} is stored both as values and as MXFP4 {blocks} / {scales}")
+    _mx_check(ckpt.shape(blocks), ckpt.shape(scales), ckpt.dtype(blocks), ckpt.dtype(scales),
+              f"{blocks} / {scales}")
+    return blocks, scales
+
+
+def mxfp4_dequantize(blocks: torch.Tensor, scales: torch.Tensor,
+                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Values of MXFP4 ``blocks`` [E, R, G, 16] and ``scales`` [E, R, G], shaped [E, G*32, R]:
+    out[e, g*32 + 2k + h, r] = FP4[nibble h of blocks[e, r, g, k]] * 2**(scales[e, r, g] - 127),
+    h = 0 the low nibble. This is transformers' ``convert_moe_packed_tensors`` (the transpose
+    included: gpt-oss experts hold gate_up_proj [E, hidden, 2*inter], down_proj [E, inter,
+    hidden]), value for value, computed in float32 and rounded once to ``dtype``; exact in bf16 /
+    fp32 for scales <= 252 (253-255 overflow to inf, zeros stay zero, as in transformers; OCP
+    MX calls 255 NaN).
+    Works in row chunks of about ``CHUNK`` values."""
+    _mx_check(tuple(blocks.shape), tuple(scales.shape), blocks.dtype, scales.dtype)
+    E, R, G, _ = blocks.shape
+    out = torch.empty(E, G * MX_BLOCK, R, dtype=dtype, device=blocks.device)
+    lut = torch.tensor(FP4_VALUES, device=blocks.device)
+    step = max(1, CHUNK // (G * MX_BLOCK))
+    for e in range(E):
+        for r0 in range(0, R, step):
+            b = blocks[e, r0:r0 + step]
+            v = torch.stack((lut[(b & 15).int()], lut[(b >> 4).int()]), -1).reshape(len(b), G, MX_BLOCK)
+            v = torch.ldexp(v, scales[e, r0:r0 + step, :, None].int() - E8M0_BIAS)
+            out[e, :, r0:r0 + step] = v.reshape(len(b), G * MX_BLOCK).T
+    return out
+
+
+def mxfp4_quantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 blocks [E, R, G, 16] of ``values`` [E, G*32, R] with the given ``scales`` [E, R, G]:
+    the exact inverse of ``mxfp4_dequantize`` (its output re-encodes to the same bytes, -0.0
+    included). A value that is not exactly FP4 * 2**(scale - 127) raises QuantError naming it."""
+    if scales.dtype != torch.uint8 or scales.dim() != 3:
+        raise QuantError(f"MXFP4 scales are {scales.dtype} {tuple(scales.shape)}, expected "
+                         f"torch.uint8 [experts, rows, groups]")
+    E, R, G = scales.shape
+    if tuple(values.shape) != (E, G * MX_BLOCK, R) or not values.is_floating_point():
+        raise QuantError(f"values {values.dtype} {tuple(values.shape)} do not match MXFP4 scales "
+                         f"shape {tuple(scales.shape)} (expected float {(E, G * MX_BLOCK, R)})")
+    blocks = torch.empty(E, R, G, MX_BLOCK // 2, dtype=torch.uint8, device=values.device)
+    mags = torch.tensor(FP4_VALUES[:8], device=values.device)
+    step = max(1, CHUNK // (G * MX_BLOCK))
+    for e in range(E):
+        for r0 in range(0, R, step):
+            v = values[e, :, r0:r0 + step].T.float().contiguous().reshape(-1, G, MX_BLOCK)
+            exp = scales[e, r0:r0 + step, :, None].int() - E8M0_BIAS
+            q = torch.ldexp(v, -exp).abs()
+            idx = torch.searchsorted(mags, q).clamp_(max=7)
+            code = idx.to(torch.uint8) | (v.signbit().to(torch.uint8) << 3)
+            back = torch.ldexp(torch.tensor(FP4_VALUES, device=v.device)[code.int()], exp)
+            bad = (mags[idx] != q) | (back != v)
+            if bad.any():
+                r, g, k = (int(i) for i in bad.nonzero()[0])
+                s = int(scales[e, r0 + r, g])
+                raise QuantError(f"value {v[r, g, k].item()!r} at [{e}, {g * MX_BLOCK + k}, {r0 + r}] "
+                                 f"is not representable in MXFP4 with scale {s} (2**{s - E8M0_BIAS}); "
+                                 f"{int(bad.sum())} such value(s) in rows {r0}:{r0 + len(v)}")
+            blocks[e, r0:r0 + step] = (code[..., 0::2] | (code[..., 1::2] << 4)).reshape(-1, G, MX_BLOCK // 2)
+    return blocks

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import pkgutil
 from typing import Any
 
@@ -37,7 +38,11 @@ def load_families() -> None:
     import bridges.models as pkg
 
     for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"bridges.models.{info.name}.{info.name}_bridge")
+        if not info.ispkg:
+            continue
+        name = f"bridges.models.{info.name}.{info.name}_bridge"
+        if importlib.util.find_spec(name) is not None:  # a folder may hold modeling code only
+            importlib.import_module(name)
     _loaded = True
 
 

@@ -1,8 +1,7 @@
 """Mistral: Llama layout with an optional sliding attention window (v0.1: 4096)."""
 from typing import Any
 
-from bridges.core.config import get_path
-from bridges.core.gpt import GPTBridge
+from bridges.core.gpt import GPTBridge, sliding_window_to_hf, sliding_window_to_megatron
 from bridges.core.registry import register_bridge
 
 
@@ -12,13 +11,9 @@ class MistralBridge(GPTBridge):
 
     def megatron_attrs(self) -> dict[str, Any]:
         attrs = super().megatron_attrs()
-        window = get_path(self.hf_config, "sliding_window", None)
-        # HF attends to the last `sliding_window` positions, the current one included.
-        attrs["window_size"] = (window - 1, 0) if window else None
+        attrs["window_size"] = sliding_window_to_megatron(self.hf_config)
         return attrs
 
     def hf_config_dict(self, attrs=None):
         attrs = attrs if attrs is not None else self.megatron_attrs()
-        out = super().hf_config_dict(attrs)
-        out["sliding_window"] = attrs["window_size"][0] + 1 if attrs["window_size"] else None
-        return out
+        return {**super().hf_config_dict(attrs), "sliding_window": sliding_window_to_hf(attrs)}

@@ -1,0 +1,135 @@
+"""MoEBridge: the base for mixture-of-experts decoder families (Qwen-MoE, Mixtral, OLMoE, GLM...).
+
+A family names its HF expert tensors and its config fields; this base builds the mapping table
+for both HF expert layouts and both Megatron expert layouts:
+
+- HF per-expert tensors (``mlp.experts.<e>.gate_proj.weight``: what transformers saves) or
+  stacked ones (``mlp.experts.gate_up_proj`` ``[E, 2I, H]``: transformers' in-memory layout,
+  found in some checkpoints); export writes back the layout the source used;
+- Megatron sequential experts (``local_experts.<e>.linear_fc1``) or grouped GEMM weights
+  (``linear_fc1.weight<e>``), both in the table; the model built has one of them.
+
+Dense-first layers (``moe_layer_freq``) keep the dense MLP mappings, restricted to their layers.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+from bridges.core.config import Field, get_path
+from bridges.core.experts import block_spec
+from bridges.core.gpt import GPTBridge, H, L
+from bridges.core.mappings import GatedMLP, Mapping, Replicated, RowParallel, StackedGatedMLP
+from bridges.core.provider import GPTModelProvider
+
+
+def qwen_moe_layers(cfg) -> list[int]:
+    """Qwen2-MoE / Qwen3-MoE: layer i is sparse unless listed in ``mlp_only_layers``, every
+    ``decoder_sparse_step``-th layer."""
+    step = get_path(cfg, "decoder_sparse_step", 1)
+    dense = set(get_path(cfg, "mlp_only_layers", None) or ())
+    return [int(i not in dense and (i + 1) % step == 0) for i in range(get_path(cfg, "num_hidden_layers"))]
+
+
+def moe_fields(experts: str = "num_experts", ffn: str = "moe_intermediate_size",
+               norm_topk: bool = True) -> tuple[Field, ...]:
+    """The MoE config fields most HF families share (names of those that vary)."""
+    fields = (Field(experts, "num_moe_experts"),
+              Field("num_experts_per_tok", "moe_router_topk"),
+              Field(ffn, "moe_ffn_hidden_size"),
+              Field("router_aux_loss_coef", "moe_aux_loss_coeff", 0.0))
+    # HF norm_topk_prob=False: softmax over all experts, then top-k (Megatron pre-softmax)
+    return fields + ((Field("norm_topk_prob", "moe_router_pre_softmax", True, lambda v: not v,
+                            lambda v: not v),) if norm_topk else ())
+
+
+# Megatron settings a converted MoE needs everywhere: the allgather dispatcher (the alltoall
+# one needs CUDA streams), the router in fp32, as HF computes it.
+MOE_PORTABLE = dict(moe_token_dispatcher_type="allgather", moe_router_dtype="fp32",
+                    moe_permute_fusion=False, moe_router_load_balancing_type="aux_loss")
+
+
+class MoEBridge(GPTBridge):
+    # HF names under "model.layers.<i>.": per-expert (``*`` = expert) and stacked.
+    experts_hf: ClassVar[dict[str, str]] = {"gate": "mlp.experts.*.gate_proj.weight",
+                                            "up": "mlp.experts.*.up_proj.weight",
+                                            "down": "mlp.experts.*.down_proj.weight"}
+    stacked_hf: ClassVar[dict[str, str]] = {"gate_up": "mlp.experts.gate_up_proj",
+                                            "down": "mlp.experts.down_proj"}
+    router_hf: ClassVar[str] = "mlp.gate.weight"
+    router_bias_hf: ClassVar[str | None] = None  # score-correction bias (sigmoid routers)
+    shared_hf: ClassVar[dict[str, str] | None] = None  # gate / up / down of the shared expert(s)
+    shared_gate_hf: ClassVar[str | None] = None  # sigmoid gate on the shared expert output
+
+    # -- config ---------------------------------------------------------------------------
+    def moe_layers(self) -> list[int]:
+        """1 for a MoE layer, 0 for a dense one, per layer (Megatron's moe_layer_freq list);
+        families with dense layers override (first_k_dense_replace, mlp_only_layers...)."""
+        return [1] * self._num_layers()
+
+    def megatron_attrs(self) -> dict[str, Any]:
+        attrs = super().megatron_attrs()
+        attrs.update(MOE_PORTABLE, moe_layer_freq=self.moe_layers())
+        if attrs.get("moe_aux_loss_coeff", 0.0) == 0.0:
+            attrs["moe_router_load_balancing_type"] = "none"
+        return attrs
+
+    def layer_spec(self, provider: GPTModelProvider, vp_stage: int | None = None):
+        return block_spec(provider, vp_stage, self.customize_layer)
+
+    def customize_layer(self, layer_spec, is_moe: bool):
+        """Hook: a family swaps in its own module (e.g. its attention) here."""
+        return layer_spec
+
+    # -- weights --------------------------------------------------------------------------
+    def stacked_experts(self) -> bool:
+        """Whether the source checkpoint stores experts stacked (else per-expert tensors)."""
+        ckpt = self.checkpoint
+        name = H.replace("*", "{}") + self.stacked_hf["gate_up"]
+        return ckpt is not None and any(name.format(i) in ckpt for i in range(self._num_layers()))
+
+    def _num_layers(self) -> int:
+        return get_path(self.hf_config, "num_hidden_layers")
+
+    def mappings(self, attrs: dict[str, Any]) -> list[Mapping]:
+        freq = attrs["moe_layer_freq"]
+        dense = tuple(i for i, f in enumerate(freq) if not f)
+        moe = tuple(i for i, f in enumerate(freq) if f)
+        table = []
+        for m in super().mappings(attrs):
+            if m.megatron.startswith(L + "mlp."):  # the dense MLP: dense layers only
+                if dense:
+                    table.append(dataclasses.replace(m, layers=dense))
+            else:
+                table.append(m)
+        table.append(Replicated(L + "mlp.router.weight", H + self.router_hf, layers=moe))
+        if self.router_bias_hf:
+            table.append(Replicated(L + "mlp.router.expert_bias", H + self.router_bias_hf, layers=moe))
+        table += self.expert_mappings(moe)
+        if self.shared_hf:
+            s = self.shared_hf
+            table += [GatedMLP(L + "mlp.shared_experts.linear_fc1.weight",
+                               {"gate": H + s["gate"], "up": H + s["up"]}, layers=moe),
+                      RowParallel(L + "mlp.shared_experts.linear_fc2.weight", H + s["down"], layers=moe)]
+            if self.shared_gate_hf:
+                table.append(Replicated(L + "mlp.shared_experts.gate_weight", H + self.shared_gate_hf,
+                                        layers=moe))
+        return table
+
+    def expert_mappings(self, moe: tuple[int, ...]) -> list[Mapping]:
+        """Routed experts, both Megatron layouts (grouped as the alternate), from the HF layout
+        of the source checkpoint."""
+        if self.stacked_experts():
+            fc1 = lambda meg: StackedGatedMLP(meg, {"gate_up": H + self.stacked_hf["gate_up"] + "[*]"},
+                                              layers=moe, alternate="weight*" in meg)
+            fc2 = lambda meg: RowParallel(meg, H + self.stacked_hf["down"] + "[*]", layers=moe,
+                                          alternate="weight*" in meg)
+        else:
+            e = self.experts_hf
+            fc1 = lambda meg: GatedMLP(meg, {"gate": H + e["gate"], "up": H + e["up"]}, layers=moe,
+                                       alternate="weight*" in meg)
+            fc2 = lambda meg: RowParallel(meg, H + e["down"], layers=moe, alternate="weight*" in meg)
+        return [fc1(L + "mlp.experts.local_experts.*.linear_fc1.weight"),
+                fc2(L + "mlp.experts.local_experts.*.linear_fc2.weight"),
+                fc1(L + "mlp.experts.linear_fc1.weight*"),
+                fc2(L + "mlp.experts.linear_fc2.weight*")]
