@@ -109,12 +109,30 @@ class Conformance:
         return self._memo(("case", spec.name, layout, bridge_ref, dtype),
                           lambda: self._run_case(spec, layout, bridge_ref, dtype))
 
-    def _run_case(self, spec, layout, bridge_ref, dtype) -> dict[str, CheckResult]:
+    def stacked_layout(self) -> str:
+        return "tp2ep2grouped" if self.world >= 4 else "ep2grouped" if self.world >= 2 else "tp1pp1grouped"
+
+    def stacked_case(self, spec: ModelSpec, layout: str | None = None,
+                     bridge_ref: str | None = None) -> dict[str, CheckResult]:
+        """The case checks on the MoE toy with its experts stacked (``[E, 2I, H]`` tensors):
+        imported, run against HF, and exported back stacked (default layout: TP2 x EP2 with
+        grouped-GEMM experts, less on a smaller pool)."""
+        layout = layout or self.stacked_layout()
+
+        def run():
+            toy = self.checkpoint(spec)
+            stacked = self.pool.run("conformance.toy:make_stacked_checkpoint", ranks=[0],
+                                    timeout=self.timeout, src=toy, root=str(self.workdir / "toys"))[0]
+            return self._run_case(spec, layout, bridge_ref, self.dtype, ckpt=stacked)
+
+        return self._memo(("stacked", spec.name, layout, bridge_ref), run)
+
+    def _run_case(self, spec, layout, bridge_ref, dtype, ckpt: str | None = None) -> dict[str, CheckResult]:
         lay = Layout.parse(layout)
         if self.world % lay.world_size:
             raise ValueError(f"layout {layout} needs {lay.world_size} ranks; the pool has {self.world}")
-        ckpt = self.checkpoint(spec, dtype)
-        ref = self.reference(spec, dtype)
+        ref = self.reference(spec, dtype)  # of the default toy: the same weights as ``ckpt``
+        ckpt = ckpt or self.checkpoint(spec, dtype)
         try:
             ranks = self.pool.run("conformance.job:megatron_case", timeout=self.timeout,
                                   toy_dir=ckpt, layout=layout, ids=self._ids(ckpt),

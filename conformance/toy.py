@@ -211,3 +211,31 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
         except OSError:  # another process made it first
             shutil.rmtree(tmp, ignore_errors=True)
     return str(out), str(deq)
+
+
+def make_stacked_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> str:
+    """Copy of a MoE toy checkpoint in transformers' in-memory layout: experts stacked
+    (``mlp.experts.gate_up_proj`` ``[E, 2I, H]``) instead of one tensor per expert, as some
+    checkpoints store them. The same weights: the per-expert toy's HF reference applies."""
+    from safetensors.torch import save_file
+
+    src = Path(src)
+    out = Path(root) / f"{src.name}-stacked"
+    if (out / "config.json").exists():
+        return str(out)
+    dtype = json.loads((src / "config.json").read_text()).get("dtype") or "float32"
+    model = load_hf_model(src, getattr(torch, dtype))
+    state = {n: t.detach().contiguous() for n, t in model.state_dict().items()
+             if "rotary_emb" not in n and not (getattr(model.config, "tie_word_embeddings", False)
+                                                and n == "lm_head.weight")}
+    tmp = Path(tempfile.mkdtemp(prefix=".toy-", dir=root))
+    try:
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        shutil.copy(src / "config.json", tmp / "config.json")
+        try:
+            tmp.rename(out)
+        except OSError:  # another process made it first
+            pass
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return str(out)

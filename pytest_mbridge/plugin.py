@@ -195,6 +195,13 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         metafunc.parametrize(("mbridge_model", "mbridge_format"), [
             pytest.param(m, f, id=f"{m}-{f}", marks=[pytest.mark.xdist_group(m), pytest.mark.mbridge])
             for m in models for f in _formats(lookup, specs[m].config)])
+    elif "mbridge_expert_layout" in metafunc.fixturenames:  # MoE models only
+        from conformance.session import is_moe
+
+        specs = config._mbridge_models  # type: ignore[attr-defined]
+        metafunc.parametrize(("mbridge_model", "mbridge_expert_layout"), [
+            pytest.param(m, "stacked", id=m, marks=[pytest.mark.xdist_group(m), pytest.mark.mbridge])
+            for m in models if is_moe(specs[m].config)])
     else:
         metafunc.parametrize("mbridge_model", [pytest.param(m, id=m, marks=[
             pytest.mark.xdist_group(m), pytest.mark.mbridge]) for m in models])

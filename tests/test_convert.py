@@ -33,6 +33,20 @@ def test_import_at_one_layout_export_at_another(conformance, spec, tmp_path, mod
         assert (out / "config.json").exists()
 
 
+@pytest.mark.parametrize("model", ["Qwen/Qwen3-30B-A3B", "zai-org/GLM-4.5"])
+def test_moe_import_under_ep_export_under_another_layout(conformance, spec, tmp_path, model):
+    """Experts saved from EP2 x expert-TP1 (with TP2) reload under PP2 x EP2 and TP2 x EP2."""
+    toy = conformance.checkpoint(spec(model))
+    mc = tmp_path / "megatron"
+    assert conformance.pool.run("tests.convert_tasks:cli", argv=[
+        "convert", "import", "--hf", toy, "--out", str(mc), "--tp", "2", "--ep", "2", "--etp", "1"]) == [0] * 4
+    for i, exp in enumerate((["--pp", "2", "--ep", "2"], ["--tp", "2", "--ep", "2"])):
+        out = tmp_path / f"hf{i}"
+        assert conformance.pool.run("tests.convert_tasks:cli", argv=[
+            "convert", "export", "--megatron", str(mc), "--out", str(out), *exp]) == [0] * 4
+        _same(toy, out)
+
+
 def test_cli_as_one_process_relaunches_for_several_ranks(conformance, spec, tmp_path):
     toy = conformance.checkpoint(spec("Qwen/Qwen3-0.6B"))
     mbridge = [sys.executable, "-m", "bridges.cli", "convert"]

@@ -32,7 +32,9 @@ def add_arguments(parser) -> None:
         p.add_argument("--tp", type=int, default=1)
         p.add_argument("--pp", type=int, default=1)
         p.add_argument("--vpp", type=int, default=None)
-        p.add_argument("--ep", type=int, default=1)
+        p.add_argument("--ep", type=int, default=1, help="expert parallel size (MoE models)")
+        p.add_argument("--etp", type=int, default=None,
+                       help="expert tensor parallel size (default: --tp, as Megatron)")
     imp.add_argument("--dtype", choices=DTYPES, help="parameter dtype (default: the checkpoint's)")
     imp.add_argument("--strict", action="store_true", help="NaN/Inf weights are an error, not a warning")
     for p in (imp, exp):
@@ -54,7 +56,8 @@ def run(args) -> int:
 
     from bridges.core.parallel import Layout
 
-    layout = Layout(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep)
+    # experts are saved sequential: Megatron's distributed checkpoint is the same for grouped GEMM
+    layout = Layout(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp)
     if not dist.is_initialized() and "RANK" not in os.environ and layout.world_size > 1:
         return _relaunch(args, layout.world_size)
     return _import(args, layout) if args.direction == "import" else _export(args, layout)
@@ -68,6 +71,7 @@ def _provider(bridge, layout, dtype=None):
     provider.pipeline_model_parallel_size = layout.pp
     provider.virtual_pipeline_model_parallel_size = layout.vpp
     provider.expert_model_parallel_size = layout.ep
+    provider.expert_tensor_parallel_size = layout.etp
     if dtype:
         provider.params_dtype = getattr(torch, dtype)
     provider.finalize()
