@@ -162,7 +162,8 @@ def check_quant(dequantized: dict[str, torch.Tensor], imported: list[tuple[str, 
 
     bad = []
     got = dict(imported)
-    quantized = [n for n, t in source.items() if t.dtype in quant.FP8]
+    quantized = [n for n, t in source.items() if t.dtype in quant.FP8] + \
+        [n[: -len("_blocks")] for n in source if n.endswith("_blocks")]  # MXFP4, by value name
     for n in quantized:
         w = got.get(n)
         if w is None:
@@ -183,5 +184,5 @@ def check_quant(dequantized: dict[str, torch.Tensor], imported: list[tuple[str, 
         elif r.dtype != t.dtype or not torch.equal(r.view(torch.uint8) if r.dtype in quant.FP8 else r,
                                                    t.view(torch.uint8) if t.dtype in quant.FP8 else t):
             bad.append(f"{n}: FP8 re-export differs from the source ({r.dtype} vs {t.dtype})")
-    return CheckResult("quant", not bad, f"{len(quantized)} FP8 tensors dequantized, re-exported bit-exact"
+    return CheckResult("quant", not bad, f"{len(quantized)} quantized tensors dequantized, re-exported bit-exact"
                        if not bad else f"{len(bad)} problems", "\n".join(bad[:20]))

@@ -192,8 +192,15 @@ class Conformance:
         on them, and re-exports bit-exactly."""
         def run():
             toy = self.checkpoint(spec)
-            fp8, deq = self.pool.run("conformance.toy:make_fp8_checkpoint", ranks=[0], timeout=self.timeout,
-                                     src=toy, root=str(self.workdir / "toys"), kind=kind)[0]
+            root = str(self.workdir / "toys")
+            if kind == "mxfp4":  # experts of a stacked MoE toy, as gpt-oss ships them
+                toy = self.pool.run("conformance.toy:make_stacked_checkpoint", ranks=[0],
+                                    timeout=self.timeout, src=toy, root=root)[0]
+                fp8, deq = self.pool.run("conformance.toy:make_mxfp4_checkpoint", ranks=[0],
+                                         timeout=self.timeout, src=toy, root=root)[0]
+            else:
+                fp8, deq = self.pool.run("conformance.toy:make_fp8_checkpoint", ranks=[0],
+                                         timeout=self.timeout, src=toy, root=root, kind=kind)[0]
             ref = self._memo(("ref-deq", deq), lambda: self.pool.run(
                 "conformance.job:hf_reference", ranks=[0], timeout=self.timeout, toy_dir=deq,
                 ids=self._ids(deq), steps=1, dtype="float32")[0])

@@ -115,6 +115,17 @@ def hf_model_type(config: dict[str, Any]) -> str:
         return config["model_type"]
 
 
+def _family(config: dict[str, Any]):
+    """The registered bridge class for a config (the base Bridge, whose hooks do nothing, if none)."""
+    from bridges.core.bridge import Bridge
+    from bridges.core.registry import UnknownModelError, lookup
+
+    try:
+        return lookup(config)
+    except UnknownModelError:
+        return Bridge
+
+
 def hf_config(config: dict[str, Any]):
     from transformers import AutoConfig
 
@@ -157,6 +168,7 @@ def make_toy_checkpoint(config: dict[str, Any], root: str | os.PathLike, seed: i
     tmp = Path(tempfile.mkdtemp(prefix=".toy-", dir=root))
     try:
         model = build_hf_model(config, seed)
+        _family(config).toy_model(model, lambda m: randomize_(m, seed + 1))
         model.save_pretrained(tmp)
         saved = json.loads((tmp / "config.json").read_text())
         if saved.get("model_type") != config.get("model_type"):  # built as its hf_model_type
@@ -188,17 +200,20 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
     if (out / "config.json").exists() and (deq / "config.json").exists():
         return str(out), str(deq)
     ckpt = HFCheckpoint(src)
+    config = json.loads((src / "config.json").read_text())
     tensors = {n: ckpt.get(n) for n in ckpt.names()}
     qt, dt = {}, {}
     for name, w in tensors.items():
-        if w.dim() == 2 and "embed" not in name and "lm_head" not in name:
+        # embeddings and output heads (vocab rows, whatever their name: DeepSeek-V3's MTP
+        # shared_head.head too) stay unquantized, as in published FP8 checkpoints
+        if w.dim() == 2 and "embed" not in name and "lm_head" not in name \
+                and w.shape[0] != config.get("vocab_size"):
             q, s = quant.quantize(w, None, kind, block)
             qt[name] = q
             qt[f"{name}_scale_inv" if kind == "block" else f"{name}_scale"] = s.float()
             dt[name] = quant.dequantize(q, s, kind, block)
         else:
             qt[name] = dt[name] = w
-    config = json.loads((src / "config.json").read_text())
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
     if kind == "block":
         qc["weight_block_size"] = list(block)
@@ -239,3 +254,57 @@ def make_stacked_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> 
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(out)
+
+
+def make_mxfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tuple[str, str]:
+    """MXFP4 copy of a stacked-expert MoE toy (every stacked expert tensor as gpt-oss-style
+    ``_blocks`` / ``_scales``: one E8M0 scale per 32 values along dim 1, values rounded to the
+    nearest FP4) and its dequantized twin, the HF reference."""
+    from safetensors.torch import save_file
+
+    from bridges.core import quant
+    from bridges.core.hf_io import HFCheckpoint
+
+    src = Path(src)
+    out, deq = Path(root) / f"{src.name}-mxfp4", Path(root) / f"{src.name}-mxfp4-dequantized"
+    if (out / "config.json").exists() and (deq / "config.json").exists():
+        return str(out), str(deq)
+    ckpt = HFCheckpoint(src)
+    qt, dt = {}, {}
+    for name in ckpt.names():
+        w = ckpt.get(name)
+        if w.dim() != 3 or ".experts." not in name:
+            qt[name] = dt[name] = w
+            continue
+        values, scales = _round_mxfp4(w.float())
+        qt[f"{name}_blocks"], qt[f"{name}_scales"] = quant.mxfp4_quantize(values, scales), scales
+        dt[name] = values.to(w.dtype)
+    config = json.loads((src / "config.json").read_text())
+    qc = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.embed_tokens", "lm_head"]}
+    for d, ts, cfg in ((out, qt, {**config, "quantization_config": qc}), (deq, dt, config)):
+        tmp = Path(tempfile.mkdtemp(prefix=".toy-", dir=root))
+        save_file(ts, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        try:
+            tmp.rename(d)
+        except OSError:  # another process made it first
+            shutil.rmtree(tmp, ignore_errors=True)
+    return str(out), str(deq)
+
+
+def _round_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w`` [E, C, R] (C a multiple of 32) rounded to MXFP4: per (e, r, group of 32 along C)
+    the smallest power-of-two scale that keeps the group within FP4's +-6, values to the
+    nearest FP4 code. Returns the representable values and the uint8 E8M0 scales [E, R, C/32]."""
+    from bridges.core import quant
+
+    E, C, R = w.shape
+    g = w.permute(0, 2, 1).reshape(E, R, C // quant.MX_BLOCK, quant.MX_BLOCK)
+    amax = g.abs().amax(-1).clamp_min(2.0 ** -126)
+    exp = torch.ceil(torch.log2(amax / 6.0)).clamp(-127, 127)
+    mags = torch.tensor(quant.FP4_VALUES[:8])
+    q = torch.ldexp(g.abs(), -exp[..., None].int())
+    nearest = mags[(q[..., None] - mags).abs().argmin(-1)]
+    v = torch.ldexp(nearest * g.sign(), exp[..., None].int())
+    values = v.reshape(E, R, C).permute(0, 2, 1).contiguous()
+    return values, (exp + quant.E8M0_BIAS).to(torch.uint8)

@@ -291,3 +291,15 @@ class EPExportOrder(Qwen3MoeBridge):
                 name = re.sub(r"(local_experts\.)(\d+)",
                               lambda m: f"{m.group(1)}{(int(m.group(2)) - rank * n_local) * ep + rank}", name)
             yield chunk, name, p
+
+
+# 21. MXFP4 blocks read as values: the nibbles as numbers, no scale -----------------------
+class MXFP4Raw(Qwen3MoeBridge):
+    def _read(self, ckpt, name):
+        base, row = M.split_row(name)
+        packed = self._packed(ckpt, base)
+        if packed:  # the codes, reshaped to the value layout: what a naive converter does
+            b = ckpt.get_row(packed[0], row) if row is not None else ckpt.get(packed[0])
+            codes = torch.stack((b & 15, b >> 4), -1).flatten(-3).to(self.dequantized_dtype)
+            return codes.transpose(-1, -2).contiguous()
+        return super()._read(ckpt, name)

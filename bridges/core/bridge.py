@@ -103,6 +103,12 @@ class Bridge:
         family's HF code ties sizes together (e.g. no free head_dim)."""
         return config
 
+    @classmethod
+    def toy_model(cls, model, randomize) -> None:
+        """Hook for the conformance toy generator: add to the randomised HF ``model``, before it
+        is saved, the tensors this family's published checkpoints hold but transformers does not
+        build (e.g. DeepSeek-V3's MTP layer); ``randomize(module)`` re-draws a module's tensors."""
+
     def __init__(self, hf_config: Any, checkpoint: HFCheckpoint | None = None):
         self.hf_config = hf_config
         self.checkpoint = checkpoint
@@ -230,8 +236,7 @@ class Bridge:
             with torch.no_grad():
                 param.copy_(shard.to(dtype=param.dtype))
             for n in hf_names.values():
-                comp = quant.companion(split_row(n)[0], ckpt)
-                for used in [n] + ([comp[0]] if comp else []):
+                for used in self._used(ckpt, n):
                     ledger.use(used, name, shared=isinstance(mapping, TiedOutput))
         gathered = _all_gather((ledger, nonfinite))
         ledgers = [lg for lg, _ in gathered]
@@ -259,31 +264,44 @@ class Bridge:
         for n in ckpt.names():
             if self._ignored(n):
                 continue
-            if any(p.match(n) for p in stacked):
+            logical = n[: -len("_blocks")] if n.endswith("_blocks") else \
+                n[: -len("_scales")] if n.endswith("_scales") else n
+            if any(p.match(n) or p.match(logical) for p in stacked):
                 out |= {f"{n}[{k}]" for k in range(ckpt.shape(n)[0])}
             else:
                 out.add(n)
         return out
 
-    @staticmethod
-    def _has(ckpt: HFCheckpoint, name: str) -> bool:
+    def _has(self, ckpt: HFCheckpoint, name: str) -> bool:
         base, row = split_row(name)
-        return base in ckpt and (row is None or row < ckpt.shape(base)[0])
+        try:
+            stored = base if base in ckpt else (self._packed(ckpt, base) or (None,))[0]
+        except CheckpointError:
+            return True  # a broken MXFP4 pair: reading it names the problem
+        return stored is not None and (row is None or row < ckpt.shape(stored)[0])
 
     def _read(self, ckpt: HFCheckpoint, name: str) -> torch.Tensor:
         """An HF tensor (or one row of a stacked one: ``name[k]``) as values: float8 tensors
-        are dequantized with their scale companion, and one without a companion is an error
-        naming it."""
+        are dequantized with their scale companion, MXFP4 ones (``name_blocks`` /
+        ``name_scales``) from their blocks; a quantized tensor with no dequantization path is
+        an error naming it."""
         base, row = split_row(name)
+        packed = self._packed(ckpt, base)
+        if packed:
+            blocks, scales = packed
+            if row is None:
+                return quant.mxfp4_dequantize(ckpt.get(blocks), ckpt.get(scales), self.dequantized_dtype)
+            return quant.mxfp4_dequantize(ckpt.get_row(blocks, row)[None], ckpt.get_row(scales, row)[None],
+                                          self.dequantized_dtype)[0]
         if row is not None:
             if ckpt.dtype(base) in quant.FP8 or quant.companion(base, ckpt):
-                raise CheckpointError(f"{ckpt.path}: {base} is quantized and stacked: reading it "
-                                      f"row by row has no dequantization path yet")
+                raise CheckpointError(f"{ckpt.path}: {base} is FP8 and stacked: reading it row by "
+                                      f"row has no dequantization path yet")
             return ckpt.get_row(base, row)
         t = ckpt.get(name)
-        if t.dtype in (torch.uint8, torch.int8) and (name.endswith("_blocks") or f"{name[:-7]}_scales" in ckpt):
-            raise CheckpointError(f"{ckpt.path}: {name} is packed {t.dtype} (MXFP4-style blocks): "
-                                  f"no dequantization path for this format yet")
+        if t.dtype in (torch.uint8, torch.int8) and name.endswith(("_blocks", "_scales")):
+            raise CheckpointError(f"{ckpt.path}: {name} is packed {t.dtype} (MXFP4-style blocks) "
+                                  f"and read as a tensor of its own: no mapping dequantizes it")
         if t.dtype not in quant.FP8:
             return t
         comp = quant.companion(name, ckpt)
@@ -294,6 +312,28 @@ class Bridge:
             return quant.dequantize(t, ckpt.get(comp[0]), comp[1], quant.block_size(ckpt.config()))
         except quant.QuantError as e:
             raise CheckpointError(f"{ckpt.path}: {name}: {e}") from None
+
+    @staticmethod
+    def _packed(ckpt: HFCheckpoint, name: str) -> tuple[str, str] | None:
+        """The MXFP4 (blocks, scales) pair stored for ``name``, if any (a broken pair is an
+        error naming it)."""
+        if name in ckpt:
+            return None
+        try:
+            return quant.packed_parts(name, ckpt)
+        except quant.QuantError as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
+
+    def _used(self, ckpt: HFCheckpoint, name: str) -> list[str]:
+        """The checkpoint tensors (or rows) reading ``name`` consumes: itself, or its MXFP4
+        blocks and scales, plus an FP8 scale companion."""
+        base, row = split_row(name)
+        suffix = "" if row is None else f"[{row}]"
+        packed = self._packed(ckpt, base)
+        if packed:
+            return [p + suffix for p in packed]
+        comp = quant.companion(base, ckpt)
+        return [name] + ([comp[0]] if comp else [])
 
     # -- export ---------------------------------------------------------------------------
     def export_hf_weights(self, model_chunks: list, cpu: bool = True, strict: bool = True,
@@ -375,7 +415,16 @@ class Bridge:
                 if cpu:
                     t = t.cpu()
                 src = self.checkpoint
-                if src is not None and hf_name in src and src.dtype(hf_name) in quant.FP8:
+                packed = self._packed(src, hf_name) if src is not None else None
+                if packed:
+                    if quantized:  # MXFP4 with the source's scales: bit-exact
+                        sc = src.get(packed[1])
+                        seen += list(packed)
+                        yield packed[0], quant.mxfp4_quantize(t, sc)
+                        yield packed[1], sc
+                        continue
+                    t = t.to(self.dequantized_dtype)
+                elif src is not None and hf_name in src and src.dtype(hf_name) in quant.FP8:
                     comp = quant.companion(hf_name, src)
                     if quantized:  # the source's layout, with the source's scales: bit-exact
                         q, sc = quant.quantize(t, src.get(comp[0]), comp[1], quant.block_size(src.config()),
@@ -404,8 +453,11 @@ class Bridge:
     def _check_export_names(self, seen: list[str], quantized: bool = False) -> None:
         if self.checkpoint is not None:
             expected = {n for n in self.checkpoint.names() if not self._ignored(n)}
-            if not quantized:  # dequantized export: no scale companions
+            if not quantized:  # dequantized export: no scale companions, MXFP4 as values
                 expected -= {c[0] for n in expected if (c := quant.companion(n, self.checkpoint))}
+                packed = {n[: -len("_blocks")] for n in expected if n.endswith("_blocks")
+                          and self._packed(self.checkpoint, n[: -len("_blocks")])}
+                expected = (expected - {f"{n}_blocks" for n in packed} - {f"{n}_scales" for n in packed}) | packed
         else:
             expected = set(self.expected_hf_names())
         dup = sorted({n for n in seen if seen.count(n) > 1})

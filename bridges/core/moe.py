@@ -86,7 +86,8 @@ class MoEBridge(GPTBridge):
         """Whether the source checkpoint stores experts stacked (else per-expert tensors)."""
         ckpt = self.checkpoint
         name = H.replace("*", "{}") + self.stacked_hf["gate_up"]
-        return ckpt is not None and any(name.format(i) in ckpt for i in range(self._num_layers()))
+        return ckpt is not None and any(n in ckpt for i in range(self._num_layers())
+                                        for n in (name.format(i), name.format(i) + "_blocks"))
 
     def _num_layers(self) -> int:
         return get_path(self.hf_config, "num_hidden_layers")
