@@ -61,6 +61,21 @@ def hf_reference(toy_dir: str, ids: torch.Tensor, steps: int, dtype: str = "floa
     return {"logits": logits, "acts": acts, "generation": gen, "baseline": hf_logits(other, ids), **noise}
 
 
+def layout_provider(bridge, layout: str, dtype: torch.dtype):
+    """The bridge's provider set to ``layout`` (TP, PP, VPP, EP, expert TP, grouped experts)
+    and ``dtype``, finalized."""
+    from bridges.core.parallel import Layout
+
+    lay = Layout.parse(layout)
+    provider = bridge.to_megatron_provider()
+    provider.tensor_model_parallel_size, provider.pipeline_model_parallel_size = lay.tp, lay.pp
+    provider.virtual_pipeline_model_parallel_size = lay.vpp
+    provider.expert_model_parallel_size, provider.expert_tensor_parallel_size = lay.ep, lay.etp
+    provider.moe_grouped_gemm = lay.grouped
+    provider.params_dtype = dtype
+    return provider.finalize()
+
+
 def megatron_case(toy_dir: str, layout: str, ids: torch.Tensor, steps: int,
                   dtype: str = "float32", bridge_ref: str | None = None) -> dict[str, Any]:
     """Import the toy checkpoint under ``layout``, run it, export it. Every rank returns a
@@ -68,18 +83,10 @@ def megatron_case(toy_dir: str, layout: str, ids: torch.Tensor, steps: int,
     from megatron.core import parallel_state as ps
 
     from bridges.core.ledger import CoverageError
-    from bridges.core.parallel import Layout
 
     bridge = make_bridge(toy_dir, bridge_ref)
     bridge.dequantized_dtype = DTYPES[dtype]  # compare dequantized values in the dtype under test
-    provider = bridge.to_megatron_provider()
-    lay = Layout.parse(layout)
-    provider.tensor_model_parallel_size = lay.tp
-    provider.pipeline_model_parallel_size = lay.pp
-    provider.virtual_pipeline_model_parallel_size = lay.vpp
-    provider.expert_model_parallel_size = lay.ep
-    provider.params_dtype = DTYPES[dtype]
-    provider.finalize()
+    provider = layout_provider(bridge, layout, DTYPES[dtype])
     chunks = provider.provide_distributed_model()
     for c in chunks:
         c.eval()
@@ -180,3 +187,64 @@ def _plain(v):
     if isinstance(v, tuple):
         return list(v)
     return v
+
+
+def megatron_mtp(toy_dir: str, layout: str, ids: torch.Tensor,
+                 bridge_ref: str | None = None) -> dict[str, Any]:
+    """Logits of the converted model's first multi-token-prediction layer under ``layout``
+    ([b, s, vocab], fp32, gathered over TP) on one rank of the last pipeline stage. The MTP
+    block's output is caught by a forward hook during a plain forward (GPTModel returns only the
+    main logits without labels) and put through the shared output layer."""
+    from megatron.core import parallel_state as ps
+
+    from bridges.core.bridge import unwrap
+    from bridges.core.ledger import CoverageError
+
+    bridge = make_bridge(toy_dir, bridge_ref)
+    provider = layout_provider(bridge, layout, torch.float32)
+    chunks = provider.provide_distributed_model()
+    for c in chunks:
+        c.eval()
+    out: dict[str, Any] = {"rank": dist.get_rank(), "error": None, "mtp": None}
+    try:
+        bridge.load_hf_weights(chunks)
+    except CoverageError as e:
+        out["error"] = str(e)
+        return out
+    last = unwrap(chunks[-1])
+    caught: list = []
+    mtp = getattr(last, "mtp", None)
+    handle = mtp.register_forward_hook(lambda _m, _i, o: caught.append(o)) if mtp is not None else None
+    try:
+        megatron_logits(chunks, ids, provider.vocab_size)
+    finally:
+        if handle is not None:
+            handle.remove()
+    if caught:
+        h = torch.chunk(caught[0], 1 + last.config.mtp_num_layers, dim=0)[1]
+        weight = last.shared_embedding_or_output_weight() if last.share_embeddings_and_output_weights else None
+        with torch.no_grad():
+            logits, _ = last.output_layer(h, weight=weight, runtime_gather_output=True)
+        if ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0:
+            out["mtp"] = logits.transpose(0, 1)[..., :provider.vocab_size].float().cpu()
+    return out
+
+
+def hf_mtp_reference(toy_dir: str, ids: torch.Tensor, baseline_seed: int = 12345) -> dict[str, Any]:
+    """The registered bridge's reference logits of the first MTP layer (``bridge.
+    mtp_reference_logits``: [b, s - 1, vocab], fp32) on HF's main hidden state; and the same head
+    on the hidden state of a re-initialised main model, as the "wrong" baseline."""
+    import json
+    from pathlib import Path
+
+    from conformance.toy import build_hf_model, load_hf_model
+
+    bridge = make_bridge(toy_dir)
+    config = json.loads((Path(toy_dir) / "config.json").read_text())
+    out = {}
+    for key, model in (("logits", load_hf_model(toy_dir, torch.float32)),
+                       ("baseline", build_hf_model({**config, "dtype": "float32"}, seed=baseline_seed))):
+        with torch.no_grad():
+            hidden = model.eval().model(input_ids=ids).last_hidden_state
+        out[key] = bridge.mtp_reference_logits(ids, hidden).float()
+    return out

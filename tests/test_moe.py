@@ -100,3 +100,19 @@ def test_v5_spelling_of_the_expert_count_is_accepted():
     cfg = _cfg("Qwen/Qwen3-30B-A3B")
     cfg["num_local_experts"] = cfg.pop("num_experts")  # what transformers 5 writes
     assert AutoBridge.from_hf_config(cfg).megatron_attrs()["num_moe_experts"] == 8
+
+
+def test_layouts_build_the_expert_layout_and_split_they_name(conformance, spec):
+    """ep2grouped: grouped-GEMM weights, 4 experts per EP rank, renumbered globally;
+    tp2ep2etp1: sequential experts, not split by TP (expert TP 1)."""
+    toy = conformance.checkpoint(spec("Qwen/Qwen3-30B-A3B"))
+    ranks = conformance.pool.run("tests.moe_tasks:expert_params", toy_dir=toy, layout="ep2grouped")
+    layer0 = [sorted(n for n in r if n.startswith("decoder.layers.0.") and "fc1" in n) for r in ranks]
+    assert layer0[0] == [f"decoder.layers.0.mlp.experts.linear_fc1.weight{e}" for e in range(4)]
+    assert layer0[1] == [f"decoder.layers.0.mlp.experts.linear_fc1.weight{e}" for e in range(4, 8)]
+    assert ranks[0]["decoder.layers.0.mlp.experts.linear_fc1.weight0"] == (64, 64)  # [2I, H]
+    ranks = conformance.pool.run("tests.moe_tasks:expert_params", toy_dir=toy, layout="tp2ep2etp1")
+    assert ranks[0]["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"] == (64, 64)
+    assert ranks[0]["decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"] == (64, 32)
+    ranks = conformance.pool.run("tests.moe_tasks:expert_params", toy_dir=toy, layout="tp2ep2")
+    assert ranks[0]["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"] == (32, 64)
