@@ -23,3 +23,15 @@ def die_on(rank: int) -> None:
 
 def hang(seconds: float) -> None:
     time.sleep(seconds)
+
+
+def start_helper() -> int:
+    """Start a process of this rank's own (as dist_checkpointing's writer does); return its pid."""
+    import subprocess
+    import sys
+
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]).pid
+
+
+def barrier() -> None:
+    dist.barrier()
