@@ -116,3 +116,11 @@ def test_layouts_build_the_expert_layout_and_split_they_name(conformance, spec):
     assert ranks[0]["decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"] == (64, 32)
     ranks = conformance.pool.run("tests.moe_tasks:expert_params", toy_dir=toy, layout="tp2ep2")
     assert ranks[0]["decoder.layers.0.mlp.experts.local_experts.0.linear_fc1.weight"] == (32, 64)
+
+
+def test_an_ep_rank_reads_only_its_experts(conformance, spec):
+    toy = conformance.checkpoint(spec("Qwen/Qwen3-30B-A3B"))
+    reads = conformance.pool.run("tests.moe_tasks:expert_reads", toy_dir=toy, layout="ep2")
+    experts = [{int(n.split(".experts.")[1].split(".")[0]) for n in r} for r in reads]
+    assert experts[0] == {0, 1, 2, 3} and experts[1] == {4, 5, 6, 7}  # EP ranks 0 and 1
+    assert all(len(r) == len(set(r)) for r in reads)  # each tensor read once
