@@ -12,8 +12,12 @@ from typing import Any
 import torch
 
 FP32_REL_ERR = 1e-5
-BF16_COSINE = 0.9999
+BF16_COSINE = 0.9999  # reported; the verdict is BF16_NOISE_RATIO
 BF16_TOP1 = 0.99
+# bf16: Megatron's error against HF's fp32 run may be at most this many times HF's own bf16
+# error against that run. A mapping bug sits near the re-initialised model's error (~1.4);
+# MoE routing near-ties that flip under bf16 rounding put honest runs at 0.9-2.2x.
+BF16_NOISE_RATIO = 3.0
 
 
 @dataclass
@@ -77,14 +81,17 @@ def check_coverage(import_error: str | None, exported: list[str], source: list[s
 
 
 def check_logits(ref: torch.Tensor, got: torch.Tensor, baseline: torch.Tensor | None = None,
-                 dtype: str = "float32", decisive: torch.Tensor | None = None) -> CheckResult:
+                 dtype: str = "float32", decisive: torch.Tensor | None = None,
+                 ref_fp32: torch.Tensor | None = None) -> CheckResult:
     """Megatron logits against HF's; ``baseline`` is HF's logits for a re-initialised model,
     reported beside the figure so a reader sees how far from 'wrong' the result is.
 
     In bf16, top-1 is judged on the ``decisive`` positions: those where HF's top-1 margin
     clears the bf16 rounding noise (measured against HF's own fp32 run). Toy models have flat
     logits, so near-ties flip under any bf16 rounding; those positions say nothing about the
-    bridge.
+    bridge. The error is judged against HF's fp32 run (``ref_fp32``): Megatron in bf16 may be
+    at most BF16_NOISE_RATIO times as far from it as HF in bf16 is. (A cosine bound fails
+    honest MoE runs: a routing near-tie that flips under bf16 moves a whole position.)
     """
     if got.shape != ref.shape:
         return CheckResult("logits", False, "", f"shape {tuple(got.shape)} != HF {tuple(ref.shape)}")
@@ -103,10 +110,14 @@ def check_logits(ref: torch.Tensor, got: torch.Tensor, baseline: torch.Tensor | 
         fig = f"rel err {err:.2e}{base}"
         why = "" if ok else f"relative error {err:.3g} > {FP32_REL_ERR:g}"
     else:
-        ok = cos >= BF16_COSINE and agree >= BF16_TOP1
-        fig = (f"cosine {cos:.6f}, top-1 {agree:.1%} (of {data['decisive']:.0%} decisive positions), "
-               f"rel err {err:.2e}{base}")
-        why = "" if ok else f"cosine {cos:.6f} (min {BF16_COSINE}) / top-1 {agree:.1%} (min {BF16_TOP1:.0%})"
+        truth = ref_fp32 if ref_fp32 is not None else ref
+        ratio = rel_err(truth, got) / max(rel_err(truth, ref), 1e-12) if ref_fp32 is not None else 0.0
+        data["noise_ratio"] = ratio
+        ok = agree >= BF16_TOP1 and (ratio <= BF16_NOISE_RATIO if ref_fp32 is not None else cos >= BF16_COSINE)
+        fig = (f"error vs HF fp32 {ratio:.2f}x HF bf16's, cosine {cos:.6f}, top-1 {agree:.1%} "
+               f"(of {data['decisive']:.0%} decisive positions), rel err {err:.2e}{base}")
+        why = "" if ok else (f"error vs HF fp32 {ratio:.2f}x HF bf16's own (max {BF16_NOISE_RATIO}) / "
+                             f"cosine {cos:.6f} / top-1 {agree:.1%} (min {BF16_TOP1:.0%})")
     return CheckResult("logits", ok, fig, why, data)
 
 

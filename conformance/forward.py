@@ -26,6 +26,8 @@ def capture_megatron(chunks, store: dict):
 
     def save(name, sbh=True):
         def hook(_m, _inp, out):
+            if name in store:  # the first call: an MTP layer calls the embedding again
+                return
             t = _first(out)
             if isinstance(out, tuple) and len(out) > 1 and torch.is_tensor(out[1]):
                 t = t + out[1]  # (output, bias) pairs: the bias is added later by Megatron

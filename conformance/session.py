@@ -155,7 +155,8 @@ class Conformance:
         out = {
             "coverage": checks.check_coverage(r0["export_error"], [n for n, _ in exported], sorted(source)),
             "roundtrip": checks.check_roundtrip(source, exported),
-            "logits": checks.check_logits(ref["logits"], logits, ref["baseline"], dtype, ref.get("decisive")),
+            "logits": checks.check_logits(ref["logits"], logits, ref["baseline"], dtype, ref.get("decisive"),
+                                         ref.get("fp32_logits")),
             "generation": checks.check_generation(ref["generation"], r0["generation"], self.ids.shape[1],
                                                   ref.get("gen_decisive")),
         }
@@ -221,3 +222,30 @@ class Conformance:
             }
 
         return self._memo(("quant", spec.name, kind, bridge_ref, layout), run)
+
+    def mtp_case(self, spec: ModelSpec, layout: str, bridge_ref: str | None = None) -> CheckResult:
+        """Multi-token prediction: the converted model's first MTP layer (``layout``) against
+        the registered bridge's reference MTP head (``mtp_reference_logits``) on the same toy, in
+        fp32. The last position has no next token (Megatron rolls one in) and is not compared."""
+        def run():
+            ckpt = self.checkpoint(spec, "float32")
+            ids = self._ids(ckpt)
+            ref = self._memo(("mtp-ref", ckpt), lambda: self.pool.run(
+                "conformance.job:hf_mtp_reference", ranks=[0], timeout=self.timeout, toy_dir=ckpt,
+                ids=ids)[0])
+            try:
+                ranks = self.pool.run("conformance.job:megatron_mtp", timeout=self.timeout, toy_dir=ckpt,
+                                      layout=layout, ids=ids, bridge_ref=bridge_ref)
+            except RankError as e:
+                return CheckResult("mtp", False, "", f"conversion crashed:\n{e}")
+            error = next((r["error"] for r in ranks if r["error"]), None)
+            if error:
+                return CheckResult("mtp", False, "", f"not run: import failed:\n{error}", {"blocked": True})
+            got = next((r["mtp"] for r in ranks if r["mtp"] is not None), None)
+            if got is None:
+                return CheckResult("mtp", False, "", "the converted model has no MTP block")
+            result = checks.check_logits(ref["logits"], got[:, :-1], ref["baseline"])
+            result.check = "mtp"
+            return result
+
+        return self._memo(("mtp", spec.name, layout, bridge_ref), run)

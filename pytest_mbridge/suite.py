@@ -104,3 +104,16 @@ def test_quant_sanity(request, mbridge_model, mbridge_format, mbridge_conformanc
     for r in results.values():
         if r.passed or r is bad[0]:
             _verdict(request, r, "tp1pp1")
+
+
+def test_mtp(request, mbridge_model, mbridge_layout, mbridge_dtype, mbridge_conformance, mbridge_spec):
+    """Models with multi-token-prediction layers: the converted MTP head's logits match the
+    family's reference MTP head on the same toy (fp32: rel err <= 1e-5)."""
+    from conformance.job import make_bridge
+
+    bridge_ref = request.config.getoption("mbridge_bridge")
+    if not make_bridge(mbridge_spec.config, bridge_ref).megatron_attrs().get("mtp_num_layers"):
+        pytest.skip("no multi-token-prediction layers")
+    if mbridge_dtype != "float32":
+        pytest.skip("the MTP check runs in float32 only")
+    _verdict(request, mbridge_conformance.mtp_case(mbridge_spec, mbridge_layout, bridge_ref), mbridge_layout)

@@ -66,5 +66,6 @@ def test_cli_text_and_json(capsys):
     if path.exists():
         assert main(["inspect", str(path), "--json"]) == 0
         info = json.loads(capsys.readouterr().out)
-        assert {"moe", "mla", "mtp"} <= set(info["blocks"]) and "kv_lora_rank" in info["unknown_fields"]
+        assert {"moe", "mla", "mtp"} <= set(info["blocks"]) and info["bridge"] == "DeepseekV3Bridge"
+        assert "kv_lora_rank" not in info["unknown_fields"]  # read by the deepseek_v3 bridge
         assert info["quantization"]["config"]["weight_block_size"] == [128, 128]

@@ -22,12 +22,27 @@ def _check_remote_code(config: Any, source: str, trust_remote_code: bool) -> Non
     author says the stock classes do not describe it, so we want the caller to say so.)"""
     auto_map = (config.get("auto_map") if isinstance(config, dict)
                 else getattr(config, "auto_map", None))
-    if auto_map and not trust_remote_code:
+    if auto_map and not trust_remote_code and not _ported(config, auto_map):
         raise RemoteCodeError(
             f"{source}: field 'auto_map' asks for remote code ({auto_map!r}). This model's "
             f"repository ships its own modelling code; the bridge never runs it (bridges are "
             f"declarative), but converting such a model means trusting that the registered "
             f"bridge describes it. Pass trust_remote_code=True to proceed")
+
+
+def _ported(config: Any, auto_map: dict) -> bool:
+    """Whether the registered bridge declares every ``auto_map`` entry as code transformers
+    implements natively (``Bridge.ported_remote_code``, e.g. DeepSeek-V3's and Kimi-K2's
+    modeling_deepseek): the model is then read with transformers' own class and the bridge's
+    tables; the repository's code is neither needed nor trusted."""
+    from bridges.core.registry import UnknownModelError, lookup
+
+    try:
+        cls = lookup(config)
+    except UnknownModelError:
+        return False
+    entries = list(auto_map.values()) if isinstance(auto_map, dict) else [auto_map]
+    return all(isinstance(e, str) and e in cls.ported_remote_code for e in entries)
 
 
 def _hf_config_object(config: dict[str, Any], source: str, hf_type: str | None = None) -> Any:

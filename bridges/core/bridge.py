@@ -89,6 +89,11 @@ class Bridge:
     # The transformers model type that reads this family's config and builds its HF model,
     # when transformers does not know ``model_type`` itself (None: ``model_type``).
     hf_model_type: ClassVar[str | None] = None
+    # ``auto_map`` entries of this family's published configs (e.g.
+    # "modeling_deepseek.DeepseekV3ForCausalLM") whose code transformers implements natively
+    # (as ``hf_model_type``): such a config needs no trust_remote_code, as nothing of the
+    # repository's code is used. Any other auto_map entry still does.
+    ported_remote_code: ClassVar[tuple[str, ...]] = ()
     # FP8 layouts this family ships ("block": *_scale_inv tiles, "tensor": *_scale), checked by
     # the suite's quant-sanity item. Import dequantizes any of them for every family.
     quantized_formats: ClassVar[tuple[str, ...]] = ()
@@ -137,11 +142,12 @@ class Bridge:
         return tensor
 
     # -- helpers --------------------------------------------------------------------------
-    def _shapes(self, chunk) -> Shapes:
+    def _shapes(self, chunk, attrs: dict[str, Any] | None = None) -> Shapes:
         c = chunk.config
+        attrs = attrs if attrs is not None else self.megatron_attrs()
         return Shapes(num_attention_heads=c.num_attention_heads,
                       num_query_groups=c.num_query_groups or c.num_attention_heads,
-                      kv_channels=c.kv_channels, vocab_size=self.megatron_attrs()["vocab_size"],
+                      kv_channels=c.kv_channels, vocab_size=attrs["vocab_size"],
                       padded_vocab_size=chunk.vocab_size)
 
     def _ignored(self, name: str) -> bool:
@@ -188,8 +194,10 @@ class Bridge:
         Raises CoverageError (same message on every rank) on any unused HF tensor, unwritten
         Megatron parameter, wrong shape or missing tensor.
 
-        Every tensor read is checked for NaN / Inf (one ``torch.isfinite(t.sum())`` each, after
-        the ``hf_weight`` hook; see ``_nonfinite``). Non-finite tensors are loaded and named in a
+        Every value loaded is checked for NaN / Inf: one ``torch.isfinite(param.sum())`` per
+        parameter, right after the copy (the rank's part only, often still in cache; see
+        ``_nonfinite``); where that fails, the HF tensors it came from (after the ``hf_weight``
+        hook) are checked exactly. Non-finite tensors are loaded and named in a
         NonFiniteWeightWarning (on every rank, the same list), or, with ``strict=True``, named in
         the CoverageError instead. A path given as ``checkpoint`` is opened without pickle
         support; pass ``HFCheckpoint(path, allow_pickle=True)`` to load a pickle checkpoint.
@@ -219,22 +227,16 @@ class Bridge:
                 continue
             try:
                 hf = {role: self.hf_weight(n, self._read(ckpt, n)) for role, n in hf_names.items()}
+                with torch.no_grad():  # straight from the (memory-mapped) HF tensors
+                    mapping.copy_into(param, hf, tp_rank, tp_size, self._shapes(chunk, attrs))
+            except (MappingError, CheckpointError) as e:
+                ledger.problem(f"{name} <- {list(hf_names.values())}: {e}")
+                continue
+            if _nonfinite(param.detach()):  # then name the HF tensors, counted exactly
                 for role, n in hf_names.items():
                     bad = _nonfinite(hf[role])
                     if bad:
                         nonfinite[n] = bad
-                # may be a view of the HF tensors: copied into the parameter below
-                shard = mapping.shard_view(hf, tp_rank, tp_size, self._shapes(chunk))
-            except (MappingError, CheckpointError) as e:
-                ledger.problem(f"{name} <- {list(hf_names.values())}: {e}")
-                continue
-            if shard.shape != param.shape:
-                ledger.problem(f"{name}: mapped from {list(hf_names.values())} gives shape "
-                               f"{tuple(shard.shape)}, parameter is {tuple(param.shape)} "
-                               f"(TP rank {tp_rank}/{tp_size})")
-                continue
-            with torch.no_grad():
-                param.copy_(shard.to(dtype=param.dtype))
             for n in hf_names.values():
                 for used in self._used(ckpt, n):
                     ledger.use(used, name, shared=isinstance(mapping, TiedOutput))
@@ -397,7 +399,7 @@ class Bridge:
                     dist.all_gather(shards, param.detach().contiguous(), group=group)
                 if owner[name] == me:
                     hf_names = mapping.hf_names(caps)
-                    out = {hf_names[role]: t for role, t in mapping.to_hf(shards, self._shapes(chunk)).items()}
+                    out = {hf_names[role]: t for role, t in mapping.to_hf(shards, self._shapes(chunk, attrs)).items()}
             out = _deliver(out, owner[name], me, world, to_all=not tp_rank0_only)
             if silent:
                 continue
@@ -543,22 +545,36 @@ def _tp_ranks() -> dict[bool, tuple[int, int]]:
 
 
 def _deliver(out, src: int, me: int, world: int, to_all: bool):
-    """The owner's ``out`` on every rank (``to_all``) or on rank 0 only (others get {})."""
-    if world == 1:
-        return out
+    """The owner's ``out`` on every rank (``to_all``) or on rank 0 only (others get {}).
+
+    Only a small header (names, shapes, dtypes) is pickled; the tensors go as tensors (a
+    pickled tensor costs a serialisation copy on the sender and a deserialisation copy, plus
+    a byte-string round trip, on the receiver)."""
+    if world == 1 or (not to_all and src == 0):
+        return out if me == 0 or to_all else {}
+    if not to_all and me not in (0, src):
+        return {}
+    header = [[(n, tuple(t.shape), t.dtype) for n, t in out.items()] if me == src else None]
     if to_all:
-        box = [out]
-        dist.broadcast_object_list(box, src=src)
-        return box[0]
-    if src == 0:
-        return out if me == 0 else {}
+        dist.broadcast_object_list(header, src=src)
+    elif me == src:
+        dist.send_object_list(header, dst=0)
+    else:
+        dist.recv_object_list(header, src=src)
     if me == src:
-        dist.send_object_list([out], dst=0)
-    elif me == 0:
-        box = [None]
-        dist.recv_object_list(box, src=src)
-        return box[0]
-    return {}
+        tensors = {n: t.contiguous() for n, t in out.items()}
+    else:
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
+            else torch.device("cpu")
+        tensors = {n: torch.empty(shape, dtype=dtype, device=device) for n, shape, dtype in header[0]}
+    for t in tensors.values():
+        if to_all:
+            dist.broadcast(t, src=src)
+        elif me == src:
+            dist.send(t, dst=0)
+        else:
+            dist.recv(t, src=src)
+    return out if me == src else tensors
 
 
 def _layout_name() -> str:

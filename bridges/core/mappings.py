@@ -71,6 +71,16 @@ class Mapping:
             return self.to_megatron(hf, tp_rank, tp_size, shapes)
         return self._split_view(self._merge(hf, shapes), tp_rank, tp_size, shapes)
 
+    def copy_into(self, param: torch.Tensor, hf: dict[str, torch.Tensor], tp_rank: int,
+                  tp_size: int, shapes: Shapes) -> None:
+        """Write this rank's shard into ``param`` (``load_hf_weights``): ``to_megatron`` without
+        a tensor of its own, each part copied straight from the HF tensors (converting the
+        dtype as it goes). A shard that is not the parameter's shape is a MappingError, and
+        then ``param`` is left as it was."""
+        shard = self.shard_view(hf, tp_rank, tp_size, shapes)
+        _fits(param, shard.shape, tp_rank, tp_size)
+        param.copy_(shard)
+
     def to_hf(self, shards: list[torch.Tensor], shapes: Shapes) -> dict[str, torch.Tensor]:
         return self._unmerge(self._gather(shards, shapes), shapes)
 
@@ -163,6 +173,18 @@ class VocabParallel(Mapping):
             return part
         return torch.cat([part, w.new_zeros((hi - max(lo, w.shape[0]), *w.shape[1:]))])
 
+    def copy_into(self, param, hf, tp_rank, tp_size, shapes):
+        """The rank's rows, then zeros for its padding rows: no padded copy of the shard."""
+        w, n = hf[""], shapes.padded_vocab_size
+        if (type(self).shard_view is not VocabParallel.shard_view or w.shape[0] != shapes.vocab_size
+                or n % tp_size or n < w.shape[0]):
+            return super().copy_into(param, hf, tp_rank, tp_size, shapes)
+        lo, hi = tp_rank * (n // tp_size), (tp_rank + 1) * (n // tp_size)
+        part = w[min(lo, w.shape[0]):min(hi, w.shape[0])]
+        _fits(param, (hi - lo, *w.shape[1:]), tp_rank, tp_size)
+        param[:part.shape[0]].copy_(part)
+        param[part.shape[0]:].zero_()
+
 
 class QKV(Mapping):
     """Fused QKV, grouped-query interleave: per query group [q heads..., k, v] along dim 0.
@@ -174,6 +196,13 @@ class QKV(Mapping):
     tp_dim = 0
 
     def _merge(self, hf, shapes):
+        q, k, v, g, per, d = self._checked(hf, shapes)
+        rest = q.shape[1:]
+        return torch.cat([q.reshape(g, per * d, *rest), k.reshape(g, d, *rest),
+                          v.reshape(g, d, *rest)], dim=1).reshape(-1, *rest)
+
+    def _checked(self, hf, shapes):
+        """(q, k, v, groups, heads per group, head dim), shapes checked against the config."""
         q, k, v = hf["q"], hf["k"], hf["v"]
         g, d = shapes.num_query_groups, shapes.kv_channels
         if shapes.num_attention_heads % g:
@@ -189,9 +218,21 @@ class QKV(Mapping):
                 raise MappingError(f"{self.hf[role]}: dim 0 is {t.shape[0]}, expected {rows} "
                                    f"({shapes.num_attention_heads} heads, {g} KV groups, "
                                    f"head_dim {d})")
-        rest = q.shape[1:]
-        return torch.cat([q.reshape(g, per * d, *rest), k.reshape(g, d, *rest),
-                          v.reshape(g, d, *rest)], dim=1).reshape(-1, *rest)
+        return q, k, v, g, per, d
+
+    def copy_into(self, param, hf, tp_rank, tp_size, shapes):
+        """The rank's query groups, q / k / v rows copied into place: no fused copy."""
+        if type(self)._merge is not QKV._merge or type(self)._split_view is not QKV._split_view:
+            return super().copy_into(param, hf, tp_rank, tp_size, shapes)
+        q, k, v, g, per, d = self._checked(hf, shapes)
+        if g % tp_size:
+            raise MappingError(f"{self.megatron}: {g} KV groups do not divide by TP={tp_size}")
+        lo, hi, rest = tp_rank * g // tp_size, (tp_rank + 1) * g // tp_size, q.shape[1:]
+        _fits(param, ((hi - lo) * (per + 2) * d, *rest), tp_rank, tp_size)
+        dst = param.view(hi - lo, (per + 2) * d, *rest)
+        dst[:, :per * d].copy_(q.reshape(g, per * d, *rest)[lo:hi])
+        dst[:, per * d:(per + 1) * d].copy_(k.reshape(g, d, *rest)[lo:hi])
+        dst[:, (per + 1) * d:].copy_(v.reshape(g, d, *rest)[lo:hi])
 
     def _split_view(self, full, tp_rank, tp_size, shapes):
         if shapes.num_query_groups % tp_size:
@@ -217,14 +258,30 @@ class GatedMLP(Mapping):
     tp_dim = 0
 
     def to_megatron(self, hf, tp_rank, tp_size, shapes):
-        gate, up = hf["gate"], hf["up"]
+        return torch.cat(self._parts(hf, tp_rank, tp_size))
+
+    def _gate_up(self, hf):
+        return hf["gate"], hf["up"]
+
+    def _parts(self, hf, tp_rank, tp_size):
+        """The rank's (gate, up) rows, as views of the HF tensors."""
+        gate, up = self._gate_up(hf)
         if gate.shape != up.shape:
             raise MappingError(f"{self.hf['gate']} {tuple(gate.shape)} and {self.hf['up']} "
                                f"{tuple(up.shape)} differ in shape")
         if gate.shape[0] % tp_size:
-            raise MappingError(f"{self.hf['gate']}: {gate.shape[0]} rows do not divide by "
-                               f"TP={tp_size}")
-        return torch.cat([gate.chunk(tp_size)[tp_rank], up.chunk(tp_size)[tp_rank]])
+            raise MappingError(f"{self.roles.get('gate', self.roles.get('gate_up'))}: "
+                               f"{gate.shape[0]} rows do not divide by TP={tp_size}")
+        return gate.chunk(tp_size)[tp_rank], up.chunk(tp_size)[tp_rank]
+
+    def copy_into(self, param, hf, tp_rank, tp_size, shapes):
+        """Gate rows, then up rows, copied into place: no fused copy."""
+        if type(self).to_megatron is not GatedMLP.to_megatron:
+            return super().copy_into(param, hf, tp_rank, tp_size, shapes)
+        gate, up = self._parts(hf, tp_rank, tp_size)
+        _fits(param, (2 * gate.shape[0], *gate.shape[1:]), tp_rank, tp_size)
+        param[:gate.shape[0]].copy_(gate)
+        param[gate.shape[0]:].copy_(up)
 
     def to_hf(self, shards, shapes):
         if any(s.shape[0] % 2 for s in shards):
@@ -241,13 +298,12 @@ class StackedGatedMLP(GatedMLP):
 
     kind = "gated_mlp_stacked"
 
-    def to_megatron(self, hf, tp_rank, tp_size, shapes):
+    def _gate_up(self, hf):
         gate_up = hf["gate_up"]
         if gate_up.shape[0] % 2:
             raise MappingError(f"{self.hf['gate_up']}: {gate_up.shape[0]} rows, expected "
                                f"[gate; up] halves")
-        gate, up = gate_up.chunk(2)
-        return super().to_megatron({"gate": gate, "up": up}, tp_rank, tp_size, shapes)
+        return gate_up.chunk(2)
 
     def to_hf(self, shards, shapes):
         out = super().to_hf(shards, shapes)
@@ -261,6 +317,12 @@ class TiedOutput(VocabParallel):
 
     kind = "tied_vocab"
     export: bool = field(default=False)
+
+
+def _fits(param: torch.Tensor, shape, tp_rank: int, tp_size: int) -> None:
+    if tuple(shape) != tuple(param.shape):
+        raise MappingError(f"gives shape {tuple(shape)}, parameter is {tuple(param.shape)} "
+                           f"(TP rank {tp_rank}/{tp_size})")
 
 
 def _joined(shards: list[torch.Tensor]) -> torch.Tensor | None:

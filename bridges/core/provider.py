@@ -32,17 +32,22 @@ _PORTABLE = dict(bias_activation_fusion=False, masked_softmax_fusion=False, pers
                  attention_softmax_in_fp32=True)  # as HF does: bf16 parity depends on it
 
 
-def _transformer_fields() -> set[str]:
+def _transformer_fields(config_class=None) -> set[str]:
     from megatron.core.transformer import TransformerConfig
 
-    return {f.name for f in dataclasses.fields(TransformerConfig)}
+    return {f.name for f in dataclasses.fields(config_class or TransformerConfig)}
 
 
 class GPTModelProvider:
     """Builds GPTModel chunks. Set parallel sizes, then ``finalize()``, then provide."""
 
     def __init__(self, attrs: dict[str, Any], *, layer_spec: Callable[["GPTModelProvider", int | None], Any],
-                 post_build: list[Callable[["GPTModelProvider", Any], None]] | None = None):
+                 post_build: list[Callable[["GPTModelProvider", Any], None]] | None = None,
+                 mtp_block_spec: Callable[["GPTModelProvider", int | None], Any] | None = None,
+                 config_class: type | None = None):
+        """``mtp_block_spec(provider, vp_stage)``: the multi-token-prediction block spec of a
+        stage (None where it has none); ``config_class``: a TransformerConfig subclass (e.g.
+        MLATransformerConfig) whose extra fields the attributes may set."""
         defaults = dict(_PORTABLE, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                         virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1,
                         expert_tensor_parallel_size=None, moe_grouped_gemm=False,
@@ -53,6 +58,8 @@ class GPTModelProvider:
                         share_embeddings_and_output_weights=False)
         object.__setattr__(self, "_attrs", {**defaults, **attrs})
         object.__setattr__(self, "_layer_spec", layer_spec)
+        object.__setattr__(self, "_mtp_block_spec", mtp_block_spec)
+        object.__setattr__(self, "_config_class", config_class)
         object.__setattr__(self, "_post_build", list(post_build or []))
         object.__setattr__(self, "_finalized", False)
 
@@ -103,6 +110,10 @@ class GPTModelProvider:
         elif lay.ep > 1 or lay.grouped:
             raise ConfigError(f"layout {lay.name}: expert parallelism / grouped experts need a "
                               f"mixture-of-experts model (num_moe_experts is not set)")
+        if getattr(self, "multi_latent_attention", False):  # MLA down projections: rows split by TP
+            checks += [("q_lora_rank", getattr(self, "q_lora_rank", None) or 0, lay.tp, "TP"),
+                       ("kv_lora_rank + qk_pos_emb_head_dim", self.kv_lora_rank + self.qk_pos_emb_head_dim,
+                        lay.tp, "TP")]
         for fld, value, by, what in checks:
             if value % by:
                 raise ConfigError(f"layout {lay.name}: {fld}={value} does not divide by "
@@ -119,14 +130,15 @@ class GPTModelProvider:
     def transformer_config(self):
         from megatron.core.transformer import TransformerConfig
 
-        names = _transformer_fields()
+        cls = self._config_class or TransformerConfig
+        names = _transformer_fields(cls)
         kw = {k: v for k, v in self._attrs.items() if k in names}
         kw["pipeline_dtype"] = self.params_dtype
         kw["bf16"] = self.params_dtype == torch.bfloat16
         kw["fp16"] = self.params_dtype == torch.float16
         if kw.get("expert_tensor_parallel_size") is None:
             kw["expert_tensor_parallel_size"] = self.tensor_model_parallel_size
-        return TransformerConfig(**kw)
+        return cls(**kw)
 
     def provide(self, pre_process: bool, post_process: bool, vp_stage: int | None = None):
         """One GPTModel chunk (parallel state must be initialised)."""
@@ -147,6 +159,7 @@ class GPTModelProvider:
             rope_scaling=self.rope_scaling,
             rope_scaling_factor=self.rope_scaling_factor,
             seq_len_interpolation_factor=self.seq_len_interpolation_factor,
+            mtp_block_spec=self._mtp_block_spec(self, vp_stage) if self._mtp_block_spec else None,
             vp_stage=vp_stage,
         )
         for hook in self._post_build:

@@ -72,6 +72,9 @@ shared_head.head.weight               none: Megatron reuses output_layer (= lm_h
 embed_tokens.weight                   none: Megatron reuses embedding (= embed_tokens)
 ====================================  ===============================================
 
+(The bridge maps those two copies onto the main embedding / output layer: equality checked on
+import, the main tensor written under both names on export.)
+
 Both sides concatenate ``[enorm(embedding of token i+1), hnorm(main hidden state i)]`` (the
 embedding half is eh_proj's first h input columns), and both take the main model's hidden state
 *after* its final norm. DeepSeek published no MTP forward; the paper's formula (eq. 21) writes
@@ -188,7 +191,7 @@ def _config(obj):
     return obj.transformer_config() if hasattr(obj, "transformer_config") else obj
 
 
-def _localize(layer_spec):
+def localize_mla_layer(layer_spec):
     """The same layer spec with MLACoreAttention and ``local_mla_self_attention()``."""
     from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
@@ -211,7 +214,7 @@ def mla_layer_spec(config_or_provider, moe: bool = False):
     spec = get_gpt_layer_local_spec(num_experts=cfg.num_moe_experts if moe else None,
                                     moe_grouped_gemm=False, qk_layernorm=cfg.qk_layernorm,
                                     multi_latent_attention=True, normalization=cfg.normalization)
-    return _localize(spec)
+    return localize_mla_layer(spec)
 
 
 def mla_block_spec(config_or_provider, vp_stage: int | None = None, pp_rank: int | None = None):
@@ -225,7 +228,7 @@ def mla_block_spec(config_or_provider, vp_stage: int | None = None, pp_rank: int
     block = get_gpt_decoder_block_spec(cfg, use_transformer_engine=False,
                                        normalization=cfg.normalization, vp_stage=vp_stage,
                                        pp_rank=pp_rank)
-    local = {id(s): _localize(s) for s in block.layer_specs}  # dense / MoE specs are shared
+    local = {id(s): localize_mla_layer(s) for s in block.layer_specs}  # dense / MoE specs are shared
     return dataclasses.replace(block, layer_specs=[local[id(s)] for s in block.layer_specs])
 
 
@@ -270,6 +273,43 @@ def hf_mtp_layer(hf_config, layer_idx: int | None = None):
     layer.shared_head.norm = DeepseekV3RMSNorm(h, eps)
     layer.shared_head.head = nn.Linear(h, hf_config.vocab_size, bias=False)
     return layer
+
+
+def add_toy_mtp_layers(model, randomize) -> None:
+    """Append ``num_nextn_predict_layers`` MTP layers to a toy ``DeepseekV3ForCausalLM`` (as
+    ``model.model.layers[N + k]``, which its forward skips), so that ``save_pretrained`` writes
+    them under the checkpoint's names. Each is re-drawn by ``randomize``; its ``embed_tokens``
+    and ``shared_head.head`` are copies of the main ones, as in the published checkpoint."""
+    cfg = model.config
+    dtype = next(model.parameters()).dtype
+    for k in range(getattr(cfg, "num_nextn_predict_layers", 0) or 0):
+        layer = hf_mtp_layer(cfg, cfg.num_hidden_layers + k).float()
+        randomize(layer)
+        with torch.no_grad():
+            layer.embed_tokens.weight.copy_(model.model.embed_tokens.weight)
+            layer.shared_head.head.weight.copy_(model.lm_head.weight)
+        model.model.layers.append(layer.to(dtype).eval())
+
+
+def load_hf_mtp_layer(hf_config, tensors: dict[str, torch.Tensor], layer_idx: int):
+    """``hf_mtp_layer`` holding the checkpoint tensors ``model.layers.{layer_idx}.*`` (per-expert
+    tensors stacked as transformers holds them); every tensor of the layer must be used."""
+    import copy
+
+    prefix = f"model.layers.{layer_idx}."
+    sd = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    hf_config = copy.copy(hf_config)
+    hf_config._attn_implementation = "eager"
+    layer = hf_mtp_layer(hf_config, layer_idx)
+    experts = getattr(layer.mlp, "experts", None)
+    if experts is not None:
+        e = "mlp.experts.{}.{}_proj.weight"
+        n = experts.gate_up_proj.shape[0]
+        sd["mlp.experts.gate_up_proj"] = torch.stack(
+            [torch.cat((sd.pop(e.format(i, "gate")), sd.pop(e.format(i, "up")))) for i in range(n)])
+        sd["mlp.experts.down_proj"] = torch.stack([sd.pop(e.format(i, "down")) for i in range(n)])
+    layer.load_state_dict(sd, strict=True)
+    return layer.float().eval()
 
 
 def mtp_reference_logits(layer, input_ids: torch.Tensor, main_hidden: torch.Tensor) -> torch.Tensor:
