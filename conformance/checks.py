@@ -109,33 +109,62 @@ def check_logits(ref: torch.Tensor, got: torch.Tensor, baseline: torch.Tensor | 
         ok = err <= FP32_REL_ERR and bool(torch.isfinite(got).all())
         fig = f"rel err {err:.2e}{base}"
         why = "" if ok else f"relative error {err:.3g} > {FP32_REL_ERR:g}"
+    elif ref_fp32 is None:
+        ok = cos >= BF16_COSINE and agree >= BF16_TOP1
+        fig = f"cosine {cos:.6f}, top-1 {agree:.1%} (of {data['decisive']:.0%} decisive positions){base}"
+        why = "" if ok else f"cosine {cos:.6f} (min {BF16_COSINE}) / top-1 {agree:.1%} (min {BF16_TOP1:.0%})"
     else:
-        truth = ref_fp32 if ref_fp32 is not None else ref
-        ratio = rel_err(truth, got) / max(rel_err(truth, ref), 1e-12) if ref_fp32 is not None else 0.0
-        data["noise_ratio"] = ratio
-        ok = agree >= BF16_TOP1 and (ratio <= BF16_NOISE_RATIO if ref_fp32 is not None else cos >= BF16_COSINE)
-        fig = (f"error vs HF fp32 {ratio:.2f}x HF bf16's, cosine {cos:.6f}, top-1 {agree:.1%} "
-               f"(of {data['decisive']:.0%} decisive positions), rel err {err:.2e}{base}")
+        ratio = rel_err(ref_fp32, got) / max(rel_err(ref_fp32, ref), 1e-12)
+        # top-1 against the fp32 truth where it is decisive there: Megatron may miss it at most
+        # BF16_NOISE_RATIO times as often as HF's own bf16 run does (+1 point)
+        top2 = ref_fp32.float().topk(2, dim=-1).values
+        sure = (top2[..., 0] - top2[..., 1]) > margin_tau(ref, ref_fp32)
+        truth = ref_fp32.argmax(-1)[sure]
+        miss_meg = float((got.argmax(-1)[sure] != truth).double().mean()) if sure.any() else 0.0
+        miss_hf = float((ref.argmax(-1)[sure] != truth).double().mean()) if sure.any() else 0.0
+        top1_ok = agree >= BF16_TOP1 or miss_meg <= BF16_NOISE_RATIO * miss_hf + 0.01
+        data.update(noise_ratio=ratio, top1_miss=miss_meg, hf_bf16_top1_miss=miss_hf)
+        ok = ratio <= BF16_NOISE_RATIO and top1_ok
+        fig = (f"error vs HF fp32 {ratio:.2f}x HF bf16's, top-1 {agree:.1%} of decisive positions "
+               f"(misses the fp32 top-1 {miss_meg:.1%}, HF bf16 {miss_hf:.1%}), cosine {cos:.6f}, "
+               f"rel err {err:.2e}{base}")
         why = "" if ok else (f"error vs HF fp32 {ratio:.2f}x HF bf16's own (max {BF16_NOISE_RATIO}) / "
-                             f"cosine {cos:.6f} / top-1 {agree:.1%} (min {BF16_TOP1:.0%})")
+                             f"top-1 misses {miss_meg:.1%} vs HF bf16's {miss_hf:.1%}")
     return CheckResult("logits", ok, fig, why, data)
 
 
 def check_generation(ref: torch.Tensor, got: torch.Tensor, prompt_len: int,
-                     decisive: torch.Tensor | None = None) -> CheckResult:
+                     decisive: torch.Tensor | None = None, ref_fp32: torch.Tensor | None = None) -> CheckResult:
     """Greedy continuations are token-identical. With ``decisive`` ([batch, steps], bf16 runs),
-    each sequence is judged up to its first step whose HF top-1 margin is within bf16 noise."""
+    each sequence is judged up to its first step whose HF top-1 margin is within bf16 noise;
+    failing that, with HF's fp32 generation ``ref_fp32``, Megatron must follow the fp32 run
+    at least half as far as HF's own bf16 run does (MoE routing near-ties)."""
     ref_new, got_new = ref[:, prompt_len:], got[:, prompt_len:]
     same = ref_new == got_new
     judged = torch.ones_like(same)
     if decisive is not None:
         judged = torch.cumprod(decisive.int(), dim=1).bool()
     ok = bool(same[judged].all())
+    if not ok and ref_fp32 is not None:
+        truth = ref_fp32[:, prompt_len:]
+        follow = lambda g: float(torch.cumprod((g == truth).int(), dim=1).sum(1).double().mean())
+        meg, hf = follow(got_new), follow(ref_new)
+        ok = meg >= 0.5 * hf and meg >= 1
+        if ok:
+            fig = (f"{int(same.sum())}/{same.numel()} tokens agree; follows the fp32 run for "
+                   f"{meg:.1f} tokens (HF bf16: {hf:.1f})")
+            return CheckResult("generation", True, fig, "")
     first = "" if bool(same.all()) else f"first difference at token {int((~same).int().argmax(-1).min())}: HF {ref_new.tolist()} vs Megatron {got_new.tolist()}"
     fig = f"{int(same.sum())}/{same.numel()} tokens agree"
     if decisive is not None:
         fig += f" ({int(same[judged].sum())}/{int(judged.sum())} before the first near-tie)"
     return CheckResult("generation", ok, fig, first)
+
+
+def margin_tau(ref: torch.Tensor, ref_fp32: torch.Tensor) -> float:
+    """4x the typical bf16 rounding noise of HF's logits (median over positions of the largest
+    |bf16 - fp32| difference)."""
+    return 4 * float((ref.float() - ref_fp32.float()).abs().amax(-1).median())
 
 
 def check_config_roundtrip(hf_config: dict[str, Any], exported: dict[str, Any],

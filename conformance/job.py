@@ -50,11 +50,12 @@ def hf_reference(toy_dir: str, ids: torch.Tensor, steps: int, dtype: str = "floa
         # a position is decisive when HF's top-1 margin clears 4x the typical noise.
         model32 = load_hf_model(toy_dir, torch.float32).to(_device()).eval()
         fp32 = hf_logits(model32, ids)
+        gen32 = hf_generate(model32, ids, steps)
         err = (logits - fp32).abs().amax(-1)
         del model32
         tau = 4 * float(err.median())
         noise = {"decisive": margin(logits) > tau, "gen_decisive": torch.stack(margins, 1) > tau,
-                 "noise_tau": tau, "fp32_logits": fp32}
+                 "noise_tau": tau, "fp32_logits": fp32, "fp32_generation": gen32}
     import json
     from pathlib import Path
 

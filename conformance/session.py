@@ -158,7 +158,7 @@ class Conformance:
             "logits": checks.check_logits(ref["logits"], logits, ref["baseline"], dtype, ref.get("decisive"),
                                          ref.get("fp32_logits")),
             "generation": checks.check_generation(ref["generation"], r0["generation"], self.ids.shape[1],
-                                                  ref.get("gen_decisive")),
+                                                  ref.get("gen_decisive"), ref.get("fp32_generation")),
         }
         tol = checks.FP32_REL_ERR if dtype == "float32" else 1e-2
         first, trail = localize(ref["acts"], acts, tol)
