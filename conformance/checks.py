@@ -116,13 +116,15 @@ def check_logits(ref: torch.Tensor, got: torch.Tensor, baseline: torch.Tensor | 
     else:
         ratio = rel_err(ref_fp32, got) / max(rel_err(ref_fp32, ref), 1e-12)
         # top-1 against the fp32 truth where it is decisive there: Megatron may miss it at most
-        # BF16_NOISE_RATIO times as often as HF's own bf16 run does (+1 point)
+        # BF16_NOISE_RATIO times as often as HF's own bf16 run does
         top2 = ref_fp32.float().topk(2, dim=-1).values
         sure = (top2[..., 0] - top2[..., 1]) > margin_tau(ref, ref_fp32)
-        truth = ref_fp32.argmax(-1)[sure]
-        miss_meg = float((got.argmax(-1)[sure] != truth).double().mean()) if sure.any() else 0.0
-        miss_hf = float((ref.argmax(-1)[sure] != truth).double().mean()) if sure.any() else 0.0
-        top1_ok = agree >= BF16_TOP1 or miss_meg <= BF16_NOISE_RATIO * miss_hf + 0.01
+        truth, n = ref_fp32.argmax(-1)[sure], int(sure.sum())
+        misses_meg = int((got.argmax(-1)[sure] != truth).sum())
+        misses_hf = int((ref.argmax(-1)[sure] != truth).sum())
+        miss_meg, miss_hf = misses_meg / max(n, 1), misses_hf / max(n, 1)
+        # ... plus one position (or 1 %)
+        top1_ok = agree >= BF16_TOP1 or misses_meg <= BF16_NOISE_RATIO * misses_hf + max(1, n // 100)
         data.update(noise_ratio=ratio, top1_miss=miss_meg, hf_bf16_top1_miss=miss_hf)
         ok = ratio <= BF16_NOISE_RATIO and top1_ok
         fig = (f"error vs HF fp32 {ratio:.2f}x HF bf16's, top-1 {agree:.1%} of decisive positions "
