@@ -41,8 +41,9 @@ Mixture of experts, multi-latent attention and multi-token prediction are counte
 Megatron-Core fields (``num_moe_experts``, ``moe_router_topk``, ``moe_ffn_hidden_size``,
 ``moe_shared_expert_intermediate_size``, ``moe_shared_expert_gate``, ``moe_layer_freq``;
 ``multi_latent_attention``, ``q_lora_rank``, ``kv_lora_rank``, ``qk_head_dim``,
-``qk_pos_emb_head_dim``, ``v_head_dim``; ``mtp_num_layers``). There are no bridges for those
-families yet, so ``attrs_from_hf_config`` maps an HF config of a family in ``HF_MODEL_TYPES``
+``qk_pos_emb_head_dim``, ``v_head_dim``; ``mtp_num_layers``), which the MoE and MLA bridges
+give through ``megatron_attrs``; without a bridge, ``attrs_from_hf_config`` maps an HF config
+of a family in ``HF_MODEL_TYPES``
 (qwen3_moe, qwen2_moe, mixtral, deepseek_v2, deepseek_v3, kimi_k2) to those fields. They add the
 components ``router`` (router logits H x E, and Qwen2-MoE's H x 1 shared-expert gate),
 ``routed_experts`` (top-k experts per token), ``shared_experts`` and ``mtp`` (per MTP layer:
