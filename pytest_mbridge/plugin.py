@@ -67,6 +67,8 @@ def pytest_configure(config: pytest.Config) -> None:
     snap = config.getoption("mbridge_snapshot_dir") or config.getini("mbridge_snapshot_dir")
     if not snap:
         snap = root / "tests" / "__snapshots__" if (root / "tests").is_dir() else root / "__snapshots__"
+    elif config.getoption("mbridge_snapshot_dir") is None:  # from the ini file: relative to it
+        snap = root / snap
     MbridgeSnapshot.directory = str(Path(snap).resolve())
     # Only the suite when a model was named and no path was; else the suite beside the user's tests.
     explicit = config.args_source == pytest.Config.ArgsSource.ARGS

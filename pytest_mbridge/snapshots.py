@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from syrupy.data import SnapshotCollections
 from syrupy.extensions.amber import AmberSnapshotExtension
 
 
@@ -19,6 +20,17 @@ class MbridgeSnapshot(AmberSnapshotExtension):
     def get_file_basename(cls, *, test_location, index) -> str:
         model = test_location.nodename.split("[", 1)[-1].rstrip("]")  # snapshot tests: [model]
         return "mbridge-" + re.sub(r"[^A-Za-z0-9_.-]+", "_", model)
+
+    def discover_snapshots(self, *, test_location, ignore_extensions=None) -> SnapshotCollections:
+        """Only this model's file: the other models' files in the shared directory belong to
+        runs of those models, never 'unused' here."""
+        mine = Path(self.get_location(test_location=test_location, index=0))
+        found = super().discover_snapshots(test_location=test_location, ignore_extensions=ignore_extensions)
+        out = SnapshotCollections()
+        for collection in found:
+            if Path(collection.location) == mine:
+                out.add(collection)
+        return out
 
     @classmethod
     def exists(cls, snapshot) -> bool:

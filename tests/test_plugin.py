@@ -46,7 +46,12 @@ def test_snapshots_record_then_gate(run, pytester):
     first.stdout.fnmatch_lines(["*--snapshot-update*"])
     run(*args, "--snapshot-update").assert_outcomes(passed=3)
     assert (pytester.path / "__snapshots__" / "mbridge-Qwen_Qwen3-0.6B.ambr").exists()
-    run(*args).assert_outcomes(passed=3)
+    # another model's recorded file in the same directory is not "unused" in this run
+    other = pytester.path / "__snapshots__" / "mbridge-acme_Other.ambr"
+    other.write_text((pytester.path / "__snapshots__" / "mbridge-Qwen_Qwen3-0.6B.ambr").read_text())
+    again = run(*args)
+    again.assert_outcomes(passed=3)
+    assert again.ret == 0 and other.exists()
     broken = run(*args, "--mbridge-bridge=tests.mutants:NormDropped")
     broken.assert_outcomes(passed=2, failed=1)  # the mapping table changed, the config did not
 
