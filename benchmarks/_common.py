@@ -1,7 +1,9 @@
 """Helpers shared by the benchmark scripts: phase timing and per-phase peak memory.
 
-Peak memory is read from ``/proc/self/status`` (``VmHWM``: the process's peak resident set, the
-same figure ``resource.getrusage().ru_maxrss`` reports). Between phases the peak is reset by
+Each phase records its wall time and the process's CPU time (all threads: on a shared machine
+the CPU time shows the work done, the wall time also the waiting). Peak memory is read from
+``/proc/self/status`` (``VmHWM``: the process's peak resident set, the same figure
+``resource.getrusage().ru_maxrss`` reports). Between phases the peak is reset by
 writing ``5`` to ``/proc/self/clear_refs`` (Linux >= 4.0), so each phase gets its own peak; the
 lifetime peak is kept as the maximum over phases. A sampler thread (every 10 ms) also tracks the
 peaks of ``RssAnon`` (heap: tensors) and ``RssFile`` (file pages mapped into the process, e.g.
@@ -63,13 +65,13 @@ class Phases:
         """Record the time from spawn (t0) to now as a phase, with the peak so far."""
         s = status()
         wall = time.time() - self.t0 if self.t0 else float("nan")
-        self._close(name, wall, s)
+        self._close(name, wall, s, time.process_time())
 
-    def _close(self, name: str, wall: float, s: dict) -> None:
+    def _close(self, name: str, wall: float, s: dict, cpu: float) -> None:
         with self._lock:
             anon, file = max(self._anon, s["RssAnon"]), max(self._file, s["RssFile"])
             self._anon, self._file = s["RssAnon"], s["RssFile"]
-        self.rows[name] = {"wall_s": wall, "peak_rss": s["VmHWM"], "peak_anon": anon,
+        self.rows[name] = {"wall_s": wall, "cpu_s": cpu, "peak_rss": s["VmHWM"], "peak_anon": anon,
                            "peak_file": file, "end_rss": s["VmRSS"]}
         self.lifetime_hwm = max(self.lifetime_hwm, s["VmHWM"])
         self.resettable = _reset_peak()
@@ -79,11 +81,12 @@ class Phases:
 
         class _Ctx:
             def __enter__(self):
-                self.t = time.perf_counter()
+                self.t, self.cpu = time.perf_counter(), time.process_time()
 
             def __exit__(self, *exc):
                 if exc[0] is None:
-                    phases._close(name, time.perf_counter() - self.t, status())
+                    phases._close(name, time.perf_counter() - self.t, status(),
+                                  time.process_time() - self.cpu)
 
         return _Ctx()
 

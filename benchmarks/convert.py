@@ -1,16 +1,17 @@
 """One rank of a conversion benchmark: HF -> Megatron import, then Megatron -> HF export.
 
-    python benchmarks/convert.py CKPT_DIR OUT_DIR --tp 1 [--json OUT] [--profile build,load,export]
+    python benchmarks/convert.py CKPT_DIR OUT_DIR --tp 1 [--ep 1] [--json OUT]
+                                 [--profile build,load,export]
 
-For TP > 1 the parent starts one process per rank with RANK / WORLD_SIZE / MASTER_ADDR /
+For TP x EP > 1 the parent starts one process per rank with RANK / WORLD_SIZE / MASTER_ADDR /
 MASTER_PORT set (gloo). Phases, each with its wall time and peak RSS:
 
 - ``start+imports``: from the parent's spawn (``BENCH_T0``) through importing torch,
   megatron.core (GPTModel), transformers and bridges;
 - ``setup``: torch.distributed init, ``AutoBridge.from_hf_pretrained`` (config + shard headers),
-  provider with TP and ``params_dtype = torch.bfloat16``;
-- ``build``: ``provider.provide_distributed_model()`` (Megatron parallel state + GPTModel,
-  including Megatron's own random initialisation of every parameter);
+  provider with TP, EP and ``params_dtype = torch.bfloat16``;
+- ``build``: ``provider.provide_distributed_model()`` (Megatron parallel state + GPTModel; a
+  bridge made from a checkpoint switches Megatron's random initialisation off);
 - ``load``: ``bridge.load_hf_weights(model)``, the part that reads the checkpoint;
 - ``export``: ``bridge.save_hf_pretrained(model, OUT_DIR)`` (export_hf_weights ->
   save_hf_checkpoint; rank 0 writes).
@@ -35,13 +36,12 @@ def main() -> None:
     ap.add_argument("ckpt")
     ap.add_argument("out")
     ap.add_argument("--tp", type=int, default=1)
+    ap.add_argument("--ep", type=int, default=1, help="expert model parallel size (MoE)")
     ap.add_argument("--json")
     ap.add_argument("--profile", default="",
                     help="comma list of phases (build, load, export) to run under cProfile")
     ap.add_argument("--no-sample", action="store_true",
                     help="no 10 ms RSS sampler thread (RssAnon / RssFile peaks not measured)")
-    ap.add_argument("--no-init", action="store_true",
-                    help="provider.perform_initialization = False (skip Megatron's random init)")
     a = ap.parse_args()
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -82,9 +82,8 @@ def main() -> None:
         bridge = AutoBridge.from_hf_pretrained(a.ckpt)
         provider = bridge.to_megatron_provider()
         provider.tensor_model_parallel_size = a.tp
+        provider.expert_model_parallel_size = a.ep
         provider.params_dtype = torch.bfloat16
-        if a.no_init:
-            provider.perform_initialization = False
         provider.finalize()
         return bridge, provider
 
@@ -105,10 +104,10 @@ def main() -> None:
 
     if dist.is_initialized():
         dist.barrier()
-    emit(a.json, phases.result(rank=rank, world=world, tp=a.tp, share_bytes=share,
+    emit(a.json, phases.result(rank=rank, world=world, tp=a.tp, ep=a.ep, share_bytes=share,
                                largest_param_bytes=largest_param, param_dtypes=dtypes,
                                written_bytes=written, threads=torch.get_num_threads(),
-                               no_init=a.no_init, end_time=time.time(),
+                               end_time=time.time(),
                                bridges_from=str(Path(bridges.__file__).parent)))
     if dist.is_initialized():
         dist.destroy_process_group()

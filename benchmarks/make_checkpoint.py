@@ -47,7 +47,14 @@ def hf_shape(name: str, cfg: dict) -> tuple[int, ...]:
         "mlp.gate_proj.weight": (inter, h), "mlp.up_proj.weight": (inter, h),
         "mlp.down_proj.weight": (h, inter),
     }
+    if "num_experts" in cfg:  # MoE (Qwen-MoE names): per-expert 2-D tensors, router [E, h]
+        e_inter = cfg["moe_intermediate_size"]
+        table.update({"mlp.gate.weight": (cfg["num_experts"], h),
+                      "mlp.experts.gate_proj.weight": (e_inter, h),
+                      "mlp.experts.up_proj.weight": (e_inter, h),
+                      "mlp.experts.down_proj.weight": (h, e_inter)})
     key = re.sub(r"^model\.layers\.\d+\.", "", name)
+    key = re.sub(r"^mlp\.experts\.\d+\.", "mlp.experts.", key)
     if key not in table:
         raise KeyError(f"no shape rule for HF tensor {name}")
     return table[key]
@@ -55,10 +62,10 @@ def hf_shape(name: str, cfg: dict) -> tuple[int, ...]:
 
 def _order(name: str):
     """HF checkpoint order: embedding, layers in order, final norm, lm_head."""
-    m = re.match(r"model\.layers\.(\d+)\.", name)
-    if m:
-        return (1, int(m.group(1)), name)
-    return (0 if "embed" in name else 2 if name.startswith("model.") else 3, 0, name)
+    m = re.match(r"model\.layers\.(\d+)\.(?:mlp\.experts\.(\d+)\.)?", name)
+    if m:  # experts by number, as transformers saves them
+        return (1, int(m.group(1)), int(m.group(2) or -1), name)
+    return (0 if "embed" in name else 2 if name.startswith("model.") else 3, 0, 0, name)
 
 
 def tensor_plan(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:

@@ -1,14 +1,16 @@
 """Conversion benchmark: HF <-> Megatron import / export of full-size synthetic checkpoints,
-against the floors of plain safetensors I/O. Writes docs/performance.md.
+against the floors of plain safetensors I/O, and the conformance suite's wall time per bridge.
+Writes docs/performance.md.
 
-    .venv/bin/python benchmarks/run.py            # median of 3, both models, profiles (~10 min)
-    .venv/bin/python benchmarks/run.py --quick    # 1 run, Llama-3.2-1B only, no profile, no
-                                                  # with-fixes rows (< 2 min)
+    .venv/bin/python benchmarks/run.py            # median of 3, all models, profiles, suites
+    .venv/bin/python benchmarks/run.py --quick    # 1 run, Llama-3.2-1B only, no profile,
+                                                  # the llama bridge's suite only
 
-Every figure is a whole process started afresh (``subprocess``): TP1 is one process, TP2 two
-gloo ranks (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT), each running benchmarks/convert.py.
-Checkpoints are made under a temporary directory (benchmarks/make_checkpoint.py) and deleted at
-the end. See docs/performance.md for what is measured and how the targets are computed.
+Every figure is a whole process started afresh (``subprocess``): TP1 is one process, TP2 and EP2
+two gloo ranks (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT), each running
+benchmarks/convert.py. Checkpoints are made under a temporary directory
+(benchmarks/make_checkpoint.py) and deleted at the end. See docs/performance.md for what is
+measured and how the targets are computed.
 """
 from __future__ import annotations
 
@@ -31,10 +33,16 @@ sys.path.insert(0, str(BENCH))
 
 from make_checkpoint import load_config, make_checkpoint  # noqa: E402
 
+# key: (fixture config, layers kept (None: all), label, layouts)
 MODELS = {
-    "llama": ("meta-llama/Llama-3.2-1B", None, "Llama-3.2-1B (whole model, tied embeddings)"),
-    "qwen": ("Qwen/Qwen3-8B", 4, "Qwen3-8B, first 4 of 36 layers (untied lm_head)"),
+    "llama": ("meta-llama/Llama-3.2-1B", None, "Llama-3.2-1B (whole model, tied embeddings)",
+              ("tp1", "tp2")),
+    "qwen": ("Qwen/Qwen3-8B", 4, "Qwen3-8B, first 4 of 36 layers (untied lm_head)",
+             ("tp1", "tp2")),
+    "qwen-moe": ("Qwen/Qwen3-30B-A3B", 2, "Qwen3-30B-A3B, first 2 of 48 layers, all 128 experts "
+                 "per layer (per-expert tensors)", ("tp1", "tp2", "ep2")),
 }
+LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "ep2": (1, 2)}  # name: (TP, EP); world = TP x EP
 GiB, MiB = 2**30, 2**20
 IMPORT_TARGET = EXPORT_TARGET = 1.5
 
@@ -153,16 +161,15 @@ def max_over_ranks(run: dict, name: str, key: str = "wall_s") -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
-                    help="one run, Llama-3.2-1B only, no profile, no with-fixes rows (< 2 minutes)")
+                    help="one run, Llama-3.2-1B only, no profile, the llama suite only")
     ap.add_argument("--runs", type=int, help="runs per figure (default 3; 1 with --quick)")
     ap.add_argument("--models", help="comma list of: " + ", ".join(MODELS))
     ap.add_argument("--profile", choices=["auto", "always", "never"], default=None,
-                    help="cProfile run where a target is missed "
-                         "(default: auto; never with --quick)")
-    ap.add_argument("--fixes", choices=["on", "off"], default=None,
-                    help="also run the import/export once per TP with "
-                         "benchmarks/proposed-fixes.patch applied to a copy of bridges/ "
-                         "(default: on; off with --quick)")
+                    help="cProfile run where a target is missed (auto: each model's last "
+                         "missed layout; default: auto, never with --quick)")
+    ap.add_argument("--suites", default=None,
+                    help="'all', 'none' or a comma list of bridge model types whose suite to "
+                         "time (default: all; with --quick, the bridges of the models run)")
     ap.add_argument("--wait-idle", type=float, default=0.0, metavar="S",
                     help="first wait up to S seconds for the 1-minute load average to fall "
                          "below 1")
@@ -174,14 +181,15 @@ def main() -> None:
                     help="no measurement: write the doc from figures saved by --save-results")
     a = ap.parse_args()
     if a.render_only:
-        results = json.loads(Path(a.render_only).read_text(), object_hook=_int_keys)
+        results = json.loads(Path(a.render_only).read_text())
         Path(a.out).write_text(render(results))
         print(f"[bench] wrote {a.out} from {a.render_only}")
         return
     runs = a.runs or (1 if a.quick else 3)
     models = a.models.split(",") if a.models else (["llama"] if a.quick else list(MODELS))
     profile = a.profile or ("never" if a.quick else "auto")
-    fixes = a.fixes or ("off" if a.quick else "on")
+    suites = a.suites or (",".join(_bridge_of(MODELS[k][0]) for k in models) if a.quick
+                          else "all")
     started = time.monotonic()
     if a.wait_idle:
         _wait_idle(a.wait_idle)
@@ -197,16 +205,13 @@ def main() -> None:
         print(f"[bench] temp dir {tmp}; {runs} run(s); models {models}", flush=True)
         results["baseline"] = [spawn("floors.py", ["imports"], work, f"imports{i}")
                                for i in range(runs)]
-        print(f"[bench] imports-only baseline: "
-              f"{med(r['ranks'][0]['peak_rss'] for r in results['baseline']) / MiB:.0f} MiB",
-              flush=True)
         results["baseline_rss"] = med(r["ranks"][0]["peak_rss"] for r in results["baseline"])
-        patched = None
-        if fixes == "on":
-            patched, results["fixes_note"] = _patched_tree(tmp)
+        print(f"[bench] imports-only baseline: {results['baseline_rss'] / MiB:.0f} MiB",
+              flush=True)
         for key in models:
             results["models"][key] = _bench_model(key, tmp, work, runs, results["baseline_rss"],
-                                                  profile, patched, first=key == models[0])
+                                                  profile)
+        results["suites"] = _suites(suites, tmp, runs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["load_end"] = os.getloadavg()
@@ -219,9 +224,10 @@ def main() -> None:
     print(f"[bench] wrote {a.out} in {results['total_s']:.0f} s", flush=True)
 
 
-def _int_keys(d: dict) -> dict:
-    """JSON turned the TP keys (1, 2) into strings: turn them back."""
-    return {int(k) if isinstance(k, str) and k.isdigit() else k: v for k, v in d.items()}
+def _bridge_of(model: str) -> str:
+    from bridges.core.registry import lookup
+
+    return lookup(load_config(model)).model_type
 
 
 def _mem_available() -> int:
@@ -238,93 +244,70 @@ def _wait_idle(limit: float) -> None:
         time.sleep(5)
 
 
-def _ckpt_dir(tmp: Path, key: str) -> Path:
-    return tmp / key
+def _convert(ckpt: Path, out: Path, work: Path, tag: str, layout: str,
+             extra: tuple = ()) -> dict:
+    tp, ep = LAYOUTS[layout]
+    return spawn("convert.py", [str(ckpt), str(out), "--tp", str(tp), "--ep", str(ep), *extra],
+                 work, tag, world=tp * ep)
 
 
-def _patched_tree(tmp: Path) -> tuple[Path | None, str]:
-    """A copy of bridges/ with benchmarks/proposed-fixes.patch applied, for PYTHONPATH."""
-    dest = tmp / "patched"
-    shutil.copytree(ROOT / "bridges", dest / "bridges",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    patch = BENCH / "proposed-fixes.patch"
-    proc = subprocess.run(["patch", "-p1", "--forward", "--batch", "--no-backup-if-mismatch",
-                           "-d", str(dest), "-i", str(patch)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        return None, (f"benchmarks/proposed-fixes.patch does not apply to the current bridges/ "
-                      f"(patch says: {(proc.stdout + proc.stderr).strip()[-300:]}); "
-                      f"the with-fixes rows are missing")
-    print("[bench] proposed fixes applied to a copy of bridges/", flush=True)
-    return dest, ""
-
-
-def _bench_model(key: str, tmp: Path, work: Path, runs: int, base: float, profile: str,
-                 patched: Path | None = None, first: bool = True) -> dict:
-    """Floors, TP1 and TP2 runs of one model; with-fixes runs; profiles (``auto``: one run,
-    of the first model, at the largest TP that misses a target, to stay within the time
-    budget; ``always``: TP1 and TP2 of every model)."""
-    model, layers, label = MODELS[key]
+def _bench_model(key: str, tmp: Path, work: Path, runs: int, base: float, profile: str) -> dict:
+    """Floors and the conversion at each layout of one model, ``runs`` times; profiles
+    (``auto``: one run of the last layout that misses a target; ``always``: every layout)."""
+    model, layers, label, layouts = MODELS[key]
     cfg = load_config(model, layers)
-    ckpt = _ckpt_dir(tmp, key)
+    ckpt = tmp / key
     info = make_checkpoint(cfg, ckpt)
     print(f"[bench] {key}: checkpoint {info['bytes'] / GiB:.2f} GiB in {info['shards']} shards, "
           f"made in {info['seconds']:.0f} s", flush=True)
-    out, ref = tmp / "out", tmp / "out-ref"
+    out = tmp / "out"
     res = {"model": model, "layers": layers, "label": label, "config": cfg, "ckpt": info,
-           "read": [], "write": [], "tp1": [], "tp2": []}
+           "read": [], "write": [], "runs": {lay: [] for lay in layouts}}
     for i in range(runs):
         res["read"].append(spawn("floors.py", ["read", str(ckpt)], work, f"{key}-read{i}"))
         res["write"].append(spawn("floors.py", ["write", str(ckpt), str(out)], work,
                                   f"{key}-write{i}"))
         shutil.rmtree(out, ignore_errors=True)
-        for tp in (1, 2):
-            run = spawn("convert.py", [str(ckpt), str(out), "--tp", str(tp)], work,
-                        f"{key}-tp{tp}-{i}", world=tp)
-            _check_written(run, info, f"{key} TP{tp}")
-            if patched is not None and tp == 1 and i == runs - 1:
-                shutil.rmtree(ref, ignore_errors=True)
-                out.rename(ref)  # the with-fixes exports are compared with this one
-            shutil.rmtree(out, ignore_errors=True)
-            res[f"tp{tp}"].append(run)
-            print(f"[bench] {key} run {i + 1}/{runs} TP{tp}: process {run['wall_s']:.1f} s, "
-                  f"load {max_over_ranks(run, 'load'):.1f} s, export "
-                  f"{max_over_ranks(run, 'export'):.1f} s, peak RSS "
-                  f"{max(r['peak_rss'] for r in run['ranks']) / GiB:.2f} GiB "
-                  f"(other processes: {run['foreign_cpu_s']:.0f} CPU-s)", flush=True)
         print(f"[bench] {key} run {i + 1}/{runs} floors: read "
               f"{phase(res['read'][-1], 0, 'read'):.2f} s, write "
               f"{phase(res['write'][-1], 0, 'write'):.2f} s", flush=True)
-    if patched is not None:
-        for tp in (1, 2):
-            run = spawn("convert.py", [str(ckpt), str(out), "--tp", str(tp)], work,
-                        f"{key}-fixed-tp{tp}", world=tp, env_extra={"PYTHONPATH": str(patched)})
-            _check_written(run, info, f"{key} TP{tp} with fixes")
-            run["same_files"] = _same_files(ref, out)
+        for lay in layouts:
+            run = _convert(ckpt, out, work, f"{key}-{lay}-{i}", lay)
+            _check_written(run, info, f"{key} {lay}")
             shutil.rmtree(out, ignore_errors=True)
-            res[f"fixed{tp}"] = [run]
-            print(f"[bench] {key} with fixes TP{tp}: process {run['wall_s']:.1f} s, load "
-                  f"{max_over_ranks(run, 'load'):.1f} s, export "
+            res["runs"][lay].append(run)
+            print(f"[bench] {key} run {i + 1}/{runs} {lay.upper()}: process {run['wall_s']:.1f} s,"
+                  f" load {max_over_ranks(run, 'load'):.1f} s, export "
                   f"{max_over_ranks(run, 'export'):.1f} s, peak RSS "
-                  f"{max(r['peak_rss'] for r in run['ranks']) / GiB:.2f} GiB, files "
-                  f"{'identical to' if run['same_files'] else 'DIFFERENT from'} the unpatched "
-                  f"export's", flush=True)
-        shutil.rmtree(ref, ignore_errors=True)
+                  f"{max(r['peak_rss'] for r in run['ranks']) / GiB:.2f} GiB "
+                  f"(other processes: {run['foreign_cpu_s']:.0f} CPU-s)", flush=True)
+    two = [lay for lay in layouts if LAYOUTS[lay] != (1, 1)]
+    if two:  # the write floor again, beside a process holding a second rank's memory
+        held = int(max(med(x["ranks"][1]["phases"]["export"]["peak_rss"] for x in res["runs"][lay])
+                       for lay in two))
+        res["write_beside"] = {"bytes": held, "runs": []}
+        for i in range(runs):
+            res["write_beside"]["runs"].append(_write_beside(ckpt, out, work, f"{key}-wb{i}", held))
+            shutil.rmtree(out, ignore_errors=True)
+        print(f"[bench] {key} write floor beside {held / GiB:.2f} GiB held: " + ", ".join(
+            f"{phase(r, 0, 'write'):.2f} s" for r in res["write_beside"]["runs"]), flush=True)
     res["t"] = _targets(res, base)
-    missed = [tp for tp, v in res["t"]["tp"].items() if not v["ok"]]
-    if profile == "always" or (profile == "auto" and missed and first):
-        res["profile"] = {tp: _profile(key, ckpt, tmp, work, tp)
-                          for tp in ((1, 2) if profile == "always" else missed[-1:])}
+    missed = [lay for lay, v in res["t"]["layouts"].items() if not v["ok"]]
+    todo = list(layouts) if profile == "always" else missed[-1:] if profile == "auto" else []
+    res["profile"] = {lay: _profile(key, ckpt, tmp, work, lay) for lay in todo}
     shutil.rmtree(ckpt, ignore_errors=True)
     return res
 
 
-def _same_files(a: Path, b: Path) -> bool:
-    import filecmp
-
-    names = sorted(p.name for p in a.iterdir())
-    if names != sorted(p.name for p in b.iterdir()):
-        return False
-    return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names)
+def _write_beside(ckpt: Path, out: Path, work: Path, tag: str, nbytes: int) -> dict:
+    hog = subprocess.Popen([sys.executable, str(BENCH / "floors.py"), "hold", str(nbytes)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        hog.stdout.readline()  # "ready"
+        return spawn("floors.py", ["write", str(ckpt), str(out)], work, tag)
+    finally:
+        hog.stdin.close()
+        hog.wait()
 
 
 def _check_written(run: dict, info: dict, what: str) -> None:
@@ -339,13 +322,13 @@ def _targets(res: dict, base: float) -> dict:
     read = med(phase(r, 0, "read") for r in res["read"])
     write = med(phase(r, 0, "write") for r in res["write"])
     largest = res["ckpt"]["largest_bytes"]
-    t = {"read_floor": read, "write_floor": write, "largest": largest, "tp": {}, "fixed": {}}
-    for variant, tp in ((v, tp) for v in ("tp", "fixed") for tp in (1, 2)):
-        rs = res.get(f"{variant}{tp}")
-        if not rs:
-            continue
+    t = {"read_floor": read, "write_floor": write, "largest": largest, "layouts": {},
+         "write_beside": med(phase(r, 0, "write") for r in res.get("write_beside", {})
+                             .get("runs", []))}
+    for lay, rs in res["runs"].items():
+        world = len(rs[0]["ranks"])
         ranks = []
-        for r in range(tp):
+        for r in range(world):
             share = rs[0]["ranks"][r]["share_bytes"]
             peak = med(x["ranks"][r]["peak_rss"] for x in rs)
             budget = base + share + 2 * largest
@@ -359,7 +342,7 @@ def _targets(res: dict, base: float) -> dict:
         load = med(max_over_ranks(x, "load") for x in rs)
         export = med(max_over_ranks(x, "export") for x in rs)
         imp_total = med(max(sum(phase(x, r, n) for n in ("start+imports", "setup", "build",
-                                                         "load")) for r in range(tp))
+                                                         "load")) for r in range(world))
                         for x in rs)
         v = {"process": med(x["wall_s"] for x in rs), "import_total": imp_total,
              "load": load, "export": export, "ranks": ranks,
@@ -368,36 +351,78 @@ def _targets(res: dict, base: float) -> dict:
              "export_ok": export / write <= EXPORT_TARGET,
              "foreign": max(x["foreign_cpu_s"] / x["wall_s"] for x in rs)}
         v["ok"] = v["import_ok"] and v["export_ok"] and all(r["ok"] for r in ranks)
-        if variant == "fixed":
-            v["same_files"] = all(x.get("same_files") for x in rs)
-        t[variant][tp] = v
+        t["layouts"][lay] = v
     return t
 
 
-def _profile(key: str, ckpt: Path, tmp: Path, work: Path, tp: int) -> dict:
+def _profile(key: str, ckpt: Path, tmp: Path, work: Path, layout: str) -> dict:
     """One run under cProfile (build, load and export phases, separately; every rank)."""
     import pstats
 
     out = tmp / "out"
-    tag = f"{key}-tp{tp}-profile"
-    run = spawn("convert.py", [str(ckpt), str(out), "--tp", str(tp), "--profile",
-                               "build,load,export"], work, tag, world=tp)
+    tag = f"{key}-{layout}-profile"
+    run = _convert(ckpt, out, work, tag, layout, ("--profile", "build,load,export"))
     shutil.rmtree(out, ignore_errors=True)
-    prof = {"wall": {n: max(phase(run, r, n) for r in range(tp))
+    world = len(run["ranks"])
+    prof = {"wall": {n: max(phase(run, r, n) for r in range(world))
                      for n in run["ranks"][0]["phases"]}, "top": {}}
-    for name in ("build", "load", "export"):
-        st = pstats.Stats(str(work / f"{tag}.r0.json.{name}.prof"))
-        rows = [{"fn": _where(file, line, fn), "calls": nc, "tottime": tt, "cumtime": ct}
-                for (file, line, fn), (_cc, nc, tt, ct, _callers) in st.stats.items()]
-        prof["top"][name] = {
-            "total": st.total_tt,
-            "self": sorted(rows, key=lambda r: -r["tottime"])[:8],
-            "cum": [r for r in sorted(rows, key=lambda r: -r["cumtime"])
-                    if _interesting(r["fn"])][:10],
-        }
+    for r in range(world):
+        for name in ("load", "export"):
+            st = pstats.Stats(str(work / f"{tag}.r{r}.json.{name}.prof"))
+            rows = [{"fn": _where(file, line, fn), "calls": nc, "tottime": tt, "cumtime": ct}
+                    for (file, line, fn), (_cc, nc, tt, ct, _callers) in st.stats.items()]
+            prof["top"][f"{name} r{r}"] = {
+                "total": st.total_tt,
+                "self": sorted(rows, key=lambda x: -x["tottime"])[:6],
+                "cum": [x for x in sorted(rows, key=lambda x: -x["cumtime"])
+                        if _interesting(x["fn"])][:6],
+            }
     walls = ", ".join(f"{n} {w:.1f} s" for n, w in prof["wall"].items())
-    print(f"[bench] {key} TP{tp}: profiled ({walls})", flush=True)
+    print(f"[bench] {key} {layout.upper()}: profiled ({walls})", flush=True)
     return prof
+
+
+# -- conformance suite wall time per bridge ---------------------------------------------------
+def _suites(which: str, tmp: Path, runs: int) -> list[dict]:
+    """``pytest --mbridge-model=<first fixture of the bridge> -p no:cacheprovider -q`` run from
+    an empty directory, whole process, per registered bridge (median of ``runs``)."""
+    if which == "none":
+        return []
+    from bridges.core.registry import registered
+    from conformance.models import fixture_names
+
+    first: dict[str, str] = {}
+    for name in fixture_names():
+        try:
+            first.setdefault(_bridge_of(name), name)
+        except LookupError:  # a fixture no bridge reads
+            continue
+    wanted = list(registered()) if which == "all" else which.split(",")
+    empty = tmp / "suite-cwd"
+    out = []
+    for bridge in dict.fromkeys(wanted):
+        fixture = first.get(bridge)
+        if fixture is None:
+            out.append({"bridge": bridge, "fixture": None, "runs": []})
+            continue
+        rows = []
+        for i in range(runs):
+            shutil.rmtree(empty, ignore_errors=True)
+            empty.mkdir()
+            env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+            env.update(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+            os.sync()
+            with Meter() as m:
+                proc = subprocess.run([sys.executable, "-m", "pytest", f"--mbridge-model={fixture}",
+                                       "-p", "no:cacheprovider", "-q"], cwd=empty, env=env,
+                                      capture_output=True, text=True, timeout=1800)
+            last = (proc.stdout.strip().splitlines() or [""])[-1].strip("= ")
+            rows.append({"wall_s": m.wall, "rc": proc.returncode, "summary": last,
+                         "foreign_cpu_s": m.foreign})
+            print(f"[bench] suite {bridge} ({fixture}) run {i + 1}/{runs}: {m.wall:.1f} s, "
+                  f"rc {proc.returncode}: {last}", flush=True)
+        out.append({"bridge": bridge, "fixture": fixture, "runs": rows})
+    return out
 
 
 def _where(file: str, line: int, fn: str) -> str:

@@ -383,17 +383,26 @@ class Bridge:
                 (tp_rank, tp_size), group = ranks[expert], groups[expert]
                 shards = [param.detach()]
                 if tp_size > 1 and mapping.tp_dim is not None and tp_rank0_only:
-                    # point to point into the chunks of one tensor (no flat buffer as gloo's
-                    # gather makes; _gather then joins the chunks without a copy)
+                    # point to point into the parts of one tensor joined along the TP dimension
+                    # (no flat buffer as gloo's gather makes; _gather then joins the parts
+                    # without a copy)
                     if tp_rank:
                         dist.send(param.detach().contiguous(), dst=dist.get_global_rank(group, 0),
                                   group=group)
                     else:
-                        full = param.new_empty((tp_size * param.shape[0], *param.shape[1:]))
-                        shards = list(full.chunk(tp_size))
-                        shards[0].copy_(param.detach())
-                        for r in range(1, tp_size):
-                            dist.recv(shards[r], src=dist.get_global_rank(group, r), group=group)
+                        shape = list(param.shape)
+                        shape[mapping.tp_dim] *= tp_size
+                        shards = list(param.new_empty(shape).chunk(tp_size, dim=mapping.tp_dim))
+                        # a part that is not contiguous (a column block) is received apart
+                        bufs = [s if s.is_contiguous() else torch.empty_like(s, memory_format=torch.contiguous_format)
+                                for s in shards]
+                        reqs = [dist.irecv(bufs[r], src=dist.get_global_rank(group, r), group=group)
+                                for r in range(1, tp_size)]
+                        shards[0].copy_(param.detach())  # while the others arrive
+                        for r, req in enumerate(reqs, 1):
+                            req.wait()
+                            if bufs[r] is not shards[r]:
+                                shards[r].copy_(bufs[r])
                 elif tp_size > 1 and mapping.tp_dim is not None:
                     shards = [torch.empty_like(param) for _ in range(tp_size)]
                     dist.all_gather(shards, param.detach().contiguous(), group=group)

@@ -108,7 +108,7 @@ class Mapping:
     def _gather(self, shards, shapes):
         if self.tp_dim is None or len(shards) == 1:
             return shards[0]
-        joined = _joined(shards) if self.tp_dim == 0 else None
+        joined = _joined(shards, self.tp_dim)
         return joined if joined is not None else torch.cat(shards, dim=self.tp_dim)
 
     def describe(self) -> dict:
@@ -325,18 +325,23 @@ def _fits(param: torch.Tensor, shape, tp_rank: int, tp_size: int) -> None:
                            f"(TP rank {tp_rank}/{tp_size})")
 
 
-def _joined(shards: list[torch.Tensor]) -> torch.Tensor | None:
-    """``torch.cat(shards)`` without a copy when the shards already are consecutive dim-0 parts
-    of one contiguous buffer (an exporter that gathers into one tensor's chunks); else None."""
+def _joined(shards: list[torch.Tensor], dim: int = 0) -> torch.Tensor | None:
+    """``torch.cat(shards, dim)`` without a copy when the shards already are consecutive parts
+    along ``dim`` of one contiguous tensor (an exporter that gathers into one tensor's chunks);
+    else None."""
     first = shards[0]
-    step = first.numel() * first.element_size()
+    shape = list(first.shape)
+    shape[dim] *= len(shards)
+    strides = [1] * len(shape)
+    for i in range(len(shape) - 2, -1, -1):
+        strides[i] = strides[i + 1] * shape[i + 1]
+    step = first.shape[dim] * strides[dim] * first.element_size()
     ptr = first.untyped_storage().data_ptr()
     for i, s in enumerate(shards):
-        if (not s.is_contiguous() or s.shape != first.shape or s.dtype != first.dtype
+        if (s.shape != first.shape or s.dtype != first.dtype or s.stride() != tuple(strides)
                 or s.untyped_storage().data_ptr() != ptr or s.data_ptr() != first.data_ptr() + i * step):
             return None
-    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(),
-                                   (len(shards) * first.shape[0], *first.shape[1:]))
+    return first.new_empty(0).set_(first.untyped_storage(), first.storage_offset(), shape)
 
 
 # -- name patterns --------------------------------------------------------------------------
