@@ -203,22 +203,20 @@ def _suite_table(results: dict) -> list[str]:
          "directory, whole process (interpreter start to exit, its rank workers included), "
          f"{'median of ' + str(n) + ' runs' if n > 1 else '1 run'} per bridge; the fixture is "
          "the bridge's first shipped config (conformance.models.fixture_names(), sorted). "
-         "`other processes`: cores other processes used meanwhile (the machine is shared), "
-         "the largest over the runs.", "",
-         "| bridge | fixture | wall (s) | runs (s) | result | other processes (cores) |",
-         "|---|---|---|---|---|---|"]
+         "(How busy the machine was cannot be told apart from the suite's own rank workers "
+         "here: see the conversion rows.)", "",
+         "| bridge | fixture | wall (s) | runs (s) | result |", "|---|---|---|---|---|"]
     total = 0.0
     for s in suites:
         if not s["runs"]:
-            L.append(f"| {s['bridge']} | (no fixture) | | | | |")
+            L.append(f"| {s['bridge']} | (no fixture) | | | |")
             continue
         walls = [r["wall_s"] for r in s["runs"]]
         total += statistics.median(walls)
         res = s["runs"][-1]["summary"] + ("" if all(r["rc"] == 0 for r in s["runs"])
                                           else f" (**exit {s['runs'][-1]['rc']}**)")
-        foreign = max(r["foreign_cpu_s"] / r["wall_s"] for r in s["runs"])
         L.append(f"| {s['bridge']} | {s['fixture']} | {statistics.median(walls):.1f} | "
-                 f"{' / '.join(f'{w:.1f}' for w in walls)} | {res} | {foreign:.2f} |")
+                 f"{' / '.join(f'{w:.1f}' for w in walls)} | {res} |")
     L += ["", f"Sum of the medians: {total:.0f} s.", ""]
     return L
 
