@@ -188,7 +188,6 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
     """FP8 copy of a toy checkpoint (every 2-D weight but embeddings / lm_head quantized, in
     ``kind`` 'block' or 'tensor' layout) and its dequantized fp32 twin, the HF reference.
     Small blocks so that toy weights span several tiles, ragged edges included."""
-    from safetensors.torch import save_file
 
     from bridges.core import quant
     from bridges.core.hf_io import HFCheckpoint
@@ -217,14 +216,7 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
     if kind == "block":
         qc["weight_block_size"] = list(block)
-    for d, ts, cfg in ((out, qt, {**config, "quantization_config": qc}), (deq, dt, config)):
-        tmp = Path(tempfile.mkdtemp(prefix=".toy-", dir=root))
-        save_file(ts, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        try:
-            tmp.rename(d)
-        except OSError:  # another process made it first
-            shutil.rmtree(tmp, ignore_errors=True)
+    _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
     return str(out), str(deq)
 
 
@@ -260,7 +252,6 @@ def make_mxfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tu
     """MXFP4 copy of a stacked-expert MoE toy (every stacked expert tensor as gpt-oss-style
     ``_blocks`` / ``_scales``: one E8M0 scale per 32 values along dim 1, values rounded to the
     nearest FP4) and its dequantized twin, the HF reference."""
-    from safetensors.torch import save_file
 
     from bridges.core import quant
     from bridges.core.hf_io import HFCheckpoint
@@ -281,15 +272,23 @@ def make_mxfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tu
         dt[name] = values.to(w.dtype)
     config = json.loads((src / "config.json").read_text())
     qc = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.embed_tokens", "lm_head"]}
-    for d, ts, cfg in ((out, qt, {**config, "quantization_config": qc}), (deq, dt, config)):
+    _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
+    return str(out), str(deq)
+
+
+def _save_pair(out: Path, qt: dict, qcfg: dict, deq: Path, dt: dict, cfg: dict, root) -> None:
+    """Write a quantized toy and its dequantized twin, each by atomic rename (a loser of a race
+    between processes drops its copy)."""
+    from safetensors.torch import save_file
+
+    for d, ts, c in ((out, qt, qcfg), (deq, dt, cfg)):
         tmp = Path(tempfile.mkdtemp(prefix=".toy-", dir=root))
         save_file(ts, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        (tmp / "config.json").write_text(json.dumps(c, indent=2))
         try:
             tmp.rename(d)
         except OSError:  # another process made it first
             shutil.rmtree(tmp, ignore_errors=True)
-    return str(out), str(deq)
 
 
 def _round_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
