@@ -88,6 +88,7 @@ def pytest_configure(config: pytest.Config) -> None:
             raise pytest.UsageError("--run-gpu: no CUDA device is visible (torch.cuda.is_available() is False)")
     config._mbridge_rows = []  # type: ignore[attr-defined]
     _models(config)  # resolve now: a bad model name is a usage error, not a collection error
+    _check_layouts(config)
 
 
 def pytest_collect_file(file_path: Path, parent):
@@ -165,6 +166,20 @@ def _layouts(config: pytest.Config, model: str | None = None) -> list[str]:
             layouts.append(Layout(tp=4))
         layouts = [lay for lay in layouts if world % lay.world_size == 0]
     return [lay.name for lay in layouts]
+
+
+def _check_layouts(config: pytest.Config) -> None:
+    """A model whose per-layout checks --mbridge-layouts leaves empty (expert layouts on a dense
+    model) would run less than asked and exit 0: a usage error naming the models instead."""
+    from conformance.session import layouts_for
+
+    specs = config._mbridge_models  # type: ignore[attr-defined]
+    empty = [m for m in specs if not _layouts(config, m)]
+    if empty:
+        dense = "; ".join(f"{m} (its layouts: {','.join(layouts_for(specs[m].config))})" for m in empty)
+        raise pytest.UsageError(f"--mbridge-layouts={config.getoption('mbridge_layouts')} leaves no "
+                                f"layout to check for the dense model(s) {dense}: expert layouts "
+                                f"(epN, grouped) apply to mixture-of-experts models only")
 
 
 def _dtypes(config: pytest.Config) -> list[str]:
