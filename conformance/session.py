@@ -112,20 +112,21 @@ class Conformance:
     def stacked_layout(self) -> str:
         return "tp2ep2grouped" if self.world >= 4 else "ep2grouped" if self.world >= 2 else "tp1pp1grouped"
 
-    def stacked_case(self, spec: ModelSpec, layout: str | None = None,
-                     bridge_ref: str | None = None) -> dict[str, CheckResult]:
+    def stacked_case(self, spec: ModelSpec, layout: str | None = None, bridge_ref: str | None = None,
+                     dtype: str | None = None) -> dict[str, CheckResult]:
         """The case checks on the MoE toy with its experts stacked (``[E, 2I, H]`` tensors):
         imported, run against HF, and exported back stacked (default layout: TP2 x EP2 with
-        grouped-GEMM experts, less on a smaller pool)."""
-        layout = layout or self.stacked_layout()
+        grouped-GEMM experts, less on a smaller pool). The stacked copy is made from the toy of
+        the dtype it runs in, so the roundtrip compares like with like."""
+        layout, dtype = layout or self.stacked_layout(), dtype or self.dtype
 
         def run():
-            toy = self.checkpoint(spec)
+            toy = self.checkpoint(spec, dtype)
             stacked = self.pool.run("conformance.toy:make_stacked_checkpoint", ranks=[0],
                                     timeout=self.timeout, src=toy, root=str(self.workdir / "toys"))[0]
-            return self._run_case(spec, layout, bridge_ref, self.dtype, ckpt=stacked)
+            return self._run_case(spec, layout, bridge_ref, dtype, ckpt=stacked)
 
-        return self._memo(("stacked", spec.name, layout, bridge_ref), run)
+        return self._memo(("stacked", spec.name, layout, bridge_ref, dtype), run)
 
     def _run_case(self, spec, layout, bridge_ref, dtype, ckpt: str | None = None) -> dict[str, CheckResult]:
         lay = Layout.parse(layout)
