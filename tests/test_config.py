@@ -397,16 +397,15 @@ def test_unsupported_activation_and_biases():
             AutoBridge.from_hf_config(raw).megatron_attrs()
 
 
-@pytest.mark.parametrize("model", [QWEN25_7B, QWEN3_8B])
-def test_qwen_sliding_window_is_not_silently_dropped(model):
+@pytest.mark.parametrize("model,family", [(QWEN25_7B, "qwen2"), (QWEN3_8B, "qwen3")])
+def test_qwen_sliding_window_is_refused_not_silently_dropped(model, family):
     raw = dict(raw_config(model), use_sliding_window=True, sliding_window=4096,
                max_window_layers=4)
     b = AutoBridge.from_hf_config(raw)
-    try:
-        attrs = b.megatron_attrs()
-    except ConfigError:
-        return  # refusing is fine
-    assert attrs.get("window_size") is not None
+    with pytest.raises(ConfigError, match=r"layer_types has sliding_attention layers "
+                       r"\(use_sliding_window=True\): per-layer sliding windows are not supported "
+                       rf"by the {family} bridge"):
+        b.megatron_attrs()
 
 
 def test_unsupported_dtype():

@@ -7,6 +7,7 @@ Conventions under test (docs/flops.md): matmul FLOPs only, 2 FLOPs per multiply-
 """
 from __future__ import annotations
 
+import json
 from fractions import Fraction
 from pathlib import Path
 
@@ -36,40 +37,48 @@ TINY = dict(num_layers=2, hidden_size=64, ffn_hidden_size=96, num_attention_head
 
 
 # -- each term, by hand ------------------------------------------------------------------------
+# The fields of TINY, as the closed forms below use them.
+L, H, N, G, D, F, V = (TINY[k] for k in ("num_layers", "hidden_size", "num_attention_heads",
+                                          "num_query_groups", "kv_channels", "ffn_hidden_size",
+                                          "vocab_size"))
+
+
 def test_each_term_matches_its_closed_form_on_a_tiny_config():
-    r = training_flops(TINY, seq_len=10, batch_size=3)  # 30 tokens
+    s, b = 10, 3
+    t = s * b  # 30 tokens
+    r = training_flops(TINY, seq_len=s, batch_size=b)
     fwd = {t.name: t.forward for t in r.terms}
     assert list(fwd) == list(COMPONENTS)
     assert fwd["embedding"] == 0  # a row lookup: no matmul
-    # QKV: 2 * tokens * hidden * (heads*d + 2*groups*d) * layers = 2*30*64*(96+96)*2
-    assert fwd["qkv_projection"] == 1_474_560
-    # core attention: causal pairs 10*11/2 = 55 per sequence, 3 sequences; QK^T and AV each
-    # 2 * pairs * d per head: 2 * 165 * 4 heads * (24 + 24) * 2 layers
-    assert fwd["core_attention"] == 126_720
-    # output projection: 2 * tokens * heads*d * hidden * layers = 2*30*96*64*2
-    assert fwd["attention_output_projection"] == 737_280
-    # gated MLP, 3 matmuls: gate + up 2*30*64*(2*96), down 2*30*96*64; 2 layers
-    assert fwd["mlp"] == 2 * (737_280 + 368_640) == 2_211_840
-    # logits: 2 * tokens * hidden * vocab = 2*30*64*101
-    assert fwd["logits"] == 387_840
-    assert r.forward == 4_938_240 and r.total == 3 * 4_938_240
-    assert r.tokens == 30 and r.per_token == r.total / 30
+    # QKV: 2 * tokens * hidden * (heads*d + 2*groups*d) * layers
+    assert fwd["qkv_projection"] == 2 * t * H * (N * D + 2 * G * D) * L
+    # core attention: causal pairs s(s+1)/2 = 55 per sequence, b sequences; QK^T and AV each
+    # 2 * pairs * d per head
+    assert fwd["core_attention"] == 2 * (b * s * (s + 1) // 2) * N * (D + D) * L
+    # output projection: 2 * tokens * heads*d * hidden * layers
+    assert fwd["attention_output_projection"] == 2 * t * N * D * H * L
+    # gated MLP, 3 matmuls: gate + up 2 * tokens * hidden * 2 ffn, down 2 * tokens * ffn * hidden
+    assert fwd["mlp"] == (2 * t * H * 2 * F + 2 * t * F * H) * L
+    # logits: 2 * tokens * hidden * vocab
+    assert fwd["logits"] == 2 * t * H * V
+    assert r.forward == sum(fwd.values()) and r.total == 3 * r.forward
+    assert r.tokens == t and r.per_token == r.total / t
 
 
 def test_mlp_without_gating_is_two_matmuls():
     r = training_flops({**TINY, "gated_linear_unit": False}, seq_len=10, batch_size=3)
-    assert r.term("mlp").forward == 2 * (2 * 30 * 64 * 96 + 2 * 30 * 96 * 64) == 1_474_560
+    assert r.term("mlp").forward == L * (2 * 30 * H * F + 2 * 30 * F * H)
 
 
 def test_parameter_counts_match_their_closed_form_on_a_tiny_config():
     p = parameter_counts(TINY)
-    # per layer: qkv 64*192 + proj 96*64 + fc1 64*192 + fc2 96*64 + 2 RMSNorms of 64
-    per_layer = 12_288 + 6_144 + 12_288 + 6_144 + 128
-    assert p.total == 2 * per_layer + 101 * 64 * 2 + 64 == 86_976
-    assert p.active == p.total and p.embedding == p.output == 6_464
-    assert p.non_embedding == 86_976 - 2 * 6_464
+    # per layer: qkv, proj, fc1 (gate + up), fc2, 2 RMSNorms
+    per_layer = H * (N * D + 2 * G * D) + N * D * H + H * 2 * F + F * H + 2 * H
+    assert p.total == L * per_layer + V * H * 2 + H
+    assert p.active == p.total and p.embedding == p.output == V * H
+    assert p.non_embedding == p.total - 2 * V * H
     tied = parameter_counts({**TINY, "share_embeddings_and_output_weights": True})
-    assert tied.total == p.total - 6_464 and tied.output == 0
+    assert tied.total == p.total - V * H and tied.output == 0
     # Megatron-Core defaults: LayerNorm (weight + bias), biases on every linear, learned positions
     biased = parameter_counts({**TINY, "add_bias_linear": True, "normalization": "LayerNorm",
                                "position_embedding_type": "learned_absolute",
@@ -283,22 +292,56 @@ def test_parameter_counts_match_published_sizes(model):
         assert p.non_embedding == pytest.approx(non_embedding, rel=0.01)
 
 
+# -- whole published models: every term from the HF config's fields, seq s, batch 1 ------------
+DOCS = Path(__file__).resolve().parents[1] / "docs" / "flops.md"
+
+
+def _config(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def _attention_step(c: dict, s: int, qkv_weights: int, qk_dim: int, v_dim: int) -> dict:
+    """Attention terms of one training step (3 x forward) over every layer, from the weights of
+    the projections to Q, K, V (per layer) and the per-head Q/K and V widths."""
+    L, h, n, pairs = c["num_hidden_layers"], c["hidden_size"], c["num_attention_heads"], s * (s + 1) // 2
+    return {"qkv_projection": 3 * L * 2 * s * qkv_weights,
+            "core_attention": 3 * L * 2 * pairs * n * (qk_dim + v_dim),
+            "attention_output_projection": 3 * L * 2 * s * n * v_dim * h}
+
+
+def _gqa(c: dict) -> tuple[int, int]:
+    """(head_dim, per-layer Q/K/V projection weights) of a grouped-query attention config."""
+    h, n, g = c["hidden_size"], c["num_attention_heads"], c["num_key_value_heads"]
+    d = c.get("head_dim") or h // n
+    return d, h * (n * d + 2 * g * d)
+
+
+def _swiglu(h: int, f: int) -> int:
+    """Weights of a gated MLP: gate, up (h x f each) and down (f x h)."""
+    return 3 * h * f
+
+
 def test_llama31_8b_exact_figures():
-    """The numbers docs/flops.md quotes. The parameter count was checked equal, once by hand,
-    to that of the GPTModel Megatron-Core builds from the provider (count_params of
-    tests/test_config.py, on the meta device), as it was for the six other shipped configs."""
-    r = training_flops(bridge(LLAMA31_8B), 4096, 1)
-    assert r.params.total == 8_030_261_248
-    assert {t.name: t.step for t in r.terms} == {
-        "embedding": 0,
-        "qkv_projection": 19_791_209_299_968,
-        "core_attention": 13_197_360_758_784,
-        "attention_output_projection": 13_194_139_533_312,
-        "mlp": 138_538_465_099_776,
-        "logits": 12_910_671_691_776,
-    }
-    assert r.total == 197_631_846_383_616
-    assert r.mfu(1.0, 197_631_846_383_616 * 2) == 0.5
+    """Every term and the parameter count from the config's fields (docs/flops.md quotes the
+    same numbers). The parameter count was checked equal, once by hand, to that of the GPTModel
+    Megatron-Core builds from the provider (count_params of tests/test_config.py, on the meta
+    device), as it was for the six other shipped configs."""
+    c, s = _config(CONFIGS / LLAMA31_8B / "config.json"), 4096
+    L, h, n, V, f = (c[k] for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                    "vocab_size", "intermediate_size"))
+    d, qkv = _gqa(c)
+    expected = {"embedding": 0, **_attention_step(c, s, qkv, d, d),
+                "mlp": 3 * L * 2 * s * _swiglu(h, f), "logits": 3 * 2 * s * h * V}
+    r = training_flops(bridge(LLAMA31_8B), s, 1)
+    assert {t.name: t.step for t in r.terms} == expected
+    assert r.total == sum(expected.values())
+    # untied embedding and output head; per layer QKV, o_proj, MLP, 2 RMSNorms; final norm
+    assert r.params.total == 2 * V * h + L * (qkv + n * d * h + _swiglu(h, f) + 2 * h) + h
+    assert r.mfu(1.0, r.total * 2) == 0.5
+    docs = DOCS.read_text()
+    for name, step in expected.items():
+        assert name == "embedding" or f"| {step:,} |" in docs, f"docs/flops.md: {name} {step:,}"
+    assert f"**{r.total:,}**" in docs and f"{r.params.total:,} total" in docs
 
 
 # -- CLI -------------------------------------------------------------------------------------
@@ -312,12 +355,13 @@ def test_cli_prints_the_breakdown(capsys, monkeypatch):
     for line in ("embedding", "qkv_projection", "core_attention", "attention_output_projection",
                  "mlp", "logits"):
         assert any(row.startswith(line) for row in out.splitlines()), line
-    assert "197,631,846,383,616" in out
-    assert "parameters: total 8,030,261,248 (8.03 B), active 8,030,261,248" in out
+    r = training_flops(bridge(LLAMA31_8B), 4096)  # its terms: test_llama31_8b_exact_figures
+    assert f"{r.total:,}" in out
+    assert f"parameters: total {r.params.total:,} (8.03 B), active {r.params.total:,}" in out
     assert "MFU" not in out
     path = str(CONFIGS / LLAMA31_8B / "config.json")
     assert main(["flops", path, "--seq-len", "4096", "--step-time", "0.5", "--peak", "989"]) == 0
-    assert "MFU: 39.97 %" in capsys.readouterr().out  # 1.976e14 / (0.5 s * 989e12)
+    assert f"MFU: {100 * r.total / (0.5 * 989e12):.2f} %" in capsys.readouterr().out
     assert main(["flops", "nobody/no-such-model"]) == 2
     assert "HF_HUB_OFFLINE" in capsys.readouterr().err
 
@@ -342,7 +386,9 @@ def test_independent_count_by_torch_flop_counter_on_the_hf_model():
         logits.float().square().mean().backward()
     r = training_flops(AutoBridge.from_hf_config(cfg.to_dict()), seq_len=10, batch_size=3,
                        causal=False)
-    assert (forward, counter.get_total_flops()) == (r.forward, r.total) == (5_041_920, 15_125_760)
+    assert (forward, counter.get_total_flops()) == (r.forward, r.total)
+    # and the closed form: TINY's terms with s x s attention pairs (non-causal)
+    assert r.forward == training_flops(TINY, 10, 3).forward + 2 * 3 * (100 - 55) * N * (D + D) * L
 
 
 # -- MoE, MLA, MTP: each term by hand -----------------------------------------------------------
@@ -362,37 +408,44 @@ def test_moe_terms_match_their_closed_form():
                          "shared_experts", "logits"]
     for name in ("qkv_projection", "core_attention", "attention_output_projection", "logits"):
         assert fwd[name] == dense.term(name).forward
+    E, k, fe, fs = (TINY_MOE[x] for x in ("num_moe_experts", "moe_router_topk", "moe_ffn_hidden_size",
+                                          "moe_shared_expert_intermediate_size"))
     # the dense first layer: 2*30*(64*2*96 + 96*64), exactly half of TINY's two dense layers
-    assert fwd["mlp"] == 1_105_920 == dense.term("mlp").forward // 2
+    assert fwd["mlp"] == 2 * 30 * (H * 2 * F + F * H) == dense.term("mlp").forward // 2
     # router 64 -> 4 experts plus the 64 -> 1 shared-expert gate: 2*30*64*(4+1)
-    assert fwd["router"] == 19_200
+    assert fwd["router"] == 2 * 30 * H * (E + 1)
     # top-2 experts of width 40, gated (3 matmuls): 2*30*2*(64*80 + 40*64)
-    assert fwd["routed_experts"] == 921_600
+    assert fwd["routed_experts"] == 2 * 30 * k * (H * 2 * fe + fe * H)
     # the shared expert of width 48: 2*30*(64*96 + 48*64)
-    assert fwd["shared_experts"] == 552_960
+    assert fwd["shared_experts"] == 2 * 30 * (H * 2 * fs + fs * H)
     assert all(t.backward == 2 * t.forward for t in r.terms)
     p = r.params
     # MoE layer: router 64*4 + gate 64, 4 experts of 3*64*40, shared 3*64*48; it replaces
     # one dense MLP of 3*64*96
-    assert p.by_component["router"] == 320 and p.by_component["routed_experts"] == 30_720
-    assert p.by_component["shared_experts"] == 9_216 and p.by_component["mlp"] == 18_432
-    assert p.total == 86_976 - 18_432 + 320 + 30_720 + 9_216 == 108_800
-    assert p.active == p.total - 2 * 7_680 == 93_440  # 2 of the 4 routed experts idle
+    assert p.by_component["router"] == H * E + H and p.by_component["routed_experts"] == E * 3 * H * fe
+    assert p.by_component["shared_experts"] == 3 * H * fs and p.by_component["mlp"] == 3 * H * F
+    dense_total = parameter_counts(TINY).total
+    assert p.total == dense_total - 3 * H * F + H * (E + 1) + E * 3 * H * fe + 3 * H * fs
+    assert p.active == p.total - (E - k) * 3 * H * fe  # 2 of the 4 routed experts idle
 
 
 def test_mla_terms_match_their_closed_form():
     mla = {**TINY, "multi_latent_attention": True, "q_lora_rank": 16, "kv_lora_rank": 8,
            "qk_head_dim": 6, "qk_pos_emb_head_dim": 2, "v_head_dim": 5, "qk_layernorm": True}
+    ql, kl, nope, rope, v = (mla[x] for x in ("q_lora_rank", "kv_lora_rank", "qk_head_dim",
+                                              "qk_pos_emb_head_dim", "v_head_dim"))
     r = training_flops(mla, seq_len=10, batch_size=3)
     # q_a 64*16 + q_b 16*4*(6+2) + kv_a 64*(8+2) + kv_b 8*4*(6+5) = 2528 weights; 2 layers
-    assert r.term("qkv_projection").forward == 2 * 30 * 2528 * 2 == 303_360
+    kv = H * (kl + rope) + kl * N * (nope + v)
+    weights = H * ql + ql * N * (nope + rope) + kv
+    assert r.term("qkv_projection").forward == 2 * 30 * weights * L
     # 165 causal pairs, 4 heads, QK over 6+2, AV over 5: 2*165*4*(8+5) * 2 layers
-    assert r.term("core_attention").forward == 34_320
-    assert r.term("attention_output_projection").forward == 2 * 30 * (4 * 5) * 64 * 2
+    assert r.term("core_attention").forward == 2 * 165 * N * (nope + rope + v) * L
+    assert r.term("attention_output_projection").forward == 2 * 30 * (N * v) * H * L
     assert r.term("mlp").forward == training_flops(TINY, 10, 3).term("mlp").forward
     no_lora = training_flops({**mla, "q_lora_rank": None}, seq_len=10, batch_size=3)
     # q_proj 64*4*8 instead of q_a + q_b
-    assert no_lora.term("qkv_projection").forward == 2 * 30 * (2048 + 640 + 352) * 2
+    assert no_lora.term("qkv_projection").forward == 2 * 30 * (H * N * (nope + rope) + kv) * L
     # parameters: attention 2528 + o_proj 1280, norms 2*64 + q_a and kv_a latent norms 16 + 8
     p = parameter_counts(mla)
     assert p.by_component["attention"] == 2 * 3808 and p.by_component["norms"] == 2 * 152 + 64
@@ -410,11 +463,12 @@ def test_mtp_terms_match_their_closed_form():
     assert [t.name for t in r.terms] == list(COMPONENTS) + ["mtp"]
     # eh_proj 2*30*(2*64)*64 + one layer (half of TINY's two) + logits 2*30*64*101
     one_layer = (dense.forward - dense.term("logits").forward) // 2
-    assert r.term("mtp").forward == 491_520 + one_layer + 387_840 == 3_154_560
-    assert r.total == dense.total + 3 * 3_154_560
+    eh_proj, logits = 2 * 30 * (2 * H) * H, 2 * 30 * H * V
+    assert r.term("mtp").forward == eh_proj + one_layer + logits
+    assert r.total == dense.total + 3 * (eh_proj + one_layer + logits)
     # full recompute: the MTP layer and eh_proj again, not its logits; selective: its attention
     full = training_flops({**TINY, "mtp_num_layers": 1}, 10, 3, recompute="full")
-    assert full.term("mtp").recompute == 491_520 + one_layer
+    assert full.term("mtp").recompute == eh_proj + one_layer
     sel = training_flops({**TINY, "mtp_num_layers": 1}, 10, 3, recompute="selective")
     assert sel.term("mtp").recompute == dense.term("core_attention").forward // 2
     p = parameter_counts({**TINY, "mtp_num_layers": 2})
@@ -509,7 +563,15 @@ def test_qwen3_30b_a3b_published_sizes():
     assert p.total == pytest.approx(30.5e9, rel=0.01)
     assert p.non_embedding == pytest.approx(29.9e9, rel=0.01)
     assert 3.3e9 <= p.active < 3.4e9
-    assert (p.total, p.active) == (30_532_122_624, 3_353_032_704)
+    c = _config(HF_DATA / "Qwen/Qwen3-30B-A3B/config.json")
+    L, h, n, V, E, k, fe = (c[x] for x in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                           "vocab_size", "num_experts", "num_experts_per_tok",
+                                           "moe_intermediate_size"))
+    d, qkv = _gqa(c)
+    # per layer: QKV, o_proj, 2 RMSNorms and the q/k norms (head_dim each), router, E experts
+    layer = qkv + n * d * h + 2 * h + 2 * d + h * E + E * _swiglu(h, fe)
+    assert p.total == 2 * V * h + L * layer + h  # untied embedding and head, final norm
+    assert p.active == p.total - L * (E - k) * _swiglu(h, fe)
 
 
 def test_deepseek_v3_published_sizes():
@@ -525,7 +587,22 @@ def test_deepseek_v3_published_sizes():
     # "37B" is within its precision either way
     assert 37e9 <= p.main_active < 38e9
     assert p.main_active - p.embedding == pytest.approx(37e9, rel=0.011)
-    assert (p.main, p.main_active, p.total) == (671_026_404_352, 37_552_282_624, 682_636_472_320)
+    c = _config(HF_DATA / "deepseek-ai/DeepSeek-V3/config.json")
+    L, h, n, V, f, E, k, fe, ns = (c[x] for x in (
+        "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size", "intermediate_size",
+        "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size", "n_shared_experts"))
+    nope, rope, v, ql, kl = (c[x] for x in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                                            "q_lora_rank", "kv_lora_rank"))
+    dense = c["first_k_dense_replace"]
+    # MLA projections and o_proj; 2 RMSNorms and the q_a / kv_a latent norms
+    attn = h * ql + ql * n * (nope + rope) + h * (kl + rope) + kl * n * (nope + v) + n * v * h
+    norms = 2 * h + ql + kl
+    moe_layer = attn + norms + h * E + E * _swiglu(h, fe) + _swiglu(h, ns * fe)
+    main = 2 * V * h + dense * (attn + norms + _swiglu(h, f)) + (L - dense) * moe_layer + h
+    mtp = c["num_nextn_predict_layers"] * (3 * h + 2 * h * h + moe_layer)  # enorm, hnorm, final norm, eh_proj
+    idle = (E - k) * _swiglu(h, fe)
+    assert (p.main, p.total) == (main, main + mtp)
+    assert p.main_active == main - (L - dense) * idle
 
 
 def test_mixtral_8x7b_published_sizes():
@@ -536,24 +613,49 @@ def test_mixtral_8x7b_published_sizes():
     assert p.active == pytest.approx(12.9e9, rel=0.01)
 
 
-# docs/flops.md quotes these (seq 4096, batch 1, training step)
-QWEN3_30B_A3B_STEP = {
-    "embedding": 0, "qkv_projection": 12_369_505_812_480, "core_attention": 19_796_041_138_176,
-    "attention_output_projection": 9_895_604_649_984, "mlp": 0, "router": 309_237_645_312,
-    "routed_experts": 44_530_220_924_928, "logits": 7_647_189_270_528}
-DEEPSEEK_V3_STEP = {
-    "embedding": 0, "qkv_projection": 104_436_961_640_448,
-    "core_attention": 125_787_344_732_160, "attention_output_projection": 176_059_299_397_632,
-    "mlp": 29_222_957_481_984, "router": 2_615_635_083_264,
-    "routed_experts": 502_201_935_986_688, "shared_experts": 62_775_241_998_336,
-    "logits": 22_774_064_087_040, "mtp": 41_745_974_820_864}
+def _qwen3_moe_step(c: dict, s: int) -> dict:
+    """Qwen3-MoE (every layer MoE: decoder_sparse_step 1, no mlp_only_layers), seq s, batch 1."""
+    assert c["decoder_sparse_step"] == 1 and not c["mlp_only_layers"]
+    L, h, V, E, k, fe = (c[x] for x in ("num_hidden_layers", "hidden_size", "vocab_size",
+                                        "num_experts", "num_experts_per_tok", "moe_intermediate_size"))
+    d, qkv = _gqa(c)
+    return {"embedding": 0, **_attention_step(c, s, qkv, d, d), "mlp": 0,
+            "router": 3 * L * 2 * s * h * E, "routed_experts": 3 * L * 2 * s * k * _swiglu(h, fe),
+            "logits": 3 * 2 * s * h * V}
+
+
+def _deepseek_v3_step(c: dict, s: int) -> dict:
+    """DeepSeek-V3: MLA with q LoRA, first_k_dense_replace dense layers then MoE layers (routed
+    top-k and shared experts), one MTP layer (eh_proj 2h -> h, an MoE layer, the logits)."""
+    assert c["moe_layer_freq"] == 1
+    L, h, n, V, f, E, k, fe = (c[x] for x in (
+        "num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size",
+        "intermediate_size", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size"))
+    nope, rope, v, ql, kl = (c[x] for x in ("qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                                            "q_lora_rank", "kv_lora_rank"))
+    dense, moe, mtp = c["first_k_dense_replace"], L - c["first_k_dense_replace"], c["num_nextn_predict_layers"]
+    # q_a h -> q_lora, q_b q_lora -> n (nope + rope), kv_a h -> kv_lora + rope, kv_b kv_lora -> n (nope + v)
+    qkv = h * ql + ql * n * (nope + rope) + h * (kl + rope) + kl * n * (nope + v)
+    attn = _attention_step(c, s, qkv, nope + rope, v)
+    per_moe_layer = {"router": 2 * s * h * E, "routed_experts": 2 * s * k * _swiglu(h, fe),
+                     "shared_experts": 2 * s * _swiglu(h, c["n_shared_experts"] * fe)}
+    logits = 2 * s * h * V
+    mtp_layer = 2 * s * 2 * h * h + sum(attn.values()) // (3 * L) + sum(per_moe_layer.values()) + logits
+    return {"embedding": 0, **attn, "mlp": 3 * dense * 2 * s * _swiglu(h, f),
+            **{name: 3 * moe * x for name, x in per_moe_layer.items()},
+            "logits": 3 * logits, "mtp": 3 * mtp * mtp_layer}
 
 
 def test_moe_exact_figures_quoted_in_the_docs():
-    q = training_flops(_published("Qwen/Qwen3-30B-A3B"), 4096)
-    d = training_flops(_published("deepseek-ai/DeepSeek-V3"), 4096)
-    assert {t.name: t.step for t in q.terms} == QWEN3_30B_A3B_STEP
-    assert {t.name: t.step for t in d.terms} == DEEPSEEK_V3_STEP
+    """Every term from the published configs' fields; docs/flops.md quotes the same numbers."""
+    docs = DOCS.read_text()
+    for model, expected_of in (("Qwen/Qwen3-30B-A3B", _qwen3_moe_step),
+                               ("deepseek-ai/DeepSeek-V3", _deepseek_v3_step)):
+        expected = expected_of(_config(HF_DATA / model / "config.json"), 4096)
+        r = training_flops(_published(model), 4096)
+        assert {t.name: t.step for t in r.terms} == expected, model
+        for name, step in expected.items():
+            assert step == 0 or f"| {step:,} |" in docs, f"docs/flops.md: {model} {name} {step:,}"
 
 
 def test_cli_accepts_hf_moe_configs(capsys):
@@ -563,6 +665,7 @@ def test_cli_accepts_hf_moe_configs(capsys):
     out = capsys.readouterr().out
     for row in ("router", "routed_experts", "shared_experts", "mtp"):
         assert any(line.startswith(row) for line in out.splitlines()), row
-    assert "without MTP: total 671,026,404,352" in out
+    assert f"without MTP: total {parameter_counts(_published('deepseek-ai/DeepSeek-V3')).main:,}" in out
     assert main(["flops", str(HF_DATA / "Qwen/Qwen3-30B-A3B")]) == 0  # a directory
-    assert "active 3,353,032,704 (3.35 B)" in capsys.readouterr().out
+    active = parameter_counts(_published("Qwen/Qwen3-30B-A3B")).active
+    assert f"active {active:,} ({active / 1e9:.2f} B)" in capsys.readouterr().out

@@ -1,4 +1,4 @@
-"""mbridge inspect on published configs (shipped fixtures and shared data) and a toy checkpoint."""
+"""mbridge inspect on published configs (shipped fixtures) and a toy checkpoint."""
 import json
 from pathlib import Path
 
@@ -7,7 +7,6 @@ import pytest
 from bridges.commands.inspect import inspect_config
 from bridges.cli import main
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "hf-configs"
 FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "configs"
 
 
@@ -62,10 +61,9 @@ def test_quantized_tensors_from_headers_only(tmp_path):
 def test_cli_text_and_json(capsys):
     assert main(["inspect", "Qwen/Qwen3-8B"]) == 0
     assert "Qwen3Bridge" in capsys.readouterr().out
-    path = SHARED / "deepseek-ai/DeepSeek-V3/config.json"
-    if path.exists():
-        assert main(["inspect", str(path), "--json"]) == 0
-        info = json.loads(capsys.readouterr().out)
-        assert {"moe", "mla", "mtp"} <= set(info["blocks"]) and info["bridge"] == "DeepseekV3Bridge"
-        assert "kv_lora_rank" not in info["unknown_fields"]  # read by the deepseek_v3 bridge
-        assert info["quantization"]["config"]["weight_block_size"] == [128, 128]
+    path = FIXTURES / "deepseek-ai/DeepSeek-V3/config.json"
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"moe", "mla", "mtp"} <= set(info["blocks"]) and info["bridge"] == "DeepseekV3Bridge"
+    assert "kv_lora_rank" not in info["unknown_fields"]  # read by the deepseek_v3 bridge
+    assert info["quantization"]["config"]["weight_block_size"] == [128, 128]
