@@ -7,10 +7,14 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "configs"
+from bridges.core.errors import MBridgeError
+
+# conformance/fixtures: in a checkout a symlink to the repository's fixtures/, in an installed
+# wheel the copy shipped as package data (pyproject.toml); the same path either way.
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "configs"
 
 
-class ModelNotFound(LookupError):
+class ModelNotFound(MBridgeError, LookupError):
     """The model could be resolved neither locally, nor from fixtures, nor from the hub."""
 
 

@@ -4,14 +4,18 @@
     mbridge convert export --megatron <dir> --out <dir> [--hf-source <dir|org/model>] [--tp N --pp N]
 
 Runs as one process, or under torchrun for many ranks; started as one process for a layout
-that needs several ranks, it relaunches itself under torchrun on this machine. The Megatron
+that needs several ranks, it relaunches itself as that many local ranks. The Megatron
 checkpoint is written in Megatron-LM's layout (iter_0000000/, latest_checkpointed_iteration.txt)
 and can be exported under any other layout.
+
+--out must be new or empty: a directory holding anything else is refused before any work, and
+--overwrite replaces only an earlier mbridge output that holds nothing else (a training run's
+checkpoint root with its own iterations is never touched; docs/reliability.md). Bad input
+prints one line, "mbridge: error: ...", and exits 2; --debug shows the traceback.
 """
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 
 HELP = "convert HF <-> Megatron-Core distributed checkpoints"
@@ -28,7 +32,10 @@ def add_arguments(parser) -> None:
     exp.add_argument("--fp8", action="store_true",
                      help="re-quantize tensors that were FP8 in the source to its layout and scales")
     for p in (imp, exp):
-        p.add_argument("--out", required=True, help="output directory (written atomically)")
+        p.add_argument("--out", required=True,
+                       help="output directory: new or empty (written atomically, never merged)")
+        p.add_argument("--overwrite", action="store_true",
+                       help="replace --out if it is an earlier mbridge output holding nothing else")
         p.add_argument("--tp", type=int, default=1)
         p.add_argument("--pp", type=int, default=1)
         p.add_argument("--vpp", type=int, default=None)
@@ -44,22 +51,20 @@ def add_arguments(parser) -> None:
                        help="accept .bin/.pt weights (loaded with torch.load(weights_only=True))")
 
 
-def _relaunch(args, world: int) -> int:
-    """Start ``world`` local ranks with torchrun, running this same command."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           f"--nproc-per-node={world}", "-m", "bridges.cli", *sys.argv[1:]]
-    return subprocess.call(cmd)
-
-
 def run(args) -> int:
-    import torch.distributed as dist
-
+    from bridges.core.outdir import check_target
     from bridges.core.parallel import Layout
 
     # experts are saved sequential: Megatron's distributed checkpoint is the same for grouped GEMM
     layout = Layout(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp)
-    if not dist.is_initialized() and "RANK" not in os.environ and layout.world_size > 1:
-        return _relaunch(args, layout.world_size)
+    check_target(args.out, args.overwrite)  # before any work; checked again under the lock
+    if "RANK" not in os.environ and layout.world_size > 1:
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            from bridges.launch import relaunch
+
+            return relaunch(args.argv, layout.world_size, args.debug)
     return _import(args, layout) if args.direction == "import" else _export(args, layout)
 
 
@@ -78,6 +83,17 @@ def _provider(bridge, layout, dtype=None):
     return provider
 
 
+def _claim(out: str, overwrite: bool):
+    """Rank 0 holds the lock of ``out`` from before the model is read to the rename, so a second
+    conversion to the same path fails at once instead of racing this one."""
+    from bridges.core.outdir import claim_checked
+    from bridges.core.parallel import init_distributed
+
+    if "RANK" in os.environ:
+        init_distributed()
+    return claim_checked(out, overwrite)
+
+
 def _say(text: str) -> None:
     import torch.distributed as dist
 
@@ -91,16 +107,18 @@ def _import(args, layout) -> int:
     from bridges import AutoBridge
     from bridges.core.megatron_ckpt import save_megatron
 
-    bridge = AutoBridge.from_hf_pretrained(args.hf, trust_remote_code=args.trust_remote_code,
-                                           allow_pickle=args.allow_pickle)
-    provider = _provider(bridge, layout, args.dtype)
-    chunks = provider.provide_distributed_model()
-    _say(f"importing {args.hf} ({bridge.model_type}) at {layout.name}")
-    bridge.load_hf_weights(chunks, strict=args.strict)
-    meta = {"hf_config": bridge.checkpoint.config(), "hf_source": str(Path(bridge.checkpoint.path).resolve()),
-            "model_type": bridge.model_type, "layout": layout.name,
-            "dtype": str(provider.params_dtype).replace("torch.", "")}
-    save_megatron(chunks, args.out, meta)
+    with _claim(args.out, args.overwrite):
+        bridge = AutoBridge.from_hf_pretrained(args.hf, trust_remote_code=args.trust_remote_code,
+                                               allow_pickle=args.allow_pickle)
+        provider = _provider(bridge, layout, args.dtype)
+        chunks = provider.provide_distributed_model()
+        _say(f"importing {args.hf} ({bridge.model_type}) at {layout.name}")
+        bridge.load_hf_weights(chunks, strict=args.strict)
+        meta = {"hf_config": bridge.checkpoint.config(),
+                "hf_source": str(Path(bridge.checkpoint.path).resolve()),
+                "model_type": bridge.model_type, "layout": layout.name,
+                "dtype": str(provider.params_dtype).replace("torch.", "")}
+        save_megatron(chunks, args.out, meta, overwrite=args.overwrite)
     _say(f"wrote {args.out}")
     return 0
 
@@ -111,17 +129,19 @@ def _export(args, layout) -> int:
     from bridges import AutoBridge
     from bridges.core.megatron_ckpt import load_megatron, read_meta
 
-    meta = read_meta(args.megatron) if not args.hf_source else {}
-    source = args.hf_source or meta.get("hf_source")
-    trust = {"trust_remote_code": args.trust_remote_code}
-    if source and (Path(source).is_dir() or args.hf_source):
-        bridge = AutoBridge.from_hf_pretrained(source, allow_pickle=args.allow_pickle, **trust)
-    else:  # the source is gone: rebuild from the recorded config
-        bridge = AutoBridge.from_hf_config(meta["hf_config"], **trust)
-    provider = _provider(bridge, layout, meta.get("dtype"))
-    chunks = provider.provide_distributed_model()
-    load_megatron(chunks, args.megatron)
-    _say(f"exporting {args.megatron} at {layout.name}")
-    bridge.save_hf_pretrained(chunks, args.out, progress=True, quantized=args.fp8)
+    with _claim(args.out, args.overwrite):
+        meta = read_meta(args.megatron) if not args.hf_source else {}
+        source = args.hf_source or meta.get("hf_source")
+        trust = {"trust_remote_code": args.trust_remote_code}
+        if source and (Path(source).is_dir() or args.hf_source):
+            bridge = AutoBridge.from_hf_pretrained(source, allow_pickle=args.allow_pickle, **trust)
+        else:  # the source is gone: rebuild from the recorded config
+            bridge = AutoBridge.from_hf_config(meta["hf_config"], **trust)
+        provider = _provider(bridge, layout, meta.get("dtype"))
+        chunks = provider.provide_distributed_model()
+        load_megatron(chunks, args.megatron)
+        _say(f"exporting {args.megatron} at {layout.name}")
+        bridge.save_hf_pretrained(chunks, args.out, progress=True, quantized=args.fp8,
+                                  overwrite=args.overwrite)
     _say(f"wrote {args.out}")
     return 0

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from bridges.core import quant
 from bridges.core.config import Field, translate, untranslate
 from bridges.core.hf_io import CheckpointError, HFCheckpoint, save_hf_checkpoint
+from bridges.core.outdir import claim_checked
 from bridges.core.ledger import CoverageError, Ledger
 from bridges.core.mappings import (Mapping, MappingError, Shapes, TiedOutput, _compile, _fill, match,
                                    split_row)
@@ -478,9 +479,15 @@ class Bridge:
                                 f"unexpected {extra}, duplicated {dup}")
 
     def save_hf_pretrained(self, model_chunks: list, out_dir: str, max_shard_bytes: int = 5 * 2**30,
-                           progress: bool = False, quantized: bool = False) -> None:
+                           progress: bool = False, quantized: bool = False, overwrite: bool = False) -> None:
         """Export and write an HF checkpoint (rank 0 writes, atomically; ``progress`` shows a
-        progress bar there; ``quantized`` re-quantizes to the source's FP8 layout)."""
+        progress bar there; ``quantized`` re-quantizes to the source's FP8 layout). ``out_dir``
+        must be new or empty, or with ``overwrite`` an earlier output of this project holding
+        nothing else; otherwise every rank raises ``OutputExistsError`` before any work."""
+        with claim_checked(out_dir, overwrite):
+            self._save_hf(model_chunks, out_dir, max_shard_bytes, progress, quantized, overwrite)
+
+    def _save_hf(self, model_chunks, out_dir, max_shard_bytes, progress, quantized, overwrite) -> None:
         rank0 = not dist.is_initialized() or dist.get_rank() == 0
         tensors = self.export_hf_weights(model_chunks, cpu=True, quantized=quantized,
                                          tp_rank0_only=True)
@@ -492,7 +499,7 @@ class Bridge:
                 tensors = tqdm(tensors, total=total, unit="tensor", desc="export")
             source = self.checkpoint.path if self.checkpoint is not None else None
             save_hf_checkpoint(tensors, self.export_config(quantized), out_dir, source, max_shard_bytes,
-                               plan=self._export_plan())
+                               plan=self._export_plan(), overwrite=overwrite)
         else:
             for _ in tensors:
                 pass

@@ -12,8 +12,10 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
+from bridges.core.errors import MBridgeError
 
-class ConfigError(ValueError):
+
+class ConfigError(MBridgeError, ValueError):
     """An HF config field is missing, contradictory, or not supported by the bridge."""
 
 

@@ -27,16 +27,16 @@ import json
 import math
 import mmap
 import os
-import re
 import shutil
-import socket
 import struct
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import torch
 from safetensors.torch import save_file
+
+from bridges.core.errors import MBridgeError
+from bridges.core.outdir import writing
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -53,7 +53,7 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-class CheckpointError(ValueError):
+class CheckpointError(MBridgeError, ValueError):
     """A checkpoint file is missing, malformed or inconsistent; the message names the file."""
 
 
@@ -327,9 +327,12 @@ def _torch_load(path: Path) -> dict[str, torch.Tensor]:
 def save_hf_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]], config: dict,
                        out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None,
                        max_shard_bytes: int = 5 * 2**30,
-                       plan: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None) -> Path:
+                       plan: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None,
+                       overwrite: bool = False) -> Path:
     """Write an HF checkpoint atomically (temporary directory, fsync, then rename into place).
 
+    ``out_dir`` must be absent or empty; with ``overwrite`` it may also be an earlier output of
+    this project and nothing else (``bridges.core.outdir``: anything else is refused, untouched).
     Deterministic: the same tensors (same order) and config give byte-identical files. Before
     writing, temporary siblings left at this target by a killed writer of this host are removed.
 
@@ -340,10 +343,7 @@ def save_hf_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]], config: dict
     plan, or differs from it, is an error naming it.
     """
     out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_stale(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{_owner()}-", dir=out.parent))
-    try:
+    with writing(out, "hf", overwrite) as tmp:
         shards = (list(_write_shards(tensors, tmp, max_shard_bytes)) if plan is None
                   else _stream_shards(tensors, plan, tmp, max_shard_bytes))
         weight_map = {n: f for f, names in shards for n in names}
@@ -358,12 +358,6 @@ def save_hf_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]], config: dict
             for name in COPIED_FILES:
                 if (Path(source_dir) / name).exists():
                     shutil.copy2(Path(source_dir) / name, tmp / name)
-        _fsync(tmp)
-        _replace_dir(tmp, out)
-        _fsync(out.parent, files=False)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -507,79 +501,3 @@ def _flush(batch: dict, tmp: Path, idx: int) -> tuple[str, list[str]]:
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-
-
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Rename tmp to out; an existing out is moved aside first and removed after."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{_owner()}")
-        out.rename(old)
-        try:
-            tmp.rename(out)
-        except BaseException:
-            old.rename(out)  # put the previous output back
-            raise
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(out)
-
-
-def _host() -> str:
-    """This host's name with no '-' (so ``<host>-<pid>-<random>`` parses back unambiguously)."""
-    return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname())
-
-
-def _owner() -> str:
-    """``<host>-<pid>`` of this writer, for the names of its temporary siblings."""
-    return f"{_host()}-{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
-def _clean_stale(out: Path) -> None:
-    """Remove what a killed writer left beside ``out``: ``.<name>.tmp-<host>-<pid>-*``
-    directories, and ``.<name>.old-<host>-<pid>`` (the previous output, moved aside for the swap:
-    put back when ``out`` is missing, i.e. the writer died between its two renames). Only names
-    of this host whose process is gone are touched: a live writer's files, or another host's on
-    a shared file system, are left alone."""
-    pat = re.compile(rf"\.{re.escape(out.name)}\.(tmp|old)-{re.escape(_host())}-(\d+)"
-                     rf"(-[a-z0-9_]+)?")
-    for p in sorted(out.parent.iterdir()):
-        m = pat.fullmatch(p.name)
-        if m is None or (m.group(1) == "tmp") != bool(m.group(3)) or not p.is_dir() \
-                or _alive(int(m.group(2))):
-            continue
-        if m.group(1) == "old" and not out.exists():
-            try:
-                p.rename(out)
-                continue
-            except OSError:
-                pass
-        shutil.rmtree(p, ignore_errors=True)
-
-
-def _fsync(d: Path, files: bool = True) -> None:
-    """Flush a directory's files and the directory itself to disk before the rename, so the
-    renamed output is complete even after a power loss, not only after a killed process."""
-    paths = [p for p in d.iterdir() if p.is_file()] if files else []
-    for p in paths + [d]:
-        try:
-            fd = os.open(p, os.O_RDONLY)
-        except OSError:
-            continue
-        try:
-            os.fsync(fd)
-        except OSError:
-            pass  # file systems without fsync on directories
-        finally:
-            os.close(fd)

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from bridges.core.errors import MBridgeError
 
-class CoverageError(ValueError):
+
+class CoverageError(MBridgeError, ValueError):
     """Tensors left unused, parameters left unwritten, or tensors used twice."""
 
 

@@ -17,8 +17,10 @@ from typing import ClassVar
 
 import torch
 
+from bridges.core.errors import MBridgeError
 
-class MappingError(ValueError):
+
+class MappingError(MBridgeError, ValueError):
     """A tensor does not fit its mapping (shape, divisibility); the message names it."""
 
 

@@ -11,14 +11,15 @@ a temporary sibling directory that rank 0 renames into place once all ranks are 
 """
 from __future__ import annotations
 
+import contextlib
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch.distributed as dist
 
 from bridges.core.bridge import unwrap
+from bridges.core.hf_io import CheckpointError
+from bridges.core.outdir import claim_checked, writing
 
 SIDECAR = "mbridge.json"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -35,61 +36,160 @@ def iteration_dir(root: Path, iteration: int) -> Path:
     return root / f"iter_{iteration:07d}"
 
 
-def save_megatron(chunks, out_dir: str | Path, meta: dict, iteration: int = 0) -> Path:
-    """Save this rank's chunks (collective: every rank calls it)."""
+def save_megatron(chunks, out_dir: str | Path, meta: dict, iteration: int = 0,
+                  overwrite: bool = False) -> Path:
+    """Save this rank's chunks (collective: every rank calls it). ``out_dir`` must be absent or
+    empty, or with ``overwrite`` an earlier output of this project holding nothing else: a
+    training run's checkpoint root with other iterations is refused, never touched
+    (``bridges.core.outdir``)."""
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
     out = Path(out_dir)
-    box = [None]
-    if dist.get_rank() == 0:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        box = [tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent)]
-    dist.broadcast_object_list(box, src=0)
-    tmp = Path(box[0])
-    try:
-        it = iteration_dir(tmp, iteration)
-        if dist.get_rank() == 0:
+    rank0 = dist.get_rank() == 0
+    with claim_checked(out, overwrite), contextlib.ExitStack() as stack:
+        box = [str(stack.enter_context(writing(out, "megatron", overwrite))) if rank0 else None]
+        dist.broadcast_object_list(box, src=0)
+        it = iteration_dir(Path(box[0]), iteration)
+        if rank0:
             it.mkdir()
         dist.barrier()
         state = {**_state_dict(chunks), "checkpoint_version": 3.0, "iteration": iteration}
-        dist_checkpointing.save(state, str(it))
+        try:
+            dist_checkpointing.save(state, str(it))
+        except (Exception, CheckpointException) as e:  # noqa: BLE001 - the writer's errors arrive wrapped
+            lines = [ln for ln in str(e).splitlines() if ln.strip()]
+            raise OSError(f"{type(e).__name__}: {lines[-1] if lines else ''}") from e
         dist.barrier()
-        if dist.get_rank() == 0:
-            (tmp / TRACKER).write_text(f"{iteration}\n")
-            (tmp / SIDECAR).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-            if out.exists():
-                shutil.rmtree(out)
-            tmp.rename(out)
-        dist.barrier()
-    except BaseException:
-        if dist.get_rank() == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        if rank0:
+            (it.parent / TRACKER).write_text(f"{iteration}\n")
+            (it.parent / SIDECAR).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    dist.barrier()  # the rename is done before any rank returns
     return out
 
 
 def read_meta(ckpt_dir: str | Path) -> dict:
     p = Path(ckpt_dir) / SIDECAR
     if not p.exists():
-        raise FileNotFoundError(f"{p}: not found; pass --hf-source to name the HF model this "
-                                f"Megatron checkpoint came from")
-    return json.loads(p.read_text())
+        raise CheckpointError(f"{p}: not found; pass --hf-source to name the HF model this "
+                              f"Megatron checkpoint came from")
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{p}: unreadable ({e}); pass --hf-source to name the HF model") from None
 
 
 def load_megatron(chunks, ckpt_dir: str | Path) -> None:
-    """Load a checkpoint into this rank's chunks, resharding to their layout."""
+    """Load a checkpoint into this rank's chunks, resharding to their layout. A damaged or
+    mismatched checkpoint (tracker, missing or truncated files, shapes of another model) is a
+    ``CheckpointError`` naming the file or tensor, raised before anything is read."""
     from megatron.core import dist_checkpointing
 
-    root = Path(ckpt_dir)
-    tracker = root / TRACKER
-    if not tracker.exists():
-        raise FileNotFoundError(f"{tracker}: not found; {root} is not a Megatron checkpoint")
-    text = tracker.read_text().strip()
-    it = root / "release" if text == "release" else iteration_dir(root, int(text))
-    loaded = dist_checkpointing.load(_state_dict(chunks), str(it))
+    it = _iteration(Path(ckpt_dir))
+    state = _state_dict(chunks)
+    _check_shapes(it, _read_metadata(it), state)
+    try:
+        loaded = dist_checkpointing.load(state, str(it))
+    except Exception as e:  # noqa: BLE001 - whatever the reader hit, name the checkpoint
+        raise CheckpointError(f"{it}: cannot be loaded ({type(e).__name__}: {e})") from e
     for i, chunk in enumerate(unwrap(c) for c in chunks):
         key = "model" if len(chunks) == 1 else f"model{i}"
+        if key not in loaded:
+            raise CheckpointError(f"{it}: holds no {key!r} (saved with another virtual pipeline size?)")
         missing, unexpected = chunk.load_state_dict(loaded[key], strict=False)
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing:
-            raise KeyError(f"{it}: parameters missing from the checkpoint: {missing[:8]}")
+            raise CheckpointError(f"{it}: parameters missing from the checkpoint: {missing[:8]}")
+
+
+def _iteration(root: Path) -> Path:
+    """The iteration directory the tracker names."""
+    tracker = root / TRACKER
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: no such Megatron checkpoint directory")
+    if not tracker.is_file():
+        raise CheckpointError(f"{tracker}: not found; {root} is not a Megatron checkpoint root")
+    text = tracker.read_text().strip()
+    if text != "release" and not text.isdigit():
+        raise CheckpointError(f"{tracker}: holds {text[:40]!r}, expected an iteration number or 'release'")
+    it = root / "release" if text == "release" else iteration_dir(root, int(text))
+    if not it.is_dir():
+        raise CheckpointError(f"{tracker}: names iteration {text}, but {it} does not exist "
+                              f"(present: {sorted(p.name for p in root.glob('iter_*')) or 'none'})")
+    return it
+
+
+def _read_metadata(it: Path):
+    """The torch_dist metadata, with every file it points into present and long enough."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    if not (it / "metadata.json").is_file():
+        raise CheckpointError(f"{it / 'metadata.json'}: not found; {it} is not a distributed checkpoint")
+    if not (it / ".metadata").is_file():
+        raise CheckpointError(f"{it / '.metadata'}: not found; the checkpoint's index is missing")
+    try:
+        meta = FileSystemReader(str(it)).read_metadata()
+    except Exception as e:  # noqa: BLE001 - a truncated or foreign file fails in many ways
+        raise CheckpointError(f"{it / '.metadata'}: unreadable ({type(e).__name__}: {e})") from None
+    need: dict[str, int] = {}
+    for info in meta.storage_data.values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        f = it / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (the checkpoint's index points into it)")
+        if f.stat().st_size < size:
+            raise CheckpointError(f"{f}: truncated ({f.stat().st_size} bytes, the index needs {size})")
+    return meta
+
+
+def _check_shapes(it: Path, meta, state: dict) -> None:
+    """Every tensor this model needs is in the checkpoint with the same global shape."""
+    from megatron.core.dist_checkpointing import ShardedTensor
+
+    missing, wrong = [], []
+    for sh in _leaves(state):
+        if not isinstance(sh, ShardedTensor):
+            continue
+        saved = meta.state_dict_metadata.get(sh.key)
+        if saved is None:
+            missing.append(sh.key)
+        elif tuple(getattr(saved, "size", ())) != tuple(sh.global_shape):
+            wrong.append(f"{sh.key} is {tuple(saved.size)} there, this model has {tuple(sh.global_shape)}")
+    if wrong:
+        raise CheckpointError(f"{it}: saved for another model: {'; '.join(sorted(set(wrong))[:4])}"
+                              + (f" (and {len(set(wrong)) - 4} more)" if len(set(wrong)) > 4 else ""))
+    if missing:
+        raise CheckpointError(f"{it}: tensors missing from the checkpoint (saved for another model?): "
+                              f"{sorted(set(missing))[:8]}")
+    # the other way round, over every rank's tensors: a model tensor this model lacks (e.g. a
+    # QK norm) would be dropped without a word
+    wanted = [{sh.key for sh in _leaves(state) if isinstance(sh, ShardedTensor)}]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        everyone: list = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, wanted[0])
+        wanted = everyone
+    known = set().union(*wanted)
+    extra = sorted(k for k, v in meta.state_dict_metadata.items()
+                   if hasattr(v, "size") and k not in known and not k.startswith(_NOT_MODEL))
+    if extra:
+        raise CheckpointError(f"{it}: saved for another model: it holds tensors this model does not "
+                              f"have: {extra[:8]}" + (f" (and {len(extra) - 8} more)" if len(extra) > 8 else ""))
+
+
+_NOT_MODEL = ("optimizer", "rng_state", "rerun_state_machine")  # what a training run saves beside the model
+
+
+def _leaves(obj):
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    if isinstance(obj, ShardedTensorFactory):  # e.g. SwiGLU's fc1 at TP > 1: its tensors
+        obj = obj.build()
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _leaves(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _leaves(v)
+    else:
+        yield obj

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from bridges.core import cpu_compat
+from bridges.core.errors import LayoutError
 
 
 @dataclass(frozen=True)
@@ -64,7 +65,7 @@ class Layout:
         body = text[: -len("grouped")] if grouped else text
         parts = dict(re.findall(r"(etp|tp|vpp|pp|ep)(\d+)", body))
         if (not parts and not grouped) or re.sub(r"(etp|tp|vpp|pp|ep)\d+", "", body):
-            raise ValueError(f"bad layout {text!r}: expected e.g. tp1pp1, tp2, pp2, tp2pp2, vpp2, "
+            raise LayoutError(f"bad layout {text!r}: expected e.g. tp1pp1, tp2, pp2, tp2pp2, vpp2, "
                              f"ep2, tp2ep2, tp2ep2etp1, ep2grouped")
         vpp = int(parts["vpp"]) if "vpp" in parts else None
         pp = int(parts.get("pp", 2 if vpp else 1))
@@ -101,7 +102,7 @@ def init_model_parallel(layout: Layout, seed: int = 1234) -> None:
     init_distributed()
     world = dist.get_world_size()
     if world % layout.world_size:
-        raise ValueError(
+        raise LayoutError(
             f"layout {layout.name} needs a multiple of {layout.world_size} ranks, the world has "
             f"{world}; launch with torchrun --nproc-per-node {layout.world_size}")
     if ps.model_parallel_is_initialized():

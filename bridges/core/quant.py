@@ -23,11 +23,13 @@ from typing import Any
 
 import torch
 
+from bridges.core.errors import MBridgeError
+
 FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 FP8_MAX = {torch.float8_e4m3fn: 448.0, torch.float8_e5m2: 57344.0}
 
 
-class QuantError(ValueError):
+class QuantError(MBridgeError, ValueError):
     """A quantized tensor has no dequantization path; the message names it."""
 
 

@@ -6,12 +6,14 @@ import importlib.util
 import pkgutil
 from typing import Any
 
+from bridges.core.errors import MBridgeError
+
 _BY_TYPE: dict[str, type] = {}
 _BY_ARCH: dict[str, type] = {}
 _loaded = False
 
 
-class UnknownModelError(LookupError):
+class UnknownModelError(MBridgeError, LookupError):
     """No bridge is registered for a config; the message lists what is supported."""
 
 
