@@ -8,6 +8,8 @@ from pathlib import Path
 from syrupy.data import SnapshotCollections
 from syrupy.extensions.amber import AmberSnapshotExtension
 
+from conformance.models import FIXTURES
+
 
 class MbridgeSnapshot(AmberSnapshotExtension):
     directory: str = "__snapshots__"  # set by the plugin at configure time
@@ -38,3 +40,9 @@ class MbridgeSnapshot(AmberSnapshotExtension):
         loc = Path(cls.get_location(test_location=snapshot.test_location, index=snapshot.index))
         name = cls.get_snapshot_name(test_location=snapshot.test_location, index=snapshot.index)
         return loc.exists() and f"# name: {name}\n" in loc.read_text()
+
+
+class ShippedSnapshot(MbridgeSnapshot):
+    """The snapshots recorded in this repository and shipped with the package (read only): the
+    reference for a shipped model whose snapshot the run's own directory has not recorded."""
+    directory = str(FIXTURES.parent / "snapshots")

@@ -5,9 +5,11 @@ Items are parametrised by the plugin (``pytest_generate_tests``); each asserts o
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from pytest_mbridge.snapshots import MbridgeSnapshot
+from pytest_mbridge.snapshots import MbridgeSnapshot, ShippedSnapshot
 
 
 def _verdict(request, result, layout: str = "-") -> None:
@@ -53,11 +55,24 @@ def test_config_roundtrip(request, mbridge_model, mbridge_conformance, mbridge_s
 
 
 def _snapshot(request, snapshot, value, what: str) -> None:
+    """Against the run's snapshot directory; where it has none for this model (and the run does
+    not record), against the snapshot shipped with pytest-mbridge, if any; else skipped."""
     snap = snapshot.use_extension(MbridgeSnapshot)
-    if not request.config.option.update_snapshots and not MbridgeSnapshot.exists(snap):
+    if request.config.option.update_snapshots or MbridgeSnapshot.exists(snap):
+        assert value == snap
+        return
+    shipped = snapshot.use_extension(ShippedSnapshot)
+    if Path(ShippedSnapshot.directory).resolve() == Path(MbridgeSnapshot.directory).resolve() \
+            or not ShippedSnapshot.exists(shipped):
         pytest.skip(f"no {what} snapshot recorded yet in {MbridgeSnapshot.directory}: "
                     f"run with --snapshot-update to record one")
-    assert value == snap
+    try:
+        assert value == shipped
+    except AssertionError as e:
+        raise AssertionError(f"{what} differs from the snapshot shipped with pytest-mbridge in "
+                             f"{ShippedSnapshot.directory} (none recorded in "
+                             f"{MbridgeSnapshot.directory}; --snapshot-update records this "
+                             f"bridge's own there)\n{e}") from None
 
 
 def test_mapping_snapshot(request, mbridge_model, mbridge_conformance, mbridge_spec, snapshot):

@@ -22,7 +22,8 @@ def test_suite_passes_from_an_empty_directory_under_xdist(run, pytester):
     res = run("--mbridge-model=Qwen/Qwen3-8B", "--mbridge-layouts=tp1pp1,tp2pp2", "-n", "2",
               "--mbridge-report=report.json")
     assert res.ret == 0, res.stdout.str()
-    res.assert_outcomes(passed=10, skipped=3)  # 4 checks x 2 layouts + config + FP8 sanity; snapshots not recorded
+    # 4 checks x 2 layouts + config + FP8 sanity + 3 snapshots (none here: the shipped ones gate)
+    res.assert_outcomes(passed=13)
     res.stdout.fnmatch_lines(["*mbridge conformance*", "*Qwen/Qwen3-8B*logits*tp2pp2*PASS*rel err*"])
     report = json.loads((pytester.path / "report.json").read_text())
     assert report["failed"] == 0 and report["passed"] == 11  # the FP8 item reports quant and logits
@@ -40,20 +41,41 @@ def test_injected_bug_fails_with_a_diagnosis(run):
 
 
 def test_snapshots_record_then_gate(run, pytester):
-    args = ("--mbridge-model=Qwen/Qwen3-0.6B", "-k", "snapshot")
+    # a local config directory: no snapshot of it ships with the plugin
+    (pytester.path / "mine").mkdir()
+    (pytester.path / "mine" / "config.json").write_text(
+        (ROOT / "fixtures/configs/Qwen/Qwen3-0.6B/config.json").read_text())
+    args = ("--mbridge-model=mine", "-k", "snapshot")
     first = run(*args, "-rs")
     first.assert_outcomes(skipped=3)
     first.stdout.fnmatch_lines(["*--snapshot-update*"])
     run(*args, "--snapshot-update").assert_outcomes(passed=3)
-    assert (pytester.path / "__snapshots__" / "mbridge-Qwen_Qwen3-0.6B.ambr").exists()
+    assert (pytester.path / "__snapshots__" / "mbridge-mine.ambr").exists()
     # another model's recorded file in the same directory is not "unused" in this run
     other = pytester.path / "__snapshots__" / "mbridge-acme_Other.ambr"
-    other.write_text((pytester.path / "__snapshots__" / "mbridge-Qwen_Qwen3-0.6B.ambr").read_text())
+    other.write_text((pytester.path / "__snapshots__" / "mbridge-mine.ambr").read_text())
     again = run(*args)
     again.assert_outcomes(passed=3)
     assert again.ret == 0 and other.exists()
     broken = run(*args, "--mbridge-bridge=tests.mutants:NormDropped")
     broken.assert_outcomes(passed=2, failed=1)  # the mapping table changed, the config did not
+
+
+def test_shipped_snapshots_gate_a_shipped_model_without_recorded_ones(run, pytester):
+    """From an empty directory the snapshots shipped with the plugin (fixtures/snapshots) are the
+    reference of a shipped model; a recorded snapshot of the run's own directory wins."""
+    args = ("--mbridge-model=Qwen/Qwen3-0.6B", "-k", "snapshot")
+    res = run(*args)
+    assert res.ret == 0, res.stdout.str()
+    res.assert_outcomes(passed=3)
+    broken = run(*args, "--mbridge-bridge=tests.mutants:NormDropped")
+    broken.assert_outcomes(passed=2, failed=1)  # the mapping table changed, the config did not
+    broken.stdout.fnmatch_lines(["*mapping table differs from the snapshot shipped with pytest-mbridge in "
+                                 "*fixtures/snapshots (none recorded in *__snapshots__*"])
+    assert not (pytester.path / "__snapshots__").exists()  # nothing written by a gating run
+    # the mutant's own recording, in the run's directory, is what later runs compare with
+    run(*args, "--mbridge-bridge=tests.mutants:NormDropped", "--snapshot-update").assert_outcomes(passed=3)
+    run(*args, "--mbridge-bridge=tests.mutants:NormDropped").assert_outcomes(passed=3)
 
 
 def test_unknown_model_offline_is_a_clear_error(run):
