@@ -49,7 +49,7 @@ def _failed(e: BaseException, debug: bool) -> int:
         raise e
     status, user = ((2, True) if isinstance(e, MBridgeError) else (1, True) if isinstance(e, OSError)
                     else (130, True) if isinstance(e, KeyboardInterrupt) else (1, False))
-    if report_failure(e, status, user):
+    if report_failure(e, status, user, _text(e)):
         return status
     if debug or not user:
         traceback.print_exception(e)
@@ -57,8 +57,15 @@ def _failed(e: BaseException, debug: bool) -> int:
         print("mbridge: interrupted; the output path was left as it was before", file=sys.stderr)
     elif user:
         rank = os.environ.get("RANK", "0")
-        print(f"mbridge: error: {'' if rank == '0' else f'[rank {rank}] '}{e}", file=sys.stderr)
+        print(f"mbridge: error: {'' if rank == '0' else f'[rank {rank}] '}{_text(e)}", file=sys.stderr)
     return status
+
+
+def _text(e: BaseException) -> str:
+    """The message; an OSError of ours without its '[Errno N]' prefix."""
+    if isinstance(e, OSError) and e.strerror and not e.filename:
+        return e.strerror
+    return str(e)
 
 
 if __name__ == "__main__":

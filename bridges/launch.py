@@ -25,7 +25,7 @@ ERROR_DIR = "MBRIDGE_ERROR_DIR"
 GRACE_S = 10.0
 
 
-def report_failure(exc: BaseException, status: int, user: bool) -> bool:
+def report_failure(exc: BaseException, status: int, user: bool, text: str = "") -> bool:
     """On a rank started by ``relaunch``: record ``exc`` (``user``: its message is the whole
     story; ``status``: the exit status it means) for the launcher and return True (the rank then
     exits quietly); elsewhere return False (the caller prints)."""
@@ -33,7 +33,7 @@ def report_failure(exc: BaseException, status: int, user: bool) -> bool:
     if not where:
         return False
     rank = os.environ.get("RANK", "0")
-    record = {"rank": int(rank), "user": user, "status": status, "message": str(exc), "type": type(exc).__name__,
+    record = {"rank": int(rank), "user": user, "status": status, "message": text or str(exc), "type": type(exc).__name__,
               "traceback": "".join(traceback.format_exception(exc))}
     path = Path(where) / f"rank{rank}.json"
     path.with_suffix(".tmp").write_text(json.dumps(record))

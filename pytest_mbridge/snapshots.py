@@ -7,12 +7,25 @@ from pathlib import Path
 
 from syrupy.data import SnapshotCollections
 from syrupy.extensions.amber import AmberSnapshotExtension
+from syrupy.extensions.amber.serializer import AmberDataSerializer
 
 from conformance.models import FIXTURES
 
 
+class _AtomicAmber(AmberDataSerializer):
+    """Snapshot files are written to a temporary file and renamed into place, under syrupy's
+    file lock, even without xdist: an interrupted --snapshot-update never leaves half a file."""
+
+    @classmethod
+    def write_file(cls, snapshot_collection, merge: bool = False, name_order=None, *, file_lock=None,
+                   _already_locked: bool = False) -> None:
+        super().write_file(snapshot_collection, merge, name_order, file_lock=True,
+                           _already_locked=_already_locked)
+
+
 class MbridgeSnapshot(AmberSnapshotExtension):
     directory: str = "__snapshots__"  # set by the plugin at configure time
+    serializer_class = _AtomicAmber
 
     @classmethod
     def dirname(cls, *, test_location) -> str:

@@ -5,3 +5,16 @@ def cli(argv: list[str]) -> int:
     from bridges.cli import main
 
     return main(argv)
+
+
+def cli_captured(argv: list[str]) -> tuple[int, str]:
+    """``mbridge <argv>`` on this rank: its exit status and what it printed to stderr."""
+    import contextlib
+    import io
+
+    from bridges.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, err.getvalue()

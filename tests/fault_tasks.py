@@ -90,7 +90,7 @@ def export(out: str, seed: int = 0, delay_s: float = 0.0, source_dir: str | None
     from bridges.core.hf_io import save_hf_checkpoint
 
     save_hf_checkpoint(export_tensors(seed, delay_s), EXPORT_CONFIG, out, source_dir,
-                       max_shard_bytes=EXPORT_SHARD_BYTES)
+                       max_shard_bytes=EXPORT_SHARD_BYTES, overwrite=True)
 
 
 # -- collective ---------------------------------------------------------------------------------

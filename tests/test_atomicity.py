@@ -24,7 +24,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from bridges.core import hf_io
+from bridges.core import outdir
 from bridges.core.hf_io import INDEX, SINGLE, HFCheckpoint, save_hf_checkpoint
 from tests.fault_tasks import EXPORT_CONFIG, export, export_tensors
 
@@ -38,7 +38,10 @@ def _files(d: Path) -> dict[str, bytes]:
 
 
 def _siblings(out: Path) -> list[str]:
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+    """Temporary siblings of ``out`` (a killed writer's lock file is not one: its flock died
+    with the writer, and the next writer removes the file; test_outputs.py checks that)."""
+    return sorted(p.name for p in out.parent.iterdir()
+                  if p.name.startswith(f".{out.name}.") and p.name != f".{out.name}.lock")
 
 
 def _writer(out: Path, seed: int = 0, delay_s: float = 0.05) -> subprocess.Popen:
@@ -83,7 +86,7 @@ def _dead_pid() -> int:
 
 
 def _host() -> str:
-    return hf_io._host()
+    return outdir.host()
 
 
 # -- SIGKILL mid-write -----------------------------------------------------------------------------
@@ -107,7 +110,7 @@ def test_sigkill_mid_write_leaves_no_checkpoint_and_rerun_cleans_up(tmp_path):
     # ... and is byte-identical to the same export made in this process
     export(str(tmp_path / "again"))
     assert _files(tmp_path / "again") == _files(out)
-    assert {"config.json", INDEX} <= set(_files(out)) and len(_files(out)) == N_SHARDS + 2
+    assert {"config.json", INDEX} <= set(_files(out)) and len(_files(out)) == N_SHARDS + 3  # + marker
 
 
 def test_sigkill_during_overwrite_keeps_the_previous_output(tmp_path):
@@ -161,7 +164,7 @@ def test_swap_cut_short_is_undone(tmp_path):
         raise RuntimeError("export blew up")
 
     with pytest.raises(RuntimeError, match="blew up"):
-        save_hf_checkpoint(failing(), EXPORT_CONFIG, out)
+        save_hf_checkpoint(failing(), EXPORT_CONFIG, out, overwrite=True)
     assert _files(out) == before and _siblings(out) == []
     # swap that completed but whose clean-up was cut short: the old copy is just removed
     (tmp_path / moved.name).mkdir()

@@ -287,6 +287,6 @@ def test_failed_export_leaves_nothing(toy, toy_tensors, chunks, tmp_path):
     AutoBridge.from_hf_pretrained(toy).save_hf_pretrained(chunks, str(good))
     before = {p.name: p.read_bytes() for p in good.iterdir()}
     with pytest.raises(CoverageError):
-        bridge.save_hf_pretrained(chunks, str(good), max_shard_bytes=20_000)
+        bridge.save_hf_pretrained(chunks, str(good), max_shard_bytes=20_000, overwrite=True)
     assert {p.name: p.read_bytes() for p in good.iterdir()} == before
     assert [p.name for p in parent.iterdir()] == ["good"]

@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 
 from bridges.core.hf_io import (COPIED_FILES, INDEX, SINGLE, CheckpointError, HFCheckpoint,
                                 read_header, save_hf_checkpoint)
+from bridges.core.outdir import MARKER
 
 CONFIG = {"model_type": "toy", "hidden_size": 8, "nested": {"a": [1, 2]}}
 
@@ -73,7 +74,7 @@ def _index(d: Path, weight_map: dict) -> Path:
 def test_single_file_roundtrip(tmp_path):
     t = _tensors()
     out = save_hf_checkpoint(t.items(), CONFIG, tmp_path / "single")
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", SINGLE]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.json", SINGLE]
     ckpt = HFCheckpoint(out)
     _assert_same(ckpt, t)
     assert ckpt.config() == CONFIG
@@ -267,9 +268,9 @@ def test_duplicate_tensor_rejected_and_nothing_left(tmp_path):
 def test_overwrite_existing_output(tmp_path, sharded):
     # the old output is sharded with an index; the new one is one file: no stale shard survives
     t = {"x": torch.arange(6.0)}
-    out = save_hf_checkpoint(t.items(), {"model_type": "new"}, sharded)
+    out = save_hf_checkpoint(t.items(), {"model_type": "new"}, sharded, overwrite=True)
     assert out == sharded
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", SINGLE]
+    assert sorted(p.name for p in out.iterdir()) == [MARKER, "config.json", SINGLE]
     _assert_same(HFCheckpoint(out), t)
     assert HFCheckpoint(out).config() == {"model_type": "new"}
     assert _leftovers(tmp_path, out) == []
@@ -283,7 +284,7 @@ def test_failed_overwrite_keeps_the_old_output(tmp_path, sharded):
         raise KeyError("boom")
 
     with pytest.raises(KeyError):
-        save_hf_checkpoint(tensors(), CONFIG, sharded)
+        save_hf_checkpoint(tensors(), CONFIG, sharded, overwrite=True)
     assert {p.name: p.read_bytes() for p in sharded.iterdir()} == before
     assert _leftovers(tmp_path, sharded) == []
 
@@ -306,11 +307,12 @@ def test_source_files_copied(tmp_path):
 
 
 def test_overwrite_source_in_place(tmp_path):
-    """Exporting over the directory the tokenizer comes from keeps the tokenizer."""
-    d = tmp_path / "ckpt"
-    save_hf_checkpoint(_tensors().items(), CONFIG, d)
-    (d / "tokenizer.json").write_text("tok")
-    save_hf_checkpoint(_tensors().items(), CONFIG, d, source_dir=d)
+    """Exporting over an earlier export that the tokenizer comes from keeps the tokenizer."""
+    src, d = tmp_path / "src", tmp_path / "ckpt"
+    src.mkdir()
+    (src / "tokenizer.json").write_text("tok")
+    save_hf_checkpoint(_tensors().items(), CONFIG, d, source_dir=src)
+    save_hf_checkpoint(_tensors().items(), CONFIG, d, source_dir=d, overwrite=True)
     assert (d / "tokenizer.json").read_text() == "tok"
     _assert_same(HFCheckpoint(d), _tensors())
     assert _leftovers(tmp_path, d) == []

@@ -7,6 +7,7 @@ VPP happens here, in ``_global_name``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import warnings
@@ -492,14 +493,15 @@ class Bridge:
         tensors = self.export_hf_weights(model_chunks, cpu=True, quantized=quantized,
                                          tp_rank0_only=True)
         if rank0:
-            if progress:
-                from tqdm import tqdm
+            with contextlib.ExitStack() as stack:
+                if progress:  # closed (its line ended) before an error is printed
+                    from tqdm import tqdm
 
-                total = len(self.checkpoint.names()) if self.checkpoint is not None else None
-                tensors = tqdm(tensors, total=total, unit="tensor", desc="export")
-            source = self.checkpoint.path if self.checkpoint is not None else None
-            save_hf_checkpoint(tensors, self.export_config(quantized), out_dir, source, max_shard_bytes,
-                               plan=self._export_plan(), overwrite=overwrite)
+                    total = len(self.checkpoint.names()) if self.checkpoint is not None else None
+                    tensors = stack.enter_context(tqdm(tensors, total=total, unit="tensor", desc="export"))
+                source = self.checkpoint.path if self.checkpoint is not None else None
+                save_hf_checkpoint(tensors, self.export_config(quantized), out_dir, source, max_shard_bytes,
+                                   plan=self._export_plan(), overwrite=overwrite)
         else:
             for _ in tensors:
                 pass
