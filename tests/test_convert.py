@@ -60,11 +60,13 @@ def test_cli_as_one_process_relaunches_for_several_ranks(conformance, spec, tmp_
     _same(toy, tmp_path / "hf")
 
 
-def test_export_without_a_checkpoint_is_a_clear_error(tmp_path):
+def test_export_without_a_checkpoint_is_a_clear_error(tmp_path, capsys):
     from bridges.cli import main
 
-    with pytest.raises(FileNotFoundError, match="latest_checkpointed_iteration|mbridge.json"):
-        main(["convert", "export", "--megatron", str(tmp_path), "--out", str(tmp_path / "x")])
+    assert main(["convert", "export", "--megatron", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
+    assert capsys.readouterr().err == (f"mbridge: error: {tmp_path / 'mbridge.json'}: not found; pass "
+                                       f"--hf-source to name the HF model this Megatron checkpoint came from\n")
+    assert not (tmp_path / "x").exists()
 
 
 def test_fp8_checkpoint_round_trips_through_megatron(conformance, spec, tmp_path):
