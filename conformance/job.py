@@ -153,7 +153,7 @@ def describe(source: str | dict, toy_dir: str | None = None,
         shapes = Shapes(tattrs["num_attention_heads"], tattrs["num_query_groups"],
                         tattrs["kv_channels"], tattrs["vocab_size"], tattrs["vocab_size"])
         ckpt = toy.checkpoint
-        for m in toy.mappings(tattrs):
+        for m in toy.table(tattrs):
             # shapes shown for the first layer the mapping applies to, expert 0
             caps = ((str(m.layers[0]) if m.layers else "0",) + ("0",) * (m.megatron.count("*") - 1)
                     if "*" in m.megatron else ())

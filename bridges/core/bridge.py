@@ -26,10 +26,14 @@ from bridges.core.mappings import (Mapping, MappingError, Shapes, TiedOutput, _c
 
 
 def unwrap(chunk):
-    """Strip DDP / Float16Module wrappers."""
-    while hasattr(chunk, "module") and not hasattr(chunk, "decoder"):
+    """Strip the training wrappers (Megatron's DDP and Float16Module, torch's DDP); a model of
+    any shape inside them (a GPTModel, a VLM holding ``language_model``) is returned as it is."""
+    while hasattr(chunk, "module") and type(chunk).__name__ in _WRAPPERS:
         chunk = chunk.module
     return chunk
+
+
+_WRAPPERS = ("DistributedDataParallel", "Float16Module", "FullyShardedDataParallel")
 
 
 class NonFiniteWeightWarning(UserWarning):
@@ -55,25 +59,46 @@ def _nonfinite(t: torch.Tensor) -> str | None:
     return f"{nan} NaN, {int(torch.isinf(t).sum())} Inf of {t.numel()} values"
 
 
-_LAYER = re.compile(r"^(decoder\.layers\.)(\d+)(\..*)$")
+# the first "<prefix>layers.<i>." of a name: decoder, vision tower, MTP block, under any prefix
+_LAYER = re.compile(r"^((?:\w+\.)*?layers\.)(\d+)(\..*)$")
 # an expert's local index: sequential (local_experts.<e>.) and grouped GEMM (weight<e>) layouts
-_EXPERT = re.compile(r"^(\.mlp\.experts\.(?:local_experts\.|linear_fc[12]\.(?:weight|bias)))(\d+)(.*)$")
+_EXPERT = re.compile(r"^(.*\.mlp\.experts)(\.(?:local_experts\.|linear_fc[12]\.(?:weight|bias)))(\d+)(.*)$")
 
 
 def _global_name(chunk, local_name: str) -> str:
-    """Local parameter name in a chunk -> name with the global layer and expert indices."""
-    m = _LAYER.match(local_name)
-    if not m:
-        return local_name
-    layer = chunk.decoder.layers[int(m.group(2))]
-    rest = m.group(3)
-    e = _EXPERT.match(rest)
+    """Local parameter name in a chunk -> the name with global layer and expert indices.
+
+    Layers of a ``TransformerBlock`` (a decoder, a vision encoder, under any prefix) are
+    renumbered from their ``layer_number`` (global under PP / VPP); other layer lists (the MTP
+    block, which lives whole on the last stage) keep their index. An EP rank's local experts
+    are renumbered from its expert-parallel rank, wherever the experts sit (decoder or MTP)."""
+    name = local_name
+    m = _LAYER.match(name)
+    if m:
+        owner = chunk.get_submodule(m.group(1)[:-len("layers.")].rstrip("."))
+        layer = owner.layers[int(m.group(2))]
+        if type(owner).__name__ == "TransformerBlock":
+            name = f"{m.group(1)}{layer.layer_number - 1}{m.group(3)}"
+    e = _EXPERT.match(local_name)
     if e:
         from megatron.core import parallel_state as ps
 
-        first = ps.get_expert_model_parallel_rank() * layer.mlp.experts.num_local_experts
-        rest = f"{e.group(1)}{first + int(e.group(2))}{e.group(3)}"
-    return f"{m.group(1)}{layer.layer_number - 1}{rest}"
+        experts = chunk.get_submodule(e.group(1))
+        first = ps.get_expert_model_parallel_rank() * experts.num_local_experts
+        ge = _EXPERT.match(name)
+        name = f"{ge.group(1)}{ge.group(2)}{first + int(ge.group(3))}{ge.group(4)}"
+    return name
+
+
+def prefixed(table: list[Mapping], megatron: str = "", hf=None) -> list[Mapping]:
+    """``table`` for a model held under a prefix: ``megatron`` before every Megatron name,
+    ``hf(name)`` for every HF name (e.g. a VLM's language table is its text table, prefixed)."""
+    import dataclasses
+
+    rename = hf or (lambda n: n)
+    return [dataclasses.replace(m, megatron=megatron + m.megatron,
+                                hf={r: rename(n) for r, n in m.hf.items()} if isinstance(m.hf, dict)
+                                else rename(m.hf)) for m in table]
 
 
 def is_expert(name: str) -> bool:
@@ -136,6 +161,22 @@ class Bridge:
     def mappings(self, attrs: dict[str, Any]) -> list[Mapping]:
         raise NotImplementedError
 
+    # Where this family's model sits inside a larger one: Megatron names get ``megatron_prefix``
+    # (e.g. "language_model." in a VLM) and HF names go through ``hf_name`` (e.g. "model." ->
+    # "model.language_model."). The family's ``mappings`` are written without either.
+    megatron_prefix: ClassVar[str] = ""
+
+    def hf_name(self, name: str) -> str:
+        """This family's HF tensor name as the checkpoint spells it (identity by default)."""
+        return name
+
+    def table(self, attrs: dict[str, Any]) -> list[Mapping]:
+        """The mapping table with this bridge's prefixes applied: what import/export use."""
+        table = self.mappings(attrs)
+        if self.megatron_prefix or type(self).hf_name is not Bridge.hf_name:
+            table = prefixed(table, self.megatron_prefix, self.hf_name)
+        return table
+
     def to_megatron_provider(self):
         raise NotImplementedError
 
@@ -144,13 +185,16 @@ class Bridge:
         return tensor
 
     # -- helpers --------------------------------------------------------------------------
-    def _shapes(self, chunk, attrs: dict[str, Any] | None = None) -> Shapes:
-        c = chunk.config
+    def _shapes(self, chunk, attrs: dict[str, Any] | None = None, name: str = "") -> Shapes:
+        """The dimensions of the module that owns parameter ``name``: the innermost module on
+        its path with a ``config`` (a VLM's vision tower and language model differ)."""
+        owner = _owner(chunk, name)
+        c = owner.config
         attrs = attrs if attrs is not None else self.megatron_attrs()
         return Shapes(num_attention_heads=c.num_attention_heads,
                       num_query_groups=c.num_query_groups or c.num_attention_heads,
                       kv_channels=c.kv_channels, vocab_size=attrs["vocab_size"],
-                      padded_vocab_size=chunk.vocab_size)
+                      padded_vocab_size=getattr(owner, "vocab_size", 0))
 
     def _ignored(self, name: str) -> bool:
         return any(re.fullmatch(p, name) for p in self.ignored_hf)
@@ -171,7 +215,7 @@ class Bridge:
         wildcards expanded over layers (``mapping.layers``) and experts."""
         attrs = attrs if attrs is not None else self.megatron_attrs()
         rows = []
-        for m in self.mappings(attrs):
+        for m in self.table(attrs):
             if m.alternate:
                 continue
             stars = m.megatron.count("*")
@@ -210,7 +254,7 @@ class Bridge:
             raise ValueError("load_hf_weights needs a checkpoint: build the bridge with "
                              "AutoBridge.from_hf_pretrained(dir) or pass checkpoint=")
         attrs = self.megatron_attrs()
-        table = self.mappings(attrs)
+        table = self.table(attrs)
         ranks = _tp_ranks()
         ledger = Ledger()
         nonfinite: dict[str, str] = {}  # HF tensor -> what is wrong with it
@@ -230,7 +274,7 @@ class Bridge:
             try:
                 hf = {role: self.hf_weight(n, self._read(ckpt, n)) for role, n in hf_names.items()}
                 with torch.no_grad():  # straight from the (memory-mapped) HF tensors
-                    mapping.copy_into(param, hf, tp_rank, tp_size, self._shapes(chunk, attrs))
+                    mapping.copy_into(param, hf, tp_rank, tp_size, self._shapes(chunk, attrs, name))
             except (MappingError, CheckpointError) as e:
                 ledger.problem(f"{name} <- {list(hf_names.values())}: {e}")
                 continue
@@ -355,7 +399,7 @@ class Bridge:
         from megatron.core import parallel_state as ps
 
         attrs = self.megatron_attrs()
-        table = self.mappings(attrs)
+        table = self.table(attrs)
         ranks = _tp_ranks()
         groups = {False: ps.get_tensor_model_parallel_group(), True: ps.get_expert_tensor_parallel_group()}
         # one replica of each tensor exports it: data-parallel rank 0 (expert-DP for experts)
@@ -410,7 +454,7 @@ class Bridge:
                     dist.all_gather(shards, param.detach().contiguous(), group=group)
                 if owner[name] == me:
                     hf_names = mapping.hf_names(caps)
-                    out = {hf_names[role]: t for role, t in mapping.to_hf(shards, self._shapes(chunk, attrs)).items()}
+                    out = {hf_names[role]: t for role, t in mapping.to_hf(shards, self._shapes(chunk, attrs, name)).items()}
             out = _deliver(out, owner[name], me, world, to_all=not tp_rank0_only)
             if silent:
                 continue
@@ -546,10 +590,28 @@ class Bridge:
         return {**base, **self.hf_config_dict()}
 
 
+def _owner(chunk, name: str):
+    """The model that owns parameter ``name``: the innermost module on its path (above its
+    layer index: indices may be global) that brings a config of its own, e.g. a VLM's language
+    model or vision tower; ``chunk`` itself for a plain model. Memoised per chunk and path."""
+    memo = chunk.__dict__.setdefault("_mbridge_owners", {})
+    path = name.rsplit(".", 1)[0] if "." in name else ""
+    if path not in memo:
+        owner, mod = chunk, chunk
+        for part in path.split(".") if path else ():
+            mod = None if part.isdigit() else getattr(mod, part, None)
+            if mod is None:
+                break
+            if getattr(mod, "config", None) is not None and mod.config is not getattr(owner, "config", None):
+                owner = mod
+        memo[path] = owner
+    return memo[path]
+
+
 def _sort_key(name: str):
     """Export order: embedding, layers by index (experts by index within), the rest."""
     m = re.search(r"\.(\d+)\.", name)
-    stage = 0 if name.startswith("embedding") else 2 if m is None else 1
+    stage = 0 if "embedding." in name.split("layers.")[0] and m is None else 2 if m is None else 1
     e = re.search(r"\.experts\.(?:local_experts\.|linear_fc[12]\.\w*?)(\d+)", name)
     return (stage, int(m.group(1)) if m else 0, int(e.group(1)) if e else -1, name)
 

@@ -8,7 +8,6 @@ renormalised; both scaled by ``routed_scaling_factor``. V3's multi-token-predict
 (``model.layers.<num_hidden_layers + k>``) map to Megatron's MTP block. See docs/deepseek.md."""
 from __future__ import annotations
 
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -109,10 +108,6 @@ class SharedCopies(VocabParallel):
     def _unmerge(self, full, shapes):
         t = super()._unmerge(full, shapes)[""]
         return {role: t if not role else t.clone() for role in self.hf}
-
-
-_MTP_EXPERT = re.compile(r"^(mtp\.layers\.(\d+)\.mtp_model_layer\.mlp\.experts\."
-                         r"(?:local_experts\.|linear_fc[12]\.(?:weight|bias)))(\d+)(.*)$")
 
 
 @register_bridge(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"])
@@ -260,19 +255,6 @@ class DeepseekV2Bridge(MoEBridge):
                              ("final_layernorm.weight", "shared_head.norm.weight", Replicated)):
             out.append(offset(cls(MTP + meg, H + hf), MTP + meg, n, mtp))
         return out
-
-    def _params(self, model_chunks, table):
-        """As the base, with MTP experts renumbered globally under EP (the base renumbers the
-        decoder's)."""
-        from megatron.core import parallel_state as ps
-
-        for chunk, name, p in super()._params(model_chunks, table):
-            e = _MTP_EXPERT.match(name)
-            if e:
-                experts = chunk.mtp.layers[int(e.group(2))].mtp_model_layer.mlp.experts
-                first = ps.get_expert_model_parallel_rank() * experts.num_local_experts
-                name = f"{e.group(1)}{first + int(e.group(3))}{e.group(4)}"
-            yield chunk, name, p
 
 
 @register_bridge(model_type="deepseek_v3", architectures=["DeepseekV3ForCausalLM"])
