@@ -11,13 +11,13 @@ from bridges.core.bridge import Bridge
 from bridges.core.config import GPT_FIELDS, ConfigError, Field, get_path, params_dtype, rope_parameters, rope_to_megatron
 from bridges.core.mappings import (QKV, GatedMLP, Mapping, Replicated, RowParallel,
                                    TiedOutput, VocabParallel)
-from bridges.core.provider import GPTModelProvider
+from bridges.core.provider import ModelProvider
 
 L = "decoder.layers.*."
 H = "model.layers.*."
 
 
-def local_layer_spec(provider: GPTModelProvider, vp_stage: int | None = None):
+def local_layer_spec(provider: ModelProvider, vp_stage: int | None = None):
     """Megatron-Core's local (no TransformerEngine) layer spec for a dense decoder."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -60,18 +60,54 @@ class GPTBridge(Bridge):
         out["dtype"] = str(attrs["params_dtype"]).replace("torch.", "")
         return out
 
-    def to_megatron_provider(self) -> GPTModelProvider:
+    def to_megatron_provider(self) -> ModelProvider:
         attrs = self.megatron_attrs()
         if self.checkpoint is not None:
             # load_hf_weights writes every parameter (and fails on any it leaves unwritten), so
             # Megatron's random init would be thrown away: it costs a full-size fp32 master
             # tensor per weight on every rank and most of the build time on CPU.
             attrs["perform_initialization"] = False
-        return GPTModelProvider(attrs, layer_spec=self.layer_spec)
+        return ModelProvider(attrs, build=self.build_model, constraints=self.layout_constraints,
+                             config_class=self.config_class)
 
-    def layer_spec(self, provider: GPTModelProvider, vp_stage: int | None = None):
+    # -- the Megatron model ---------------------------------------------------------------
+    # A TransformerConfig subclass whose extra fields the attributes set (e.g. MLA's); None: plain.
+    config_class: ClassVar[type | None] = None
+
+    def build_model(self, provider: ModelProvider, pre_process: bool, post_process: bool,
+                    vp_stage: int | None = None):
+        """One GPTModel chunk: what Megatron-LM's pretrain_gpt.py builds for these families."""
+        from megatron.core.models.gpt import GPTModel
+
+        p = provider
+        return GPTModel(
+            config=p.transformer_config(), transformer_layer_spec=self.layer_spec(p, vp_stage),
+            vocab_size=p.padded_vocab_size, max_sequence_length=p.max_sequence_length,
+            pre_process=pre_process, post_process=post_process, parallel_output=p.parallel_output,
+            share_embeddings_and_output_weights=p.share_embeddings_and_output_weights,
+            position_embedding_type=p.position_embedding_type, rotary_percent=p.rotary_percent,
+            rotary_base=p.rotary_base, rope_scaling=p.rope_scaling,
+            rope_scaling_factor=p.rope_scaling_factor,
+            seq_len_interpolation_factor=p.seq_len_interpolation_factor,
+            mtp_block_spec=self.mtp_block_spec(p, vp_stage), vp_stage=vp_stage)
+
+    def layer_spec(self, provider: ModelProvider, vp_stage: int | None = None):
         """The Megatron layer spec(s) for this family (a seam for families' own modules)."""
         return local_layer_spec(provider, vp_stage)
+
+    def mtp_block_spec(self, provider: ModelProvider, vp_stage: int | None = None):
+        """The multi-token-prediction block spec of a stage (None: no MTP, as here)."""
+        return None
+
+    def layout_constraints(self, provider: ModelProvider) -> list[tuple[str, int, int, str]]:
+        """``(field, value, divisor, what)`` that a layout must divide: heads and groups and
+        the MLP by TP, layers by PP x VPP, heads by groups."""
+        p, lay = provider, provider.layout
+        return [("num_attention_heads", p.num_attention_heads, lay.tp, "TP"),
+                ("num_query_groups", p.num_query_groups, lay.tp, "TP"),
+                ("ffn_hidden_size", p.ffn_hidden_size, lay.tp, "TP"),
+                ("num_layers", p.num_layers, lay.pp * (lay.vpp or 1), "PP x VPP"),
+                ("num_attention_heads", p.num_attention_heads, p.num_query_groups, "num_query_groups")]
 
     # -- weights --------------------------------------------------------------------------
     def mappings(self, attrs: dict[str, Any]) -> list[Mapping]:

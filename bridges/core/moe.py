@@ -20,7 +20,7 @@ from bridges.core.config import Field, get_path
 from bridges.core.experts import block_spec
 from bridges.core.gpt import GPTBridge, H, L
 from bridges.core.mappings import GatedMLP, Mapping, Replicated, RowParallel, StackedGatedMLP
-from bridges.core.provider import GPTModelProvider
+from bridges.core.provider import ModelProvider
 
 
 def qwen_moe_layers(cfg) -> list[int]:
@@ -74,8 +74,17 @@ class MoEBridge(GPTBridge):
             attrs["moe_router_load_balancing_type"] = "none"
         return attrs
 
-    def layer_spec(self, provider: GPTModelProvider, vp_stage: int | None = None):
+    def layer_spec(self, provider: ModelProvider, vp_stage: int | None = None):
         return block_spec(provider, vp_stage, self.customize_layer)
+
+    def layout_constraints(self, provider: ModelProvider) -> list[tuple[str, int, int, str]]:
+        """As a dense decoder, and experts by EP, their MLP by expert TP, the shared expert by TP."""
+        p, lay = provider, provider.layout
+        return super().layout_constraints(provider) + [
+            ("num_moe_experts", p.num_moe_experts, lay.ep, "EP"),
+            ("moe_ffn_hidden_size", p.moe_ffn_hidden_size, lay.expert_tp, "expert TP"),
+            ("moe_shared_expert_intermediate_size",
+             getattr(p, "moe_shared_expert_intermediate_size", None) or 0, lay.tp, "TP")]
 
     def customize_layer(self, layer_spec, is_moe: bool):
         """Hook: a family swaps in its own module (e.g. its attention) here."""

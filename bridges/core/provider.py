@@ -1,12 +1,16 @@
-"""The Megatron side of a bridge: a flat, editable description of the model that builds
-Megatron-Core ``GPTModel`` chunks for this rank.
+"""The Megatron side of a bridge: a flat, editable description of the model that builds this
+rank's model chunks.
 
     provider = bridge.to_megatron_provider()
     provider.tensor_model_parallel_size = 2
     provider.finalize()
     chunks = provider.provide_distributed_model(wrap_with_ddp=False)
 
-Attributes are TransformerConfig fields, GPTModel arguments and the parallel sizes, side by side.
+Attributes are TransformerConfig fields, model arguments and the parallel sizes, side by side.
+The provider is generic: the bridge says what it builds (``build``: a GPTModel for GPT-style
+families, another Megatron-Core model or a family's own module for others) and what a layout
+must divide (``constraints``); the provider checks the layout, sets up the parallel state and
+builds one chunk per virtual pipeline stage.
 """
 from __future__ import annotations
 
@@ -38,15 +42,16 @@ def _transformer_fields(config_class=None) -> set[str]:
     return {f.name for f in dataclasses.fields(config_class or TransformerConfig)}
 
 
-class GPTModelProvider:
-    """Builds GPTModel chunks. Set parallel sizes, then ``finalize()``, then provide."""
+class ModelProvider:
+    """Builds a bridge's model chunks. Set parallel sizes, then ``finalize()``, then provide."""
 
-    def __init__(self, attrs: dict[str, Any], *, layer_spec: Callable[["GPTModelProvider", int | None], Any],
-                 post_build: list[Callable[["GPTModelProvider", Any], None]] | None = None,
-                 mtp_block_spec: Callable[["GPTModelProvider", int | None], Any] | None = None,
+    def __init__(self, attrs: dict[str, Any], *,
+                 build: Callable[["ModelProvider", bool, bool, int | None], Any],
+                 constraints: Callable[["ModelProvider"], list[tuple[str, int, int, str]]] | None = None,
                  config_class: type | None = None):
-        """``mtp_block_spec(provider, vp_stage)``: the multi-token-prediction block spec of a
-        stage (None where it has none); ``config_class``: a TransformerConfig subclass (e.g.
+        """``build(provider, pre_process, post_process, vp_stage)``: one chunk (parallel state
+        is initialised); ``constraints(provider)``: ``(field, value, divisor, what)`` for every
+        size the layout must divide; ``config_class``: a TransformerConfig subclass (e.g.
         MLATransformerConfig) whose extra fields the attributes may set."""
         defaults = dict(_PORTABLE, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
                         virtual_pipeline_model_parallel_size=None, expert_model_parallel_size=1,
@@ -57,10 +62,9 @@ class GPTModelProvider:
                         seq_len_interpolation_factor=None, parallel_output=True,
                         share_embeddings_and_output_weights=False)
         object.__setattr__(self, "_attrs", {**defaults, **attrs})
-        object.__setattr__(self, "_layer_spec", layer_spec)
-        object.__setattr__(self, "_mtp_block_spec", mtp_block_spec)
+        object.__setattr__(self, "_build", build)
+        object.__setattr__(self, "_constraints", constraints)
         object.__setattr__(self, "_config_class", config_class)
-        object.__setattr__(self, "_post_build", list(post_build or []))
         object.__setattr__(self, "_finalized", False)
 
     def __getattr__(self, name: str) -> Any:
@@ -91,30 +95,13 @@ class GPTModelProvider:
         m = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
         return int(math.ceil(self.vocab_size / m) * m)
 
-    def finalize(self) -> "GPTModelProvider":
+    def finalize(self) -> "ModelProvider":
         """Check that the layout divides the model; every failure names the field."""
         lay = self.layout
-        checks = [
-            ("num_attention_heads", self.num_attention_heads, lay.tp, "TP"),
-            ("num_query_groups", self.num_query_groups, lay.tp, "TP"),
-            ("ffn_hidden_size", self.ffn_hidden_size, lay.tp, "TP"),
-            ("num_layers", self.num_layers, lay.pp * (lay.vpp or 1), "PP x VPP"),
-            ("num_attention_heads", self.num_attention_heads, self.num_query_groups,
-             "num_query_groups"),
-        ]
-        if getattr(self, "num_moe_experts", None):
-            checks += [("num_moe_experts", self.num_moe_experts, lay.ep, "EP"),
-                       ("moe_ffn_hidden_size", self.moe_ffn_hidden_size, lay.expert_tp, "expert TP"),
-                       ("moe_shared_expert_intermediate_size",
-                        getattr(self, "moe_shared_expert_intermediate_size", None) or 0, lay.tp, "TP")]
-        elif lay.ep > 1 or lay.grouped:
+        if (lay.ep > 1 or lay.grouped) and not getattr(self, "num_moe_experts", None):
             raise ConfigError(f"layout {lay.name}: expert parallelism / grouped experts need a "
                               f"mixture-of-experts model (num_moe_experts is not set)")
-        if getattr(self, "multi_latent_attention", False):  # MLA down projections: rows split by TP
-            checks += [("q_lora_rank", getattr(self, "q_lora_rank", None) or 0, lay.tp, "TP"),
-                       ("kv_lora_rank + qk_pos_emb_head_dim", self.kv_lora_rank + self.qk_pos_emb_head_dim,
-                        lay.tp, "TP")]
-        for fld, value, by, what in checks:
+        for fld, value, by, what in self._constraints(self) if self._constraints else ():
             if value % by:
                 raise ConfigError(f"layout {lay.name}: {fld}={value} does not divide by "
                                   f"{what}={by}")
@@ -141,30 +128,9 @@ class GPTModelProvider:
         return cls(**kw)
 
     def provide(self, pre_process: bool, post_process: bool, vp_stage: int | None = None):
-        """One GPTModel chunk (parallel state must be initialised)."""
-        from megatron.core.models.gpt import GPTModel
-
-        model = GPTModel(
-            config=self.transformer_config(),
-            transformer_layer_spec=self._layer_spec(self, vp_stage),
-            vocab_size=self.padded_vocab_size,
-            max_sequence_length=self.max_sequence_length,
-            pre_process=pre_process,
-            post_process=post_process,
-            parallel_output=self.parallel_output,
-            share_embeddings_and_output_weights=self.share_embeddings_and_output_weights,
-            position_embedding_type=self.position_embedding_type,
-            rotary_percent=self.rotary_percent,
-            rotary_base=self.rotary_base,
-            rope_scaling=self.rope_scaling,
-            rope_scaling_factor=self.rope_scaling_factor,
-            seq_len_interpolation_factor=self.seq_len_interpolation_factor,
-            mtp_block_spec=self._mtp_block_spec(self, vp_stage) if self._mtp_block_spec else None,
-            vp_stage=vp_stage,
-        )
-        for hook in self._post_build:
-            hook(self, model)
-        return model
+        """One chunk, as the bridge builds it (parallel state must be initialised)."""
+        _quiet_deprecation()
+        return self._build(self, pre_process, post_process, vp_stage)
 
     def provide_distributed_model(self, wrap_with_ddp: bool = False) -> list:
         """This rank's model chunks (one per virtual pipeline stage), on GPU when present.
@@ -196,3 +162,23 @@ class GPTModelProvider:
             cfg = DistributedDataParallelConfig()
             chunks = [DistributedDataParallel(c.config, cfg, c) for c in chunks]
         return chunks
+
+
+GPTModelProvider = ModelProvider  # the name before providers built other models
+
+
+def _quiet_deprecation() -> None:
+    """megatron-core 0.19 logs "GPTModel IS DEPRECATED ... use HybridModel" at every GPTModel
+    built (once per chunk and test). The bridges build GPTModel on purpose: it is what
+    Megatron-LM's pretrain_gpt.py builds and loads (docs/architecture.md), so the notice is
+    dropped from that logger; its other messages pass."""
+    import logging
+
+    log = logging.getLogger("megatron.core.models.gpt.gpt_model")
+    if not any(isinstance(f, _DropDeprecation) for f in log.filters):
+        log.addFilter(_DropDeprecation())
+
+
+class _DropDeprecation:
+    def filter(self, record) -> bool:
+        return "GPTModel IS DEPRECATED" not in str(record.msg)

@@ -19,7 +19,7 @@ from bridges.core.gpt import H, L
 from bridges.core.mappings import (ColumnParallel, Mapping, MappingError, Replicated, RowParallel,
                                    VocabParallel)
 from bridges.core.moe import MoEBridge
-from bridges.core.provider import GPTModelProvider
+from bridges.core.provider import ModelProvider
 from bridges.core.registry import register_bridge
 from bridges.models.deepseek.modeling_deepseek import localize_mla_layer
 
@@ -204,19 +204,23 @@ class DeepseekV2Bridge(MoEBridge):
         out["rope_parameters"] = _mla_rope_to_hf(attrs, get_path(self.hf_config, "rope_parameters", None) or {})
         return out
 
-    def to_megatron_provider(self) -> GPTModelProvider:
+    @property
+    def config_class(self):
         from megatron.core.transformer.transformer_config import MLATransformerConfig
 
-        attrs = self.megatron_attrs()
-        if self.checkpoint is not None:
-            attrs["perform_initialization"] = False  # every parameter is loaded (see GPTBridge)
-        return GPTModelProvider(attrs, layer_spec=self.layer_spec, mtp_block_spec=self.mtp_block_spec,
-                                config_class=MLATransformerConfig)
+        return MLATransformerConfig
+
+    def layout_constraints(self, provider: ModelProvider) -> list[tuple[str, int, int, str]]:
+        """As MoE, and MLA's down projections, whose rows TP splits."""
+        p, lay = provider, provider.layout
+        return super().layout_constraints(provider) + [
+            ("q_lora_rank", p.q_lora_rank or 0, lay.tp, "TP"),
+            ("kv_lora_rank + qk_pos_emb_head_dim", p.kv_lora_rank + p.qk_pos_emb_head_dim, lay.tp, "TP")]
 
     def customize_layer(self, layer_spec, is_moe: bool):
         return localize_mla_layer(layer_spec)  # MLA on the local spec (modeling_deepseek)
 
-    def mtp_block_spec(self, provider: GPTModelProvider, vp_stage: int | None = None):
+    def mtp_block_spec(self, provider: ModelProvider, vp_stage: int | None = None):
         """Megatron's MTP block: one copy of the model's last (MoE) layer spec per MTP layer, on
         the last pipeline stage (None elsewhere, and without MTP layers)."""
         if not getattr(provider, "mtp_num_layers", None):
