@@ -42,9 +42,8 @@ Megatron-Core fields (``num_moe_experts``, ``moe_router_topk``, ``moe_ffn_hidden
 ``moe_shared_expert_intermediate_size``, ``moe_shared_expert_gate``, ``moe_layer_freq``;
 ``multi_latent_attention``, ``q_lora_rank``, ``kv_lora_rank``, ``qk_head_dim``,
 ``qk_pos_emb_head_dim``, ``v_head_dim``; ``mtp_num_layers``), which the MoE and MLA bridges
-give through ``megatron_attrs``; without a bridge, ``attrs_from_hf_config`` maps an HF config
-of a family in ``HF_MODEL_TYPES``
-(qwen3_moe, qwen2_moe, mixtral, deepseek_v2, deepseek_v3, kimi_k2) to those fields. They add the
+give through ``megatron_attrs``; ``attrs_from_hf_config`` takes an HF config through its bridge
+(one config translator for conversion and FLOPs). They add the
 components ``router`` (router logits H x E, and Qwen2-MoE's H x 1 shared-expert gate),
 ``routed_experts`` (top-k experts per token), ``shared_experts`` and ``mtp`` (per MTP layer:
 eh_proj 2H -> H, one transformer layer, the shared output head's logits), each only for models
@@ -65,7 +64,7 @@ from typing import Any
 
 from bridges.core.config import ConfigError
 
-__all__ = ["ALL_COMPONENTS", "COMPONENTS", "FlopsError", "FlopsReport", "HF_MODEL_TYPES",
+__all__ = ["ALL_COMPONENTS", "COMPONENTS", "FlopsError", "FlopsReport",
            "Params", "Term", "UNSUPPORTED", "attention_pairs", "attrs_from_hf_config",
            "model_attrs", "parameter_counts", "training_flops"]
 
@@ -136,95 +135,19 @@ def model_attrs(model: Any) -> dict[str, Any]:
                     f"{type(model).__name__}")
 
 
-# -- HF configs of families without a bridge -------------------------------------------------
-HF_MODEL_TYPES = ("qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v2", "deepseek_v3", "kimi_k2")
-_DEEPSEEK = ("deepseek_v2", "deepseek_v3", "kimi_k2")
-
-
+# -- HF configs ---------------------------------------------------------------------------------
 def attrs_from_hf_config(config: Any) -> dict[str, Any]:
-    """The calculator's (Megatron-Core) attributes for an HF config of a family in
-    ``HF_MODEL_TYPES`` (a dict, or a path to a config.json / a directory holding one).
+    """The calculator's attributes for an HF config (a dict, a config.json, a directory holding
+    one, a transformers config): its registered bridge's translation, the provider's defaults
+    included. There is one config translator, the bridge's; what a bridge refuses (a field it
+    cannot represent, an unknown model type) is a ``FlopsError`` naming it."""
+    from bridges.core.auto import AutoBridge
+    from bridges.core.registry import UnknownModelError
 
-    Layer patterns follow the HF modelling code: Qwen MoE layer i is MoE unless i is in
-    ``mlp_only_layers``, and when (i + 1) % ``decoder_sparse_step`` == 0; DeepSeek layer i is MoE
-    when i >= ``first_k_dense_replace`` and i % ``moe_layer_freq`` == 0; Mixtral is MoE in every
-    layer. Raises ``FlopsError`` for what is not counted (sliding windows, non-full
-    ``layer_types``, MLA biases, DeepSeek-V3.2's indexer).
-    """
-    if not isinstance(config, Mapping):
-        import json
-        from pathlib import Path
-
-        path = Path(config)
-        config = json.loads((path / "config.json" if path.is_dir() else path).read_text())
-    c = dict(config)
-    mt = c.get("model_type")
-    if mt not in HF_MODEL_TYPES:
-        raise FlopsError(f"model_type={mt!r} is not an HF family the calculator maps directly "
-                         f"({', '.join(HF_MODEL_TYPES)}); dense models go through their bridge")
-
-    def need(name: str) -> Any:
-        if c.get(name) is None:
-            raise FlopsError(f"{mt} config field {name} is required to count FLOPs but is missing")
-        return c[name]
-
-    layer_types = c.get("layer_types")
-    if layer_types and any(t != "full_attention" for t in layer_types):
-        raise FlopsError(f"config field layer_types={layer_types!r} has layers other than full "
-                         f"attention, which the FLOPs calculator does not count yet")
-    windowed = c.get("use_sliding_window") if mt in ("qwen3_moe", "qwen2_moe") \
-        else c.get("sliding_window")
-    if windowed:
-        raise FlopsError(f"config field {'use_sliding_window' if mt != 'mixtral' else 'sliding_window'}"
-                         f"={windowed!r}: sliding-window layers in MoE models are not counted yet")
-    for name in ("index_n_heads", "index_topk", "index_head_dim"):
-        if _set(c.get(name)):
-            raise FlopsError(f"config field {name} turns on a sparse-attention indexer (DSA), which "
-                             f"the FLOPs calculator does not count yet")
-    n, h = int(need("num_hidden_layers")), int(need("hidden_size"))
-    heads = int(need("num_attention_heads"))
-    a: dict[str, Any] = dict(
-        num_layers=n, hidden_size=h, num_attention_heads=heads,
-        num_query_groups=int(c.get("num_key_value_heads") or heads),
-        kv_channels=int(c.get("head_dim") or h // heads), vocab_size=int(need("vocab_size")),
-        ffn_hidden_size=int(need("intermediate_size")), gated_linear_unit=True,
-        add_bias_linear=False, add_qkv_bias=False, normalization="RMSNorm",
-        position_embedding_type="rope", share_embeddings_and_output_weights=bool(
-            c.get("tie_word_embeddings", False)), qk_layernorm=False)
-    if mt in ("qwen3_moe", "qwen2_moe"):
-        step, dense = int(c.get("decoder_sparse_step") or 1), set(c.get("mlp_only_layers") or [])
-        a.update(num_moe_experts=int(need("num_experts")),
-                 moe_router_topk=int(need("num_experts_per_tok")),
-                 moe_ffn_hidden_size=int(need("moe_intermediate_size")),
-                 moe_layer_freq=[int(i not in dense and (i + 1) % step == 0) for i in range(n)])
-        if mt == "qwen3_moe":
-            a.update(qk_layernorm=True, add_qkv_bias=bool(c.get("attention_bias", False)))
-        else:
-            a["add_qkv_bias"] = bool(c.get("qkv_bias", True))  # Qwen2's q/k/v biases
-            shared = int(c.get("shared_expert_intermediate_size") or 0)
-            if shared:
-                a.update(moe_shared_expert_intermediate_size=shared, moe_shared_expert_gate=True)
-    elif mt == "mixtral":
-        a.update(num_moe_experts=int(need("num_local_experts")),
-                 moe_router_topk=int(need("num_experts_per_tok")),
-                 moe_ffn_hidden_size=a["ffn_hidden_size"], moe_layer_freq=1)
-    else:  # DeepSeek-V2 / V3, Kimi-K2
-        if c.get("attention_bias"):
-            raise FlopsError("config field attention_bias=True: MLA biases are not counted yet")
-        first, freq = int(c.get("first_k_dense_replace") or 0), int(c.get("moe_layer_freq") or 1)
-        moe_ffn = int(need("moe_intermediate_size"))
-        a.update(multi_latent_attention=True, qk_layernorm=True,
-                 q_lora_rank=c.get("q_lora_rank") or None, kv_lora_rank=int(need("kv_lora_rank")),
-                 qk_head_dim=int(need("qk_nope_head_dim")),
-                 qk_pos_emb_head_dim=int(need("qk_rope_head_dim")),
-                 v_head_dim=int(need("v_head_dim")),
-                 num_moe_experts=int(need("n_routed_experts")),
-                 moe_router_topk=int(need("num_experts_per_tok")), moe_ffn_hidden_size=moe_ffn,
-                 moe_shared_expert_intermediate_size=int(c.get("n_shared_experts") or 0) * moe_ffn
-                 or None,
-                 moe_layer_freq=[int(i >= first and i % freq == 0) for i in range(n)],
-                 mtp_num_layers=int(c.get("num_nextn_predict_layers") or 0) or None)
-    return a
+    try:
+        return model_attrs(AutoBridge.from_hf_config(config))
+    except (ConfigError, UnknownModelError) as e:
+        raise FlopsError(str(e)) from e
 
 
 @dataclass(frozen=True)

@@ -507,8 +507,15 @@ def test_dense_first_layers_are_counted_as_dense():
 def _hf(model_type, **kw):
     base = dict(model_type=model_type, num_hidden_layers=4, hidden_size=64, num_attention_heads=4,
                 num_key_value_heads=2, vocab_size=101, intermediate_size=96,
-                tie_word_embeddings=False)
+                tie_word_embeddings=False, max_position_embeddings=256, rms_norm_eps=1e-6)
     return {**base, **kw}
+
+
+# a small but complete DeepSeek-V3 config (MLA, routing groups, shared experts)
+_DS = dict(num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
+           n_shared_experts=2, first_k_dense_replace=1, moe_layer_freq=1, q_lora_rank=16,
+           kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=2, v_head_dim=5, n_group=1,
+           topk_group=1)
 
 
 def test_hf_layer_patterns():
@@ -517,11 +524,7 @@ def test_hf_layer_patterns():
                                  decoder_sparse_step=2, mlp_only_layers=[3]))
     assert q["moe_layer_freq"] == [0, 1, 0, 0]  # (i+1) % 2 == 0, and not layer 3
     assert q["moe_shared_expert_gate"] and q["add_qkv_bias"] and not q["qk_layernorm"]
-    ds = attrs_from_hf_config(_hf(
-        "deepseek_v3", n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
-        n_shared_experts=2, first_k_dense_replace=1, moe_layer_freq=1, q_lora_rank=16,
-        kv_lora_rank=8, qk_nope_head_dim=6, qk_rope_head_dim=2, v_head_dim=5,
-        num_nextn_predict_layers=1))
+    ds = attrs_from_hf_config(_hf("deepseek_v3", **_DS, num_nextn_predict_layers=1))
     assert ds["moe_layer_freq"] == [0, 1, 1, 1] and ds["moe_shared_expert_intermediate_size"] == 80
     assert ds["mtp_num_layers"] == 1 and ds["multi_latent_attention"]
     r = training_flops(ds, 10)
@@ -529,18 +532,30 @@ def test_hf_layer_patterns():
     dense_first = training_flops({**ds, "mtp_num_layers": None}, 10)
     assert r.term("mtp").forward > 0 and dense_first.term("mlp").forward == 2 * 10 * 3 * 64 * 96
     mix = attrs_from_hf_config(_hf("mixtral", num_local_experts=8, num_experts_per_tok=2))
-    assert mix["moe_layer_freq"] == 1 and mix["moe_ffn_hidden_size"] == 96
+    assert mix["moe_layer_freq"] == [1] * 4 and mix["moe_ffn_hidden_size"] == 96
+
+
+def test_hf_config_goes_through_its_bridge():
+    """One translator: the calculator reads a config as its bridge does, e.g. Mixtral's sliding
+    window (refused by the old hand-written HF table) is counted with its window."""
+    from bridges import AutoBridge
+
+    cfg = _hf("mixtral", num_local_experts=8, num_experts_per_tok=2, sliding_window=16)
+    attrs = attrs_from_hf_config(cfg)
+    assert attrs == AutoBridge.from_hf_config(cfg).to_megatron_provider().as_dict()
+    full = training_flops(attrs_from_hf_config({**cfg, "sliding_window": None}), 64)
+    win = training_flops(attrs, 64)
+    ratio = attention_pairs(64, window=(15, 0)) / attention_pairs(64)
+    assert win.term("core_attention").forward == full.term("core_attention").forward * ratio
 
 
 @pytest.mark.parametrize("cfg,field", [
     (_hf("qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
          use_sliding_window=True, sliding_window=8), "use_sliding_window"),
-    (_hf("mixtral", num_local_experts=8, num_experts_per_tok=2, sliding_window=4096),
-     "sliding_window"),
     (_hf("qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=40,
          layer_types=["full_attention", "linear_attention"] * 2), "layer_types"),
-    (_hf("deepseek_v3", attention_bias=True), "attention_bias"),
-    (_hf("deepseek_v3", index_n_heads=64), "index_n_heads"),
+    (_hf("deepseek_v3", **{**_DS, "attention_bias": True}), "attention_bias"),
+    (_hf("deepseek_v3", **{**_DS, "index_n_heads": 64}), "index_n_heads"),
     (_hf("qwen3_next"), "model_type"),
     (_hf("mixtral", num_experts_per_tok=2), "num_local_experts"),
 ])

@@ -25,26 +25,16 @@ def add_arguments(parser) -> None:
 
 
 def _bridge(name: str):
-    """A bridge, or for an HF config of an MoE / MLA family without one (by path: a config.json
-    or a directory holding one), the calculator's attributes mapped from it."""
-    import json
+    """The bridge for a config.json, a directory holding one, or a model name the suite resolves
+    (its shipped config): the calculator reads the bridge's translation of it."""
     from pathlib import Path
 
     from bridges import AutoBridge
-    from bridges.flops import HF_MODEL_TYPES, attrs_from_hf_config
     from conformance.models import resolve
 
     p = Path(name).expanduser()
-    config = p / "config.json" if p.is_dir() else p
-    if config.is_file():
-        try:
-            model_type = json.loads(config.read_text()).get("model_type")
-        except (ValueError, AttributeError):
-            model_type = None
-        if model_type in HF_MODEL_TYPES:
-            return attrs_from_hf_config(config)
-        if p.is_file():
-            return AutoBridge.from_hf_config(p)
+    if (p / "config.json").is_file() or p.is_file():
+        return AutoBridge.from_hf_config(p)
     return AutoBridge.from_hf_config(resolve(name).config)
 
 

@@ -43,10 +43,17 @@ class GPTBridge(Bridge):
             # HF adds the o_proj (and MLP) bias too; Megatron ties them all to add_bias_linear.
             raise ConfigError("attention_bias=True / mlp_bias=True (bias on o_proj and MLP) is "
                               f"not supported by the {self.model_type} bridge")
-        if "sliding_attention" in (get_path(cfg, "layer_types", None) or ()):
+        types = get_path(cfg, "layer_types", None) or ()
+        if "sliding_attention" in types:
             raise ConfigError(f"layer_types has sliding_attention layers (use_sliding_window="
                               f"{get_path(cfg, 'use_sliding_window', None)}): per-layer sliding "
                               f"windows are not supported by the {self.model_type} bridge")
+        if set(types) - {"full_attention"}:
+            raise ConfigError(f"layer_types={sorted(set(types))}: layers other than full attention "
+                              f"are not supported by the {self.model_type} bridge")
+        if get_path(cfg, "use_sliding_window", False):  # every layer windowed (Qwen3-MoE's HF code)
+            raise ConfigError(f"use_sliding_window=True (sliding_window={get_path(cfg, 'sliding_window', None)}): "
+                              f"sliding windows are not supported by the {self.model_type} bridge")
         attrs.update(add_qkv_bias=bias, qk_layernorm=self.qk_norm, add_bias_linear=False,
                      params_dtype=params_dtype(cfg))
         return attrs

@@ -162,6 +162,9 @@ class DeepseekV2Bridge(MoEBridge):
 
         if get_path(cfg, "attention_bias", False):
             refuse("attention_bias", "MLA with biases (q_a/kv_a/o_proj) is not supported")
+        for field in ("index_n_heads", "index_topk", "index_head_dim"):
+            if get_path(cfg, field, None):
+                refuse(field, "DeepSeek-V3.2's sparse-attention indexer is not supported")
         if get_path(cfg, "num_key_value_heads", None) not in (None, get_path(cfg, "num_attention_heads")):
             refuse("num_key_value_heads", "MLA expands keys and values to every head: it must equal "
                    "num_attention_heads")
