@@ -16,8 +16,8 @@ from typing import Any, ClassVar, Iterator
 import torch
 import torch.distributed as dist
 
-from bridges.core import quant
 from bridges.core.config import Field, translate, untranslate
+from bridges.core.codecs import CheckpointView
 from bridges.core.hf_io import CheckpointError, HFCheckpoint, save_hf_checkpoint
 from bridges.core.outdir import claim_checked
 from bridges.core.ledger import CoverageError, Ledger
@@ -320,68 +320,24 @@ class Bridge:
                 out.add(n)
         return out
 
+    def _view(self, ckpt: HFCheckpoint) -> CheckpointView:
+        """The codec view of ``ckpt`` (kept while the checkpoint and dequantized dtype are)."""
+        view = self.__dict__.get("_mbridge_view")
+        if view is None or view.ckpt is not ckpt or view.dequantized_dtype != self.dequantized_dtype:
+            view = self.__dict__["_mbridge_view"] = CheckpointView(ckpt, self.dequantized_dtype)
+        return view
+
     def _has(self, ckpt: HFCheckpoint, name: str) -> bool:
-        base, row = split_row(name)
-        try:
-            stored = base if base in ckpt else (self._packed(ckpt, base) or (None,))[0]
-        except CheckpointError:
-            return True  # a broken MXFP4 pair: reading it names the problem
-        return stored is not None and (row is None or row < ckpt.shape(stored)[0])
+        return self._view(ckpt).has(name)
 
     def _read(self, ckpt: HFCheckpoint, name: str) -> torch.Tensor:
-        """An HF tensor (or one row of a stacked one: ``name[k]``) as values: float8 tensors
-        are dequantized with their scale companion, MXFP4 ones (``name_blocks`` /
-        ``name_scales``) from their blocks; a quantized tensor with no dequantization path is
-        an error naming it."""
-        base, row = split_row(name)
-        packed = self._packed(ckpt, base)
-        if packed:
-            blocks, scales = packed
-            if row is None:
-                return quant.mxfp4_dequantize(ckpt.get(blocks), ckpt.get(scales), self.dequantized_dtype)
-            return quant.mxfp4_dequantize(ckpt.get_row(blocks, row)[None], ckpt.get_row(scales, row)[None],
-                                          self.dequantized_dtype)[0]
-        if row is not None:
-            if ckpt.dtype(base) in quant.FP8 or quant.companion(base, ckpt):
-                raise CheckpointError(f"{ckpt.path}: {base} is FP8 and stacked: reading it row by "
-                                      f"row has no dequantization path yet")
-            return ckpt.get_row(base, row)
-        t = ckpt.get(name)
-        if t.dtype in (torch.uint8, torch.int8) and name.endswith(("_blocks", "_scales")):
-            raise CheckpointError(f"{ckpt.path}: {name} is packed {t.dtype} (MXFP4-style blocks) "
-                                  f"and read as a tensor of its own: no mapping dequantizes it")
-        if t.dtype not in quant.FP8:
-            return t
-        comp = quant.companion(name, ckpt)
-        if comp is None:
-            raise CheckpointError(f"{ckpt.path}: {name} is {t.dtype} with no scale companion "
-                                  f"({name}_scale_inv or {name}_scale): no dequantization path")
-        try:
-            return quant.dequantize(t, ckpt.get(comp[0]), comp[1], quant.block_size(ckpt.config()))
-        except quant.QuantError as e:
-            raise CheckpointError(f"{ckpt.path}: {name}: {e}") from None
-
-    @staticmethod
-    def _packed(ckpt: HFCheckpoint, name: str) -> tuple[str, str] | None:
-        """The MXFP4 (blocks, scales) pair stored for ``name``, if any (a broken pair is an
-        error naming it)."""
-        if name in ckpt:
-            return None
-        try:
-            return quant.packed_parts(name, ckpt)
-        except quant.QuantError as e:
-            raise CheckpointError(f"{ckpt.path}: {e}") from None
+        """An HF tensor (or one row of a stacked one: ``name[k]``) as values, through its codec
+        (``codecs.py``); a quantized tensor with no dequantization path is an error naming it."""
+        return self._view(ckpt).read(name)
 
     def _used(self, ckpt: HFCheckpoint, name: str) -> list[str]:
-        """The checkpoint tensors (or rows) reading ``name`` consumes: itself, or its MXFP4
-        blocks and scales, plus an FP8 scale companion."""
-        base, row = split_row(name)
-        suffix = "" if row is None else f"[{row}]"
-        packed = self._packed(ckpt, base)
-        if packed:
-            return [p + suffix for p in packed]
-        comp = quant.companion(base, ckpt)
-        return [name] + ([comp[0]] if comp else [])
+        """The stored tensors (or rows) reading ``name`` consumes (with an FP8 scale, MXFP4 parts)."""
+        return self._view(ckpt).used(name)
 
     # -- export ---------------------------------------------------------------------------
     def export_hf_weights(self, model_chunks: list, cpu: bool = True, strict: bool = True,
@@ -389,20 +345,48 @@ class Bridge:
                           ) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield ``(hf_name, full tensor)`` on every rank, in a fixed order.
 
-        Tensors are cast to the source checkpoint's dtype when the bridge has one. With
-        ``strict``, the exported names must equal the source checkpoint's (or, without one, the
-        mapping table's) names exactly. With ``tp_rank0_only``, TP shards are gathered to TP rank
-        0 only (point to point: at TP2 half the traffic of ``all_gather``, and no full-size
-        copies on the other ranks), and the other TP ranks yield nothing (they must still run
-        the generator to its end).
+        A pipeline per Megatron parameter: gather it to its one owner rank (``_gather``), split it
+        into its HF tensors (the mapping), assemble the rows of a stacked HF tensor until it is
+        whole, encode it as the source stores it (``CheckpointView.encode``: the source's dtype,
+        or with ``quantized`` its FP8 / MXFP4 format and scales, bit-exactly). With ``strict``,
+        the exported names must equal the source checkpoint's (or, without one, the mapping
+        table's) names exactly. With ``tp_rank0_only``, TP shards are gathered to TP rank 0 only
+        (point to point), and the other ranks yield nothing (they must still run the generator
+        to its end).
         """
+        attrs = self.megatron_attrs()
+        local, owner = self._export_owners(model_chunks, self.table(attrs))
+        me = dist.get_rank() if dist.is_initialized() else 0
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        silent = tp_rank0_only and me != 0
+        view = CheckpointView(self.checkpoint, self.dequantized_dtype) if self.checkpoint is not None else None
+        rows: dict[str, dict[int, torch.Tensor]] = {}  # stacked HF tensor -> rows so far
+        seen: list[str] = []
+        for name in sorted(owner, key=_sort_key):
+            out = self._gather(local.get(name), name, owner[name] == me, tp_rank0_only, attrs)
+            out = _deliver(out, owner[name], me, world, to_all=not tp_rank0_only)
+            if silent:
+                continue
+            for hf_name, t in out.items():
+                whole = self._assemble(rows, hf_name, t, seen, attrs)
+                if whole is None:
+                    continue
+                hf_name, t = whole
+                for n, enc in view.encode(hf_name, t.cpu() if cpu else t, quantized) if view else [(hf_name, t.cpu() if cpu else t)]:
+                    seen.append(n)
+                    yield n, enc
+        if strict and not silent:
+            incomplete = [f"{b} (rows {sorted(r)} of {self._rows(b, attrs)})" for b, r in rows.items()]
+            if incomplete:
+                raise CoverageError(f"export left stacked tensor(s) incomplete: {incomplete}")
+            self._check_export_names(seen, quantized)
+
+    def _export_owners(self, model_chunks, table) -> tuple[dict, dict[str, int]]:
+        """This rank's exported parameters (one data-parallel replica, expert-DP for experts),
+        and the owner of each tensor: the TP rank 0 (expert TP for experts) holding it."""
         from megatron.core import parallel_state as ps
 
-        attrs = self.megatron_attrs()
-        table = self.table(attrs)
         ranks = _tp_ranks()
-        groups = {False: ps.get_tensor_model_parallel_group(), True: ps.get_expert_tensor_parallel_group()}
-        # one replica of each tensor exports it: data-parallel rank 0 (expert-DP for experts)
         replica0 = {False: ps.get_data_parallel_rank() == 0, True: ps.get_expert_data_parallel_rank() == 0}
         local: dict[str, tuple[Any, torch.Tensor, Mapping, tuple]] = {}
         for chunk, name, param in self._params(model_chunks, table):
@@ -411,95 +395,64 @@ class Bridge:
                 raise CoverageError(f"Megatron parameter {name} has no mapping; cannot export")
             if getattr(hit[0], "export", True) and replica0[is_expert(name)]:
                 local.setdefault(name, (chunk, param, *hit))
-        # the owner of a tensor: the TP rank 0 (expert TP for experts) of the replica holding it
         owner: dict[str, int] = {}
         for r, names in enumerate(_all_gather(sorted(n for n in local if ranks[is_expert(n)][0] == 0))):
             for n in names:
                 owner.setdefault(n, r)
-        me = dist.get_rank() if dist.is_initialized() else 0
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        silent = tp_rank0_only and me != 0
-        rows: dict[str, dict[int, torch.Tensor]] = {}  # stacked HF tensor -> rows so far
-        seen: list[str] = []
-        for name in sorted(owner, key=_sort_key):
-            out = None
-            if name in local:
-                chunk, param, mapping, caps = local[name]
-                expert = is_expert(name)
-                (tp_rank, tp_size), group = ranks[expert], groups[expert]
-                shards = [param.detach()]
-                if tp_size > 1 and mapping.tp_dim is not None and tp_rank0_only:
-                    # point to point into the parts of one tensor joined along the TP dimension
-                    # (no flat buffer as gloo's gather makes; _gather then joins the parts
-                    # without a copy)
-                    if tp_rank:
-                        dist.send(param.detach().contiguous(), dst=dist.get_global_rank(group, 0),
-                                  group=group)
-                    else:
-                        shape = list(param.shape)
-                        shape[mapping.tp_dim] *= tp_size
-                        shards = list(param.new_empty(shape).chunk(tp_size, dim=mapping.tp_dim))
-                        # a part that is not contiguous (a column block) is received apart
-                        bufs = [s if s.is_contiguous() else torch.empty_like(s, memory_format=torch.contiguous_format)
-                                for s in shards]
-                        reqs = [dist.irecv(bufs[r], src=dist.get_global_rank(group, r), group=group)
-                                for r in range(1, tp_size)]
-                        shards[0].copy_(param.detach())  # while the others arrive
-                        for r, req in enumerate(reqs, 1):
-                            req.wait()
-                            if bufs[r] is not shards[r]:
-                                shards[r].copy_(bufs[r])
-                elif tp_size > 1 and mapping.tp_dim is not None:
-                    shards = [torch.empty_like(param) for _ in range(tp_size)]
-                    dist.all_gather(shards, param.detach().contiguous(), group=group)
-                if owner[name] == me:
-                    hf_names = mapping.hf_names(caps)
-                    out = {hf_names[role]: t for role, t in mapping.to_hf(shards, self._shapes(chunk, attrs, name)).items()}
-            out = _deliver(out, owner[name], me, world, to_all=not tp_rank0_only)
-            if silent:
-                continue
-            for hf_name, t in out.items():
-                base, row = split_row(hf_name)
-                if row is not None:  # a row of a stacked tensor: yield the tensor once complete
-                    got = rows.setdefault(base, {})
-                    if row in got:
-                        seen.append(hf_name)  # written twice: reported as unexpected
-                    got[row] = t
-                    if len(got) < self._rows(base, attrs):
-                        continue
-                    hf_name, t = base, torch.stack([got[k] for k in sorted(got)])
-                    del rows[base]
-                if cpu:
-                    t = t.cpu()
-                src = self.checkpoint
-                packed = self._packed(src, hf_name) if src is not None else None
-                if packed:
-                    if quantized:  # MXFP4 with the source's scales: bit-exact
-                        sc = src.get(packed[1])
-                        seen += list(packed)
-                        yield packed[0], quant.mxfp4_quantize(t, sc)
-                        yield packed[1], sc
-                        continue
-                    t = t.to(self.dequantized_dtype)
-                elif src is not None and hf_name in src and src.dtype(hf_name) in quant.FP8:
-                    comp = quant.companion(hf_name, src)
-                    if quantized:  # the source's layout, with the source's scales: bit-exact
-                        q, sc = quant.quantize(t, src.get(comp[0]), comp[1], quant.block_size(src.config()),
-                                               src.dtype(hf_name))
-                        seen += [hf_name, comp[0]]
-                        yield hf_name, q
-                        yield comp[0], sc.to(src.dtype(comp[0]))
-                        continue
-                    t = t.to(self.dequantized_dtype)
-                elif src is not None and hf_name in src:
-                    t = t.to(src.dtype(hf_name))
-                seen.append(hf_name)
-                yield hf_name, t
-        if strict and not silent:
-            incomplete = [f"{b} (rows {sorted(r)} of {self._rows(b, attrs)})" for b, r in rows.items()]
-            if incomplete:
-                raise CoverageError(f"export left stacked tensor(s) incomplete: {incomplete}")
-            self._check_export_names(seen, quantized)
+        return local, owner
+
+    def _gather(self, entry, name: str, mine: bool, tp_rank0_only: bool, attrs) -> dict | None:
+        """Gather parameter ``name`` over its TP group; on its owner, return its HF tensors."""
+        from megatron.core import parallel_state as ps
+
+        if entry is None:
+            return None
+        chunk, param, mapping, caps = entry
+        expert = is_expert(name)
+        tp_rank, tp_size = _tp_ranks()[expert]
+        group = ps.get_expert_tensor_parallel_group() if expert else ps.get_tensor_model_parallel_group()
+        shards = [param.detach()]
+        if tp_size > 1 and mapping.tp_dim is not None and tp_rank0_only:
+            # point to point into the parts of one tensor joined along the TP dimension (no
+            # flat buffer as gloo's gather makes; to_hf then joins the parts without a copy)
+            if tp_rank:
+                dist.send(param.detach().contiguous(), dst=dist.get_global_rank(group, 0), group=group)
+            else:
+                shape = list(param.shape)
+                shape[mapping.tp_dim] *= tp_size
+                shards = list(param.new_empty(shape).chunk(tp_size, dim=mapping.tp_dim))
+                # a part that is not contiguous (a column block) is received apart
+                bufs = [s if s.is_contiguous() else torch.empty_like(s, memory_format=torch.contiguous_format)
+                        for s in shards]
+                reqs = [dist.irecv(bufs[r], src=dist.get_global_rank(group, r), group=group)
+                        for r in range(1, tp_size)]
+                shards[0].copy_(param.detach())  # while the others arrive
+                for r, req in enumerate(reqs, 1):
+                    req.wait()
+                    if bufs[r] is not shards[r]:
+                        shards[r].copy_(bufs[r])
+        elif tp_size > 1 and mapping.tp_dim is not None:
+            shards = [torch.empty_like(param) for _ in range(tp_size)]
+            dist.all_gather(shards, param.detach().contiguous(), group=group)
+        if not mine:
+            return None
+        hf_names = mapping.hf_names(caps)
+        return {hf_names[role]: t for role, t in mapping.to_hf(shards, self._shapes(chunk, attrs, name)).items()}
+
+    def _assemble(self, rows: dict, hf_name: str, t: torch.Tensor, seen: list[str], attrs):
+        """``(name, tensor)`` once complete: a plain tensor at once, a stacked one when its last
+        row arrives (a row delivered twice is recorded, and reported as unexpected)."""
+        base, row = split_row(hf_name)
+        if row is None:
+            return hf_name, t
+        got = rows.setdefault(base, {})
+        if row in got:
+            seen.append(hf_name)
+        got[row] = t
+        if len(got) < self._rows(base, attrs):
+            return None
+        del rows[base]
+        return base, torch.stack([got[k] for k in sorted(got)])
 
     def _rows(self, base: str, attrs: dict[str, Any]) -> int:
         """Rows of a stacked HF tensor: as in the source checkpoint, else one per expert."""
@@ -509,12 +462,8 @@ class Bridge:
 
     def _check_export_names(self, seen: list[str], quantized: bool = False) -> None:
         if self.checkpoint is not None:
-            expected = {n for n in self.checkpoint.names() if not self._ignored(n)}
-            if not quantized:  # dequantized export: no scale companions, MXFP4 as values
-                expected -= {c[0] for n in expected if (c := quant.companion(n, self.checkpoint))}
-                packed = {n[: -len("_blocks")] for n in expected if n.endswith("_blocks")
-                          and self._packed(self.checkpoint, n[: -len("_blocks")])}
-                expected = (expected - {f"{n}_blocks" for n in packed} - {f"{n}_scales" for n in packed}) | packed
+            stored = {n for n in self.checkpoint.names() if not self._ignored(n)}
+            expected = self._view(self.checkpoint).output_names(stored, quantized)
         else:
             expected = set(self.expected_hf_names())
         dup = sorted({n for n in seen if seen.count(n) > 1})

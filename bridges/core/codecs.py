@@ -1,0 +1,186 @@
+"""One view of an HF checkpoint, with a codec per stored format.
+
+A mapping names *logical* tensors (``model.layers.0.mlp.experts.gate_up_proj``, or one row of it:
+``...gate_up_proj[3]``). How a checkpoint stores one is its codec's business:
+
+- ``Plain``: the tensor itself.
+- ``FP8``: float8 codes plus a scale companion, per block (``<name>_scale_inv``, tiles from
+  ``quantization_config.weight_block_size``) or per tensor / row (``<name>_scale``).
+- ``MXFP4``: ``<name>_blocks`` (uint8, two e2m1 codes a byte) and ``<name>_scales`` (uint8
+  exponents), as gpt-oss ships its experts.
+
+``CheckpointView`` finds the codec of a name and reads it as values (``read``), says which
+stored tensors that consumed (``used``: the coverage ledger counts them), and encodes an
+exported tensor back (``encode``): as values in the source's dtype, or, with ``quantized``,
+in the source's format with the source's scales, bit-exactly. A new stored format (NVFP4, say)
+is one more codec in ``CODECS``; the bridge and the mappings do not change.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from bridges.core import quant
+from bridges.core.hf_io import CheckpointError, HFCheckpoint
+from bridges.core.mappings import split_row
+
+
+class Codec:
+    """A stored format. ``parts`` is None when ``name`` is not stored this way."""
+
+    def parts(self, ckpt: HFCheckpoint, name: str) -> tuple[str, ...] | None:
+        raise NotImplementedError
+
+    def decode(self, ckpt: HFCheckpoint, parts: tuple[str, ...], row: int | None,
+               dtype: torch.dtype) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, ckpt: HFCheckpoint, parts: tuple[str, ...], t: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """``t`` (values) in this format with the source's scales."""
+        raise NotImplementedError
+
+
+class Plain(Codec):
+    def parts(self, ckpt, name):
+        return (name,) if name in ckpt else None
+
+    def decode(self, ckpt, parts, row, dtype):
+        name = parts[0]
+        if row is not None:
+            return ckpt.get_row(name, row)
+        t = ckpt.get(name)
+        if t.dtype in (torch.uint8, torch.int8) and name.endswith(("_blocks", "_scales")):
+            raise CheckpointError(f"{ckpt.path}: {name} is packed {t.dtype} (MXFP4-style blocks) "
+                                  f"and read as a tensor of its own: no mapping dequantizes it")
+        return t
+
+    def encode(self, ckpt, parts, t):
+        return [(parts[0], t.to(ckpt.dtype(parts[0])))]
+
+
+class FP8(Codec):
+    def parts(self, ckpt, name):
+        if name not in ckpt or ckpt.dtype(name) not in quant.FP8:
+            return None
+        comp = quant.companion(name, ckpt)
+        if comp is None:
+            raise CheckpointError(f"{ckpt.path}: {name} is {ckpt.dtype(name)} with no scale companion "
+                                  f"({name}_scale_inv or {name}_scale): no dequantization path")
+        return name, comp[0]
+
+    @staticmethod
+    def _kind(parts) -> str:
+        return "block" if parts[1].endswith("_scale_inv") else "tensor"
+
+    def decode(self, ckpt, parts, row, dtype):
+        if row is not None:
+            raise CheckpointError(f"{ckpt.path}: {parts[0]} is FP8 and stacked: reading it row by "
+                                  f"row has no dequantization path yet")
+        try:
+            return quant.dequantize(ckpt.get(parts[0]), ckpt.get(parts[1]), self._kind(parts),
+                                    quant.block_size(ckpt.config()))
+        except quant.QuantError as e:
+            raise CheckpointError(f"{ckpt.path}: {parts[0]}: {e}") from None
+
+    def encode(self, ckpt, parts, t):
+        q, sc = quant.quantize(t, ckpt.get(parts[1]), self._kind(parts), quant.block_size(ckpt.config()),
+                               ckpt.dtype(parts[0]))
+        return [(parts[0], q), (parts[1], sc.to(ckpt.dtype(parts[1])))]
+
+
+class MXFP4(Codec):
+    def parts(self, ckpt, name):
+        if name in ckpt:
+            return None
+        try:
+            return quant.packed_parts(name, ckpt)
+        except quant.QuantError as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
+
+    def decode(self, ckpt, parts, row, dtype):
+        blocks, scales = parts
+        if row is None:
+            return quant.mxfp4_dequantize(ckpt.get(blocks), ckpt.get(scales), dtype)
+        return quant.mxfp4_dequantize(ckpt.get_row(blocks, row)[None], ckpt.get_row(scales, row)[None], dtype)[0]
+
+    def encode(self, ckpt, parts, t):
+        sc = ckpt.get(parts[1])
+        return [(parts[0], quant.mxfp4_quantize(t, sc)), (parts[1], sc)]
+
+
+CODECS: tuple[Codec, ...] = (MXFP4(), FP8(), Plain())
+
+
+class CheckpointView:
+    """A checkpoint as logical tensors (``name`` or ``name[row]``), through its codecs."""
+
+    def __init__(self, ckpt: HFCheckpoint, dequantized_dtype: torch.dtype = torch.bfloat16):
+        self.ckpt = ckpt
+        self.dequantized_dtype = dequantized_dtype
+        self._memo: dict[str, Any] = {}
+
+    def codec(self, name: str) -> tuple[Codec, tuple[str, ...]] | None:
+        """The codec storing logical tensor ``name`` and its stored parts (None: absent)."""
+        if name not in self._memo:
+            self._memo[name] = next(((c, p) for c in CODECS if (p := c.parts(self.ckpt, name))), None)
+        return self._memo[name]
+
+    def has(self, name: str) -> bool:
+        base, row = split_row(name)
+        try:
+            found = self.codec(base)
+        except CheckpointError:
+            return True  # a broken pair: reading it names the problem
+        return found is not None and (row is None or row < self.ckpt.shape(found[1][0])[0])
+
+    def read(self, name: str) -> torch.Tensor:
+        """The values of ``name`` (or of one row: ``name[k]``)."""
+        base, row = split_row(name)
+        found = self.codec(base)
+        if found is None:
+            raise CheckpointError(f"{self.ckpt.path}: no tensor {base}")
+        codec, parts = found
+        return codec.decode(self.ckpt, parts, row, self.dequantized_dtype)
+
+    def used(self, name: str) -> list[str]:
+        """The stored tensors (or rows) that reading ``name`` consumes."""
+        base, row = split_row(name)
+        found = self.codec(base)
+        parts = found[1] if found else (base,)
+        if row is None:
+            return list(parts)
+        # the rows of a stacked tensor; an FP8 scale companion is read whole
+        return [f"{p}[{row}]" if i == 0 or isinstance(found[0], MXFP4) else p for i, p in enumerate(parts)]
+
+    def encode(self, name: str, t: torch.Tensor, quantized: bool) -> list[tuple[str, torch.Tensor]]:
+        """An exported tensor as the output stores it: in the source's format (``quantized``)
+        or as values (the source's dtype; dequantized_dtype for what was quantized there)."""
+        found = self.codec(name) if name in self.ckpt or self._packed(name) else None
+        if found is None:
+            return [(name, t)]
+        codec, parts = found
+        if isinstance(codec, Plain):
+            return codec.encode(self.ckpt, parts, t)
+        if quantized:
+            return codec.encode(self.ckpt, parts, t)
+        return [(name, t.to(self.dequantized_dtype))]
+
+    def _packed(self, name: str) -> bool:
+        return f"{name}_blocks" in self.ckpt
+
+    def output_names(self, names: set[str], quantized: bool) -> set[str]:
+        """What an export of the stored ``names`` writes: the same names with ``quantized``;
+        else values only (no scale companions, an MXFP4 pair as its logical tensor)."""
+        if quantized:
+            return set(names)
+        out = set(names)
+        for n in names:
+            comp = quant.companion(n, self.ckpt)
+            if comp:
+                out.discard(comp[0])
+            if n.endswith("_blocks") and self.codec(n[: -len("_blocks")]):
+                logical = n[: -len("_blocks")]
+                out -= {f"{logical}_blocks", f"{logical}_scales"}
+                out.add(logical)
+        return out
