@@ -134,20 +134,15 @@ class Conformance:
             raise ValueError(f"layout {layout} needs {lay.world_size} ranks; the pool has {self.world}")
         ref = self.reference(spec, dtype)  # of the default toy: the same weights as ``ckpt``
         ckpt = ckpt or self.checkpoint(spec, dtype)
-        try:
-            ranks = self.pool.run("conformance.job:megatron_case", timeout=self.timeout,
-                                  toy_dir=ckpt, layout=layout, ids=self._ids(ckpt),
-                                  steps=self.steps, dtype=dtype, bridge_ref=bridge_ref)
-        except RankError as e:
-            return {c: CheckResult(c, False, "", f"conversion crashed:\n{e}") for c in CASE_CHECKS}
+        ranks = self._ranks(CASE_CHECKS, "conformance.job:megatron_case", toy_dir=ckpt, layout=layout,
+                            ids=self._ids(ckpt), steps=self.steps, dtype=dtype, bridge_ref=bridge_ref)
+        if isinstance(ranks, dict):
+            return ranks
         r0 = ranks[0]
         source = self._source(ckpt)
         if r0["import_error"]:
-            out = {"coverage": checks.check_coverage(r0["import_error"], [], [])}
-            for c in CASE_CHECKS[1:]:
-                out[c] = CheckResult(c, False, "", "not run: import failed (see coverage)",
-                                     {"blocked": True})
-            return out
+            return {"coverage": checks.check_coverage(r0["import_error"], [], []),
+                    **_unrun(CASE_CHECKS[1:], "not run: import failed (see coverage)", blocked=True)}
         exported = r0["exported"]
         logits = next(r["logits"] for r in ranks if r.get("logits") is not None)
         acts: dict = {}
@@ -168,6 +163,14 @@ class Conformance:
             for c in ("logits", "generation"):
                 out[c].details = (out[c].details + "\n" + describe_divergence(first, trail)).strip()
         return out
+
+    def _ranks(self, names: tuple[str, ...], fn: str, **kwargs) -> list | dict[str, CheckResult]:
+        """Every rank's result of ``fn``; or, when a rank crashed, the checks ``names`` failed
+        with the crash (the one place a crashed conversion becomes results)."""
+        try:
+            return self.pool.run(fn, timeout=self.timeout, **kwargs)
+        except RankError as e:
+            return _unrun(names, f"conversion crashed:\n{e}")
 
     def _source(self, ckpt: str) -> dict[str, torch.Tensor]:
         def read():
@@ -206,15 +209,14 @@ class Conformance:
             ref = self._memo(("ref-deq", deq), lambda: self.pool.run(
                 "conformance.job:hf_reference", ranks=[0], timeout=self.timeout, toy_dir=deq,
                 ids=self._ids(deq), steps=1, dtype="float32")[0])
-            try:
-                ranks = self.pool.run("conformance.job:megatron_case", timeout=self.timeout, toy_dir=fp8,
-                                      layout=layout, ids=self._ids(fp8), steps=1, bridge_ref=bridge_ref)
-            except RankError as e:
-                return {c: CheckResult(c, False, "", f"conversion crashed:\n{e}") for c in ("quant", "logits")}
+            ranks = self._ranks(("quant", "logits"), "conformance.job:megatron_case", toy_dir=fp8,
+                                layout=layout, ids=self._ids(fp8), steps=1, bridge_ref=bridge_ref)
+            if isinstance(ranks, dict):
+                return ranks
             r0 = ranks[0]
             if r0["import_error"]:
-                return {"quant": CheckResult("quant", False, "", r0["import_error"]),
-                        "logits": CheckResult("logits", False, "", "not run: import failed", {"blocked": True})}
+                return {**_unrun(("quant",), r0["import_error"]),
+                        **_unrun(("logits",), "not run: import failed (see quant)", blocked=True)}
             logits = next(r["logits"] for r in ranks if r.get("logits") is not None)
             return {
                 "quant": checks.check_quant(self._source(deq), r0["exported"], self._source(toy),
@@ -234,14 +236,13 @@ class Conformance:
             ref = self._memo(("mtp-ref", ckpt), lambda: self.pool.run(
                 "conformance.job:hf_mtp_reference", ranks=[0], timeout=self.timeout, toy_dir=ckpt,
                 ids=ids)[0])
-            try:
-                ranks = self.pool.run("conformance.job:megatron_mtp", timeout=self.timeout, toy_dir=ckpt,
-                                      layout=layout, ids=ids, bridge_ref=bridge_ref)
-            except RankError as e:
-                return CheckResult("mtp", False, "", f"conversion crashed:\n{e}")
+            ranks = self._ranks(("mtp",), "conformance.job:megatron_mtp", toy_dir=ckpt, layout=layout,
+                                ids=ids, bridge_ref=bridge_ref)
+            if isinstance(ranks, dict):
+                return ranks["mtp"]
             error = next((r["error"] for r in ranks if r["error"]), None)
             if error:
-                return CheckResult("mtp", False, "", f"not run: import failed:\n{error}", {"blocked": True})
+                return _unrun(("mtp",), f"not run: import failed:\n{error}", blocked=True)["mtp"]
             got = next((r["mtp"] for r in ranks if r["mtp"] is not None), None)
             if got is None:
                 return CheckResult("mtp", False, "", "the converted model has no MTP block")
@@ -250,3 +251,9 @@ class Conformance:
             return result
 
         return self._memo(("mtp", spec.name, layout, bridge_ref), run)
+
+
+def _unrun(names, why: str, blocked: bool = False) -> dict[str, CheckResult]:
+    """Failed results for checks that could not give a verdict: the conversion crashed, or
+    (``blocked``) an earlier step failed and the check's own failure is reported there."""
+    return {c: CheckResult(c, False, "", why, {"blocked": True} if blocked else {}) for c in names}

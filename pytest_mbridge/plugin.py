@@ -203,27 +203,22 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     per_case = "mbridge_layout" in metafunc.fixturenames
     if per_case:
         if metafunc.function.__name__ == "test_mtp":  # models with multi-token prediction only
-            models = [m for m in models if _has_mtp(config, m)]
+            models = [m for m in models if "mtp" in _capabilities(config, m)]
         combos = [(m, lay, dt) for m in models for lay in _layouts(config, m) for dt in _dtypes(config)]
         many_dtypes = len(_dtypes(config)) > 1
         params = [pytest.param(m, lay, dt, id=f"{m}-{lay}" + (f"-{dt}" if many_dtypes else ""),
                                marks=[pytest.mark.xdist_group(f"{m}"), pytest.mark.mbridge])
                   for m, lay, dt in combos]
         metafunc.parametrize(("mbridge_model", "mbridge_layout", "mbridge_dtype"), params)
-    elif "mbridge_format" in metafunc.fixturenames:  # one item per FP8 layout the family ships
-        from bridges.core.registry import lookup
-
-        specs = config._mbridge_models  # type: ignore[attr-defined]
+    elif "mbridge_format" in metafunc.fixturenames:  # one item per quantised format the family ships
         metafunc.parametrize(("mbridge_model", "mbridge_format"), [
             pytest.param(m, f, id=f"{m}-{f}", marks=[pytest.mark.xdist_group(m), pytest.mark.mbridge])
-            for m in models for f in _formats(lookup, specs[m].config)])
-    elif "mbridge_expert_layout" in metafunc.fixturenames:  # MoE models only
-        from conformance.session import is_moe
-
-        specs = config._mbridge_models  # type: ignore[attr-defined]
+            for m in models for f in sorted(c[len("quant:"):] for c in _capabilities(config, m)
+                                            if c.startswith("quant:"))])
+    elif "mbridge_expert_layout" in metafunc.fixturenames:  # models with routed experts only
         metafunc.parametrize(("mbridge_model", "mbridge_expert_layout"), [
             pytest.param(m, "stacked", id=m, marks=[pytest.mark.xdist_group(m), pytest.mark.mbridge])
-            for m in models if is_moe(specs[m].config)])
+            for m in models if "experts" in _capabilities(config, m)])
     else:
         metafunc.parametrize("mbridge_model", [pytest.param(m, id=m, marks=[
             pytest.mark.xdist_group(m), pytest.mark.mbridge]) for m in models])
@@ -241,21 +236,19 @@ def pytest_collection_modifyitems(session: pytest.Session, config: pytest.Config
         items[:] = keep
 
 
-def _has_mtp(config: pytest.Config, model: str) -> bool:
+def _capabilities(config: pytest.Config, model: str) -> frozenset[str]:
+    """The bridge's declared capabilities for ``model`` (``Bridge.capabilities``), once per run;
+    none for a bridge that cannot even be built (its other items report why)."""
     from conformance.job import make_bridge
 
-    try:
-        spec = config._mbridge_models[model]  # type: ignore[attr-defined]
-        return bool(make_bridge(spec.config, config.getoption("mbridge_bridge")).megatron_attrs().get("mtp_num_layers"))
-    except Exception:  # noqa: BLE001 - a broken bridge is reported by the suite's other items
-        return False
-
-
-def _formats(lookup, config: dict) -> tuple[str, ...]:
-    try:
-        return lookup(config).quantized_formats
-    except LookupError:
-        return ()
+    memo = config.__dict__.setdefault("_mbridge_capabilities", {})
+    if model not in memo:
+        try:
+            spec = config._mbridge_models[model]  # type: ignore[attr-defined]
+            memo[model] = make_bridge(spec.config, config.getoption("mbridge_bridge")).capabilities()
+        except Exception:  # noqa: BLE001 - a broken bridge is reported by the suite's other items
+            memo[model] = frozenset()
+    return memo[model]
 
 
 # -- fixtures ----------------------------------------------------------------------------

@@ -184,6 +184,19 @@ class Bridge:
         """Hook applied to each HF tensor as it is read (dequantisation goes here)."""
         return tensor
 
+    def capabilities(self) -> frozenset[str]:
+        """What this model has that some conformance checks need: ``mtp`` (multi-token
+        prediction layers), ``experts`` (routed experts: expert layouts, the stacked-experts
+        item), ``quant:<format>`` per quantised format the family ships. Each check of the suite
+        applies where its capability is present."""
+        attrs = self.megatron_attrs()
+        caps = {f"quant:{f}" for f in self.quantized_formats}
+        if attrs.get("mtp_num_layers"):
+            caps.add("mtp")
+        if attrs.get("num_moe_experts"):
+            caps.add("experts")
+        return frozenset(caps)
+
     # -- helpers --------------------------------------------------------------------------
     def _shapes(self, chunk, attrs: dict[str, Any] | None = None, name: str = "") -> Shapes:
         """The dimensions of the module that owns parameter ``name``: the innermost module on

@@ -1,0 +1,22 @@
+"""Bridges declare what the suite can check beyond the common checks; the plugin's items follow."""
+import pytest
+
+from bridges import AutoBridge
+from conformance.models import resolve
+
+
+@pytest.mark.parametrize("model,caps", [
+    ("meta-llama/Llama-3.2-1B", set()),
+    ("Qwen/Qwen3-8B", {"quant:block"}),
+    ("mistralai/Mistral-7B-v0.1", {"quant:tensor"}),
+    ("Qwen/Qwen3-30B-A3B", {"experts"}),
+    ("deepseek-ai/DeepSeek-V2-Lite", {"experts"}),
+    ("deepseek-ai/DeepSeek-V3", {"experts", "mtp", "quant:block"}),
+])
+def test_capabilities(model, caps):
+    assert AutoBridge.from_hf_config(resolve(model).config).capabilities() == caps
+
+
+def test_mtp_capability_follows_the_config():
+    cfg = dict(resolve("deepseek-ai/DeepSeek-V3").config, num_nextn_predict_layers=0)
+    assert "mtp" not in AutoBridge.from_hf_config(cfg).capabilities()
