@@ -344,3 +344,37 @@ def test_plugin_writes_files_by_rename(tmp_path):
     from pytest_mbridge.snapshots import MbridgeSnapshot, _AtomicAmber
 
     assert MbridgeSnapshot.serializer_class is _AtomicAmber
+
+
+# -- other bad input: one line, exit 2, nothing written ----------------------------------------
+def _variant(toy: str, d: Path, config=None, drop: str | None = None) -> str:
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(toy, d)
+    if config:
+        cfg = json.loads((d / "config.json").read_text())
+        (d / "config.json").write_text(json.dumps({**cfg, **config}))
+    if drop:
+        t = load_file(str(d / "model.safetensors"))
+        save_file({k: v for k, v in t.items() if k != drop}, str(d / "model.safetensors"), metadata={"format": "pt"})
+    return str(d)
+
+
+@pytest.mark.parametrize("case", ["remote code", "bad layout", "missing tensor", "wrong shape"])
+def test_bad_input_is_one_line_and_exit_2(conformance, toy, tmp_path, case):
+    layer0 = "model.layers.0.self_attn.k_proj.weight"
+    make, extra, named = {
+        "remote code": (lambda: _variant(toy, tmp_path / "src", {"auto_map": {"AutoModelForCausalLM": "m.X"}}),
+                        [], "field 'auto_map' asks for remote code"),
+        "bad layout": (lambda: toy, ["--pp", "3"], "layout pp3: num_layers=4 does not divide by PP x VPP=3"),
+        "missing tensor": (lambda: _variant(toy, tmp_path / "src", drop=layer0), [],
+                           f"needs HF tensor(s) ['{layer0}']"),
+        "wrong shape": (lambda: _variant(toy, tmp_path / "src", {"intermediate_size": 8 + json.loads(
+            (Path(toy) / "config.json").read_text())["intermediate_size"]}), [], "gives shape"),
+    }[case]
+    src = make()
+    out = tmp_path / "mc"
+    rc, err = _cli(conformance, "convert", "import", "--hf", src, "--out", str(out), *extra)
+    assert rc == 2 and named in err, err
+    assert err.count("mbridge: error:") == 1 and "Traceback" not in err
+    assert not out.exists() and _others(out) == []
