@@ -4,13 +4,15 @@ to and returns plain data (tensors, dicts, strings) for the checks in ``checks.p
 from __future__ import annotations
 
 import importlib
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from conformance.forward import (capture_hf, capture_megatron, hf_generate, hf_logits, margin,
-                                 megatron_generate, megatron_logits)
+from conformance.adapters import adapter_for
+from conformance.forward import margin
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -36,31 +38,28 @@ def _device() -> torch.device:
 def hf_reference(toy_dir: str, ids: torch.Tensor, steps: int, dtype: str = "float32",
                  baseline_seed: int = 12345) -> dict[str, Any]:
     """HF logits, activations and greedy tokens; and logits of a re-initialised model."""
-    from conformance.toy import build_hf_model, load_hf_model
-
-    model = load_hf_model(toy_dir, DTYPES[dtype]).to(_device()).eval()
+    config = json.loads((Path(toy_dir) / "config.json").read_text())
+    ad = adapter_for(config)
+    model = ad.load_hf(toy_dir, DTYPES[dtype]).to(_device()).eval()
     acts: dict = {}
-    with capture_hf(model, acts):
-        logits = hf_logits(model, ids)
+    with ad.capture_hf(model, acts):
+        logits = ad.hf_logits(model, ids)
     margins: list = []
-    gen = hf_generate(model, ids, steps, margins)
+    gen = ad.hf_generate(model, ids, steps, margins)
     noise = {}
     if dtype != "float32":
         # HF's own fp32 run on the same weights measures the bf16 rounding noise of the logits:
         # a position is decisive when HF's top-1 margin clears 4x the typical noise.
-        model32 = load_hf_model(toy_dir, torch.float32).to(_device()).eval()
-        fp32 = hf_logits(model32, ids)
-        gen32 = hf_generate(model32, ids, steps)
+        model32 = ad.load_hf(toy_dir, torch.float32).to(_device()).eval()
+        fp32 = ad.hf_logits(model32, ids)
+        gen32 = ad.hf_generate(model32, ids, steps)
         err = (logits - fp32).abs().amax(-1)
         del model32
         tau = 4 * float(err.median())
         noise = {"decisive": margin(logits) > tau, "gen_decisive": torch.stack(margins, 1) > tau,
                  "noise_tau": tau, "fp32_logits": fp32, "fp32_generation": gen32}
-    import json
-    from pathlib import Path
-
-    other = build_hf_model(json.loads((Path(toy_dir) / "config.json").read_text()), seed=baseline_seed).to(DTYPES[dtype]).to(_device())
-    return {"logits": logits, "acts": acts, "generation": gen, "baseline": hf_logits(other, ids), **noise}
+    other = ad.build_hf(config, seed=baseline_seed).to(DTYPES[dtype]).to(_device())
+    return {"logits": logits, "acts": acts, "generation": gen, "baseline": ad.hf_logits(other, ids), **noise}
 
 
 def layout_provider(bridge, layout: str, dtype: torch.dtype):
@@ -101,11 +100,12 @@ def megatron_case(toy_dir: str, layout: str, ids: torch.Tensor, steps: int,
     primary = ps.get_data_parallel_rank() == 0 and ps.get_tensor_model_parallel_rank() == 0
     acts: dict = {}
     vocab = provider.vocab_size
-    with capture_megatron(chunks, acts):
-        logits = megatron_logits(chunks, ids, vocab)
+    ad = adapter_for(bridge=bridge)
+    with ad.capture_megatron(chunks, acts):
+        logits = ad.megatron_logits(chunks, ids, vocab)
     out["logits"] = logits.cpu() if logits is not None and primary else None
     out["acts"] = acts if primary else {}
-    gen = megatron_generate(chunks, ids, steps, vocab)
+    gen = ad.megatron_generate(chunks, ids, steps, vocab)
     out["generation"] = gen if dist.get_rank() == 0 else None
     try:
         exported = list(bridge.export_hf_weights(chunks, cpu=True, strict=False))
@@ -218,7 +218,7 @@ def megatron_mtp(toy_dir: str, layout: str, ids: torch.Tensor,
     mtp = getattr(last, "mtp", None)
     handle = mtp.register_forward_hook(lambda _m, _i, o: caught.append(o)) if mtp is not None else None
     try:
-        megatron_logits(chunks, ids, provider.vocab_size)
+        adapter_for(bridge=bridge).megatron_logits(chunks, ids, provider.vocab_size)
     finally:
         if handle is not None:
             handle.remove()
@@ -236,16 +236,12 @@ def hf_mtp_reference(toy_dir: str, ids: torch.Tensor, baseline_seed: int = 12345
     """The registered bridge's reference logits of the first MTP layer (``bridge.
     mtp_reference_logits``: [b, s - 1, vocab], fp32) on HF's main hidden state; and the same head
     on the hidden state of a re-initialised main model, as the "wrong" baseline."""
-    import json
-    from pathlib import Path
-
-    from conformance.toy import build_hf_model, load_hf_model
-
     bridge = make_bridge(toy_dir)
+    ad = adapter_for(bridge=bridge)
     config = json.loads((Path(toy_dir) / "config.json").read_text())
     out = {}
-    for key, model in (("logits", load_hf_model(toy_dir, torch.float32)),
-                       ("baseline", build_hf_model({**config, "dtype": "float32"}, seed=baseline_seed))):
+    for key, model in (("logits", ad.load_hf(toy_dir, torch.float32)),
+                       ("baseline", ad.build_hf({**config, "dtype": "float32"}, seed=baseline_seed))):
         with torch.no_grad():
             hidden = model.eval().model(input_ids=ids).last_hidden_state
         out[key] = bridge.mtp_reference_logits(ids, hidden).float()

@@ -14,11 +14,11 @@ from safetensors.torch import load_file
 
 from bridges.core.parallel import Layout
 from conformance import checks
+from conformance.adapters import adapter_for
 from conformance.checks import CheckResult
 from conformance.localize import describe as describe_divergence, localize
 from conformance.models import ModelSpec
 from conformance.runner import RankError, RankPool
-from conformance.toy import shrink_config
 
 CASE_CHECKS = ("coverage", "roundtrip", "logits", "generation")
 DEFAULT_LAYOUTS = ("tp1pp1", "tp2", "pp2", "tp2pp2", "vpp2")
@@ -73,8 +73,8 @@ class Conformance:
 
     # -- inputs ---------------------------------------------------------------------------
     def toy_config(self, spec: ModelSpec, dtype: str = "float32") -> dict:
-        return {**shrink_config(spec.config, max_tp=self.max_tp, min_layers=self.min_layers),
-                "dtype": dtype}
+        ad = adapter_for(spec.config)
+        return {**ad.toy_config(spec.config, max_tp=self.max_tp, min_layers=self.min_layers), "dtype": dtype}
 
     def checkpoint(self, spec: ModelSpec, dtype: str = "float32") -> str:
         """The checkpoint under test: a toy made from the config, or the user's own weights."""
@@ -91,8 +91,8 @@ class Conformance:
     def _ids(self, ckpt: str) -> torch.Tensor:
         import json
 
-        vocab = json.loads((Path(ckpt) / "config.json").read_text())["vocab_size"]
-        return self.ids % vocab
+        config = json.loads((Path(ckpt) / "config.json").read_text())
+        return adapter_for(config).inputs(config, self.ids)
 
     def reference(self, spec: ModelSpec, dtype: str | None = None) -> dict:
         dtype = dtype or self.dtype

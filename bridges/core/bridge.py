@@ -124,6 +124,9 @@ class Bridge:
     # FP8 layouts this family ships ("block": *_scale_inv tiles, "tensor": *_scale), checked by
     # the suite's quant-sanity item. Import dequantizes any of them for every family.
     quantized_formats: ClassVar[tuple[str, ...]] = ()
+    # The kind of model, for the conformance suite's adapter (conformance/adapters.py): "text"
+    # for a causal language model (token ids in, logits out); a VLM family says "vision".
+    modality: ClassVar[str] = "text"
     # Export dtype of tensors that were quantized in the source (unless re-quantized).
     dequantized_dtype: ClassVar[torch.dtype] = torch.bfloat16
     # HF tensors that exist in some checkpoints but carry no weights (regex, full match).
