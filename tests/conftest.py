@@ -37,3 +37,14 @@ def toy_tensors(toy) -> dict:
     from safetensors.torch import load_file
 
     return load_file(str(toy / "model.safetensors"))
+
+
+@pytest.fixture
+def run(pytester, monkeypatch):
+    """``pytest <args>`` in a subprocess from pytester's empty directory, this checkout importable."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parents[1]))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def go(*args):
+        return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore", *args, timeout=600)
+    return go

@@ -3,19 +3,8 @@ import json
 import sys
 from pathlib import Path
 
-import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def run(pytester, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def go(*args):
-        return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore", *args, timeout=600)
-    return go
 
 
 def test_suite_passes_from_an_empty_directory_under_xdist(run, pytester):

@@ -1,19 +1,5 @@
 """Options that leave a model nothing to check are usage errors, never a quiet exit 0."""
-from pathlib import Path
-
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def run(pytester, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", str(ROOT))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-
-    def go(*args):
-        return pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore", *args, timeout=600)
-    return go
 
 
 def test_expert_layouts_on_a_dense_model_are_a_usage_error(run):
