@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -84,25 +85,60 @@ def _shrink_moe(c: dict[str, Any], layers: int) -> None:
         c["mlp_only_layers"] = [i for i in c["mlp_only_layers"] if i < layers - 1][:1]
 
 
+# Toy scales (DESIGN.md "Toy scales"): a real model's residual stream is small (embeddings at
+# initializer_range, ~0.02), so a norm's eps matters there by percents; at unit scale a one-decade
+# eps error moves toy logits by ~5e-6, under the 1e-5 bound. So the residual stream and every
+# norm's input sit at ``initializer_range`` scale: embeddings ~ N(0, s); the projections that
+# write into the residual stream (WRITERS) and those that feed a norm of their own (FEEDS: QK
+# norms, MLA's latent norms) ~ N(0, s^2 / fan_in); every other matrix (the ones read after a
+# norm: v, gate/up, up-projections, routers, lm_head) ~ N(0, 1 / fan_in), so attention scores,
+# gating and logits keep unit scale and mapping bugs stay as visible as before.
+WRITERS = re.compile(r"(^|\.)(o_proj|down_proj|w2|eh_proj)(\.weight|\.bias)?$")
+# projection -> (its norm, a sibling of the projection; the rows it normalises: all, or the
+# first norm-size rows: MLA's kv_a_proj_with_mqa also carries the un-normed rope key)
+FEEDS = {"q_proj": ("q_norm", "all"), "k_proj": ("k_norm", "all"),
+         "q_a_proj": ("q_a_layernorm", "all"), "kv_a_proj_with_mqa": ("kv_a_layernorm", "lead")}
+
+
+def _scale(name: str, params: dict[str, torch.Tensor], s: float) -> tuple[float, int | None]:
+    """(factor on a unit-scale draw, rows it applies to: None for all) for parameter ``name``."""
+    if WRITERS.search(name):
+        return s, None
+    parts = name.split(".")
+    if len(parts) >= 2 and parts[-2] in FEEDS:
+        norm, rows = FEEDS[parts[-2]]
+        sibling = ".".join(parts[:-2] + [norm, "weight"])
+        if sibling in params:
+            return s, (params[sibling].numel() if rows == "lead" else None)
+    return 1.0, None
+
+
 def randomize_(model: torch.nn.Module, seed: int) -> None:
-    """Re-randomise every parameter: matrices ~ N(0, 1/fan_in), vectors well away from 0/1;
-    and the float buffers saved with the model (e.g. a router's score-correction bias)."""
+    """Re-randomise every parameter at realistic scale (see WRITERS above): embeddings ~
+    N(0, initializer_range), matrices ~ N(0, 1/fan_in) or, where they write the residual stream
+    or feed a norm, initializer_range times that; biases ~ N(0, 0.2) times their matrix's
+    factor; norm weights uniform in [0.5, 1.5] (well away from 0 and 1: swaps must show); and
+    the float buffers saved with the model (e.g. a router's score-correction bias)."""
     g = torch.Generator().manual_seed(seed)
+    s = float(getattr(getattr(model, "config", None), "initializer_range", None) or 0.02)
     with torch.no_grad():
         saved = set(model.state_dict())
         for name, b in sorted(model.named_buffers()):
             if name in saved and b.is_floating_point() and "inv_freq" not in name:
                 b.copy_(torch.randn(b.shape, generator=g) * 0.2)
-        for name, p in sorted(model.named_parameters()):
+        params = dict(model.named_parameters())
+        for name, p in sorted(params.items()):
+            factor, rows = _scale(name, params, s)
             if p.dim() >= 2:
-                std = 1.0 / p.shape[-1] ** 0.5
-                if "embed" in name:
-                    std = 1.0
-                p.copy_(torch.randn(p.shape, generator=g) * std)
+                std = s if "embed" in name else 1.0 / p.shape[-1] ** 0.5
+                draw = torch.randn(p.shape, generator=g) * std
             elif name.endswith("bias"):
-                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+                draw = torch.randn(p.shape, generator=g) * 0.2
             else:  # norm weights
-                p.copy_(torch.rand(p.shape, generator=g) + 0.5)
+                draw = torch.rand(p.shape, generator=g) + 0.5
+            if factor != 1.0:
+                draw[(slice(None),) * (p.dim() - 2) + (slice(rows),)] *= factor
+            p.copy_(draw)
 
 
 def hf_model_type(config: dict[str, Any]) -> str:

@@ -303,3 +303,74 @@ class MXFP4Raw(Qwen3MoeBridge):
             codes = torch.stack((b & 15, b >> 4), -1).flatten(-3).to(self.dequantized_dtype)
             return codes.transpose(-1, -2).contiguous()
         return super()._read(ckpt, name)
+
+
+# -- subtle config and module bugs (#22): small numeric effects the toy scales must expose ----
+from bridges.models.deepseek.deepseek_bridge import DeepseekV2Bridge  # noqa: E402
+
+
+class _EpsOff:
+    """The built Megatron model's norms named in ``norms`` use 10x the config's epsilon: a
+    module that hard-codes its own eps (1e-6 -> 1e-5), config and mappings right."""
+    norms: tuple[str, ...] = ()
+
+    def build_model(self, provider, pre_process, post_process, vp_stage=None):
+        model = super().build_model(provider, pre_process, post_process, vp_stage)
+        hit = 0
+        for name, module in model.named_modules():
+            if name.rsplit(".", 1)[-1] in self.norms:
+                module.eps *= 10
+                hit += 1
+        assert hit or not (pre_process or post_process), f"no {self.norms} in the model"
+        return model
+
+
+class _BuiltWith:
+    """The Megatron model is built with ``changes`` to the provider's attributes, while the
+    config translation (and so the config roundtrip) stays right: a module-level bug."""
+    changes: dict = {}
+
+    def build_model(self, provider, pre_process, post_process, vp_stage=None):
+        attrs = provider._attrs
+        saved = dict(attrs)
+        attrs.update({k: f(attrs[k]) for k, f in self.changes.items()})
+        try:
+            return super().build_model(provider, pre_process, post_process, vp_stage)
+        finally:
+            attrs.clear()
+            attrs.update(saved)
+
+
+# 22. input layer norm's eps 10x off ------------------------------------------------------
+class EpsInputNorm(_EpsOff, Qwen3Bridge):
+    norms = ("input_layernorm",)
+
+
+# 23. final norm's eps 10x off ------------------------------------------------------------
+class EpsFinalNorm(_EpsOff, Qwen2Bridge):
+    norms = ("final_layernorm",)
+
+
+# 24. QK norms' eps 10x off ---------------------------------------------------------------
+class EpsQKNorm(_EpsOff, Qwen3Bridge):
+    norms = ("q_layernorm", "k_layernorm")
+
+
+# 25. MLA's kv latent norm eps 10x off (DeepSeek's kv_a_layernorm) ------------------------
+class EpsLatentNorm(_EpsOff, DeepseekV2Bridge):
+    norms = ("kv_layernorm",)
+
+
+# 26. rope base doubled in the built model (500000 -> 1000000) -----------------------------
+class RopeBaseDoubled(_BuiltWith, LlamaBridge):
+    changes = {"rotary_base": lambda b: 2 * b}
+
+
+# 27. llama3 rope scaling dropped in the built model ---------------------------------------
+class Llama3ScalingDropped(_BuiltWith, LlamaBridge):
+    changes = {"rope_scaling": lambda s: False}
+
+
+# 28. routing: top-k probabilities not renormalised (norm_topk_prob=True read as False) ----
+class NormTopkFlipped(_BuiltWith, Qwen3MoeBridge):
+    changes = {"moe_router_pre_softmax": lambda s: not s}

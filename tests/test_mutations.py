@@ -28,7 +28,20 @@ MUTANTS = [
     ("SharedGateDropped", "Qwen/Qwen1.5-MoE-A2.7B", {"tp1pp1": {"coverage", "roundtrip", "logits", "generation"}}),
     ("RouterBiasDropped", "zai-org/GLM-4.5", {"tp1pp1": {"coverage", "roundtrip", "logits", "generation"}}),
     ("EPExportOrder", "Qwen/Qwen3-30B-A3B", {"tp1pp1": set(), "ep2": {"roundtrip"}}),
+    # subtle config and module bugs: invisible before the toys' residual stream and norm
+    # inputs were put at initializer_range scale (logits moved 1e-6..8e-6, under the bound)
+    ("EpsInputNorm", "Qwen/Qwen3-8B", {"tp1pp1": {"logits", "generation"}}),
+    ("EpsQKNorm", "Qwen/Qwen3-8B", {"tp1pp1": {"logits", "generation"}}),
+    ("EpsFinalNorm", "Qwen/Qwen2.5-7B-Instruct", {"tp1pp1": {"logits"}}),
+    ("EpsLatentNorm", "deepseek-ai/DeepSeek-V2-Lite", {"tp1pp1": {"logits", "generation"}}),
+    ("RopeBaseDoubled", "meta-llama/Llama-3.1-8B", {"tp1pp1": {"logits", "generation"}}),
+    ("Llama3ScalingDropped", "meta-llama/Llama-3.1-8B", {"tp1pp1": {"logits", "generation"}}),
+    ("NormTopkFlipped", "Qwen/Qwen3-30B-A3B", {"tp1pp1": {"logits", "generation"}}),
 ]
+# one-decade eps errors: the fp32 logits error must clear the 1e-5 bound by this factor at least
+# (measured on CPU: 2.8e-3 final norm .. 2.3e-2 MLA latent norm; 1.2e-6 .. 8.2e-6 at unit scale)
+EPS_MARGIN = 100
+EPS_MUTANTS = [m for m in MUTANTS if m[0].startswith("Eps")]
 
 
 def caught_by(results) -> set[str]:
@@ -42,6 +55,23 @@ def test_mutant_is_caught(conformance, spec, mutant, model, expect):
         got = caught_by(results)
         assert got == checks, f"{mutant} at {layout}: caught by {sorted(got)}, expected {sorted(checks)}\n" + \
             "\n".join(str(r) for r in results.values() if not r.passed)
+
+
+@pytest.mark.parametrize("mutant,model,expect", EPS_MUTANTS, ids=[m[0] for m in EPS_MUTANTS])
+def test_eps_decade_fails_clearly(conformance, spec, mutant, model, expect):
+    from conformance.checks import FP32_REL_ERR
+
+    r = conformance.case(spec(model), "tp1pp1", bridge_ref=f"tests.mutants:{mutant}")["logits"]
+    assert r.data["rel_err"] >= EPS_MARGIN * FP32_REL_ERR, r
+    assert r.data["baseline_rel_err"] > 0.5, r  # the re-initialised model stays far off
+
+
+@pytest.mark.parametrize("mutant,model", [("RopeBaseDoubled", "meta-llama/Llama-3.1-8B"),
+                                          ("Llama3ScalingDropped", "meta-llama/Llama-3.1-8B"),
+                                          ("NormTopkFlipped", "Qwen/Qwen3-30B-A3B")])
+def test_module_bugs_keep_the_config_right(conformance, spec, mutant, model):
+    """Built-model bugs: the config roundtrip cannot see them, only the logits can."""
+    assert conformance.describe(spec(model), bridge_ref=f"tests.mutants:{mutant}")["config_check"].passed
 
 
 def test_wrong_rope_theta_breaks_config_roundtrip(conformance, spec):
