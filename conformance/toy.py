@@ -1,8 +1,9 @@
 """Toy models from real configs: same architecture and quirks, tiny sizes, random weights
 that make every mapping bug visible.
 
-Shrinking keeps: the GQA ratio, rope type and parameters, tied/untied embeddings, biases,
-QK norm, activation. It decouples head_dim from hidden/heads, makes the vocab odd (so TP
+Shrinking keeps: the GQA ratio (up to 8 query heads per KV head), rope type and parameters, tied/untied embeddings, biases,
+QK norm, activation. It decouples head_dim from hidden/heads (hidden stays a multiple of the
+heads: transformers requires it), makes the vocab odd (so TP
 padding is exercised), keeps at least ``min_layers`` layers (>= pp * vpp), and re-randomises
 every tensor, norms and biases included (at their init values of 1 and 0 swaps are invisible).
 """
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 TOY = dict(hidden_size=64, intermediate_size=96, head_dim=16, vocab_size=503, kv_heads=4,
-           max_heads=16, sliding_window=8, experts=8, max_topk=4, moe_intermediate_size=32,
+           max_heads=16, max_per_group=8, sliding_window=8, experts=8, max_topk=4, moe_intermediate_size=32,
            shared_expert_intermediate_size=48)
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
 
@@ -32,13 +33,16 @@ def shrink_config(config: dict[str, Any], max_tp: int = 4, min_layers: int = 4,
     c = copy.deepcopy(config)
     heads = int(c["num_attention_heads"])
     kv = int(c.get("num_key_value_heads") or heads)
-    ratio = heads // kv
+    # query heads per KV head: kept up to max_per_group (MQA models reach 71; 8 exercises the
+    # grouped interleave the same way, and keeps the toy small)
+    per = max(1, min(heads // max(kv, 1), TOY["max_per_group"]))
     toy_kv = max(max_tp, 2)
-    if toy_kv * ratio > TOY["max_heads"]:  # keep the ratio, but no more heads than needed
-        toy_kv = max_tp
-    c.update(num_hidden_layers=min_layers, hidden_size=TOY["hidden_size"],
+    if toy_kv * per > TOY["max_heads"]:  # keep the ratio, but no more heads than needed
+        toy_kv = max(max_tp, 1)
+    toy_heads = toy_kv * per
+    c.update(num_hidden_layers=min_layers, hidden_size=toy_hidden_size(toy_heads, TOY["head_dim"]),
              intermediate_size=TOY["intermediate_size"], head_dim=TOY["head_dim"],
-             num_attention_heads=toy_kv * ratio, num_key_value_heads=toy_kv,
+             num_attention_heads=toy_heads, num_key_value_heads=toy_kv,
              vocab_size=TOY["vocab_size"], dtype="float32")
     c.pop("torch_dtype", None)
     if c.get("sliding_window"):
@@ -52,6 +56,8 @@ def shrink_config(config: dict[str, Any], max_tp: int = 4, min_layers: int = 4,
         c = lookup(c).toy_config(c)
     except UnknownModelError:
         pass
+    if "head_dim" not in c:  # the family's HF code derives it: hidden / heads
+        c["hidden_size"] = toy_hidden_size(c["num_attention_heads"], None)
     if tie is not None:
         c["tie_word_embeddings"] = tie
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -61,6 +67,17 @@ def shrink_config(config: dict[str, Any], max_tp: int = 4, min_layers: int = 4,
         elif isinstance(v, list):
             c[k] = [min(x, c["vocab_size"] - 1) for x in v]
     return c
+
+
+def toy_hidden_size(heads: int, head_dim: int | None) -> int:
+    """The toy's hidden size: the smallest multiple of ``heads`` from TOY's 64 up (transformers
+    refuses a hidden size that heads do not divide, whatever head_dim says) whose share per
+    head is not ``head_dim`` (a bridge that derives head_dim from hidden / heads must fail).
+    Without a free head_dim (``None``): an even share per head (rotary halves it)."""
+    h = -(-TOY["hidden_size"] // heads) * heads
+    while (h // heads == head_dim) if head_dim else (h // heads) % 2:
+        h += heads
+    return h
 
 
 def _shrink_moe(c: dict[str, Any], layers: int) -> None:
