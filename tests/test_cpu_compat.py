@@ -197,12 +197,25 @@ def test_ensure_is_a_noop_when_cuda_is_available(world1, monkeypatch):
 
 
 def test_ensure_applies_everything_without_cuda(world1, monkeypatch):
-    with cpu_compat.patched(exclude={p.name for p in cpu_compat.PATCHES}):
+    cpu_compat.remove()
+    try:
         monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
         assert cpu_compat.needed()
         cpu_compat.ensure()
         assert sorted(cpu_compat._saved) == sorted(COVERED)
+    finally:
         monkeypatch.undo()
+        cpu_compat.apply()
+
+
+def test_ensure_keeps_what_patched_switched_off(world1, monkeypatch):
+    """The provider calls ensure() at every build: inside ``patched`` (the tests that switch
+    one patch off) it must not switch that patch back on."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with cpu_compat.patched(exclude={"rng_fork"}) as active:
+        cpu_compat.ensure()
+        assert sorted(cpu_compat._saved) == active and "rng_fork" not in active
+    assert sorted(cpu_compat._saved) == sorted(COVERED)
 
 
 # -- the CPU replacements compute what Megatron's CUDA versions compute ------------------------
@@ -291,3 +304,45 @@ def test_synchronize_patch_lets_dist_checkpointing_save(pool, tmp_path):
     assert not (tmp_path / "a").exists()  # the failed save left nothing at the target
     assert p.run(f"{__name__}:dist_ckpt_worker", exclude=[], out=str(tmp_path / "b"), timeout=120) == [True, True]
     assert (tmp_path / "b" / "iter_0000000" / "metadata.json").exists()
+
+
+# -- the caller initialised Megatron's parallel state itself (as Megatron-LM scripts do) --------
+USER_INIT = r'''
+import json, sys
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+
+from bridges import AutoBridge
+from bridges.core.parallel import free_port
+from conformance.toy import shrink_config
+
+dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+ps.initialize_model_parallel(tensor_model_parallel_size=1, pipeline_model_parallel_size=1)
+provider = AutoBridge.from_hf_config(shrink_config(json.load(open(sys.argv[1])))).to_megatron_provider()
+provider.finalize()
+models = [provider.provide_distributed_model()[0]] if sys.argv[2] == "distributed" else [provider.provide(True, True)]
+ids = torch.randint(0, provider.vocab_size, (2, 12))
+with torch.no_grad():
+    out = models[0].eval()(ids, torch.arange(12).expand_as(ids), attention_mask=None)
+print("LOGITS", tuple(out.shape), bool(torch.isfinite(out).all()))
+'''
+
+
+@needs_cpu
+@pytest.mark.parametrize("build", ["distributed", "provide"])
+def test_patches_apply_when_the_caller_initialised_parallel_state(tmp_path, build):
+    """Megatron-LM scripts initialise torch.distributed and the parallel state before the
+    bridge builds anything: the provider found the state ready, skipped init_model_parallel,
+    and with it the CPU patches; the first forward failed with "Found no NVIDIA driver"."""
+    import os
+    import subprocess
+    import sys
+
+    script = tmp_path / "user_init.py"
+    script.write_text(USER_INIT)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PYTHONWARNINGS": "ignore", "CUDA_VISIBLE_DEVICES": ""}
+    res = subprocess.run([sys.executable, str(script), str(QWEN3), build], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "LOGITS (2, 12, " in res.stdout and res.stdout.strip().endswith("True"), res.stdout

@@ -264,6 +264,9 @@ class Bridge:
         the CoverageError instead. A path given as ``checkpoint`` is opened without pickle
         support; pass ``HFCheckpoint(path, allow_pickle=True)`` to load a pickle checkpoint.
         """
+        from bridges.core import cpu_compat
+
+        cpu_compat.ensure()  # chunks the caller built itself run on CPU after this, too
         ckpt = (HFCheckpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike))
                 else checkpoint or self.checkpoint)
         if ckpt is None:

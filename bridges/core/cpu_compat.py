@@ -137,16 +137,24 @@ def remove(names: set[str] | None = None) -> None:
 @contextlib.contextmanager
 def patched(exclude: set[str] | frozenset[str] = frozenset()) -> Iterator[list[str]]:
     """Context manager: exactly the patches not in ``exclude`` are active inside."""
+    global _pinned
     before = set(_saved)
     remove()
+    _pinned += 1
     try:
         yield apply(exclude)
     finally:
+        _pinned -= 1
         remove()
         apply(frozenset(p.name for p in PATCHES) - before)
 
 
+_pinned = 0  # inside ``patched``: exactly its patches stay active, ``ensure`` adds none
+
+
 def ensure() -> None:
-    """Apply all patches when CUDA is absent; do nothing on a GPU machine."""
-    if needed():
+    """Apply all patches when CUDA is absent; do nothing on a GPU machine (or inside
+    ``patched``, which chose the active patches). Called wherever the bridges build or load a
+    model (``init_model_parallel``, ``ModelProvider.provide``, ``load_hf_weights``)."""
+    if needed() and not _pinned:
         apply()

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import torch
 
+from bridges.core import cpu_compat
 from bridges.core.config import ConfigError
 from bridges.core.parallel import Layout, current_layout, init_model_parallel
 
@@ -128,7 +129,13 @@ class ModelProvider:
         return cls(**kw)
 
     def provide(self, pre_process: bool, post_process: bool, vp_stage: int | None = None):
-        """One chunk, as the bridge builds it (parallel state must be initialised)."""
+        """One chunk, as the bridge builds it (parallel state must be initialised).
+
+        On a machine without CUDA the CPU patches (``cpu_compat``) are applied here, whoever
+        initialised the parallel state: a caller that did it itself (as Megatron-LM scripts do)
+        never goes through ``init_model_parallel``, and its first forward would fail with
+        "Found no NVIDIA driver"."""
+        cpu_compat.ensure()
         _quiet_deprecation()
         return self._build(self, pre_process, post_process, vp_stage)
 
