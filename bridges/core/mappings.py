@@ -250,6 +250,30 @@ class QKV(Mapping):
         return {"q": q.reshape(-1, *rest), "k": k.reshape(-1, *rest), "v": v.reshape(-1, *rest)}
 
 
+class FusedQKV(QKV):
+    """QKV that HF stores as one tensor ``qkv``: all query heads, then all key heads, then all
+    value heads along dim 0 ([q; k; v], not interleaved per group: Phi-3's ``qkv_proj``).
+    Split by the config's sizes, then interleaved per query group as ``QKV`` does."""
+
+    kind = "qkv_fused"
+
+    def _checked(self, hf, shapes):
+        qkv = hf["qkv"]
+        heads, g, d = shapes.num_attention_heads, shapes.num_query_groups, shapes.kv_channels
+        if heads % g:
+            raise MappingError(f"{self.megatron}: {heads} heads do not divide into {g} KV groups")
+        rows = (heads + 2 * g) * d
+        if qkv.shape[0] != rows:
+            raise MappingError(f"{self.hf['qkv']}: dim 0 is {qkv.shape[0]}, expected {rows} "
+                               f"([q; k; v]: {heads} query heads + 2 x {g} KV heads, head_dim {d})")
+        q, k, v = qkv.split([heads * d, g * d, g * d])
+        return q, k, v, g, heads // g, d
+
+    def _unmerge(self, full, shapes):
+        parts = super()._unmerge(full, shapes)
+        return {"qkv": torch.cat([parts["q"], parts["k"], parts["v"]])}
+
+
 class GatedMLP(Mapping):
     """Fused gate/up (linear_fc1): each TP shard is [gate_shard; up_shard].
 
@@ -295,10 +319,12 @@ class GatedMLP(Mapping):
         return {"gate": torch.cat([h[0] for h in halves]), "up": torch.cat([h[1] for h in halves])}
 
 
-class StackedGatedMLP(GatedMLP):
-    """linear_fc1 of one expert from a stacked HF ``gate_up_proj`` row ([gate; up] halves)."""
+class FusedGatedMLP(GatedMLP):
+    """linear_fc1 from one HF tensor ``gate_up`` holding [gate; up] halves along dim 0 (Phi-3's
+    ``mlp.gate_up_proj``; as a row of stacked experts, ``StackedGatedMLP``). TP shards are
+    [gate_shard; up_shard], as for ``GatedMLP``."""
 
-    kind = "gated_mlp_stacked"
+    kind = "gated_mlp_fused"
 
     def _gate_up(self, hf):
         gate_up = hf["gate_up"]
@@ -310,6 +336,12 @@ class StackedGatedMLP(GatedMLP):
     def to_hf(self, shards, shapes):
         out = super().to_hf(shards, shapes)
         return {"gate_up": torch.cat([out["gate"], out["up"]])}
+
+
+class StackedGatedMLP(FusedGatedMLP):
+    """linear_fc1 of one expert from a stacked HF ``gate_up_proj`` row ([gate; up] halves)."""
+
+    kind = "gated_mlp_stacked"
 
 
 @dataclass(frozen=True)
