@@ -102,12 +102,102 @@ def inspect_config(config: dict, ckpt: Path | None = None) -> dict:
     known = set().union(*handles.values()) if handles else set(NEUTRAL)
     keys = set(text) - {k for k in text if isinstance(text[k], dict) and k not in ("rope_scaling", "rope_parameters")}
     scores = {mt: len(keys & fields) / len(keys | fields) for mt, fields in by_type.items() if mt in registered()}
+    names, info["tensor_names_from"] = _tensor_names(config, ckpt)
+    if names:  # the blocks as the tensors show them weigh more than the config's spelling
+        info["tensor_blocks"] = sorted(k for k, v in _blocks(names).items() if v)
+        refs = _reference_names()
+        scores = {mt: s / 2 + max((_name_score(names, ref) for ref in refs.get(mt, ())), default=0.0)
+                  for mt, s in scores.items()}
     closest = info["closest_bridge"] = max(scores, key=scores.get) if scores else None
     set_ = [k for k in keys if text.get(k) not in (None, False, 0, [], {})]
     info["unknown_fields"] = sorted(k for k in set_ if k not in known)  # no bridge handles them
     # what a bridge starting from the closest one would still have to handle
     info["unhandled_by_closest"] = sorted(k for k in set_ if k not in handles.get(closest, known))
     return info
+
+
+# Blocks that tensor names show and a config does not always say (QK norm, fused projections,
+# biases); experts and MLA too. Compared between a model and each registered bridge's table.
+BLOCKS = {
+    "fused_qkv": r"\.(qkv_proj|query_key_value|Wqkv)\.",
+    "fused_gate_up": r"^(?!.*experts).*\.gate_up_proj\.",
+    "qk_norm": r"\.(q_norm|k_norm|q_layernorm|k_layernorm)\.",
+    "qkv_bias": r"\.(q_proj|k_proj|v_proj|qkv_proj)\.bias$",
+    "o_bias": r"\.o_proj\.bias$",
+    "experts": r"\.experts\.",
+    "shared_expert": r"\.shared_experts?\.",
+    "mla": r"\.(kv_a_proj_with_mqa|kv_b_proj)\.",
+    "untied_head": r"^lm_head\.",
+}
+
+
+def _normalise(names) -> set[str]:
+    """Tensor names with layer / expert indices as ``*`` (and no stacked-row suffix)."""
+    import re
+
+    return {re.sub(r"\.\d+(?=\.)", ".*", re.sub(r"\[\*\]$", "", n)) for n in names
+            if "rotary_emb" not in n and not n.endswith(("_scale_inv", "_scale", "_scales"))}
+
+
+def _blocks(names: set[str]) -> dict[str, bool]:
+    import re
+
+    return {k: any(re.search(rx, n) for n in names) for k, rx in BLOCKS.items()}
+
+
+def _name_score(names: set[str], ref: set[str]) -> float:
+    """Up to 2 for the blocks (each one present in both or absent from both), up to 1 for the
+    shared tensor names."""
+    a, b = _blocks(names), _blocks(ref)
+    return 2 * sum(a[k] == b[k] for k in BLOCKS) / len(BLOCKS) + len(names & ref) / len(names | ref)
+
+
+def _tensor_names(config: dict, ckpt: Path | None) -> tuple[set[str] | None, str | None]:
+    """The model's tensor names: from the checkpoint's index or safetensors headers when there
+    are weights; else from transformers' own class for the model type, built on the meta device
+    (no memory, no download, never remote code); None when neither is possible."""
+    if ckpt is not None:
+        index = ckpt / "model.safetensors.index.json"
+        if index.exists():
+            return _normalise(json.loads(index.read_text()).get("weight_map", {})), index.name
+        files = sorted(ckpt.glob("*.safetensors"))
+        if files:
+            from bridges.core.hf_io import read_header
+
+            names = [n for f in files for n in read_header(f) if n != "__metadata__"]
+            return _normalise(names), "safetensors headers"
+    try:
+        import torch
+        from transformers import AutoConfig
+        from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+        from conformance.toy import shrink_config
+
+        small = shrink_config(config)
+        kw = {k: v for k, v in small.items() if k not in ("model_type", "transformers_version", "auto_map")}
+        cfg = AutoConfig.for_model(small["model_type"], **kw)
+        with torch.device("meta"):
+            model = MODEL_FOR_CAUSAL_LM_MAPPING[type(cfg)](cfg)
+        return _normalise(model.state_dict()), f"transformers {type(model).__name__}"
+    except Exception:  # noqa: BLE001 - a model type transformers does not know: config only
+        return None, None
+
+
+def _reference_names() -> dict[str, list[set[str]]]:
+    """HF tensor names of every registered bridge's table, once per shipped config."""
+    from bridges.core.auto import AutoBridge
+    from conformance.models import fixture_names, resolve
+
+    out: dict[str, list[set[str]]] = {}
+    for name in fixture_names():
+        try:
+            bridge = AutoBridge.from_hf_config(resolve(name).config, trust_remote_code=True)
+            table = bridge.table(bridge.megatron_attrs())
+        except Exception:  # noqa: BLE001 - a fixture no registered bridge reads
+            continue
+        names = [n for m in table if not m.alternate for n in m.roles.values()]
+        out.setdefault(bridge.model_type, []).append(_normalise(names))
+    return out
 
 
 def run(args) -> int:
@@ -123,6 +213,8 @@ def run(args) -> int:
     q = info["quantization"]
     print(f"quantization   {q.get('config') or 'none in config'}" +
           (f"; tensors: {q['quantized_tensors']}" if q.get("quantized_tensors") else ""))
+    if info.get("tensor_blocks") is not None:
+        print(f"tensors        {', '.join(info['tensor_blocks']) or 'plain'} (from {info['tensor_names_from']})")
     print(f"bridge         {info['bridge'] or 'none registered'}"
           + ("" if info["bridge"] else f" (closest: {info['closest_bridge']})"))
     if info["unknown_fields"]:
