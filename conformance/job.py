@@ -17,13 +17,27 @@ from conformance.forward import margin
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+# Set (to 1) by the plugin's --mbridge-trust-remote-code before any rank starts, so that every
+# process of the run reads configs with ``auto_map`` the same way.
+TRUST_ENV = "MBRIDGE_TRUST_REMOTE_CODE"
+
+
+def trust_remote_code() -> bool:
+    """Whether this run trusts configs that ask for remote code (``TRUST_ENV``)."""
+    import os
+
+    return os.environ.get(TRUST_ENV, "").lower() in ("1", "true", "yes")
+
+
 def make_bridge(source: str | dict, bridge_ref: str | None = None):
     """The registered bridge for a checkpoint dir (or config dict), or the class named by
-    ``bridge_ref`` ('module:Class', e.g. a deliberately broken bridge in the self-tests)."""
+    ``bridge_ref`` ('module:Class', e.g. a deliberately broken bridge in the self-tests).
+    A config with ``auto_map`` needs ``TRUST_ENV`` (the code itself is never run)."""
     from bridges import AutoBridge
 
-    bridge = (AutoBridge.from_hf_pretrained(source) if isinstance(source, str)
-              else AutoBridge.from_hf_config(source))
+    trust = trust_remote_code()
+    bridge = (AutoBridge.from_hf_pretrained(source, trust_remote_code=trust) if isinstance(source, str)
+              else AutoBridge.from_hf_config(source, trust_remote_code=trust))
     if bridge_ref:
         mod, name = bridge_ref.split(":")
         cls = getattr(importlib.import_module(mod), name)

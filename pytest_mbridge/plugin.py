@@ -46,6 +46,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                      "tests/ exists, else __snapshots__)")
     g.addoption("--mbridge-timeout", type=float, default=300.0, metavar="S",
                 help="seconds before a hung or crashed rank fails its test (default 300)")
+    g.addoption("--mbridge-trust-remote-code", action="store_true",
+                help="check models whose config asks for remote code (auto_map). That code is "
+                     "never run: the registered bridge's tables describe the model. Without it "
+                     "such a model is one collection error")
+    parser.addini("mbridge_trust_remote_code", type="bool", default=False,
+                  help="see --mbridge-trust-remote-code")
     parser.addini("mbridge_suite", type="bool", default=False,
                   help="run the conformance suite for every registered bridge")
     parser.addini("mbridge_snapshot_dir", default="", help="see --mbridge-snapshot-dir")
@@ -90,14 +96,61 @@ def pytest_configure(config: pytest.Config) -> None:
         if not torch.cuda.is_available():
             raise pytest.UsageError("--run-gpu: no CUDA device is visible (torch.cuda.is_available() is False)")
     config._mbridge_rows = []  # type: ignore[attr-defined]
+    _trust(config)
     _models(config)  # resolve now: a bad model name is a usage error, not a collection error
+    config._mbridge_unrunnable = _unrunnable(config)  # type: ignore[attr-defined]
     _check_layouts(config)
 
 
 def pytest_collect_file(file_path: Path, parent):
     if file_path == SUITE and _active(parent.config):
+        if getattr(parent.config, "_mbridge_unrunnable", None):
+            return _Unrunnable.from_parent(parent, path=file_path)
         return pytest.Module.from_parent(parent, path=file_path)
     return None
+
+
+def _trust(config: pytest.Config) -> None:
+    """--mbridge-trust-remote-code (ini: mbridge_trust_remote_code): set in the environment, so
+    that every process of the run (the rank processes start later) reads configs alike;
+    restored when the run ends."""
+    from conformance.job import TRUST_ENV
+
+    if not (config.getoption("mbridge_trust_remote_code") or config.getini("mbridge_trust_remote_code")):
+        return
+    before = os.environ.get(TRUST_ENV)
+    os.environ[TRUST_ENV] = "1"
+    config.add_cleanup(lambda: os.environ.pop(TRUST_ENV, None) if before is None
+                       else os.environ.__setitem__(TRUST_ENV, before))
+
+
+def _unrunnable(config: pytest.Config) -> dict[str, str]:
+    """Models whose bridge cannot even be made from the config (remote code not trusted, a
+    field the bridge refuses, no bridge for the model type), each with its one-line reason:
+    reported once at collection, not as the same rank traceback in every item."""
+    from bridges.core.auto import RemoteCodeError
+    from bridges.core.errors import MBridgeError
+    from conformance.job import make_bridge
+
+    out = {}
+    for name, spec in config._mbridge_models.items():  # type: ignore[attr-defined]
+        try:
+            make_bridge(spec.config, config.getoption("mbridge_bridge")).megatron_attrs()
+        except RemoteCodeError as e:
+            out[name] = (f"{type(e).__name__}: {e}; to check it anyway: --mbridge-trust-remote-code "
+                         f"(ini: mbridge_trust_remote_code = true)")
+        except MBridgeError as e:
+            out[name] = f"{type(e).__name__}: {e}"
+    return out
+
+
+class _Unrunnable(pytest.File):
+    """The suite's place when a model cannot run: one collection error, a line per model."""
+
+    def collect(self):
+        bad = self.config._mbridge_unrunnable  # type: ignore[attr-defined]
+        raise self.CollectError("pytest-mbridge cannot check:\n" + "\n".join(
+            f"  --mbridge-model={m}: {why}" for m, why in bad.items()))
 
 
 # -- parametrisation ---------------------------------------------------------------------
