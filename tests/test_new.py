@@ -27,22 +27,75 @@ def test_new_blocks_are_marked_left_to_write(tmp_path):
         scaffold(cfg, "qwen3_xmoe", "acme/Qwen3-XMoE", tmp_path)
 
 
+def test_new_declares_auto_map_classes_transformers_implements(tmp_path):
+    """Phi-3's auto_map names transformers' own phi3 classes: the scaffold declares them (to be
+    confirmed by its author), so the suite needs no trust_remote_code; unknown classes are not."""
+    cfg = json.loads((ROOT / "fixtures/configs/microsoft/Phi-3-mini-4k-instruct/config.json").read_text())
+    scaffold(cfg, "phithree", "acme/Phi", tmp_path)
+    bridge = (tmp_path / "bridges/models/phithree/phithree_bridge.py").read_text()
+    assert "ported_remote_code = ('configuration_phi3.Phi3Config', 'modeling_phi3.Phi3ForCausalLM')" in bridge
+    cfg["auto_map"] = {"AutoModelForCausalLM": "modeling_acme.AcmeForCausalLM"}
+    scaffold(cfg, "acme", "acme/Acme", tmp_path)
+    assert "ported_remote_code" not in (tmp_path / "bridges/models/acme/acme_bridge.py").read_text()
+
+
+def _clone(root: Path) -> Path:
+    """A clone of this bridges repository (its packages and fixtures) at ``root``."""
+    for d in ("bridges", "conformance", "pytest_mbridge", "fixtures"):
+        shutil.copytree(ROOT / d, root / d, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+def test_new_writes_into_the_current_project_or_out(tmp_path, monkeypatch, capsys):
+    from bridges.cli import main
+
+    before = sorted(p.name for p in (ROOT / "bridges/models").iterdir())
+    project = tmp_path / "project"
+    project.mkdir()
+    monkeypatch.chdir(project)
+    path = FIXTURES / "meta-llama/Llama-3.1-8B/config.json"
+    assert main(["new", str(path), "--family", "llamacwd"]) == 0
+    assert (project / "bridges/models/llamacwd/llamacwd_bridge.py").exists()
+    assert (project / "tests/test_llamacwd_bridge.py").exists()
+    assert main(["new", str(path), "--family", "llamaout", "--out", str(tmp_path / "other")]) == 0
+    assert (tmp_path / "other/bridges/models/llamaout/llamaout_bridge.py").exists()
+    assert sorted(p.name for p in (ROOT / "bridges/models").iterdir()) == before  # nothing here
+
+
+def test_new_refuses_the_installed_package_directory(tmp_path, monkeypatch, capsys):
+    from bridges.cli import main
+    from bridges.commands import new
+
+    site = tmp_path / "lib" / "site-packages"
+    site.mkdir(parents=True)
+    monkeypatch.setattr(new, "INSTALLED", site)
+    monkeypatch.chdir(site)
+    path = FIXTURES / "meta-llama/Llama-3.1-8B/config.json"
+    assert main(["new", str(path), "--family", "llamasite"]) == 2
+    err = capsys.readouterr().err
+    assert "is where the bridges package is installed" in err and "--out" in err
+    assert not (site / "bridges").exists()
+
+
 def test_renamed_llama_passes_the_suite_as_generated(pytester, monkeypatch):
+    """In a clone of a bridges repository (a temporary one), `mbridge new` writes the scaffold
+    there and the suite, run from there, checks it."""
+    from bridges.cli import main
+
     family, name = "llamarenamedtest", "acme/LlamaRenamed-8B"
     cfg = json.loads((FIXTURES / "meta-llama/Llama-3.1-8B/config.json").read_text())
     cfg.update(model_type="llama_renamed", architectures=["LlamaRenamedForCausalLM"])
-    written = scaffold(cfg, family, name, ROOT)  # into this repository, removed below
-    try:
-        bridge = (ROOT / f"bridges/models/{family}/{family}_bridge.py").read_text()
-        assert "UNHANDLED: tuple[str, ...] = ()" in bridge and "hf_model_type = 'llama'" in bridge
-        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-        res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore", f"--mbridge-model={name}",
-                                            "--mbridge-layouts=tp1pp1,tp2pp2", "-k", "not snapshot and not quant",
-                                            timeout=600)
-        assert res.ret == 0, res.stdout.str()
-        res.assert_outcomes(passed=9)
-    finally:
-        shutil.rmtree(ROOT / "bridges/models" / family, ignore_errors=True)
-        shutil.rmtree(ROOT / "fixtures/configs/acme", ignore_errors=True)
-        for p in written:
-            p.unlink(missing_ok=True)
+    clone = _clone(pytester.path)
+    (clone / "renamed.json").write_text(json.dumps(cfg))
+    monkeypatch.chdir(clone)
+    assert main(["new", "renamed.json", "--family", family, "--name", name]) == 0
+    bridge = (clone / f"bridges/models/{family}/{family}_bridge.py").read_text()
+    assert "UNHANDLED: tuple[str, ...] = ()" in bridge and "hf_model_type = 'llama'" in bridge
+    assert not (ROOT / "bridges/models" / family).exists()
+    monkeypatch.setenv("PYTHONPATH", str(clone))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-W", "ignore", f"--mbridge-model={name}",
+                                        "--mbridge-layouts=tp1pp1,tp2pp2", "-k", "not snapshot and not quant",
+                                        timeout=900)
+    assert res.ret == 0, res.stdout.str()
+    res.assert_outcomes(passed=9)

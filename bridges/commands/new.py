@@ -1,8 +1,9 @@
 """mbridge new: scaffold a bridge for a model from its config.
 
-    mbridge new <org/model|dir|config.json> --family <name> [--name org/model] [--dest <repo>]
+    mbridge new <org/model|dir|config.json> --family <name> [--name org/model] [--out <project>]
 
-Writes bridges/models/<family>/<family>_bridge.py (a subclass of the closest registered
+Writes into the current project (the working directory, or ``--out``; never into the installed
+``bridges`` package): bridges/models/<family>/<family>_bridge.py (a subclass of the closest registered
 bridge, registered for the config's model_type and architectures), the config as a fixture,
 a test that runs the conformance suite on it, and a docs page. For a standard GPT-style model
 the bridge passes the suite as generated; config fields no bridge understands are listed in
@@ -12,17 +13,20 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from pathlib import Path
 
 HELP = "scaffold a bridge, its fixture, test and docs page from a config"
-ROOT = Path(__file__).resolve().parents[2]
+# The directory that holds the imported ``bridges`` package: in a pip install, site-packages.
+INSTALLED = Path(__file__).resolve().parents[2]
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("model", help="org/model (shipped fixture or hub config), a directory or a config.json")
     parser.add_argument("--family", required=True, help="family folder name, e.g. mymodel")
     parser.add_argument("--name", help="fixture name org/model (default: the model argument, or local/<family>)")
-    parser.add_argument("--dest", default=str(ROOT), help="repository root to write into (default: this one)")
+    parser.add_argument("--out", "--dest", dest="out", default=None,
+                        help="project root to write into (default: the current directory)")
     parser.add_argument("--force", action="store_true", help="overwrite existing files")
 
 
@@ -40,7 +44,7 @@ UNHANDLED: tuple[str, ...] = {unhandled!r}
 
 @register_bridge(model_type={model_type!r}, architectures={architectures!r})
 class {cls}({base}):
-{hf_type}
+{hf_type}{ported}
     def megatron_attrs(self):
         if UNHANDLED:
             raise ConfigError(f"{{self.model_type}} bridge: config fields not handled yet: {{list(UNHANDLED)}}")
@@ -91,12 +95,26 @@ def _write(path: Path, text: str, force: bool) -> None:
     tmp.replace(path)
 
 
+class ScaffoldError(ValueError):
+    """The scaffold cannot be written where asked; the message names the place."""
+
+
+def _check_dest(dest: Path) -> None:
+    """Refuse the directory of an installed (not editable) ``bridges`` package: files written
+    there vanish with the next upgrade and belong to no project."""
+    dest = dest.resolve()
+    if dest == INSTALLED and any(p in ("site-packages", "dist-packages") for p in dest.parts):
+        raise ScaffoldError(f"{dest}: is where the bridges package is installed, not a project; "
+                            f"run mbridge new from your project's root, or pass --out <project>")
+
+
 def scaffold(config: dict, family: str, name: str, dest: Path, force: bool = False) -> list[Path]:
     from bridges.commands.inspect import inspect_config
     from bridges.core.registry import registered
 
     if not re.fullmatch(r"[a-z][a-z0-9_]*", family):
         raise ValueError(f"--family {family!r}: use lower-case letters, digits and _")
+    _check_dest(Path(dest))
     info = inspect_config(config)
     base_type = info["closest_bridge"]
     base_cls = registered()[base_type]
@@ -112,7 +130,13 @@ def scaffold(config: dict, family: str, name: str, dest: Path, force: bool = Fal
     except (ValueError, KeyError):
         hf_type = (f"    # transformers does not know {config['model_type']!r}: read and build it as\n"
                    f"    hf_model_type = {base_type!r}\n")
-    fields = dict(title=f"{family} ({config['model_type']})", family=family, cls=cls,
+    entries = _ported(config)
+    ported = ("" if not entries else
+              "    # The config's auto_map names classes transformers implements itself for this model\n"
+              "    # type (matched by name): read the repository's code, and keep this only if it is that\n"
+              "    # model; then no trust_remote_code is needed (the code is never run either way).\n"
+              f"    ported_remote_code = {entries!r}\n")
+    fields = dict(ported=ported, title=f"{family} ({config['model_type']})", family=family, cls=cls,
                   base=base_cls.__name__, base_module=base_cls.__module__, model_type=config["model_type"],
                   architectures=list(config.get("architectures") or []), unhandled=unhandled,
                   todo=todo, hf_type=hf_type, source=name, name=name)
@@ -128,11 +152,34 @@ def scaffold(config: dict, family: str, name: str, dest: Path, force: bool = Fal
     return list(files)
 
 
+def _ported(config: dict) -> tuple[str, ...]:
+    """The config's ``auto_map`` entries when transformers knows its model type and has a class
+    of each entry's name (e.g. Phi-3's modeling_phi3.Phi3ForCausalLM); else none."""
+    auto_map = config.get("auto_map")
+    entries = tuple(auto_map.values()) if isinstance(auto_map, dict) else ((auto_map,) if auto_map else ())
+    try:
+        import transformers
+        from transformers import CONFIG_MAPPING
+
+        CONFIG_MAPPING[config["model_type"]]
+    except (ImportError, KeyError):
+        return ()
+    if entries and all(isinstance(e, str) and hasattr(transformers, e.rsplit(".", 1)[-1]) for e in entries):
+        return entries
+    return ()
+
+
 def run(args) -> int:
     from bridges.commands.inspect import _load
 
     config, _ = _load(args.model)
     name = args.name or (args.model if re.fullmatch(r"[\w.-]+/[\w.-]+", args.model) else f"local/{args.family}")
-    for path in scaffold(config, args.family, name, Path(args.dest), args.force):
+    dest = Path(args.out) if args.out else Path.cwd()
+    try:
+        written = scaffold(config, args.family, name, dest, args.force)
+    except (ScaffoldError, FileExistsError) as e:
+        print(f"mbridge: error: {e}", file=sys.stderr)
+        return 2
+    for path in written:
         print(f"wrote {path}")
     return 0
