@@ -1,8 +1,11 @@
 """The conformance checks: plain functions, no pytest. Each returns a ``CheckResult``.
 
-Verdicts (see DESIGN.md): roundtrip is ``torch.equal`` with the same dtype; fp32 logits within
-1e-5 relative error; bf16 logits cosine >= 0.9999 and top-1 agreement >= 99 %; coverage is
-exact; generation is token-identical.
+Verdicts (see DESIGN.md): roundtrip is ``torch.equal`` with the same dtype; coverage is exact;
+fp32 logits within 1e-5 relative error of HF's, all finite; fp32 generation token-identical.
+bf16 is judged against HF's own bf16 noise, only in addition to fp32 (``BF16_BLIND``): per
+position, Megatron's error against HF's fp32 run over HF bf16's; positions that either run moves
+wholesale (MoE routing flips) are set apart and counted, the others' error ratio must be at most
+BF16_NOISE_RATIO; top-1 and generation judged where HF's margin clears the noise.
 """
 from __future__ import annotations
 
@@ -12,12 +15,25 @@ from typing import Any
 import torch
 
 FP32_REL_ERR = 1e-5
-BF16_COSINE = 0.9999  # reported; the verdict is BF16_NOISE_RATIO
 BF16_TOP1 = 0.99
-# bf16: Megatron's error against HF's fp32 run may be at most this many times HF's own bf16
-# error against that run. A mapping bug sits near the re-initialised model's error (~1.4);
-# MoE routing near-ties that flip under bf16 rounding put honest runs at 0.9-2.2x.
+# bf16: on the positions neither run moves wholesale, Megatron's error against HF's fp32 run may
+# be at most this many times HF's own bf16 error against that run (root mean square over those
+# positions). An honest run sits near 1; a mapping bug near the re-initialised model's error,
+# hundreds of times the noise.
 BF16_NOISE_RATIO = 3.0
+# a position is "moved wholesale" (a routing near-tie that flipped: the whole position changes)
+# when its error against fp32 exceeds this many times HF bf16's median per-position error.
+# Megatron may have at most BF16_NOISE_RATIO times as many such positions as HF bf16, plus one
+# (or 1 %).
+BF16_FLIP_FACTOR = 10.0
+# bf16 generation: token identity up to the first near-tie counts when it judges at least this
+# share of the generated tokens; else the fp32-following rule decides.
+BF16_MIN_JUDGED = 0.25
+# What a bf16 verdict cannot see, said in every report that has bf16 results.
+BF16_BLIND = ("bf16 verdicts are relative to HF's own bf16 noise and only an addition to fp32: "
+              "bugs whose effect stays within a few times that noise (a norm eps off by decades, "
+              "rope base or rope scaling details, small routing details) pass bf16; the fp32 "
+              "verdicts are the strict ones.")
 
 
 @dataclass
@@ -86,12 +102,17 @@ def check_logits(ref: torch.Tensor, got: torch.Tensor, baseline: torch.Tensor | 
     """Megatron logits against HF's; ``baseline`` is HF's logits for a re-initialised model,
     reported beside the figure so a reader sees how far from 'wrong' the result is.
 
-    In bf16, top-1 is judged on the ``decisive`` positions: those where HF's top-1 margin
-    clears the bf16 rounding noise (measured against HF's own fp32 run). Toy models have flat
-    logits, so near-ties flip under any bf16 rounding; those positions say nothing about the
-    bridge. The error is judged against HF's fp32 run (``ref_fp32``): Megatron in bf16 may be
-    at most BF16_NOISE_RATIO times as far from it as HF in bf16 is. (A cosine bound fails
-    honest MoE runs: a routing near-tie that flips under bf16 moves a whole position.)
+    bf16 (only in addition to an fp32 run: ``BF16_BLIND``) is judged against HF's fp32 run
+    ``ref_fp32`` on the same weights, which measures HF's own bf16 noise. Per position p, e(p) =
+    |logits(p) - fp32(p)| / |fp32(p)| for Megatron and for HF bf16. Positions whose error exceeds
+    BF16_FLIP_FACTOR x HF's median e are "moved wholesale" (an MoE routing near-tie that flipped
+    under bf16 rounding): set apart, and Megatron may have at most BF16_NOISE_RATIO x HF's count
+    of them plus one (or 1 %). On the other positions, Megatron's root-mean-square e may be at
+    most BF16_NOISE_RATIO x HF's. Top-1 is judged where the fp32 top-1 margin clears 4x the noise
+    (toy logits are flat; near-ties flip under any rounding): Megatron agrees with HF bf16 on
+    >= 99 % of HF's ``decisive`` positions, or, on the positions not moved wholesale, misses the
+    fp32 top-1 at most 3x as often as HF bf16, plus one position (or 1 %). Any NaN / inf fails,
+    in either dtype.
     """
     if got.shape != ref.shape:
         return CheckResult("logits", False, "", f"shape {tuple(got.shape)} != HF {tuple(ref.shape)}")
@@ -105,48 +126,54 @@ def check_logits(ref: torch.Tensor, got: torch.Tensor, baseline: torch.Tensor | 
         data.update(baseline_rel_err=rel_err(ref, baseline), baseline_cosine=cosine(ref, baseline),
                     baseline_top1=top1(ref, baseline))
         base = f" (re-initialised model: {data['baseline_rel_err']:.3g})"
+    bad = int((~torch.isfinite(got)).sum())
     if dtype == "float32":
-        ok = err <= FP32_REL_ERR and bool(torch.isfinite(got).all())
+        ok = err <= FP32_REL_ERR and not bad
         fig = f"rel err {err:.2e}{base}"
         why = "" if ok else f"relative error {err:.3g} > {FP32_REL_ERR:g}"
-    elif ref_fp32 is None:
-        ok = cos >= BF16_COSINE and agree >= BF16_TOP1
-        fig = f"cosine {cos:.6f}, top-1 {agree:.1%} (of {data['decisive']:.0%} decisive positions){base}"
-        why = "" if ok else f"cosine {cos:.6f} (min {BF16_COSINE}) / top-1 {agree:.1%} (min {BF16_TOP1:.0%})"
     else:
-        ratio = rel_err(ref_fp32, got) / max(rel_err(ref_fp32, ref), 1e-12)
-        # top-1 against the fp32 truth where it is decisive there: Megatron may miss it at most
-        # BF16_NOISE_RATIO times as often as HF's own bf16 run does
+        if ref_fp32 is None:
+            raise ValueError("a bf16 logits verdict needs HF's fp32 logits on the same weights (ref_fp32)")
+        noise, kept = bf16_noise(ref, got, ref_fp32)
+        # top-1 against the fp32 truth where it is decisive there, on the positions neither run
+        # moved wholesale (those are counted above): Megatron may miss it at most
+        # BF16_NOISE_RATIO times as often as HF's own bf16 run does, plus one position (or 1 %)
         top2 = ref_fp32.float().topk(2, dim=-1).values
-        sure = (top2[..., 0] - top2[..., 1]) > margin_tau(ref, ref_fp32)
+        sure = ((top2[..., 0] - top2[..., 1]) > margin_tau(ref, ref_fp32)) & kept.reshape(top2.shape[:-1])
         truth, n = ref_fp32.argmax(-1)[sure], int(sure.sum())
         misses_meg = int((got.argmax(-1)[sure] != truth).sum())
         misses_hf = int((ref.argmax(-1)[sure] != truth).sum())
         miss_meg, miss_hf = misses_meg / max(n, 1), misses_hf / max(n, 1)
-        # ... plus one position (or 1 %)
         top1_ok = agree >= BF16_TOP1 or misses_meg <= BF16_NOISE_RATIO * misses_hf + max(1, n // 100)
-        data.update(noise_ratio=ratio, top1_miss=miss_meg, hf_bf16_top1_miss=miss_hf)
-        ok = ratio <= BF16_NOISE_RATIO and top1_ok
-        fig = (f"error vs HF fp32 {ratio:.2f}x HF bf16's, top-1 {agree:.1%} of decisive positions "
-               f"(misses the fp32 top-1 {miss_meg:.1%}, HF bf16 {miss_hf:.1%}), cosine {cos:.6f}, "
-               f"rel err {err:.2e}{base}")
-        why = "" if ok else (f"error vs HF fp32 {ratio:.2f}x HF bf16's own (max {BF16_NOISE_RATIO}) / "
-                             f"top-1 misses {miss_meg:.1%} vs HF bf16's {miss_hf:.1%}")
+        data.update(noise, top1_miss=miss_meg, hf_bf16_top1_miss=miss_hf)
+        ok = noise["noise_ok"] and top1_ok
+        fig = (f"error vs HF fp32 {noise['noise_ratio']:.2f}x HF bf16's on {noise['kept']} positions "
+               f"({noise['flips']} moved wholesale, HF bf16: {noise['hf_flips']}), top-1 {agree:.1%} "
+               f"of decisive positions (misses the fp32 top-1 {miss_meg:.1%}, HF bf16 {miss_hf:.1%}), "
+               f"cosine {cos:.6f}, rel err {err:.2e}{base}")
+        why = "" if ok else (f"error vs HF fp32 {noise['noise_ratio']:.2f}x HF bf16's own (max "
+                             f"{BF16_NOISE_RATIO:g}) / {noise['flips']} positions moved wholesale vs HF "
+                             f"bf16's {noise['hf_flips']} (max {noise['max_flips']}) / top-1 misses "
+                             f"{miss_meg:.1%} vs HF bf16's {miss_hf:.1%}")
+    if bad:  # NaN / inf: say so, rather than "relative error nan"
+        ok, why = False, f"{bad}/{got.numel()} logits are not finite (NaN or inf)"
     return CheckResult("logits", ok, fig, why, data)
 
 
 def check_generation(ref: torch.Tensor, got: torch.Tensor, prompt_len: int,
                      decisive: torch.Tensor | None = None, ref_fp32: torch.Tensor | None = None) -> CheckResult:
     """Greedy continuations are token-identical. With ``decisive`` ([batch, steps], bf16 runs),
-    each sequence is judged up to its first step whose HF top-1 margin is within bf16 noise;
-    failing that, with HF's fp32 generation ``ref_fp32``, Megatron must follow the fp32 run
-    at least half as far as HF's own bf16 run does (MoE routing near-ties)."""
+    each sequence is judged up to its first step whose HF top-1 margin is within bf16 noise,
+    and that counts only if at least a quarter of the tokens are judged (BF16_MIN_JUDGED: an
+    empty or tiny set would pass anything); failing that, with HF's fp32 generation
+    ``ref_fp32``, Megatron must follow the fp32 run at least half as far as HF's own bf16 run
+    does, and at least one token (MoE routing near-ties)."""
     ref_new, got_new = ref[:, prompt_len:], got[:, prompt_len:]
     same = ref_new == got_new
     judged = torch.ones_like(same)
     if decisive is not None:
         judged = torch.cumprod(decisive.int(), dim=1).bool()
-    ok = bool(same[judged].all())
+    ok = bool(same[judged].all()) and int(judged.sum()) >= BF16_MIN_JUDGED * same.numel()
     if not ok and ref_fp32 is not None:
         truth = ref_fp32[:, prompt_len:]
         follow = lambda g: float(torch.cumprod((g == truth).int(), dim=1).sum(1).double().mean())
@@ -156,11 +183,36 @@ def check_generation(ref: torch.Tensor, got: torch.Tensor, prompt_len: int,
             fig = (f"{int(same.sum())}/{same.numel()} tokens agree; follows the fp32 run for "
                    f"{meg:.1f} tokens (HF bf16: {hf:.1f})")
             return CheckResult("generation", True, fig, "")
+    if not ok and ref_fp32 is None and bool(same[judged].all()):
+        first = (f"only {int(judged.sum())}/{same.numel()} tokens before the first near-tie: too "
+                 f"few to judge (min {BF16_MIN_JUDGED:.0%}), and no fp32 run to follow")
+        return CheckResult("generation", False, f"{int(same.sum())}/{same.numel()} tokens agree", first)
     first = "" if bool(same.all()) else f"first difference at token {int((~same).int().argmax(-1).min())}: HF {ref_new.tolist()} vs Megatron {got_new.tolist()}"
     fig = f"{int(same.sum())}/{same.numel()} tokens agree"
     if decisive is not None:
         fig += f" ({int(same[judged].sum())}/{int(judged.sum())} before the first near-tie)"
     return CheckResult("generation", ok, fig, first)
+
+
+def bf16_noise(ref: torch.Tensor, got: torch.Tensor, ref_fp32: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+    """The bf16 error statistic of ``check_logits`` (HF bf16 ``ref``, Megatron ``got``), and the
+    flat mask of the positions neither run moved wholesale."""
+    truth = ref_fp32.double()
+    scale = truth.norm(dim=-1).clamp_min(1e-30)
+    e_meg = (got.double() - truth).norm(dim=-1).flatten() / scale.flatten()
+    e_hf = (ref.double() - truth).norm(dim=-1).flatten() / scale.flatten()
+    limit = BF16_FLIP_FACTOR * max(float(e_hf.median()), 1e-12)
+    moved_meg, moved_hf = e_meg > limit, e_hf > limit
+    kept = ~(moved_meg | moved_hf)
+    n = e_meg.numel()
+    max_flips = int(BF16_NOISE_RATIO * int(moved_hf.sum()) + max(1, n // 100))
+    rms = lambda e: float(e[kept].pow(2).mean().sqrt()) if bool(kept.any()) else float("nan")
+    ratio = rms(e_meg) / max(rms(e_hf), 1e-12)
+    return {"noise_ratio": ratio, "flips": int(moved_meg.sum()), "hf_flips": int(moved_hf.sum()),
+            "max_flips": max_flips, "kept": int(kept.sum()),
+            # fewer than half the positions left to compare: the statistic says nothing
+            "noise_ok": ratio <= BF16_NOISE_RATIO and int(moved_meg.sum()) <= max_flips
+            and int(kept.sum()) * 2 >= n}, kept
 
 
 def margin_tau(ref: torch.Tensor, ref_fp32: torch.Tensor) -> float:

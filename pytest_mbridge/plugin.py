@@ -70,6 +70,7 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(f"--mbridge-report={report}: is a directory; name a file to write")
     if not _active(config):
         return
+    _dtypes(config)  # a usage error (an unknown dtype, bf16 without fp32) before anything runs
     from pytest_mbridge.snapshots import MbridgeSnapshot
 
     root = Path(config.rootpath)
@@ -245,7 +246,12 @@ def _dtypes(config: pytest.Config) -> list[str]:
     bad = [d for d in out if d not in ("float32", "bfloat16")]
     if bad:
         raise pytest.UsageError(f"--mbridge-dtype: unknown {bad}; use float32 and/or bfloat16")
-    return out
+    if "float32" not in out:  # bf16 is judged against HF's own bf16 noise: an addition only
+        from conformance.checks import BF16_BLIND
+
+        raise pytest.UsageError(f"--mbridge-dtype={given}: bfloat16 without float32 is refused. "
+                                f"{BF16_BLIND} Use --mbridge-dtype=float32,bfloat16")
+    return sorted(out, key=("float32", "bfloat16").index)  # fp32 first: the session's dtype
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -363,6 +369,10 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config: pytest.Config)
                       red=not r["passed"], green=r["passed"])
     failed = sum(not r["passed"] for r in rows)
     tr.write_line(f"{len(rows) - failed} passed, {failed} failed (mbridge checks)")
+    if "bfloat16" in _dtypes(config):
+        from conformance.checks import BF16_BLIND
+
+        tr.write_line(BF16_BLIND, yellow=True)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
@@ -374,6 +384,10 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus) -> None:
               "wall_s": round(time.time() - getattr(session.config, "_mbridge_t0", time.time()), 1),
               "passed": sum(1 for r in rows if r.get("passed")),
               "failed": sum(1 for r in rows if r.get("passed") is False)}
+    if "bfloat16" in _dtypes(session.config):
+        from conformance.checks import BF16_BLIND
+
+        report["bf16_note"] = BF16_BLIND
     _write_atomically(Path(path), json.dumps(report, indent=2, sort_keys=True) + "\n")
 
 

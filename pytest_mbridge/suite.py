@@ -39,12 +39,15 @@ def test_roundtrip(request, mbridge_model, mbridge_layout, mbridge_dtype):
 
 
 def test_logits(request, mbridge_model, mbridge_layout, mbridge_dtype):
-    """Megatron logits match HF's (fp32: rel err <= 1e-5; bf16: cosine and top-1)."""
+    """Megatron logits match HF's (fp32: rel err <= 1e-5, all finite; bf16, only beside fp32:
+    per-position error at most 3x HF's own bf16 noise, routing flips counted apart, and top-1 on
+    decisive positions; conformance.checks.check_logits)."""
     _case(request, mbridge_layout, mbridge_dtype, "logits")
 
 
 def test_generation(request, mbridge_model, mbridge_layout, mbridge_dtype):
-    """Greedy decoding gives the same tokens as HF."""
+    """Greedy decoding gives the same tokens as HF (bf16: up to the first near-tie when that
+    judges a quarter of the tokens, else following HF's fp32 run as far as HF bf16 does, halved)."""
     _case(request, mbridge_layout, mbridge_dtype, "generation")
 
 

@@ -374,3 +374,64 @@ class Llama3ScalingDropped(_BuiltWith, LlamaBridge):
 # 28. routing: top-k probabilities not renormalised (norm_topk_prob=True read as False) ----
 class NormTopkFlipped(_BuiltWith, Qwen3MoeBridge):
     changes = {"moe_router_pre_softmax": lambda s: not s}
+
+
+# -- export-side and output bugs that only one check clause can see --------------------------
+# 29. tied model exports lm_head.weight as well (a tensor the source does not have) --------
+class TiedHeadExported(Qwen3Bridge):
+    def export_hf_weights(self, *args, **kwargs):
+        for name, t in super().export_hf_weights(*args, **kwargs):
+            yield name, t
+            if name == "model.embed_tokens.weight" and self.megatron_attrs()["share_embeddings_and_output_weights"]:
+                yield "lm_head.weight", t.clone()
+
+
+# 29b. tied model at PP > 1: the last stage's copy of the embedding exported as well, under
+#      the same name (values right: only coverage's "written twice" can see it) ------------
+class TiedEmbeddingExportedTwice(Qwen3Bridge):
+    def export_hf_weights(self, *args, **kwargs):
+        for name, t in super().export_hf_weights(*args, **kwargs):
+            yield name, t
+            if name == "model.embed_tokens.weight" and self.megatron_attrs()["share_embeddings_and_output_weights"]:
+                yield name, t.clone()
+
+
+# 30. EP export names experts by their local index (every rank writes experts 0..E/EP-1) ---
+class ExpertLocalIndexExport(EPExportOrder):
+    def _params(self, model_chunks, table):
+        import re
+
+        from megatron.core import parallel_state as ps
+
+        rank = ps.get_expert_model_parallel_rank()
+        n_local = self.megatron_attrs()["num_moe_experts"] // ps.get_expert_model_parallel_world_size()
+        for chunk, name, p in Qwen3MoeBridge._params(self, model_chunks, table):
+            if getattr(self, "_exporting", False):
+                name = re.sub(r"(local_experts\.)(\d+)", lambda m: f"{m.group(1)}{int(m.group(2)) - rank * n_local}", name)
+            yield chunk, name, p
+
+
+# 31. FP8 re-export writes the block scales in bf16 (the source stores fp32) ---------------
+class ScalesExportedBf16(Qwen3Bridge):
+    def export_hf_weights(self, *args, quantized=False, **kwargs):
+        for name, t in super().export_hf_weights(*args, quantized=quantized, **kwargs):
+            yield name, t.to(torch.bfloat16) if quantized and name.endswith("_scale_inv") else t
+
+
+# 32. the final norm's eps with the wrong sign and size (-1): rsqrt of a negative mean
+#     square, NaN logits -------------------------------------------------------------------
+class NonFiniteLogits(Qwen3Bridge):
+    def build_model(self, provider, pre_process, post_process, vp_stage=None):
+        model = super().build_model(provider, pre_process, post_process, vp_stage)
+        for name, module in model.named_modules():
+            if name.endswith("final_layernorm"):
+                module.eps = -1.0
+        return model
+
+
+# 33. head_dim taken as hidden / heads (Qwen3-0.6B: 64 instead of 128) --------------------
+class HeadDimFromHidden(Qwen3Bridge):
+    def megatron_attrs(self):
+        attrs = super().megatron_attrs()
+        attrs["kv_channels"] = attrs["hidden_size"] // attrs["num_attention_heads"]
+        return attrs

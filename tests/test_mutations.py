@@ -37,6 +37,11 @@ MUTANTS = [
     ("RopeBaseDoubled", "meta-llama/Llama-3.1-8B", {"tp1pp1": {"logits", "generation"}}),
     ("Llama3ScalingDropped", "meta-llama/Llama-3.1-8B", {"tp1pp1": {"logits", "generation"}}),
     ("NormTopkFlipped", "Qwen/Qwen3-30B-A3B", {"tp1pp1": {"logits", "generation"}}),
+    # export and output bugs that one clause of a check exists for (details asserted below)
+    ("TiedHeadExported", "Qwen/Qwen3-0.6B", {"tp1pp1": {"coverage", "roundtrip"}}),
+    ("TiedEmbeddingExportedTwice", "Qwen/Qwen3-0.6B", {"tp1pp1": {"coverage"}}),
+    ("ExpertLocalIndexExport", "Qwen/Qwen3-30B-A3B", {"tp1pp1": set(), "ep2": {"coverage", "roundtrip"}}),
+    ("NonFiniteLogits", "Qwen/Qwen3-8B", {"tp1pp1": {"logits", "generation"}}),
 ]
 # one-decade eps errors: the fp32 logits error must clear the 1e-5 bound by this factor at least
 # (measured on CPU: 2.8e-3 final norm .. 2.3e-2 MLA latent norm; 1.2e-6 .. 8.2e-6 at unit scale)
@@ -74,6 +79,20 @@ def test_module_bugs_keep_the_config_right(conformance, spec, mutant, model):
     assert conformance.describe(spec(model), bridge_ref=f"tests.mutants:{mutant}")["config_check"].passed
 
 
+def test_coverage_names_extra_and_twice_written_export_tensors(conformance, spec):
+    r = conformance.case(spec("Qwen/Qwen3-0.6B"), "tp1pp1", bridge_ref="tests.mutants:TiedHeadExported")
+    assert "export wrote tensors the source does not have: ['lm_head.weight']" in r["coverage"].details
+    r = conformance.case(spec("Qwen/Qwen3-0.6B"), "tp1pp1", bridge_ref="tests.mutants:TiedEmbeddingExportedTwice")
+    assert "export wrote ['model.embed_tokens.weight'] more than once" in r["coverage"].details
+    r = conformance.case(spec("Qwen/Qwen3-30B-A3B"), "ep2", bridge_ref="tests.mutants:ExpertLocalIndexExport")
+    assert "export is missing ['model.layers.0.mlp.experts.4.down_proj.weight'" in r["coverage"].details
+
+
+def test_non_finite_logits_are_named(conformance, spec):
+    r = conformance.case(spec("Qwen/Qwen3-8B"), "tp1pp1", bridge_ref="tests.mutants:NonFiniteLogits")["logits"]
+    assert "logits are not finite (NaN or inf)" in r.details, r
+
+
 def test_wrong_rope_theta_breaks_config_roundtrip(conformance, spec):
     d = conformance.describe(spec("meta-llama/Llama-3.1-8B"), bridge_ref="tests.mutants:WrongRopeTheta")
     assert not d["config_check"].passed
@@ -102,6 +121,15 @@ def test_skipped_dequantization_is_caught(conformance, spec):
     bad = conformance.quant_case(spec("Qwen/Qwen3-8B"), "block", bridge_ref="tests.mutants:SkipDequant")
     assert not bad["quant"].passed and not bad["logits"].passed
     assert "a quantized tensor loaded without its scale?" in bad["quant"].details
+
+
+def test_fp8_reexport_is_checked_bit_exactly(conformance, spec):
+    """Import right, FP8 re-export wrong (block scales written in bf16): only the re-export
+    part of the quant check can see it."""
+    bad = conformance.quant_case(spec("Qwen/Qwen3-8B"), "block", bridge_ref="tests.mutants:ScalesExportedBf16")
+    assert not bad["quant"].passed and bad["logits"].passed
+    assert "_scale_inv: FP8 re-export differs from the source (torch.bfloat16 vs torch.float32)" in bad["quant"].details
+    assert "imported values differ" not in bad["quant"].details
 
 
 def test_per_tensor_fp8_under_tp2(conformance, spec):

@@ -107,3 +107,45 @@ def test_cli_lists_bridges_and_runs_the_suite(pytester, monkeypatch):
     res = pytester.run(mbridge, "check", "Qwen/Qwen3-0.6B", "--mbridge-layouts=tp1pp1", "-q", "-k", "roundtrip")
     assert res.ret == 0
     res.stdout.fnmatch_lines(["*2 passed*"])
+
+
+def test_config_and_flops_snapshots_fail_with_a_broken_bridge(run):
+    """Against the shipped snapshots: a wrong rope base changes only the config translation; a
+    head_dim taken as hidden / heads (64 instead of Qwen3-0.6B's 128) changes the FLOPs too."""
+    args = ("-k", "config_snapshot or flops_snapshot")
+    rope = run("--mbridge-model=meta-llama/Llama-3.1-8B", "--mbridge-bridge=tests.mutants:WrongRopeTheta", *args)
+    rope.assert_outcomes(passed=1, failed=1)
+    rope.stdout.fnmatch_lines(["*AssertionError: config translation differs from the snapshot shipped*"])
+    rope.stdout.fnmatch_lines(["FAILED suite.py::test_config_snapshot*"])
+    head = run("--mbridge-model=Qwen/Qwen3-0.6B", "--mbridge-bridge=tests.mutants:HeadDimFromHidden", *args)
+    head.assert_outcomes(failed=2)
+    head.stdout.fnmatch_lines(["*AssertionError: FLOPs differs from the snapshot shipped*"])
+    head.stdout.fnmatch_lines(["FAILED suite.py::test_flops_snapshot*"])
+    run("--mbridge-model=Qwen/Qwen3-0.6B", *args).assert_outcomes(passed=2)
+
+
+def test_stacked_experts_item_fail_with_a_broken_bridge(run):
+    res = run("--mbridge-model=Qwen/Qwen3-30B-A3B", "--mbridge-bridge=tests.mutants:ExpertsPermuted",
+              "-k", "stacked")
+    res.assert_outcomes(failed=1)
+    res.stdout.fnmatch_lines(["*logits (stacked experts)*FAIL*"])
+
+
+def test_bf16_only_is_refused(run):
+    res = run("--mbridge-model=Qwen/Qwen3-8B", "--mbridge-dtype=bfloat16")
+    assert res.ret == 4
+    res.stderr.fnmatch_lines(["*bfloat16 without float32 is refused*norm eps*rope*"
+                              "Use --mbridge-dtype=float32,bfloat16*"])
+
+
+def test_bf16_results_come_with_what_bf16_cannot_see(run, pytester):
+    res = run("--mbridge-model=Qwen/Qwen3-8B", "--mbridge-layouts=tp1pp1", "-k", "test_logits",
+              "--mbridge-dtype=bfloat16,float32", "--mbridge-report=report.json")
+    assert res.ret == 0, res.stdout.str()
+    res.assert_outcomes(passed=2)
+    res.stdout.fnmatch_lines(["*logits*tp1pp1 *PASS*rel err*", "*logits*tp1pp1/bfloat16*PASS*x HF bf16's*",
+                              "*bf16 verdicts are relative to HF's own bf16 noise*fp32*strict*"])
+    report = json.loads((pytester.path / "report.json").read_text())
+    from conformance.checks import BF16_BLIND
+
+    assert report["bf16_note"] == BF16_BLIND
