@@ -21,6 +21,7 @@ from __future__ import annotations
 import sys
 import time
 import warnings
+from datetime import timedelta
 from typing import Iterator
 
 import torch
@@ -97,7 +98,9 @@ def export(out: str, seed: int = 0, delay_s: float = 0.0, source_dir: str | None
 def collective(failing: int, timeout_s: float, mode: str = "raise") -> None:
     from bridges.core.parallel import init_distributed
 
-    init_distributed(timeout_s=timeout_s)
+    # the rendezvous waits long (start-up on a loaded machine); the collective has timeout_s
+    init_distributed(timeout_s=300.0)
+    group = dist.new_group(timeout=timedelta(seconds=timeout_s))
     rank, world = dist.get_rank(), dist.get_world_size()
     print(f"rank {rank}/{world} up", flush=True)
     if rank == failing and mode == "stall":
@@ -107,7 +110,7 @@ def collective(failing: int, timeout_s: float, mode: str = "raise") -> None:
     t = time.monotonic()
     out: list = [None] * world
     try:
-        dist.all_gather_object(out, {"rank": rank})
+        dist.all_gather_object(out, {"rank": rank}, group=group)
     finally:
         print(f"rank {rank}: collective ended after {time.monotonic() - t:.1f} s", flush=True)
 

@@ -40,7 +40,11 @@ ROOT = Path(__file__).resolve().parents[1]
 # plain-process scenarios: name -> (failing rank, mode, init_distributed timeout_s)
 SCENARIOS = {"rank 1 raises": (1, "raise", 30.0), "rank 0 raises": (0, "raise", 30.0),
              "rank 1 stalls": (1, "stall", 3.0)}
-EXIT_BOUND_S = 30.0  # every rank of a raising job exits within this (it takes about 1 s)
+# every rank of a raising job exits by itself within this, counted from launch: six processes
+# importing torch at once on a loaded 2-core CI machine take most of it (alone: about 5 s); that
+# the survivor saw its peer go rather than waiting out its 30 s timeout is checked on the
+# collective's own clock ("collective ended after")
+EXIT_BOUND_S = 150.0
 
 
 # -- fixtures -------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import signal
@@ -187,7 +188,8 @@ def test_a_checkpoint_of_another_model_is_refused(conformance, spec, toy, megatr
     other = conformance.checkpoint(spec("meta-llama/Llama-3.2-1B"))
     rc, err = _cli(conformance, "convert", "export", "--megatron", str(megatron), "--hf-source", other,
                    "--out", str(tmp_path / "hf"))
-    assert rc == 2 and "saved for another model: " in err and "linear_qkv.weight is (4, 128, 64) there" in err, err
+    assert rc == 2 and "saved for another model: " in err, err
+    assert re.search(r"final_layernorm\.weight is \(\d+,\) there, this model has \(\d+,\)", err), err
     # same shapes, one block fewer: the Qwen3 toy declared a Llama (no QK norm) would load
     # every tensor it asks for, and drop the QK norms without a word
     llama = tmp_path / "llama"
