@@ -166,6 +166,7 @@ class _Arch:
     linear_bias: bool
     qk_norm: bool
     norm_params: int  # per hidden_size element: 1 for RMSNorm, 2 for LayerNorm (weight + bias)
+    layer_norms: int  # norms of hidden_size per layer: 2, or 4 with post-sublayer norms (Gemma2/3)
     position_embedding_type: str
     max_sequence_length: int | None
     window_size: tuple[int, int] | None
@@ -281,7 +282,8 @@ def _arch(attrs: Mapping[str, Any]) -> _Arch:
                  vocab=int(a["vocab_size"]), tied=bool(a["share_embeddings_and_output_weights"]),
                  gated=bool(a["gated_linear_unit"]), qkv_bias=bool(a["add_qkv_bias"]),
                  linear_bias=bool(a["add_bias_linear"]), qk_norm=bool(a["qk_layernorm"]),
-                 norm_params=norm, position_embedding_type=str(a["position_embedding_type"]),
+                 norm_params=norm, layer_norms=4 if a.get("post_sublayer_norms") else 2,
+                 position_embedding_type=str(a["position_embedding_type"]),
                  max_sequence_length=a["max_sequence_length"], window_size=window,
                  window_attn_skip_freq=a["window_attn_skip_freq"], moe=moe,
                  moe_layers=moe_layers, mla=mla, mtp_layers=mtp)
@@ -556,7 +558,7 @@ def _layer_params(a: _Arch, moe: bool) -> tuple[dict[str, int], int]:
         qk_norms = npar * ((a.mla.q_lora_rank or 0) + a.mla.kv_lora_rank) if a.qk_norm else 0
     else:
         qk_norms = 2 * npar * a.qk_head_dim if a.qk_norm else 0
-    out = {"attention": attn, "norms": 2 * npar * h + qk_norms}
+    out = {"attention": attn, "norms": a.layer_norms * npar * h + qk_norms}
 
     def mlp(f: int) -> int:
         f_in = f * (2 if a.gated else 1)

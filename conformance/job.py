@@ -148,8 +148,10 @@ def describe(source: str | dict, toy_dir: str | None = None,
     exported = bridge.hf_config_dict(attrs)
     raw = source if isinstance(source, dict) else HFCheckpoint(source).config()
     fields = [f.hf for f in bridge.config_fields if get_path(raw, f.hf, None) is not None]
-    fields += [k for k in ("rope_parameters", "attention_bias", "sliding_window") if k in exported
-               and (k in raw or k == "rope_parameters")]
+    # the rope and the per-layer pattern are compared even where the source only implies them
+    # (legacy rope_theta, Gemma3's sliding_window_pattern): transformers derives them alike
+    fields += [k for k in ("rope_parameters", "attention_bias", "sliding_window", "layer_types")
+               if k in exported and (k in raw or k in ("rope_parameters", "layer_types"))]
     # Both sides read through transformers' config class, so that spellings it treats as one
     # (attribute_map: num_experts / num_local_experts) compare as one field.
     from bridges.core.auto import _hf_config_object

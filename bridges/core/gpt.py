@@ -32,36 +32,74 @@ class GPTBridge(Bridge):
     qk_norm: ClassVar[bool] = False
     # HF ``attention_bias`` also puts a bias on o_proj (Llama); False where it means q/k/v only.
     attention_bias_on_o: ClassVar[bool] = True
+    # Sliding-window attention: None (a config asking for it is refused), "all" (every layer
+    # has the config's ``sliding_window``: Mistral, Phi-3, Mixtral) or "per_layer" (the layers
+    # ``layer_types()`` calls "sliding_attention": Gemma2, Gemma3).
+    sliding_window: ClassVar[str | None] = None
 
     # -- config ---------------------------------------------------------------------------
     def megatron_attrs(self) -> dict[str, Any]:
         cfg = self.hf_config
         attrs = super().megatron_attrs()
-        attrs.update(rope_to_megatron(rope_parameters(cfg)))
+        attrs.update(rope_to_megatron(self.rope()))
         bias = self.qkv_bias if self.qkv_bias is not None else bool(get_path(cfg, "attention_bias", False))
         if self.qkv_bias is None and bias and self.attention_bias_on_o or get_path(cfg, "mlp_bias", False):
             # HF adds the o_proj (and MLP) bias too; Megatron ties them all to add_bias_linear.
             raise ConfigError("attention_bias=True / mlp_bias=True (bias on o_proj and MLP) is "
                               f"not supported by the {self.model_type} bridge")
-        types = get_path(cfg, "layer_types", None) or ()
-        if "sliding_attention" in types:
-            raise ConfigError(f"layer_types has sliding_attention layers (use_sliding_window="
-                              f"{get_path(cfg, 'use_sliding_window', None)}): per-layer sliding "
-                              f"windows are not supported by the {self.model_type} bridge")
-        if set(types) - {"full_attention"}:
-            raise ConfigError(f"layer_types={sorted(set(types))}: layers other than full attention "
-                              f"are not supported by the {self.model_type} bridge")
-        if get_path(cfg, "use_sliding_window", False):  # every layer windowed (Qwen3-MoE's HF code)
-            raise ConfigError(f"use_sliding_window=True (sliding_window={get_path(cfg, 'sliding_window', None)}): "
-                              f"sliding windows are not supported by the {self.model_type} bridge")
+        attrs.update(self.window_attrs())
         attrs.update(add_qkv_bias=bias, qk_layernorm=self.qk_norm, add_bias_linear=False,
                      params_dtype=params_dtype(cfg))
         return attrs
 
+    def rope(self) -> dict[str, Any]:
+        """The normalised rope parameters of the model's rotary embedding (``rope_parameters``)."""
+        return rope_parameters(self.hf_config)
+
+    def layer_types(self) -> list[str]:
+        """Per layer, "full_attention" or "sliding_attention": the config's ``layer_types``, or
+        every layer full (a family whose HF code derives them otherwise overrides this)."""
+        n = get_path(self.hf_config, "num_hidden_layers")
+        return list(get_path(self.hf_config, "layer_types", None) or ["full_attention"] * n)
+
+    def window_attrs(self) -> dict[str, Any]:
+        """Megatron's ``window_size`` (and ``window_attn_skip_freq`` per layer), as
+        ``sliding_window`` says; what the family cannot represent is refused, naming the field."""
+        cfg, mt = self.hf_config, self.model_type
+        types = get_path(cfg, "layer_types", None) or ()
+        if self.sliding_window == "per_layer":
+            types = self.layer_types()
+            n = get_path(cfg, "num_hidden_layers")
+            if len(types) != n or set(types) - {"full_attention", "sliding_attention"}:
+                raise ConfigError(f"layer_types={types}: {n} entries of full_attention / "
+                                  f"sliding_attention expected by the {mt} bridge")
+            windowed = [int(t == "sliding_attention") for t in types]
+            if not any(windowed):
+                return {"window_size": None, "window_attn_skip_freq": None}
+            return {"window_size": sliding_window_to_megatron(cfg), "window_attn_skip_freq": windowed}
+        if "sliding_attention" in types:
+            raise ConfigError(f"layer_types has sliding_attention layers (use_sliding_window="
+                              f"{get_path(cfg, 'use_sliding_window', None)}): per-layer sliding "
+                              f"windows are not supported by the {mt} bridge")
+        if set(types) - {"full_attention"}:
+            raise ConfigError(f"layer_types={sorted(set(types))}: layers other than full attention "
+                              f"are not supported by the {mt} bridge")
+        if self.sliding_window == "all":
+            return {"window_size": sliding_window_to_megatron(cfg)}
+        if get_path(cfg, "use_sliding_window", False):  # every layer windowed (Qwen3-MoE's HF code)
+            raise ConfigError(f"use_sliding_window=True (sliding_window={get_path(cfg, 'sliding_window', None)}): "
+                              f"sliding windows are not supported by the {mt} bridge")
+        return {}
+
     def hf_config_dict(self, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
         attrs = attrs if attrs is not None else self.megatron_attrs()
         out = super().hf_config_dict(attrs)
-        out["rope_parameters"] = _rope_to_hf(attrs)
+        out["rope_parameters"] = rope_to_hf(attrs)
+        if self.sliding_window:
+            out["sliding_window"] = sliding_window_to_hf(attrs)
+        if self.sliding_window == "per_layer":
+            skip = attrs.get("window_attn_skip_freq") or [0] * attrs["num_layers"]
+            out["layer_types"] = ["sliding_attention" if w else "full_attention" for w in skip]
         if self.qkv_bias is None:
             out["attention_bias"] = attrs["add_qkv_bias"]
         out["dtype"] = str(attrs["params_dtype"]).replace("torch.", "")
@@ -86,8 +124,13 @@ class GPTBridge(Bridge):
         """One GPTModel chunk: what Megatron-LM's pretrain_gpt.py builds for these families."""
         from megatron.core.models.gpt import GPTModel
 
+        return self.gpt_model(GPTModel, provider, pre_process, post_process, vp_stage)
+
+    def gpt_model(self, cls, provider: ModelProvider, pre_process: bool, post_process: bool,
+                  vp_stage: int | None = None, **extra):
+        """A ``cls`` (GPTModel or a family's subclass, given ``extra`` arguments) chunk."""
         p = provider
-        return GPTModel(
+        return cls(
             config=p.transformer_config(), transformer_layer_spec=self.layer_spec(p, vp_stage),
             vocab_size=p.padded_vocab_size, max_sequence_length=p.max_sequence_length,
             pre_process=pre_process, post_process=post_process, parallel_output=p.parallel_output,
@@ -96,7 +139,7 @@ class GPTBridge(Bridge):
             rotary_base=p.rotary_base, rope_scaling=p.rope_scaling,
             rope_scaling_factor=p.rope_scaling_factor,
             seq_len_interpolation_factor=p.seq_len_interpolation_factor,
-            mtp_block_spec=self.mtp_block_spec(p, vp_stage), vp_stage=vp_stage)
+            mtp_block_spec=self.mtp_block_spec(p, vp_stage), vp_stage=vp_stage, **extra)
 
     def layer_spec(self, provider: ModelProvider, vp_stage: int | None = None):
         """The Megatron layer spec(s) for this family (a seam for families' own modules)."""
@@ -156,7 +199,7 @@ def sliding_window_to_hf(attrs: dict[str, Any]) -> int | None:
     return attrs["window_size"][0] + 1 if attrs.get("window_size") else None
 
 
-def _rope_to_hf(attrs: dict[str, Any]) -> dict[str, Any]:
+def rope_to_hf(attrs: dict[str, Any]) -> dict[str, Any]:
     p: dict[str, Any] = {"rope_theta": attrs["rotary_base"]}
     if attrs.get("rotary_percent", 1.0) != 1.0:
         p["partial_rotary_factor"] = attrs["rotary_percent"]

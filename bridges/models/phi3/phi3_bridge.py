@@ -7,26 +7,19 @@ rope translation, naming the field.
 """
 from typing import Any
 
-from bridges.core.gpt import H, L, GPTBridge, sliding_window_to_hf, sliding_window_to_megatron
+from bridges.core.gpt import H, L, GPTBridge
 from bridges.core.mappings import FusedGatedMLP, FusedQKV, Mapping
 from bridges.core.registry import register_bridge
 
 
 @register_bridge(model_type="phi3", architectures=["Phi3ForCausalLM"])
 class Phi3Bridge(GPTBridge):
+    sliding_window = "all"
     qkv_bias = False  # transformers' Phi3Attention has none, whatever attention_bias says
     # The published configs' auto_map names the classes transformers implements as its own
     # phi3 model: nothing of the repository's code is needed (docs/adding-a-model.md).
     ported_remote_code = ("configuration_phi3.Phi3Config", "modeling_phi3.Phi3ForCausalLM")
 
-    def megatron_attrs(self) -> dict[str, Any]:
-        attrs = super().megatron_attrs()
-        attrs["window_size"] = sliding_window_to_megatron(self.hf_config)
-        return attrs
-
-    def hf_config_dict(self, attrs=None):
-        attrs = attrs if attrs is not None else self.megatron_attrs()
-        return {**super().hf_config_dict(attrs), "sliding_window": sliding_window_to_hf(attrs)}
 
     def mappings(self, attrs: dict[str, Any]) -> list[Mapping]:
         fused = {L + "self_attention.linear_qkv.weight": FusedQKV(
