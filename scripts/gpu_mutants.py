@@ -1,0 +1,74 @@
+"""The mutants `scripts/gpu_conformance.py mutants` runs under the default `--run-gpu` suite:
+every mutant of tests/mutants.py that the CPU self-tests (tests/test_mutations.py) expect to
+fail at tp1pp1 (the one layout a single GPU runs), the subtle config and module bugs of #22
+first, plus one bug class those lack: a single pair of query heads swapped.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+
+from bridges.core import mappings as M
+from bridges.models.qwen3.qwen3_bridge import Qwen3Bridge
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# the bug classes #22 names: eps decade, rope base, rope scaling, one head swapped, a bias
+# dropped, a routing detail
+SUBTLE = ("EpsInputNorm", "EpsQKNorm", "EpsFinalNorm", "EpsLatentNorm", "RopeBaseDoubled",
+          "WrongRopeTheta", "Llama3ScalingDropped", "OneHeadSwapped", "QKSwapped", "WrongGQAGroups",
+          "BiasDropped", "BiasInterleave", "NormTopkFlipped", "RouterBiasDropped", "SharedGateDropped")
+
+
+class _OneHeadSwapped(M.QKV):
+    """Query heads 0 and 1 exchanged in every layer's fused QKV (both directions): the class of
+    bug where one head's rows land in another's slot, K, V and the output projection right."""
+
+    @staticmethod
+    def _swap(q: torch.Tensor, d: int) -> torch.Tensor:
+        q = q.clone()
+        q[:d], q[d:2 * d] = q[d:2 * d].clone(), q[:d].clone()
+        return q
+
+    def _merge(self, hf, shapes):
+        return super()._merge({**hf, "q": self._swap(hf["q"], shapes.kv_channels)}, shapes)
+
+    def _unmerge(self, full, shapes):
+        out = super()._unmerge(full, shapes)
+        out["q"] = self._swap(out["q"], shapes.kv_channels)
+        return out
+
+
+class OneHeadSwapped(Qwen3Bridge):
+    def mappings(self, attrs):
+        return [_OneHeadSwapped(m.megatron, m.hf) if m.megatron.endswith("linear_qkv.weight") else m
+                for m in super().mappings(attrs)]
+
+
+def descriptions() -> dict[str, str]:
+    """Each mutant's one-line description: the comment above its class in tests/mutants.py."""
+    out, last = {}, ""
+    for line in (ROOT / "tests" / "mutants.py").read_text().splitlines():
+        m = re.match(r"# \d+b?\. (.*?)\s*-*$", line)
+        if m:
+            last = m.group(1)
+        elif line.startswith("#") and last and not line.startswith("# --"):
+            last = f"{last} {line.lstrip('# ').rstrip(' -')}"
+        c = re.match(r"class ([A-Z]\w*)\(", line)
+        if c:
+            out[c.group(1)], last = last, ""
+    out["OneHeadSwapped"] = "query heads 0 and 1 exchanged in every layer's QKV (both directions)"
+    return out
+
+
+def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
+    """(name, bridge ref, model, checks the CPU self-test expects to fail at tp1pp1), the subtle
+    ones first."""
+    from tests.test_mutations import MUTANTS
+
+    rows = [(n, f"tests.mutants:{n}", model, set(expect["tp1pp1"]))
+            for n, model, expect in MUTANTS if expect.get("tp1pp1")]
+    rows.append(("OneHeadSwapped", "scripts.gpu_mutants:OneHeadSwapped", "Qwen/Qwen3-8B", {"logits", "generation"}))
+    return sorted(rows, key=lambda r: (r[0] not in SUBTLE, SUBTLE.index(r[0]) if r[0] in SUBTLE else 0))
