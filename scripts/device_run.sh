@@ -4,6 +4,9 @@
 # CUDA hidden. Runs from a source tarball (.whl/src.tar.gz: the commit's tree, see COMMIT in
 # it), not the working copy. Results go to $OUT/results.tar.gz after every stage.
 #   bash scripts/device_run.sh [stages: gpu mutants bench]
+# Before the call, here: rm -rf /tmp/src && mkdir /tmp/src && git archive HEAD | tar -x -C /tmp/src
+#   && cp scripts/* /tmp/src/scripts/ && git rev-parse --short HEAD > /tmp/src/COMMIT
+#   && tar -czf .whl/src.tar.gz -C /tmp/src .     (then run it with carry [".whl"]; ~9 min)
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
 stages=${*:-gpu mutants bench}
