@@ -1,4 +1,5 @@
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -7,6 +8,24 @@ from conformance.models import resolve
 from conformance.session import Conformance
 
 pytest_plugins = ["pytester"]
+
+# `./dev test` runs every check, mutant and family test, with the layout matrix spread over the
+# fixture models; MBRIDGE_FULL=1 (`./dev test-full`) adds the rest of the matrix and the slowest
+# multi-process CLI runs (about 15 more minutes on 2 cores).
+FULL = os.environ.get("MBRIDGE_FULL", "") not in ("", "0")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "full: only with MBRIDGE_FULL=1 (./dev test-full)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if FULL:
+        return
+    skip = pytest.mark.skip(reason="full tier: MBRIDGE_FULL=1 (./dev test-full)")
+    for item in items:
+        if "full" in item.keywords:
+            item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -47,6 +47,7 @@ def test_moe_import_under_ep_export_under_another_layout(conformance, spec, tmp_
         _same(toy, out)
 
 
+@pytest.mark.full  # two fresh CLI processes, one relaunching two ranks: minutes on 2 cores
 def test_cli_as_one_process_relaunches_for_several_ranks(conformance, spec, tmp_path):
     toy = conformance.checkpoint(spec("Qwen/Qwen3-0.6B"))
     mbridge = [sys.executable, "-m", "bridges.cli", "convert"]

@@ -38,11 +38,11 @@ from tests.fault_tasks import INJECTED
 ROOT = Path(__file__).resolve().parents[1]
 
 # plain-process scenarios: name -> (failing rank, mode, init_distributed timeout_s)
-SCENARIOS = {"rank 1 raises": (1, "raise", 30.0), "rank 0 raises": (0, "raise", 30.0),
+SCENARIOS = {"rank 1 raises": (1, "raise", 60.0), "rank 0 raises": (0, "raise", 60.0),
              "rank 1 stalls": (1, "stall", 3.0)}
 # every rank of a raising job exits by itself within this, counted from launch: six processes
 # importing torch at once on a loaded 2-core CI machine take most of it (alone: about 5 s); that
-# the survivor saw its peer go rather than waiting out its 30 s timeout is checked on the
+# the survivor saw its peer go rather than waiting out its timeout is checked on the
 # collective's own clock ("collective ended after")
 EXIT_BOUND_S = 150.0
 
@@ -128,9 +128,10 @@ def test_plain_processes_a_raising_rank_fails_every_rank(jobs, scenario):
         in ranks[failing]["output"]
     survivor = ranks[1 - failing]["output"]
     assert "Connection closed by peer" in survivor or "Connection reset" in survivor, survivor
-    # the survivor did not wait for its 30 s timeout: it saw the failing rank go
+    # the survivor did not wait for its timeout: it saw the failing rank go (how soon depends on
+    # how fast the failing process exits: up to 15 s on a loaded 2-core machine)
     waited = float(re.search(r"collective ended after ([\d.]+) s", survivor).group(1))
-    assert waited < 10, survivor
+    assert waited < SCENARIOS[scenario][2] - 1, survivor
 
 
 def test_plain_processes_a_stalled_rank_times_the_others_out(jobs):

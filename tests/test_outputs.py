@@ -250,7 +250,7 @@ def test_full_disk_keeps_the_previous_output(conformance, toy, megatron, tmp_pat
     assert _digest(out) == before and _others(out) == []
 
 
-def _wait_for(path_glob: Path, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+def _wait_for(path_glob: Path, proc: subprocess.Popen, timeout: float = 300.0) -> None:
     deadline = time.monotonic() + timeout
     while not list(path_glob.parent.glob(path_glob.name)):
         assert proc.poll() is None, proc.communicate()[1][-2000:]
@@ -271,15 +271,50 @@ def test_two_conversions_to_one_out_one_wins(toy, tmp_path, capsys):
     assert _others(out) == []  # the lock file is gone too
 
 
+# The interrupted process stalls at a known point (an audit hook, loaded by sitecustomize from the
+# environment) until the signal comes: on a loaded machine a toy conversion may otherwise finish
+# before the test gets to send it.
+_STALL = """
+import os, sys, time
+_at = os.environ.get("MBRIDGE_TEST_STALL")
+_seen = []
+def _stall():
+    open(os.environ["MBRIDGE_TEST_STALL_FLAG"], "w").close()
+    while True:
+        time.sleep(0.05)
+def _hook(event, args):
+    if _seen == ["done"]:
+        return
+    if _at == "writing" and event == "os.rename":  # the publishing rename: the output is complete
+        _seen[:] = ["done"]
+        _stall()
+    if _at == "reading" and event == "open" and isinstance(args[0], str):
+        if args[0].endswith(".lock"):  # the lock is being taken; stall at the next file opened
+            _seen[:] = ["lock"]
+        elif _seen == ["lock"]:
+            _seen[:] = ["done"]
+            _stall()
+if _at:
+    sys.addaudithook(_hook)
+"""
+
+
 @pytest.mark.parametrize("when,tp", [("writing", "1"), ("reading", "2")])
 def test_ctrl_c_keeps_the_previous_output(conformance, toy, tmp_path, when, tp):
     out = tmp_path / "mc"
     argv = ["convert", "import", "--hf", toy, "--out", str(out)]
     assert _cli(conformance, *argv)[0] == 0
     before = _digest(out)
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "sitecustomize.py").write_text(_STALL)
+    flag = tmp_path / "stalled"
+    env = {**ENV, "MBRIDGE_TEST_STALL": when, "MBRIDGE_TEST_STALL_FLAG": str(flag),
+           "PYTHONPATH": os.pathsep.join([str(shim), *filter(None, [ENV.get("PYTHONPATH")])])}
     proc = subprocess.Popen([sys.executable, "-m", "bridges.cli", *argv, "--overwrite", "--tp", tp],
-                            env=ENV, stderr=subprocess.PIPE, text=True)
-    _wait_for(tmp_path / (".mc.tmp-*" if when == "writing" else ".mc.lock"), proc)
+                            env=env, stderr=subprocess.PIPE, text=True)
+    _wait_for(flag, proc, timeout=300)
+    assert list(tmp_path.glob(".mc.tmp-*" if when == "writing" else ".mc.lock"))
     proc.send_signal(signal.SIGINT)
     err = proc.communicate(timeout=120)[1]
     assert proc.returncode == 130, err[-2000:]
