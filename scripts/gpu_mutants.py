@@ -1,6 +1,6 @@
 """The mutants `scripts/gpu_conformance.py mutants` runs under the default `--run-gpu` suite:
-every mutant of tests/mutants.py that the CPU self-tests (tests/test_mutations.py) expect to
-fail at tp1pp1 (the one layout a single GPU runs), the subtle config and module bugs of #22
+every mutant of tests/mutants.py and tests/gemma_mutants.py that the CPU self-tests
+(tests/test_mutations.py, tests/test_gemma.py) expect to fail at tp1pp1 (the one layout a single GPU runs), the subtle config and module bugs of #22
 first, plus one bug class those lack: a single pair of query heads swapped.
 """
 from __future__ import annotations
@@ -66,9 +66,11 @@ def descriptions() -> dict[str, str]:
 def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
     """(name, bridge ref, model, checks the CPU self-test expects to fail at tp1pp1), the subtle
     ones first."""
+    from tests.test_gemma import MUTANTS as GEMMA
     from tests.test_mutations import MUTANTS
 
-    rows = [(n, f"tests.mutants:{n}", model, set(expect["tp1pp1"]))
-            for n, model, expect in MUTANTS if expect.get("tp1pp1")]
+    rows = [(n, f"tests.{module}:{n}", model, set(expect["tp1pp1"]))
+            for module, table in (("mutants", MUTANTS), ("gemma_mutants", GEMMA))
+            for n, model, expect in table if expect.get("tp1pp1")]
     rows.append(("OneHeadSwapped", "scripts.gpu_mutants:OneHeadSwapped", "Qwen/Qwen3-8B", {"logits", "generation"}))
     return sorted(rows, key=lambda r: (r[0] not in SUBTLE, SUBTLE.index(r[0]) if r[0] in SUBTLE else 0))
