@@ -71,7 +71,7 @@ __all__ = ["ALL_COMPONENTS", "COMPONENTS", "FlopsError", "FlopsReport",
 # The components of a dense model; MoE and MTP models have more (ALL_COMPONENTS, in report order).
 COMPONENTS = ("embedding", "qkv_projection", "core_attention", "attention_output_projection",
               "mlp", "logits")
-ALL_COMPONENTS = ("embedding", "qkv_projection", "core_attention", "attention_output_projection",
+ALL_COMPONENTS = ("vision_tower", "projector", "embedding", "qkv_projection", "core_attention", "attention_output_projection",
                   "mlp", "router", "routed_experts", "shared_experts", "logits", "mtp")
 _MOE_COMPONENTS = ("router", "routed_experts", "shared_experts")
 RECOMPUTE = (None, "selective", "full")
@@ -502,12 +502,15 @@ class FlopsReport:
 
 # -- entry points --------------------------------------------------------------------------
 def training_flops(model: Any, seq_len: int | Sequence[int] = 4096, batch_size: int = 1, *,
-                   causal: bool = True, recompute: str | None = None) -> FlopsReport:
+                   causal: bool = True, recompute: str | None = None, images: int | None = None) -> FlopsReport:
     """FLOPs of one training step on ``batch_size`` rows of ``seq_len`` tokens.
 
     ``seq_len`` may be a list of lengths: one row packing those sequences (varlen / THD);
     attention is counted per sequence, the rest per token. ``recompute``: None (model FLOPs),
     "selective" (core attention recomputed) or "full" (every transformer layer recomputed).
+    ``images``: images per row for a vision-language model (default 1), each counted through the
+    vision tower and the projector (``vision_tower``, ``projector``); their tokens are part of
+    ``seq_len``.
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute={recompute!r}: use one of {RECOMPUTE}")
@@ -539,13 +542,42 @@ def training_flops(model: Any, seq_len: int | Sequence[int] = 4096, batch_size: 
         fwd["mtp"] = a.mtp_layers * (body + logits)
         again["mtp"] = a.mtp_layers * (body if recompute == "full" else
                                        layer["core_attention"] if recompute == "selective" else 0)
+    vision = _vision(attrs)
+    if vision:
+        n_img = batch.batch_size * (1 if images is None else int(images))
+        for n, (_, per_image) in vision.items():
+            fwd[n], again[n] = n_img * per_image, n_img * per_image if recompute == "full" else 0
+        names = [n for n in ALL_COMPONENTS if n in fwd]
     terms = tuple(Term(n, fwd[n], 2 * fwd[n], again[n]) for n in names)
-    return FlopsReport(terms, _params(a), seqs, batch.batch_size, batch.causal, recompute)
+    return FlopsReport(terms, _params(a, vision), seqs, batch.batch_size, batch.causal, recompute)
+
+
+def _vision(attrs: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """A VLM's vision side: component -> (parameters, forward FLOPs per image). The tower is a
+    ViT of pre-norm blocks with biases (SigLIP's): a patch convolution, learned positions, per
+    block LayerNorm, q/k/v/o, LayerNorm, a two-matrix MLP, bidirectional attention over all
+    patches, a final LayerNorm; the projector a norm and one matrix from the pooled patches
+    (``mm_tokens_per_image`` tokens) to the language model's width (Gemma3's)."""
+    v = attrs.get("vision_config")
+    if not v:
+        return {}
+    if v.get("vision_use_head"):
+        raise FlopsError("vision_config.vision_use_head=True: the tower's pooling head is not "
+                         "counted by the FLOPs calculator (bridges/flops.py)")
+    d, f, layers = int(v["hidden_size"]), int(v["intermediate_size"]), int(v["num_hidden_layers"])
+    p, c = int(v["patch_size"]), int(v.get("num_channels") or 3)
+    patches = (int(v["image_size"]) // p) ** 2
+    block = 4 * (d * d + d) + 2 * d * f + f + d + 2 * 2 * d
+    tower = c * p * p * d + d + patches * d + layers * block + 2 * d
+    tower_fwd = 2 * patches * c * p * p * d + layers * (2 * patches * (4 * d * d + 2 * d * f) + 4 * patches ** 2 * d)
+    h, tokens = int(attrs["hidden_size"]), int(attrs["mm_tokens_per_image"])
+    return {"vision_tower": (tower, tower_fwd), "projector": (d + d * h, 2 * tokens * d * h)}
 
 
 def parameter_counts(model: Any) -> Params:
     """Total and active parameter counts of the model the attributes describe."""
-    return _params(_arch(model_attrs(model)))
+    attrs = model_attrs(model)
+    return _params(_arch(attrs), _vision(attrs))
 
 
 def _layer_params(a: _Arch, moe: bool) -> tuple[dict[str, int], int]:
@@ -575,7 +607,7 @@ def _layer_params(a: _Arch, moe: bool) -> tuple[dict[str, int], int]:
     return out, (m.experts - m.topk) * mlp(m.ffn)
 
 
-def _params(a: _Arch) -> Params:
+def _params(a: _Arch, vision: dict[str, tuple[int, int]] | None = None) -> Params:
     h = a.hidden
     embedding = a.vocab * h
     output = 0 if a.tied else a.vocab * h
@@ -599,6 +631,7 @@ def _params(a: _Arch) -> Params:
     if a.moe:
         by.update({k: layers[k] for k in _MOE_COMPONENTS if k in layers})
     by.update(norms=layers["norms"] + a.norm_params * h, output=output)
+    by.update({n: params for n, (params, _) in (vision or {}).items()})
     mtp_total = mtp_active = 0
     if a.mtp_layers:
         # per MTP layer (Megatron-Core's MultiTokenPredictionLayer): enorm, hnorm, eh_proj 2h x h,

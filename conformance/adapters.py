@@ -59,7 +59,64 @@ class TextCausalLM:
         return forward.capture_megatron(chunks, store)
 
 
-ADAPTERS: dict[str, Any] = {"text": TextCausalLM()}
+BANNED = "banned_tokens"  # in a VLM's inputs: the tokens greedy generation never picks
+
+
+class ImageTextToText(TextCausalLM):
+    """A vision-language model: token ids with image placeholders and images in, next-token
+    logits out. Inputs are a dict (``input_ids`` and the family's image tensors, from its
+    bridge's ``image_inputs``); greedy generation never picks an image placeholder (the
+    family's ``banned_tokens``: a placeholder without its image is an error in HF). The vision
+    tower's and the projector's outputs are captured on both sides (localisation names them)."""
+
+    modality = "vision"
+
+    @staticmethod
+    def _family(config: dict[str, Any]):
+        from bridges.core.registry import lookup
+
+        return lookup(config)
+
+    def toy_config(self, config: dict[str, Any], max_tp: int, min_layers: int) -> dict[str, Any]:
+        fam = self._family(config)
+        c = {k: v for k, v in config.items() if k != "torch_dtype"}
+        c["text_config"] = toy.shrink_config(fam.text_config_dict(config), max_tp=max_tp, min_layers=min_layers)
+        return fam.toy_config(c)
+
+    def inputs(self, config: dict[str, Any], base: torch.Tensor) -> dict[str, Any]:
+        fam = self._family(config)
+        inputs = fam.image_inputs(config, base % int(config["text_config"]["vocab_size"]))
+        return {**inputs, BANNED: tuple(fam.banned_tokens(config))}
+
+    @staticmethod
+    def _rest(inputs: dict[str, Any]):
+        """The inputs other than the ids, for ids grown by generation (token types padded with text)."""
+        rest = {k: v for k, v in inputs.items() if k not in ("input_ids", BANNED)}
+
+        def inputs_for(ids: torch.Tensor) -> dict[str, Any]:
+            out = dict(rest)
+            if "token_type_ids" in rest:
+                tt = rest["token_type_ids"]
+                out["token_type_ids"] = torch.nn.functional.pad(tt, (0, ids.shape[1] - tt.shape[1]))
+            return out
+        return inputs_for
+
+    def hf_logits(self, model, inputs: dict[str, Any]) -> torch.Tensor:
+        return forward.hf_logits(model, inputs["input_ids"], self._rest(inputs)(inputs["input_ids"]))
+
+    def megatron_logits(self, chunks, inputs: dict[str, Any], vocab_size: int) -> torch.Tensor | None:
+        return forward.megatron_logits(chunks, inputs["input_ids"], vocab_size,
+                                       self._rest(inputs)(inputs["input_ids"]))
+
+    def hf_generate(self, model, inputs: dict[str, Any], steps: int, margins: list | None = None) -> torch.Tensor:
+        return forward.hf_generate(model, inputs["input_ids"], steps, margins, self._rest(inputs), inputs[BANNED])
+
+    def megatron_generate(self, chunks, inputs: dict[str, Any], steps: int, vocab_size: int) -> torch.Tensor:
+        return forward.megatron_generate(chunks, inputs["input_ids"], steps, vocab_size, self._rest(inputs),
+                                         inputs[BANNED])
+
+
+ADAPTERS: dict[str, Any] = {"text": TextCausalLM(), "vision": ImageTextToText()}
 
 
 def adapter_for(config: dict[str, Any] | None = None, bridge=None):

@@ -14,7 +14,13 @@ import torch.distributed as dist
 
 
 def _first(x):
+    if hasattr(x, "last_hidden_state"):  # an HF module's output
+        return x.last_hidden_state
     return x[0] if isinstance(x, (tuple, list)) else x
+
+
+# a VLM's vision side, as both models name it (the HF vision encoder pattern): attribute, stage
+VISION_PARTS = (("vision_tower", "vision tower"), ("multi_modal_projector", "projector"))
 
 
 @contextlib.contextmanager
@@ -35,6 +41,10 @@ def capture_megatron(chunks, store: dict):
         return hook
 
     for chunk in map(unwrap, chunks):
+        for attr, label in VISION_PARTS:
+            if getattr(chunk, attr, None) is not None:
+                hooks.append(getattr(chunk, attr).register_forward_hook(save(label, sbh=False)))
+        chunk = getattr(chunk, "language_model", chunk)  # a VLM's
         if getattr(chunk, "embedding", None) is not None and chunk.pre_process:
             hooks.append(chunk.embedding.register_forward_hook(save("embedding")))
         for layer in chunk.decoder.layers:
@@ -52,11 +62,18 @@ def capture_megatron(chunks, store: dict):
 
 @contextlib.contextmanager
 def capture_hf(model, store: dict):
-    base = model.model
-    hooks = [base.embed_tokens.register_forward_hook(
+    base = getattr(model.model, "language_model", model.model)  # a VLM's text model
+    hooks = [getattr(model.model, a).register_forward_hook(
+        lambda _m, _i, o, k=label: store.__setitem__(k, _first(o).detach().float().cpu().clone()))
+        for a, label in VISION_PARTS if getattr(model.model, a, None) is not None]
+    hooks += [base.embed_tokens.register_forward_hook(
         lambda _m, _i, o: store.__setitem__("embedding", o.detach().float().cpu().clone()))]
     for n, layer in enumerate(base.layers):
-        for attr, label in (("self_attn", "attention"), ("mlp", "mlp")):
+        # sandwich norms (Gemma2/3): Megatron's output projections include the post-norm
+        sandwich = hasattr(layer, "pre_feedforward_layernorm") and hasattr(layer, "post_feedforward_layernorm")
+        parts = (("post_attention_layernorm", "attention"), ("post_feedforward_layernorm", "mlp")) if sandwich \
+            else (("self_attn", "attention"), ("mlp", "mlp"))
+        for attr, label in parts:
             hooks.append(getattr(layer, attr).register_forward_hook(
                 lambda _m, _i, o, k=f"layer {n} {label}": store.__setitem__(k, _first(o).detach().float().cpu().clone())))
     hooks.append(base.norm.register_forward_hook(
@@ -68,8 +85,9 @@ def capture_hf(model, store: dict):
             h.remove()
 
 
-def megatron_logits(chunks, ids: torch.Tensor, vocab_size: int) -> torch.Tensor | None:
-    """Full logits [b, s, vocab] on the last pipeline stage (every TP rank); None elsewhere."""
+def megatron_logits(chunks, ids: torch.Tensor, vocab_size: int, extra: dict | None = None) -> torch.Tensor | None:
+    """Full logits [b, s, vocab] on the last pipeline stage (every TP rank); None elsewhere.
+    ``extra``: more inputs for every chunk (a VLM's images, its token types)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
@@ -77,6 +95,7 @@ def megatron_logits(chunks, ids: torch.Tensor, vocab_size: int) -> torch.Tensor 
 
     dev = next(unwrap(chunks[0]).parameters()).device
     ids = ids.to(dev)
+    extra = {k: v.to(dev) if torch.is_tensor(v) else v for k, v in (extra or {}).items()}
     pos = torch.arange(ids.shape[1], device=dev).unsqueeze(0).expand_as(ids)
     pp, first, last = (ps.get_pipeline_model_parallel_world_size(),
                        ps.is_pipeline_first_stage(), ps.is_pipeline_last_stage())
@@ -89,7 +108,7 @@ def megatron_logits(chunks, ids: torch.Tensor, vocab_size: int) -> torch.Tensor 
             dist.recv(h, src=ps.get_pipeline_model_parallel_prev_rank())
             chunk.set_input_tensor(h)
         with torch.no_grad():
-            out = chunk(ids, pos, attention_mask=None)
+            out = chunk(ids, pos, attention_mask=None, **extra)
         if pp > 1 and not (last and v == len(chunks) - 1):
             dist.send(out.contiguous(), dst=ps.get_pipeline_model_parallel_next_rank())
     if not last:
@@ -99,8 +118,10 @@ def megatron_logits(chunks, ids: torch.Tensor, vocab_size: int) -> torch.Tensor 
     return out[..., :vocab_size].float()
 
 
-def megatron_generate(chunks, ids: torch.Tensor, steps: int, vocab_size: int) -> torch.Tensor:
-    """Greedy decoding by repeated full forwards; the tokens are known on every rank."""
+def megatron_generate(chunks, ids: torch.Tensor, steps: int, vocab_size: int, inputs_for=None,
+                      banned: tuple[int, ...] = ()) -> torch.Tensor:
+    """Greedy decoding by repeated full forwards; the tokens are known on every rank.
+    ``inputs_for(ids)``: the other inputs for the ids so far; ``banned``: tokens never chosen."""
     from megatron.core import parallel_state as ps
 
     ids = ids.clone()
@@ -108,8 +129,8 @@ def megatron_generate(chunks, ids: torch.Tensor, steps: int, vocab_size: int) ->
     src = dist.get_global_rank(group, ps.get_pipeline_model_parallel_world_size() - 1)
     dev = next(chunks[0].parameters()).device
     for _ in range(steps):
-        logits = megatron_logits(chunks, ids, vocab_size)
-        tok = (logits[:, -1].argmax(-1) if logits is not None
+        logits = megatron_logits(chunks, ids, vocab_size, inputs_for(ids) if inputs_for else None)
+        tok = (_ban(logits[:, -1], banned).argmax(-1) if logits is not None
                else torch.zeros(ids.shape[0], dtype=torch.long, device=dev))
         tok = tok.to(dev)
         if ps.get_pipeline_model_parallel_world_size() > 1:
@@ -118,9 +139,17 @@ def megatron_generate(chunks, ids: torch.Tensor, steps: int, vocab_size: int) ->
     return ids
 
 
-def hf_logits(model, ids: torch.Tensor) -> torch.Tensor:
+def hf_logits(model, ids: torch.Tensor, extra: dict | None = None) -> torch.Tensor:
+    extra = {k: v.to(model.device) if torch.is_tensor(v) else v for k, v in (extra or {}).items()}
     with torch.no_grad():
-        return model(ids.to(model.device)).logits.float().cpu()
+        return model(ids.to(model.device), **extra).logits.float().cpu()
+
+
+def _ban(last: torch.Tensor, banned) -> torch.Tensor:
+    if banned:
+        last = last.clone()
+        last[..., list(banned)] = float("-inf")
+    return last
 
 
 def margin(logits: torch.Tensor) -> torch.Tensor:
@@ -129,11 +158,13 @@ def margin(logits: torch.Tensor) -> torch.Tensor:
     return top[..., 0] - top[..., 1]
 
 
-def hf_generate(model, ids: torch.Tensor, steps: int, margins: list | None = None) -> torch.Tensor:
-    """Greedy decoding; appends each step's top-1 margins ([batch]) to ``margins`` if given."""
+def hf_generate(model, ids: torch.Tensor, steps: int, margins: list | None = None, inputs_for=None,
+                banned: tuple[int, ...] = ()) -> torch.Tensor:
+    """Greedy decoding; appends each step's top-1 margins ([batch]) to ``margins`` if given
+    (``inputs_for``, ``banned``: as ``megatron_generate``)."""
     ids = ids.clone()
     for _ in range(steps):
-        last = hf_logits(model, ids)[:, -1]
+        last = _ban(hf_logits(model, ids, inputs_for(ids) if inputs_for else None)[:, -1], banned)
         if margins is not None:
             margins.append(margin(last))
         ids = torch.cat([ids, last.argmax(-1).unsqueeze(1)], dim=1)

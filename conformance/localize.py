@@ -7,8 +7,12 @@ import torch
 
 from conformance.checks import rel_err
 
+VISION = ("vision tower", "projector")
+
 
 def _order(name: str):
+    if name in VISION:  # a VLM's vision side runs first
+        return (-1, VISION.index(name), 0)
     if name == "embedding":
         return (0, 0, 0)
     m = re.match(r"layer (\d+) (attention|mlp)", name)

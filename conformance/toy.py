@@ -186,24 +186,36 @@ def hf_config(config: dict[str, Any]):
     return AutoConfig.for_model(hf_model_type(config), **kw)
 
 
+def _auto_class(config: dict[str, Any]):
+    """transformers' auto class for the family's kind of model (conformance/adapters.py)."""
+    import transformers
+
+    vision = getattr(_family(config), "modality", "text") == "vision"
+    return transformers.AutoModelForImageTextToText if vision else transformers.AutoModelForCausalLM
+
+
+def _eager(cfg) -> None:
+    """Eager attention everywhere (sub-configs too): the reference the checks compare with."""
+    cfg._attn_implementation = "eager"
+    for sub in ("text_config", "vision_config"):
+        if getattr(cfg, sub, None) is not None:
+            getattr(cfg, sub)._attn_implementation = "eager"
+
+
 def load_hf_model(path: str | os.PathLike, dtype: torch.dtype):
     """Load an HF checkpoint with transformers, through the bridge's hf_model_type if needed."""
-    from transformers import AutoModelForCausalLM
-
     config = json.loads((Path(path) / "config.json").read_text())
     cfg = hf_config(config)
-    cfg._attn_implementation = "eager"
-    return AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=dtype)
+    _eager(cfg)
+    return _auto_class(config).from_pretrained(path, config=cfg, dtype=dtype)
 
 
 def build_hf_model(config: dict[str, Any], seed: int = 0):
     """A transformers model for the toy config dict, with randomised weights, eval mode."""
-    from transformers import AutoModelForCausalLM
-
     cfg = hf_config(config)
-    cfg._attn_implementation = "eager"
+    _eager(cfg)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    model = _auto_class(config).from_config(cfg, dtype=torch.float32)
     randomize_(model, seed)  # in fp32, then cast: the same values, rounded, in every dtype
     if getattr(cfg, "tie_word_embeddings", False):
         model.tie_weights()

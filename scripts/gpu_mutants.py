@@ -1,6 +1,6 @@
 """The mutants `scripts/gpu_conformance.py mutants` runs under the default `--run-gpu` suite:
-every mutant of tests/mutants.py and tests/gemma_mutants.py that the CPU self-tests
-(tests/test_mutations.py, tests/test_gemma.py) expect to fail at tp1pp1 (the one layout a single GPU runs), the subtle config and module bugs of #22
+every mutant of tests/mutants.py, tests/gemma_mutants.py and tests/gemma3_vl_mutants.py that
+the CPU self-tests (tests/test_mutations.py, test_gemma.py, test_gemma3_vl.py) expect to fail at tp1pp1 (the one layout a single GPU runs), the subtle config and module bugs of #22
 first, plus one bug class those lack: a single pair of query heads swapped.
 """
 from __future__ import annotations
@@ -60,6 +60,13 @@ def descriptions() -> dict[str, str]:
         if c:
             out[c.group(1)], last = last, ""
     out["OneHeadSwapped"] = "query heads 0 and 1 exchanged in every layer's QKV (both directions)"
+    import importlib
+    import inspect
+
+    for module in ("tests.gemma_mutants", "tests.gemma3_vl_mutants"):  # their class docstrings
+        for name, cls in inspect.getmembers(importlib.import_module(module), inspect.isclass):
+            if cls.__module__ == module and not name.startswith("_"):
+                out.setdefault(name, " ".join((cls.__doc__ or name).split()))
     return out
 
 
@@ -67,10 +74,12 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
     """(name, bridge ref, model, checks the CPU self-test expects to fail at tp1pp1), the subtle
     ones first."""
     from tests.test_gemma import MUTANTS as GEMMA
+    from tests.test_gemma3_vl import MUTANTS as VLM
     from tests.test_mutations import MUTANTS
 
+    vlm = [(n, "google/gemma-3-4b-it", {"tp1pp1": expect}) for n, expect, _ in VLM]
     rows = [(n, f"tests.{module}:{n}", model, set(expect["tp1pp1"]))
-            for module, table in (("mutants", MUTANTS), ("gemma_mutants", GEMMA))
-            for n, model, expect in table if expect.get("tp1pp1")]
+            for module, table in (("mutants", MUTANTS), ("gemma_mutants", GEMMA), ("gemma3_vl_mutants", vlm))
+            for n, model, expect in table if expect.get("tp1pp1") and "/" in model]  # a fixture's name
     rows.append(("OneHeadSwapped", "scripts.gpu_mutants:OneHeadSwapped", "Qwen/Qwen3-8B", {"logits", "generation"}))
     return sorted(rows, key=lambda r: (r[0] not in SUBTLE, SUBTLE.index(r[0]) if r[0] in SUBTLE else 0))

@@ -14,14 +14,20 @@ def test_registered_text_models_use_the_text_adapter():
 
 
 def test_a_modality_without_an_adapter_is_named(monkeypatch):
-    class Vision:
-        modality, model_type = "vision", "toy_vl"
+    class Audio:
+        modality, model_type = "audio", "toy_audio"
 
-    with pytest.raises(LookupError, match="no conformance adapter for modality 'vision' \\(of toy_vl\\)"):
-        adapter_for(bridge=Vision())
+    with pytest.raises(LookupError, match="no conformance adapter for modality 'audio' \\(of toy_audio\\)"):
+        adapter_for(bridge=Audio())
     marker = object()
-    monkeypatch.setitem(adapters.ADAPTERS, "vision", marker)
-    assert adapter_for(bridge=Vision()) is marker
+    monkeypatch.setitem(adapters.ADAPTERS, "audio", marker)
+    assert adapter_for(bridge=Audio()) is marker
+
+
+def test_a_vlm_gets_the_image_text_adapter():
+    from conformance.adapters import ImageTextToText
+
+    assert isinstance(adapter_for(resolve("google/gemma-3-4b-it").config), ImageTextToText)
 
 
 def test_text_inputs_fold_into_the_vocabulary():

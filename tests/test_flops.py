@@ -684,3 +684,39 @@ def test_cli_accepts_hf_moe_configs(capsys):
     assert main(["flops", str(HF_DATA / "Qwen/Qwen3-30B-A3B")]) == 0  # a directory
     active = parameter_counts(_published("Qwen/Qwen3-30B-A3B")).active
     assert f"active {active:,} ({active / 1e9:.2f} B)" in capsys.readouterr().out
+
+
+# -- vision-language models: the tower and the projector per image --------------------------------
+def test_gemma3_vlm_counts_the_published_size_and_each_image():
+    """gemma-3-4b-it: 4.3 B parameters on its model card; the text part alone is Gemma3's text
+    model (3,880,263,168), the rest the SigLIP tower and the projector. Each image adds the
+    same FLOPs; a text-only row (images=0) counts none."""
+    b = bridge("google/gemma-3-4b-it")
+    p = parameter_counts(b)
+    assert p.total == pytest.approx(4.3e9, rel=0.005)
+    assert p.total - p.by_component["vision_tower"] - p.by_component["projector"] == 3_880_263_168
+    one, two, none = (training_flops(b, 4096, 1, images=n) for n in (1, 2, 0))
+    tower = one.term("vision_tower").forward
+    assert two.term("vision_tower").forward == 2 * tower and none.term("vision_tower").forward == 0
+    assert two.total - one.total == one.total - none.total == 3 * (tower + one.term("projector").forward)
+
+
+def test_vision_terms_equal_torch_flop_counter_on_the_hf_tower_and_projector():
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig, AutoModel
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3MultiModalProjector
+
+    cfg = AutoConfig.for_model("gemma3", vision_config=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                            num_attention_heads=2, image_size=16, patch_size=4,
+                                                            vision_use_head=False),
+                               text_config=dict(hidden_size=40, num_attention_heads=2, num_key_value_heads=1),
+                               mm_tokens_per_image=4)
+    cfg.vision_config._attn_implementation = "eager"
+    tower, proj = AutoModel.from_config(cfg.vision_config), Gemma3MultiModalProjector(cfg)
+    with FlopCounterMode(display=False) as counter:
+        proj(tower(pixel_values=torch.randn(3, 3, 16, 16)).last_hidden_state)
+    attrs = {**TINY, "hidden_size": 40, "vision_config": cfg.vision_config.to_dict(), "mm_tokens_per_image": 4}
+    r = training_flops(attrs, 10, 3, images=1)
+    assert counter.get_total_flops() == r.term("vision_tower").forward + r.term("projector").forward
+    assert sum(p.numel() for m in (tower, proj) for p in m.parameters()) == \
+        parameter_counts(attrs).by_component["vision_tower"] + parameter_counts(attrs).by_component["projector"]

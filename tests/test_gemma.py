@@ -18,6 +18,18 @@ def _cfg(name: str) -> dict:
     return json.loads((FIXTURES / name / "config.json").read_text())
 
 
+# gemma-3-4b-it's language model as a gemma3_text config (the fixture is the whole VLM): the
+# published text_config's values with the rest of Gemma3TextConfig's defaults written out
+TEXT_4B = json.loads((Path(__file__).parent / "data/gemma-3-4b-it-text.json").read_text())
+
+
+def _spec(name: str):
+    from conformance.models import resolve
+
+    return ModelSpec("test/gemma-3-4b-it-text", TEXT_4B, "fixture") if name == "gemma-3-4b-it-text" \
+        else resolve(name)
+
+
 def _attrs(cfg: dict) -> dict:
     return AutoBridge.from_hf_config(cfg).megatron_attrs()
 
@@ -65,7 +77,7 @@ def test_gemma2_config_rules():
 
 
 def test_gemma3_layer_pattern_and_rope_bases():
-    cfg = _cfg("gemma-3-4b-it")
+    cfg = TEXT_4B
     b = AutoBridge.from_hf_config(cfg)
     a = b.megatron_attrs()
     assert a["window_attn_skip_freq"][:12] == [1, 1, 1, 1, 1, 0] * 2  # every 6th layer global
@@ -120,15 +132,15 @@ MUTANTS = [
     ("AttnSoftcapDropped", "google/gemma-2-9b", {"tp1pp1": {"logits", "generation"}}),
     ("FinalSoftcapDropped", "google/gemma-2-9b", {"tp1pp1": {"logits"}}),
     ("PostNormsSwapped", "google/gemma-2-9b", {"tp1pp1": {"logits", "generation"}}),
-    ("SlidingPatternShifted", "google/gemma-3-4b-it", {"tp1pp1": {"logits", "generation"}}),
-    ("RopeBasesSwapped", "google/gemma-3-4b-it", {"tp1pp1": {"logits", "generation"}}),
+    ("SlidingPatternShifted", "gemma-3-4b-it-text", {"tp1pp1": {"logits", "generation"}}),
+    ("RopeBasesSwapped", "gemma-3-4b-it-text", {"tp1pp1": {"logits", "generation"}}),
 ]
 
 
 @pytest.mark.parametrize("mutant,model,expect", MUTANTS, ids=[m[0] for m in MUTANTS])
 def test_gemma_mutant_is_caught(conformance, spec, mutant, model, expect):
     for layout, checks in expect.items():
-        results = conformance.case(spec(model), layout, bridge_ref=f"tests.gemma_mutants:{mutant}")
+        results = conformance.case(_spec(model), layout, bridge_ref=f"tests.gemma_mutants:{mutant}")
         got = {n for n, r in results.items() if not r.passed and not r.data.get("blocked")}
         assert got == checks, f"{mutant} at {layout}: caught by {sorted(got)}, expected {sorted(checks)}\n" + \
             "\n".join(str(r) for r in results.values() if not r.passed)
@@ -136,5 +148,5 @@ def test_gemma_mutant_is_caught(conformance, spec, mutant, model, expect):
 
 @pytest.mark.parametrize("mutant", ["SlidingPatternShifted", "RopeBasesSwapped"])
 def test_config_level_gemma_bugs_also_break_the_config_roundtrip(conformance, spec, mutant):
-    d = conformance.describe(spec("google/gemma-3-4b-it"), bridge_ref=f"tests.gemma_mutants:{mutant}")
+    d = conformance.describe(_spec("gemma-3-4b-it-text"), bridge_ref=f"tests.gemma_mutants:{mutant}")
     assert not d["config_check"].passed, d["config_check"]

@@ -207,9 +207,10 @@ class Bridge:
         owner = _owner(chunk, name)
         c = owner.config
         attrs = attrs if attrs is not None else self.megatron_attrs()
-        return Shapes(num_attention_heads=c.num_attention_heads,
-                      num_query_groups=c.num_query_groups or c.num_attention_heads,
-                      kv_channels=c.kv_channels, vocab_size=attrs["vocab_size"],
+        heads = c.num_attention_heads  # an HF module's config (a VLM's tower) has no groups
+        return Shapes(num_attention_heads=heads,
+                      num_query_groups=getattr(c, "num_query_groups", None) or heads,
+                      kv_channels=getattr(c, "kv_channels", None) or 0, vocab_size=attrs["vocab_size"],
                       padded_vocab_size=getattr(owner, "vocab_size", 0))
 
     def _ignored(self, name: str) -> bool:

@@ -84,9 +84,13 @@ class Gemma3TextBridge(Gemma2Bridge):
 
     def layer_spec(self, provider: ModelProvider, vp_stage: int | None = None):
         from bridges.models.gemma.modeling_gemma import gemma_block_spec
+
+        return gemma_block_spec(provider, vp_stage, self.decoder_layer(provider, vp_stage))
+
+    def decoder_layer(self, provider: ModelProvider, vp_stage: int | None = None):
+        """One decoder layer's spec (the VLM's language model adds its image mask to it)."""
         from bridges.models.gemma2.modeling_gemma2 import sandwich_layer_spec
         from bridges.models.gemma3.modeling_gemma3 import local_rope_layer_spec
 
         layer = sandwich_layer_spec(local_layer_spec(provider, vp_stage), provider.attn_logit_softcapping)
-        layer = local_rope_layer_spec(layer, provider.local_rotary_base)
-        return gemma_block_spec(provider, vp_stage, layer)
+        return local_rope_layer_spec(layer, provider.local_rotary_base)
