@@ -178,7 +178,8 @@ def _mutant_rows(m: dict) -> tuple[str, str, str, str, str]:
         named = named if len(named) <= 140 else named[:137] + "..."
     f32 = logits.get("float32")
     b16 = logits.get("bfloat16")
-    fig32 = f"{f32['data']['rel_err']:.2e} (re-init. {f32['data'].get('baseline_rel_err', float('nan')):.2f})" if f32 else ""
+    fig32 = f"{f32['data']['rel_err']:.2e} (re-init. {f32['data'].get('baseline_rel_err', float('nan')):.2f})" \
+        if f32 and "rel_err" in f32["data"] else ""  # a crashed conversion has no figure
     fig16 = ""
     if b16 and "noise_ratio" in b16["data"]:
         fig16 = (f"{b16['data']['noise_ratio']:.2f}x noise, {b16['data'].get('flips', 0)} moved "
@@ -197,8 +198,9 @@ def _mutant_section(path: str) -> list[str]:
     out = ["## Mutants under --run-gpu", "",
            f"{len(gpus)} x {gpus[0]}; torch {env.get('torch')}, megatron-core {env.get('megatron-core')}, "
            f"transformers {env.get('transformers')}. Each deliberately broken bridge (scripts/gpu_mutants.py: "
-           "the mutants of tests/mutants.py that the CPU self-tests expect to fail at tp1pp1, the one "
-           "layout one GPU runs, plus a single pair of query heads swapped) ran the default "
+           "the mutants of tests/mutants.py, gemma_mutants.py and gemma3_vl_mutants.py that the CPU "
+           "self-tests expect to fail at tp1pp1, the one layout one GPU runs, plus a single pair of "
+           "query heads swapped) ran the default "
            "`pytest --mbridge-model=<model> --mbridge-bridge=<mutant> --run-gpu` (fp32 and bf16) from "
            f"an empty directory, {d['jobs']} at a time, {d['wall_s']} s in all. "
            f"{len(caught)} of {len(rows)} fail the run (exit status 1).", "",

@@ -81,7 +81,10 @@ class VLMBridge(Bridge):
         attrs = self.language.megatron_attrs()
         attrs.update(translate(self.hf_config, self.vlm_fields))
         vision = get_path(self.hf_config, "vision_config")
-        attrs["vision_config"] = vision.to_dict() if hasattr(vision, "to_dict") else dict(vision)
+        # the fields that differ from the class's defaults (a full dump differs between
+        # transformers versions, and the config snapshot would with it)
+        vision = vision.to_diff_dict() if hasattr(vision, "to_diff_dict") else dict(vision)
+        attrs["vision_config"] = {k: v for k, v in vision.items() if k != "transformers_version"}
         return attrs
 
     def hf_config_dict(self, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
