@@ -7,6 +7,9 @@
 # Before the call, here: rm -rf /tmp/src && mkdir /tmp/src && git archive HEAD | tar -x -C /tmp/src
 #   && cp scripts/* /tmp/src/scripts/ && git rev-parse --short HEAD > /tmp/src/COMMIT
 #   && tar -czf .whl/src.tar.gz -C /tmp/src .     (then run it with carry [".whl"]; ~9 min)
+# Every wheel in .whl/ is installed first: megatron-core and syrupy always; to run with the CPU
+# machine's transformers (5.24) instead of the GPU machine's (5.17), add its wheel and those of
+# huggingface_hub 2.4, httpx2, httpcore2, truststore and tokenizers (pip download --no-deps).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
 stages=${*:-gpu mutants bench}
@@ -22,7 +25,7 @@ for s in $stages; do
   case $s in
     gpu) timeout 220 python3 scripts/gpu_conformance.py run --out $R/report-1gpu.json > $R/gpu.log 2>&1 ;;
     mutants) timeout 330 python3 scripts/gpu_conformance.py mutants --out $R/mutants-1gpu.json -j 10 --timeout 240 > $R/mutants.log 2>&1 ;;
-    bench) CUDA_VISIBLE_DEVICES= timeout 300 python3 scripts/bench_suite.py --save $R/bench \
+    bench) CUDA_VISIBLE_DEVICES= timeout 520 python3 scripts/bench_suite.py --save $R/bench \
              --machine "device host CPU (the H200 machine's host, CUDA hidden), x86_64, $(nproc) cores" > $R/bench.log 2>&1 ;;
   esac
   echo "$s: exit $? at $((SECONDS - t0)) s" | tee -a $R/stages.txt

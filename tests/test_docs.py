@@ -32,3 +32,38 @@ def test_mutant_count_and_table_match_tests_mutants():
     tests = "\n".join(p.read_text() for p in (DOC.parents[1] / "tests").glob("test_*.py"))
     unused = [n for n in names if f'"{n}"' not in tests and f":{n}" not in tests]
     assert not unused, f"mutants no test uses: {unused}"
+
+
+def _table_models(text: str, header: str) -> list[str]:
+    """The first column of the markdown table whose header row starts with ``header``."""
+    rows = text.split(header, 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    return [r.split("|")[1].strip() for r in rows if r.startswith("| ")]
+
+
+def test_benchmark_and_results_docs_cover_every_fixture_model():
+    """docs/benchmarks.md and docs/conformance-results.md (`./dev bench`) hold a row for every
+    fixture model a registered bridge handles, and their counts agree: a model added without
+    regenerating them fails here."""
+    import re
+
+    from bridges.core.registry import registered
+    from conformance.models import fixture_names, resolve
+
+    bridges = registered()
+    fixtures = sorted(n for n in fixture_names() if resolve(n).model_type in bridges)
+    bench = (DOC.parent / "benchmarks.md").read_text()
+    results = (DOC.parent / "conformance-results.md").read_text()
+    per_model = _table_models(bench, "| model | checks passed |")
+    assert not set(fixtures) - set(per_model), (
+        f"docs/benchmarks.md lacks {sorted(set(fixtures) - set(per_model))}: regenerate with `./dev bench`")
+    in_results = set(_table_models(results, "| model | layout |"))
+    assert not set(fixtures) - in_results, (
+        f"docs/conformance-results.md lacks {sorted(set(fixtures) - in_results)}: regenerate with `./dev bench`")
+    said = re.search(r"`pytest --mbridge` \(every fixture model, (\d+) models, 4 gloo ranks\): "
+                     r"(\d+) passed, (\d+) failed", bench)
+    assert said, "docs/benchmarks.md: the `pytest --mbridge` line is missing"
+    rows = bench.split("| model | checks passed |", 1)[1].split("\n\n", 1)[0].splitlines()[2:]
+    passed = sum(int(r.split("|")[2]) for r in rows)
+    failed = sum(int(r.split("|")[3]) for r in rows)
+    assert (int(said.group(1)), int(said.group(2)), int(said.group(3))) == (len(per_model), passed, failed), \
+        "docs/benchmarks.md: the totals line disagrees with the per-model table"
