@@ -67,3 +67,23 @@ def test_cli_text_and_json(capsys):
     assert {"moe", "mla", "mtp"} <= set(info["blocks"]) and info["bridge"] == "DeepseekV3Bridge"
     assert "kv_lora_rank" not in info["unknown_fields"]  # read by the deepseek_v3 bridge
     assert info["quantization"]["config"]["weight_block_size"] == [128, 128]
+
+
+def test_a_vlm_is_told_its_vision_encoder_pattern():
+    """The registered VLM bridge's pattern; for a VLM without a bridge, what its vision config
+    calls for (a Qwen-VL style tower, or one transformers ships as plain modules)."""
+    import json
+    from pathlib import Path
+
+    from bridges.commands.inspect import inspect_config
+
+    gemma3 = json.loads((Path(__file__).resolve().parents[1] / "fixtures/configs/google/gemma-3-4b-it/config.json").read_text())
+    assert inspect_config(gemma3)["vision_encoder"].startswith("HF vision encoder")
+    qwen_vl = {"model_type": "qwen2_5_vl", "architectures": ["Qwen2_5_VLForConditionalGeneration"], "hidden_size": 3584,
+               "vision_config": {"depth": 32, "fullatt_block_indexes": [7, 15, 23, 31], "spatial_merge_size": 2}}
+    assert inspect_config(qwen_vl)["vision_encoder"].startswith("Megatron vision encoder")
+    pixtral = {"model_type": "mistral3", "text_config": {"hidden_size": 5120}, "vision_config": {"model_type": "pixtral"}}
+    assert inspect_config(pixtral)["vision_encoder"].startswith("HF vision encoder")
+    odd = {"model_type": "x_vl", "vision_config": {"model_type": "x_vision"}}
+    assert inspect_config(odd)["vision_encoder"].startswith("unknown (vision_config.model_type='x_vision')")
+    assert "vision_encoder" not in inspect_config({"model_type": "llama", "hidden_size": 64})

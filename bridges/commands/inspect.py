@@ -89,9 +89,12 @@ def inspect_config(config: dict, ckpt: Path | None = None) -> dict:
         "blocks": kinds or ["dense"], "quantization": _quantization(config, ckpt),
     }
     try:
-        info["bridge"] = lookup(config).__name__
+        cls = lookup(config)
+        info["bridge"] = cls.__name__
     except UnknownModelError:
-        info["bridge"] = None
+        cls, info["bridge"] = None, None
+    if info["kind"] == "vlm":
+        info["vision_encoder"] = vision_pattern(config, cls)
     # Fields some registered bridge understands: its table, and the fields of its shipped configs.
     by_type: dict[str, set] = {}
     for name in fixture_names():
@@ -114,6 +117,29 @@ def inspect_config(config: dict, ckpt: Path | None = None) -> dict:
     # what a bridge starting from the closest one would still have to handle
     info["unhandled_by_closest"] = sorted(k for k in set_ if k not in handles.get(closest, known))
     return info
+
+
+# The two ways a VLM's vision tower lives in the Megatron model (docs/gemma3-vl.md)
+PATTERNS = {"hf": "HF vision encoder: the tower and projector kept as transformers' modules, "
+                  "replicated over TP on the first stage (the gemma3 bridge's pattern)",
+            "megatron": "Megatron vision encoder: the tower built from Megatron-Core blocks, "
+                        "TP-sharded (fused qkv, 2-D vision rotary; no registered bridge has one yet)"}
+HF_TOWERS = ("siglip_vision_model", "siglip2_vision_model", "clip_vision_model", "pixtral")
+MEGATRON_TOWER_FIELDS = ("fullatt_block_indexes", "spatial_merge_size", "deepstack_visual_indexes",
+                         "temporal_patch_size")
+
+
+def vision_pattern(config: dict, bridge=None) -> str:
+    """Which VLM pattern a config calls for: its registered bridge's, else from its vision
+    config (towers transformers ships as plain modules vs. Qwen-VL style towers)."""
+    v = config.get("vision_config") or {}
+    kind = getattr(bridge, "vision_pattern", None)
+    if kind is None:
+        kind = "megatron" if any(f in v for f in MEGATRON_TOWER_FIELDS) else \
+            "hf" if v.get("model_type") in HF_TOWERS else None
+    if kind is None:
+        return f"unknown (vision_config.model_type={v.get('model_type')!r}): read the HF modeling code"
+    return PATTERNS[kind]
 
 
 # Blocks that tensor names show and a config does not always say (QK norm, fused projections,
@@ -210,6 +236,8 @@ def run(args) -> int:
     print(f"kind           {info['kind'].upper()}; fields at " +
           "; ".join(f"{k}: {len(v)}" for k, v in info["fields_at"].items()))
     print(f"blocks         {', '.join(info['blocks'])}")
+    if info.get("vision_encoder"):
+        print(f"vision         {info['vision_encoder']}")
     q = info["quantization"]
     print(f"quantization   {q.get('config') or 'none in config'}" +
           (f"; tensors: {q['quantized_tensors']}" if q.get("quantized_tensors") else ""))

@@ -53,6 +53,9 @@ def hf_module_mappings(module, megatron_prefix: str, hf_prefix: str, strip: str 
 
 class VLMBridge(Bridge):
     modality: ClassVar[str] = "vision"
+    # "hf": the tower kept as transformers' modules (Gemma3); "megatron": built from
+    # Megatron-Core blocks (Qwen-VL); `mbridge inspect` names it
+    vision_pattern: ClassVar[str] = "hf"
     # the text family's bridge class, built from ``text_config``
     language_bridge: ClassVar[type[Bridge]]
     # top-level config fields the family keeps (image token ids, tokens per image, ...)
