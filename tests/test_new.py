@@ -99,3 +99,43 @@ def test_renamed_llama_passes_the_suite_as_generated(pytester, monkeypatch):
                                         timeout=900)
     assert res.ret == 0, res.stdout.str()
     res.assert_outcomes(passed=9)
+
+
+def test_new_scaffolds_a_vlm_as_a_vlm_bridge(tmp_path):
+    """A VLM config gets a VLMBridge: the language bridge closest to its text_config, the vision
+    table from transformers' own modules (here every one of the toy tower's and projector's
+    tensors), and the chunk and the toy's images left to write, refused until written."""
+    import importlib.util
+
+    from bridges.core.auto import AutoBridge
+    from bridges.core.config import ConfigError
+
+    cfg = json.loads((Path(__file__).resolve().parents[1] / "fixtures/configs/google/gemma-3-4b-it/config.json").read_text())
+    cfg = {**cfg, "model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"],
+           "vision_config": {**cfg["vision_config"], "num_hidden_layers": 2}}
+    written = scaffold(cfg, "myvlm", "local/myvlm", tmp_path)
+    path = next(p for p in written if p.name == "myvlm_bridge.py")
+    text = path.read_text()
+    assert "class MyvlmBridge(VLMBridge)" in text and "language_bridge = Gemma3TextBridge" in text
+    assert "wrap: the Megatron chunk" in text and "Field('image_token_index', 'image_token_id')" in text
+    spec = importlib.util.spec_from_file_location("scaffolded_myvlm", path)
+    mod = importlib.util.module_from_spec(spec)
+    from bridges.core import registry
+
+    registry.load_families()
+    saved = dict(registry._BY_TYPE), dict(registry._BY_ARCH)  # the scaffold registers for gemma3
+    registry._BY_TYPE.pop("gemma3")
+    registry._BY_ARCH.pop("Gemma3ForConditionalGeneration")
+    try:
+        spec.loader.exec_module(mod)
+        bridge = mod.MyvlmBridge(AutoBridge.from_hf_config(cfg).hf_config)
+        hf = {m.hf for m in bridge.vision_mappings({})}
+        assert "model.vision_tower.embeddings.patch_embedding.weight" in hf
+        assert "model.vision_tower.encoder.layers.*.self_attn.q_proj.weight" in hf
+        assert "model.multi_modal_projector.mm_input_projection_weight" in hf
+        with pytest.raises(ConfigError, match="not written yet"):
+            bridge.megatron_attrs()
+    finally:
+        for table, before in zip((registry._BY_TYPE, registry._BY_ARCH), saved):
+            table.clear()
+            table.update(before)

@@ -75,7 +75,9 @@ def _sections(config: dict) -> dict[str, dict]:
     return parts
 
 
-def inspect_config(config: dict, ckpt: Path | None = None) -> dict:
+def inspect_config(config: dict, ckpt: Path | None = None, modality: str | None = None) -> dict:
+    """What ``mbridge inspect`` prints, as a dict; ``modality``: the closest bridge among the
+    bridges of that kind only (``mbridge new`` looks for a VLM's language bridge with "text")."""
     from bridges.core.registry import UnknownModelError, lookup, registered
     from conformance.models import fixture_names, resolve
 
@@ -104,7 +106,8 @@ def inspect_config(config: dict, ckpt: Path | None = None) -> dict:
                for mt, cls in registered().items()}
     known = set().union(*handles.values()) if handles else set(NEUTRAL)
     keys = set(text) - {k for k in text if isinstance(text[k], dict) and k not in ("rope_scaling", "rope_parameters")}
-    scores = {mt: len(keys & fields) / len(keys | fields) for mt, fields in by_type.items() if mt in registered()}
+    scores = {mt: len(keys & fields) / len(keys | fields) for mt, fields in by_type.items() if mt in registered()
+              and (modality is None or getattr(registered()[mt], "modality", "text") == modality)}
     names, info["tensor_names_from"] = _tensor_names(config, ckpt)
     if names:  # the blocks as the tensors show them weigh more than the config's spelling
         info["tensor_blocks"] = sorted(k for k, v in _blocks(names).items() if v)

@@ -51,6 +51,64 @@ class {cls}({base}):
         return super().megatron_attrs()
 '''
 
+VLM_BRIDGE = '''"""{title}: scaffolded by `mbridge new` from {source}: a vision-language model.
+
+Vision encoder: {pattern}.
+The language model starts from the {base} bridge (read from text_config); the vision table
+is every tensor of transformers' own {vision_parts}, kept as transformers' modules (the HF
+vision encoder pattern). A complete example: bridges/models/gemma3_vl/ and docs/gemma3-vl.md.
+{todo}"""
+import functools
+import json
+
+import torch
+
+from bridges.core.config import ConfigError, Field
+from bridges.core.registry import register_bridge
+from bridges.core.vlm import VLMBridge, hf_module_mappings
+from {base_module} import {base}
+
+# What is left to write; the bridge refuses to convert until the list is empty.
+UNHANDLED: tuple[str, ...] = {unhandled!r}
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(config_json: str):
+    """transformers' own model for this config, on the meta device (its tensor names only)."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = json.loads(config_json)
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
+
+
+@register_bridge(model_type={model_type!r}, architectures={architectures!r})
+class {cls}(VLMBridge):
+    language_bridge = {base}
+    vlm_fields = {vlm_fields}
+
+    def megatron_attrs(self):
+        if UNHANDLED:
+            raise ConfigError(f"{{self.model_type}} bridge: not written yet: {{list(UNHANDLED)}}")
+        return super().megatron_attrs()
+
+    def vision_mappings(self, attrs):
+        cfg = self.hf_config.to_dict() if hasattr(self.hf_config, "to_dict") else dict(self.hf_config)
+        model = _meta_model(json.dumps(cfg, sort_keys=True, default=str)).model
+        return [m for part in {vision_parts_list!r}
+                for m in hf_module_mappings(getattr(model, part), f"{{part}}.", f"model.{{part}}.", strip="vision_model.")]
+
+    def wrap(self, language_model, provider, pre_process, post_process, vp_stage):
+        """The Megatron chunk: the language model chunk, with the vision side on the first
+        stage and the image features written over the image tokens (see Gemma3VLModel)."""
+        raise NotImplementedError("{family}: write the Megatron chunk holding the vision side")
+
+    @classmethod
+    def image_inputs(cls, config, ids, seed=0):
+        """The toy's inputs: ids with the image tokens in the middle of the text, and pixels."""
+        raise NotImplementedError("{family}: write the toy's image inputs")
+'''
+
 TEST = '''"""Conformance suite for the {family} bridge on its fixture config (scaffolded by `mbridge new`)."""
 import pytest
 
@@ -115,6 +173,8 @@ def scaffold(config: dict, family: str, name: str, dest: Path, force: bool = Fal
     if not re.fullmatch(r"[a-z][a-z0-9_]*", family):
         raise ValueError(f"--family {family!r}: use lower-case letters, digits and _")
     _check_dest(Path(dest))
+    if isinstance(config.get("vision_config"), dict):
+        return _scaffold_vlm(config, family, name, dest, force)
     info = inspect_config(config)
     base_type = info["closest_bridge"]
     base_cls = registered()[base_type]
@@ -150,6 +210,63 @@ def scaffold(config: dict, family: str, name: str, dest: Path, force: bool = Fal
     for path, text in files.items():
         _write(path, text, force)
     return list(files)
+
+
+def _scaffold_vlm(config: dict, family: str, name: str, dest: Path, force: bool) -> list[Path]:
+    """A VLMBridge subclass: the language bridge closest to ``text_config`` (or, in the flat
+    legacy layout, the top level's text fields), the vision table from transformers' own
+    modules, and what is left (the chunk, the toy's images, unknown fields) in UNHANDLED."""
+    from bridges.commands.inspect import inspect_config, vision_pattern
+    from bridges.core.registry import registered
+
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else \
+        {k: v for k, v in config.items() if k != "vision_config"}
+    info = inspect_config({"model_type": text.get("model_type", config["model_type"]), **text}, modality="text")
+    # the text model's own bridge where one is registered (gemma3_text), else the closest
+    base_cls = registered().get(text.get("model_type")) or registered()[info["closest_bridge"]]
+    if info["bridge"]:
+        info["unhandled_by_closest"] = []
+    parts = _vision_parts(config)
+    top = [k for k in config if k.endswith(("token_id", "token_index")) and "image" in k]
+    vlm_fields = "(" + "".join(f"Field({k!r}, {k.replace('_index', '_id')!r}), " for k in top) + ")"
+    unhandled = tuple([f"text_config.{k}" for k in info["unhandled_by_closest"]]
+                      + ["wrap: the Megatron chunk holding the vision side",
+                         "image_inputs: the toy's image inputs"]
+                      + (["the vision tower as Megatron-Core blocks (Megatron vision encoder pattern)"]
+                         if vision_pattern(config).startswith("Megatron") else []))
+    cls = "".join(p.capitalize() for p in family.split("_")) + "Bridge"
+    fields = dict(title=f"{family} ({config['model_type']})", family=family, cls=cls, base=base_cls.__name__,
+                  base_module=base_cls.__module__, model_type=config["model_type"],
+                  architectures=list(config.get("architectures") or []), unhandled=unhandled,
+                  todo="Left to write: " + "; ".join(unhandled) + ".", source=name, name=name,
+                  pattern=vision_pattern(config), vision_parts=" and ".join(parts) or "vision modules",
+                  vision_parts_list=parts, vlm_fields=vlm_fields)
+    files = {
+        dest / "bridges" / "models" / family / "__init__.py": "",
+        dest / "bridges" / "models" / family / f"{family}_bridge.py": VLM_BRIDGE.format(**fields),
+        dest / "fixtures" / "configs" / name / "config.json": json.dumps(config, indent=2) + "\n",
+        dest / "tests" / f"test_{family}_bridge.py": TEST.format(**fields),
+        dest / "docs" / "models" / f"{family}.md": DOC.format(**fields),
+    }
+    for path, text_ in files.items():
+        _write(path, text_, force)
+    return list(files)
+
+
+def _vision_parts(config: dict) -> list[str]:
+    """The modules of transformers' own model for this VLM besides its language model (e.g.
+    vision_tower, multi_modal_projector), built on the meta device; none if transformers
+    cannot build it."""
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForImageTextToText
+
+        cfg = AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
+        with torch.device("meta"):
+            model = AutoModelForImageTextToText.from_config(cfg).model
+    except Exception:  # noqa: BLE001 - an unknown model type: the user names the parts
+        return []
+    return [n for n, _ in model.named_children() if n != "language_model"]
 
 
 def _ported(config: dict) -> tuple[str, ...]:
