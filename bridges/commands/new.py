@@ -200,9 +200,15 @@ def scaffold(config: dict, family: str, name: str, dest: Path, force: bool = Fal
                   base=base_cls.__name__, base_module=base_cls.__module__, model_type=config["model_type"],
                   architectures=list(config.get("architectures") or []), unhandled=unhandled,
                   todo=todo, hf_type=hf_type, source=name, name=name)
+    return _write_all(config, fields, BRIDGE, dest, force)
+
+
+def _write_all(config: dict, fields: dict, bridge_template: str, dest: Path, force: bool) -> list[Path]:
+    """The scaffold's files: the family folder, the fixture, the test, the docs page."""
+    family, name = fields["family"], fields["name"]
     files = {
         dest / "bridges" / "models" / family / "__init__.py": "",
-        dest / "bridges" / "models" / family / f"{family}_bridge.py": BRIDGE.format(**fields),
+        dest / "bridges" / "models" / family / f"{family}_bridge.py": bridge_template.format(**fields),
         dest / "fixtures" / "configs" / name / "config.json": json.dumps(config, indent=2) + "\n",
         dest / "tests" / f"test_{family}_bridge.py": TEST.format(**fields),
         dest / "docs" / "models" / f"{family}.md": DOC.format(**fields),
@@ -241,16 +247,7 @@ def _scaffold_vlm(config: dict, family: str, name: str, dest: Path, force: bool)
                   todo="Left to write: " + "; ".join(unhandled) + ".", source=name, name=name,
                   pattern=vision_pattern(config), vision_parts=" and ".join(parts) or "vision modules",
                   vision_parts_list=parts, vlm_fields=vlm_fields)
-    files = {
-        dest / "bridges" / "models" / family / "__init__.py": "",
-        dest / "bridges" / "models" / family / f"{family}_bridge.py": VLM_BRIDGE.format(**fields),
-        dest / "fixtures" / "configs" / name / "config.json": json.dumps(config, indent=2) + "\n",
-        dest / "tests" / f"test_{family}_bridge.py": TEST.format(**fields),
-        dest / "docs" / "models" / f"{family}.md": DOC.format(**fields),
-    }
-    for path, text_ in files.items():
-        _write(path, text_, force)
-    return list(files)
+    return _write_all(config, fields, VLM_BRIDGE, dest, force)
 
 
 def _vision_parts(config: dict) -> list[str]:
