@@ -12,7 +12,7 @@ import traceback
 def _commands() -> dict:
     import bridges.commands as pkg
 
-    return {info.name: importlib.import_module(f"bridges.commands.{info.name}")
+    return {info.name.replace("_", "-"): importlib.import_module(f"bridges.commands.{info.name}")
             for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name)}
 
 

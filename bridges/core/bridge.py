@@ -129,6 +129,9 @@ class Bridge:
     modality: ClassVar[str] = "text"
     # Export dtype of tensors that were quantized in the source (unless re-quantized).
     dequantized_dtype: ClassVar[torch.dtype] = torch.bfloat16
+    # Why Megatron-LM's pretrain_gpt.py (its local GPT layers) cannot build this model, or None
+    # when it can: `mbridge megatron-args` refuses with this reason (bridges/megatron_lm.py).
+    megatron_lm: ClassVar[str | None] = None
     # HF tensors that exist in some checkpoints but carry no weights (regex, full match).
     ignored_hf: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq",)
 

@@ -56,6 +56,7 @@ class VLMBridge(Bridge):
     # "hf": the tower kept as transformers' modules (Gemma3); "megatron": built from
     # Megatron-Core blocks (Qwen-VL); `mbridge inspect` names it
     vision_pattern: ClassVar[str] = "hf"
+    megatron_lm = "a vision-language model: pretrain_gpt.py builds a GPTModel without a vision side"
     # the text family's bridge class, built from ``text_config``
     language_bridge: ClassVar[type[Bridge]]
     # top-level config fields the family keeps (image token ids, tokens per image, ...)

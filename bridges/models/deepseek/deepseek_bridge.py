@@ -112,6 +112,8 @@ class SharedCopies(VocabParallel):
 
 @register_bridge(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"])
 class DeepseekV2Bridge(MoEBridge):
+    megatron_lm = ("multi-latent attention needs the local MLA layer (modeling_deepseek.py) through "
+                   "Megatron-LM's --spec, which this project does not ship as a spec module yet")
     qkv_bias = False
     config_fields = _FIELDS + (
         Field("norm_topk_prob", "norm_topk_prob", False),

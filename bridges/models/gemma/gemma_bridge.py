@@ -37,6 +37,9 @@ class GemmaBridge(GPTBridge):
     config_fields = gemma_fields(Field("hidden_act", "activation_func", "gelu_pytorch_tanh",
                                        _gemma_act, activation_to_hf))
     qkv_bias = None  # attention_bias: q, k, v and o
+    megatron_lm = ("its zero-centred norms, scaled embeddings (and Gemma2/3's soft-caps and sandwich "
+                   "norms) are the family's own modules (bridges/models/gemma*/modeling_*.py); "
+                   "Megatron-LM's local layers refuse zero-centred norms and scale nothing")
 
     def megatron_attrs(self) -> dict[str, Any]:
         attrs = super().megatron_attrs()

@@ -14,6 +14,8 @@ from bridges.models.olmoe.modeling_olmoe import OlmoeKNorm, OlmoeQNorm
 
 @register_bridge(model_type="olmoe", architectures=["OlmoeForCausalLM"])
 class OlmoeBridge(MoEBridge):
+    megatron_lm = ("its q/k RMSNorm over the whole projection is the family's own module "
+                   "(modeling_olmoe.py); Megatron-LM's --qk-layernorm normalises per head")
     qkv_bias = False
     config_fields = GPT_FIELDS + moe_fields(ffn="intermediate_size")
 

@@ -1,0 +1,35 @@
+"""mbridge megatron-args: Megatron-LM's pretrain_gpt.py model arguments for a model, from the
+provider the bridge builds (architecture, norm, rope and its scaling, biases, QK norm, MoE
+flags, vocabulary padding, the layout), one per line, or on one line for $(...):
+
+    mbridge megatron-args Qwen/Qwen3-8B --tp 2 > model.args
+    torchrun ... pretrain_gpt.py $(cat model.args) --load <ckpt> --no-load-optim --no-load-rng ...
+
+A model whose layers Megatron-LM's local GPT spec cannot build is refused, naming why. The
+flag table follows NVIDIA/Megatron-LM main at d98e8a64dd (bridges/megatron_lm.py)."""
+HELP = "Megatron-LM pretrain_gpt.py model arguments for a model"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="org/model (shipped fixture or hub config), a directory or a config.json")
+    for flag, what in (("--tp", "tensor"), ("--pp", "pipeline"), ("--ep", "expert")):
+        parser.add_argument(flag, type=int, default=1, help=f"{what} parallel size (default 1)")
+    parser.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank")
+    parser.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: --tp)")
+    parser.add_argument("--one-line", action="store_true", help="all flags on one line")
+
+
+def run(args) -> int:
+    import shlex
+
+    from bridges.commands.flops import _bridge
+    from bridges.megatron_lm import megatron_lm_args
+
+    flags = megatron_lm_args(_bridge(args.model), tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp)
+    lines, i = [], 0
+    while i < len(flags):  # a flag with its value on one line
+        take = 2 if i + 1 < len(flags) and not flags[i + 1].startswith("--") else 1
+        lines.append(" ".join(shlex.quote(f) for f in flags[i:i + take]))
+        i += take
+    print(" ".join(lines) if args.one_line else "\n".join(lines))
+    return 0

@@ -1,0 +1,181 @@
+"""Megatron-LM's `pretrain_gpt.py` model arguments for a bridge's model, from its provider.
+
+Follows NVIDIA/Megatron-LM main at d98e8a64dd (megatron/training/arguments.py and
+argument_utils.py; megatron-core 0.20 inside). There most model arguments are generated from
+TransformerConfig's fields: ``--<field>`` with dashes, a bool whose default is False a
+``store_true`` flag, a bool whose default is True ``--no-<field>``, a few fields under names of
+their own (``ARG_NAMES``). The fields the generator leaves out are set through other flags
+(``_special``) or belong to the run, not the model (``RUN_FIELDS``). GPTModel's own arguments
+(vocabulary, positions, rope, tying) have flags of their own. The traps seen when these flags
+were typed by hand (docs/megatron-lm.md) are the rules here: ``--moe-layer-freq`` as a list
+(the integer form lays the MoE keys out differently and the strict load fails), an integer
+``--rotary-base``, ``--group-query-attention`` only with fewer groups than heads.
+
+A model whose layers Megatron-LM's local GPT spec cannot build (a family's own modules: Gemma's
+scaled embeddings and soft-caps, OLMoE's whole-projection QK norm, local MLA, a vision tower)
+is refused, naming the reason (``Bridge.megatron_lm``).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from bridges.core.config import ConfigError
+
+MEGATRON_LM = "NVIDIA/Megatron-LM main at d98e8a64dd"
+
+# TransformerConfig fields whose generated flag has another name
+ARG_NAMES = {"layernorm_epsilon": "--norm-epsilon", "layernorm_zero_centered_gamma": "--apply-layernorm-1p",
+             "add_bias_linear": "--disable-bias-linear", "num_moe_experts": "--num-experts"}
+
+# Fields that describe the run, not the model: the layout (its own flags below), dtypes (--bf16),
+# fusions and initialisation (the provider sets them for a portable, loaded model)
+RUN_FIELDS = {"tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+              "expert_model_parallel_size", "expert_tensor_parallel_size", "moe_grouped_gemm", "sequence_parallel",
+              "params_dtype", "pipeline_dtype", "bf16", "fp16", "use_cpu_initialization", "perform_initialization",
+              "bias_activation_fusion", "masked_softmax_fusion", "persist_layer_norm", "bias_dropout_fusion",
+              "apply_rope_fusion", "gradient_accumulation_fusion", "attention_softmax_in_fp32"}
+
+# Fields set through flags of their own (Megatron-LM's generator leaves them out)
+SPECIAL = {"activation_func", "gated_linear_unit", "num_query_groups", "window_size", "window_attn_skip_freq",
+           "moe_layer_freq", "moe_router_load_balancing_type", "moe_aux_loss_coeff"}
+
+
+def _fields(config_class) -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(config_class) if f.init}
+
+
+def _default(f: dataclasses.Field):
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
+
+
+def _value(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return "[" + ",".join(str(x) for x in v) + "]"  # no spaces: one shell word
+    return str(v)
+
+
+def _flag(name: str, value, default) -> list[str]:
+    """The generated flag of TransformerConfig field ``name`` set to ``value``."""
+    if isinstance(default, bool) or isinstance(value, bool):
+        if bool(value) == bool(default):
+            return []
+        if name in ARG_NAMES:
+            return [ARG_NAMES[name]]
+        return [f"--{name.replace('_', '-')}"] if value else [f"--no-{name.replace('_', '-')}"]
+    return [ARG_NAMES.get(name, f"--{name.replace('_', '-')}"), _value(value)]
+
+
+def _special(kw: dict[str, Any], heads: int) -> list[str]:
+    import torch.nn.functional as F
+
+    out: list[str] = []
+    act, glu = kw.get("activation_func", F.gelu), kw.get("gated_linear_unit", False)
+    if act is F.silu and glu:
+        out.append("--swiglu")
+    elif not (act is F.gelu and not glu):
+        from megatron.core.activations import squared_relu
+
+        if act is squared_relu and not glu:
+            out.append("--squared-relu")
+        else:
+            raise ConfigError(f"activation {getattr(act, '__name__', act)} (gated={glu}) has no "
+                              f"Megatron-LM flag (--swiglu, --squared-relu, --quick-geglu)")
+    groups = kw.get("num_query_groups")
+    if groups and groups != heads:
+        out += ["--group-query-attention", "--num-query-groups", str(groups)]
+    if kw.get("window_size"):
+        out += ["--window-size", "(" + ",".join(str(w) for w in kw["window_size"]) + ")"]
+    if kw.get("window_attn_skip_freq") is not None:
+        out += ["--window-attn-skip-freq", _value(kw["window_attn_skip_freq"])]
+    if kw.get("num_moe_experts"):
+        freq = kw.get("moe_layer_freq", 1)
+        freq = [1] * kw["num_layers"] if isinstance(freq, int) and freq == 1 else freq
+        if isinstance(freq, int):
+            freq = [int(i % freq == 0) for i in range(kw["num_layers"])]
+        out += ["--moe-layer-freq", _value(freq)]
+        coeff = kw.get("moe_aux_loss_coeff", 0.0)
+        balance = kw.get("moe_router_load_balancing_type", "aux_loss") if coeff else "none"
+        out += ["--moe-router-load-balancing-type", balance]
+        if coeff:
+            out += ["--moe-aux-loss-coeff", str(coeff)]
+    return out
+
+
+def model_args(provider) -> list[str]:
+    """``pretrain_gpt.py`` flags for the model the provider builds, its layout included."""
+    from bridges.core.provider import _transformer_fields  # noqa: F401 - the same field set
+
+    attrs = provider.as_dict()
+    cls = provider._config_class
+    if cls is None:
+        from megatron.core.transformer import TransformerConfig as cls
+    fields = _fields(cls)
+    kw = {k: v for k, v in attrs.items() if k in fields}
+    out: list[str] = []
+    for name, value in sorted(kw.items()):
+        if name in RUN_FIELDS or name in SPECIAL:
+            continue
+        default = _default(fields[name])
+        if value == default:
+            continue
+        out += _flag(name, value, default)
+    out += _special(kw, attrs["num_attention_heads"])
+    out += _gpt_model_args(attrs)
+    lay = provider.layout
+    out += ["--tensor-model-parallel-size", str(lay.tp), "--pipeline-model-parallel-size", str(lay.pp)]
+    if lay.vpp:
+        out += ["--num-virtual-stages-per-pipeline-rank", str(lay.vpp)]
+    if attrs.get("num_moe_experts"):
+        out += ["--expert-model-parallel-size", str(lay.ep),
+                "--expert-tensor-parallel-size", str(lay.etp or lay.tp)]
+        if lay.grouped:
+            out.append("--moe-grouped-gemm")
+    import torch
+
+    if attrs["params_dtype"] == torch.bfloat16:
+        out.append("--bf16")
+    return out + ["--transformer-impl", "local", "--ckpt-format", "torch_dist"]
+
+
+def _gpt_model_args(a: dict[str, Any]) -> list[str]:
+    """GPTModel's arguments: vocabulary (NullTokenizer's --vocab-size), positions, rope, tying."""
+    out = ["--vocab-size", str(a["vocab_size"]), "--make-vocab-size-divisible-by",
+           str(a["make_vocab_size_divisible_by"]), "--max-position-embeddings", str(a["max_sequence_length"]),
+           "--position-embedding-type", a["position_embedding_type"]]
+    if a["position_embedding_type"] in ("rope", "yarn"):
+        base = a["rotary_base"]
+        if float(base) != math.floor(float(base)):
+            raise ConfigError(f"rotary_base={base}: Megatron-LM's --rotary-base takes integers only")
+        out += ["--rotary-base", str(int(base))]
+        if a.get("rotary_percent", 1.0) != 1.0:
+            out += ["--rotary-percent", str(a["rotary_percent"])]
+        if a.get("rope_scaling"):
+            out += ["--use-rope-scaling", "--rope-scaling-factor", str(a["rope_scaling_factor"])]
+        factor = a.get("seq_len_interpolation_factor")
+        if factor:
+            if float(factor) != int(factor):
+                raise ConfigError(f"seq_len_interpolation_factor={factor}: Megatron-LM's "
+                                  f"--rotary-seq-len-interpolation-factor takes integers only")
+            out += ["--rotary-seq-len-interpolation-factor", str(int(factor))]
+    if not a["share_embeddings_and_output_weights"]:
+        out.append("--untie-embeddings-and-output-weights")
+    return out
+
+
+def megatron_lm_args(bridge, tp: int = 1, pp: int = 1, vpp: int | None = None, ep: int = 1,
+                     etp: int | None = None) -> list[str]:
+    """The flags for a bridge's model under a layout; a model Megatron-LM's local GPT layers
+    cannot build is a ConfigError naming why (``bridge.megatron_lm``)."""
+    why = getattr(bridge, "megatron_lm", None)
+    if why:
+        raise ConfigError(f"{bridge.model_type}: Megatron-LM's pretrain_gpt.py cannot build this model: {why}")
+    provider = bridge.to_megatron_provider()
+    provider.tensor_model_parallel_size, provider.pipeline_model_parallel_size = tp, pp
+    provider.virtual_pipeline_model_parallel_size = vpp
+    provider.expert_model_parallel_size, provider.expert_tensor_parallel_size = ep, etp
+    provider.finalize()
+    return model_args(provider)

@@ -1,0 +1,136 @@
+"""mbridge megatron-args: every model field the provider sets reaches Megatron-LM's
+pretrain_gpt.py through a flag (read back the way Megatron-LM's argument code reads it), the
+traps are handled, and models its local GPT layers cannot build are refused with the reason."""
+import ast
+import dataclasses
+
+import pytest
+import torch.nn.functional as F
+
+from bridges.core.auto import AutoBridge
+from bridges.core.config import ConfigError
+from bridges.megatron_lm import ARG_NAMES, RUN_FIELDS, megatron_lm_args
+from conformance.models import fixture_names, resolve
+
+
+def _read_back(flags: list[str], fields: dict) -> dict:
+    """TransformerConfig kwargs from the flags: a field's flag is --<field> (dashes), a default-
+    True bool's is --no-<field>, ARG_NAMES rename a few; --swiglu, --group-query-attention and
+    --num-experts are read as core_transformer_config_from_args reads them."""
+    names = {v: k for k, v in ARG_NAMES.items()}
+    out, i = {}, 0
+    while i < len(flags):
+        flag = flags[i]
+        value = flags[i + 1] if i + 1 < len(flags) and not flags[i + 1].startswith("--") else None
+        i += 1 if value is None else 2
+        if flag == "--swiglu":
+            out.update(activation_func=F.silu, gated_linear_unit=True)
+            continue
+        name = names.get(flag) or flag[2:].replace("-", "_")
+        if name.startswith("no_") and name[3:] in fields:
+            out[name[3:]] = False
+        elif name in fields:
+            f = fields[name]
+            default = f.default if f.default is not dataclasses.MISSING else None
+            if value is None:
+                out[name] = not default if isinstance(default, bool) else True
+            else:
+                out[name] = ast.literal_eval(value) if value[:1] in "[(" or value[:1].isdigit() or value[:1] == "-" \
+                    else value
+    return out
+
+
+def _buildable():
+    out = []
+    for name in fixture_names():
+        bridge = AutoBridge.from_hf_config(resolve(name).config)
+        if not bridge.megatron_lm:
+            out.append(name)
+    return out
+
+
+@pytest.mark.parametrize("model", _buildable())
+def test_every_model_field_reaches_megatron_lm(model):
+    from megatron.core.transformer import TransformerConfig
+
+    bridge = AutoBridge.from_hf_config(resolve(model).config)
+    layout = dict(tp=2, ep=2) if bridge.megatron_attrs().get("num_moe_experts") else dict(tp=2)
+    flags = megatron_lm_args(bridge, **layout)
+    fields = {f.name: f for f in dataclasses.fields(TransformerConfig) if f.init}
+    back = _read_back(flags, fields)
+    provider = bridge.to_megatron_provider()
+    for name, want in provider.as_dict().items():
+        if name not in fields or name in RUN_FIELDS:
+            continue
+        f = fields[name]
+        default = f.default if f.default is not dataclasses.MISSING else \
+            (f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+        got = back.get(name, default)
+        if name == "num_query_groups" and got is None:
+            got = provider.num_attention_heads
+        if name == "moe_layer_freq" and isinstance(want, int):
+            want = [1] * provider.num_layers
+        if name == "moe_router_load_balancing_type" and not provider.as_dict().get("moe_aux_loss_coeff"):
+            want = "none"
+        got = list(got) if isinstance(got, tuple) else got
+        want = list(want) if isinstance(want, tuple) else want
+        assert got == want, f"{model}: {name} = {want!r} in the provider, {got!r} from the flags"
+    # GPTModel's own arguments
+    a = provider.as_dict()
+    assert flags[flags.index("--vocab-size") + 1] == str(a["vocab_size"])
+    assert int(flags[flags.index("--rotary-base") + 1]) == a["rotary_base"]
+    assert ("--untie-embeddings-and-output-weights" in flags) == (not a["share_embeddings_and_output_weights"])
+    assert flags[flags.index("--tensor-model-parallel-size") + 1] == "2"
+    if a.get("num_moe_experts"):  # the list form: the integer form lays the MoE keys out differently
+        assert flags[flags.index("--moe-layer-freq") + 1].startswith("[")
+
+
+def test_qwen2_flags_are_the_ones_megatron_lm_loaded():
+    """The Qwen2 toy that Megatron-LM's trainer loaded strictly (../shared/DESIGN.md): the flags
+    typed by hand then are all generated now."""
+    cfg = {**resolve("Qwen/Qwen2.5-7B-Instruct").config, "hidden_size": 80, "intermediate_size": 144,
+           "num_attention_heads": 10, "num_key_value_heads": 2, "num_hidden_layers": 4, "vocab_size": 313,
+           "rms_norm_eps": 1e-6, "rope_theta": 1000000.0, "tie_word_embeddings": False}
+    flags = " ".join(megatron_lm_args(AutoBridge.from_hf_config(cfg)))
+    typed = ("--num-layers 4 --hidden-size 80 --ffn-hidden-size 144 --num-attention-heads 10 "
+             "--group-query-attention --num-query-groups 2 --kv-channels 8 --norm-epsilon 1e-06 "
+             "--rotary-base 1000000 --add-qkv-bias --untie-embeddings-and-output-weights --swiglu "
+             "--normalization RMSNorm --position-embedding-type rope --disable-bias-linear "
+             "--make-vocab-size-divisible-by 128 --transformer-impl local --ckpt-format torch_dist")
+    pairs = typed.split(" --")
+    assert all(("--" + p.lstrip("-")) in flags for p in pairs), flags
+
+
+@pytest.mark.parametrize("model,why", [("google/gemma-2b", "zero-centred norms"),
+                                       ("allenai/OLMoE-1B-7B-0924", "whole projection"),
+                                       ("deepseek-ai/DeepSeek-V3", "multi-latent attention"),
+                                       ("google/gemma-3-4b-it", "vision-language")])
+def test_models_megatron_lm_cannot_build_are_refused(model, why):
+    with pytest.raises(ConfigError, match=why):
+        megatron_lm_args(AutoBridge.from_hf_config(resolve(model).config))
+
+
+def test_a_fractional_rotary_base_is_refused():
+    cfg = {**resolve("Qwen/Qwen3-8B").config, "rope_theta": 10000.5}
+    with pytest.raises(ConfigError, match="--rotary-base takes integers only"):
+        megatron_lm_args(AutoBridge.from_hf_config(cfg))
+
+
+def test_cli_prints_one_flag_a_line(capsys):
+    from bridges.cli import main
+
+    assert main(["megatron-args", "Qwen/Qwen3-8B", "--tp", "2"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "--qk-layernorm" in lines and "--tensor-model-parallel-size 2" in lines
+    assert main(["megatron-args", "google/gemma-2-9b"]) == 2
+
+
+def test_run_fields_are_only_layout_dtype_and_kernels():
+    """The fields left out of the flags describe the run, not the model's math: pinned here, so a
+    model field cannot be dropped from the flags by listing it there."""
+    assert RUN_FIELDS == {
+        "tensor_model_parallel_size", "pipeline_model_parallel_size", "virtual_pipeline_model_parallel_size",
+        "expert_model_parallel_size", "expert_tensor_parallel_size", "moe_grouped_gemm", "sequence_parallel",
+        "params_dtype", "pipeline_dtype", "bf16", "fp16", "use_cpu_initialization", "perform_initialization",
+        "bias_activation_fusion", "masked_softmax_fusion", "persist_layer_norm", "bias_dropout_fusion",
+        "apply_rope_fusion", "gradient_accumulation_fusion", "attention_softmax_in_fp32"}
