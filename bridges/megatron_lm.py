@@ -138,7 +138,15 @@ def model_args(provider) -> list[str]:
 
     if attrs["params_dtype"] == torch.bfloat16:
         out.append("--bf16")
-    return out + ["--transformer-impl", "local", "--ckpt-format", "torch_dist"]
+    return out + PORTABLE + ["--transformer-impl", "local", "--ckpt-format", "torch_dist"]
+
+
+# The provider's portable settings (no fused kernels: no TransformerEngine or Apex needed; the
+# softmax in fp32, as HF) as Megatron-LM's flags: its defaults fuse, and without TE it stops at
+# "apply_rope_fusion is not available"
+PORTABLE = ["--no-rope-fusion", "--no-masked-softmax-fusion", "--no-bias-swiglu-fusion", "--no-bias-gelu-fusion",
+            "--no-bias-dropout-fusion", "--no-persist-layer-norm", "--no-gradient-accumulation-fusion",
+            "--attention-softmax-in-fp32"]
 
 
 def _gpt_model_args(a: dict[str, Any]) -> list[str]:

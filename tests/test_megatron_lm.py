@@ -122,6 +122,9 @@ def test_cli_prints_one_flag_a_line(capsys):
     assert main(["megatron-args", "Qwen/Qwen3-8B", "--tp", "2"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert "--qk-layernorm" in lines and "--tensor-model-parallel-size 2" in lines
+    # Megatron-LM fuses by default and stops without TransformerEngine: the provider's portable
+    # settings go with the flags
+    assert "--no-rope-fusion" in lines and "--attention-softmax-in-fp32" in lines
     assert main(["megatron-args", "google/gemma-2-9b"]) == 2
 
 
