@@ -23,8 +23,6 @@ from typing import Any
 
 from bridges.core.config import ConfigError
 
-MEGATRON_LM = "NVIDIA/Megatron-LM main at d98e8a64dd"
-
 # TransformerConfig fields whose generated flag has another name
 ARG_NAMES = {"layernorm_epsilon": "--norm-epsilon", "layernorm_zero_centered_gamma": "--apply-layernorm-1p",
              "add_bias_linear": "--disable-bias-linear", "num_moe_experts": "--num-experts"}
@@ -93,8 +91,7 @@ def _special(kw: dict[str, Any], heads: int) -> list[str]:
         out += ["--window-attn-skip-freq", _value(kw["window_attn_skip_freq"])]
     if kw.get("num_moe_experts"):
         freq = kw.get("moe_layer_freq", 1)
-        freq = [1] * kw["num_layers"] if isinstance(freq, int) and freq == 1 else freq
-        if isinstance(freq, int):
+        if isinstance(freq, int):  # every freq-th layer: written as the list
             freq = [int(i % freq == 0) for i in range(kw["num_layers"])]
         out += ["--moe-layer-freq", _value(freq)]
         coeff = kw.get("moe_aux_loss_coeff", 0.0)
@@ -107,8 +104,6 @@ def _special(kw: dict[str, Any], heads: int) -> list[str]:
 
 def model_args(provider) -> list[str]:
     """``pretrain_gpt.py`` flags for the model the provider builds, its layout included."""
-    from bridges.core.provider import _transformer_fields  # noqa: F401 - the same field set
-
     attrs = provider.as_dict()
     cls = provider._config_class
     if cls is None:

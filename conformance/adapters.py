@@ -71,20 +71,14 @@ class ImageTextToText(TextCausalLM):
 
     modality = "vision"
 
-    @staticmethod
-    def _family(config: dict[str, Any]):
-        from bridges.core.registry import lookup
-
-        return lookup(config)
-
     def toy_config(self, config: dict[str, Any], max_tp: int, min_layers: int) -> dict[str, Any]:
-        fam = self._family(config)
+        fam = toy._family(config)
         c = {k: v for k, v in config.items() if k != "torch_dtype"}
         c["text_config"] = toy.shrink_config(fam.text_config_dict(config), max_tp=max_tp, min_layers=min_layers)
         return fam.toy_config(c)
 
     def inputs(self, config: dict[str, Any], base: torch.Tensor) -> dict[str, Any]:
-        fam = self._family(config)
+        fam = toy._family(config)
         inputs = fam.image_inputs(config, base % int(config["text_config"]["vocab_size"]))
         return {**inputs, BANNED: tuple(fam.banned_tokens(config))}
 

@@ -1,7 +1,8 @@
 """The mutants `scripts/gpu_conformance.py mutants` runs under the default `--run-gpu` suite:
 every mutant of tests/mutants.py, tests/gemma_mutants.py and tests/gemma3_vl_mutants.py that
-the CPU self-tests (tests/test_mutations.py, test_gemma.py, test_gemma3_vl.py) expect to fail at tp1pp1 (the one layout a single GPU runs), the subtle config and module bugs of #22
-first, plus one bug class those lack: a single pair of query heads swapped.
+the CPU self-tests (tests/test_mutations.py, test_gemma.py, test_gemma3_vl.py) expect to fail
+at tp1pp1 (the one layout a single GPU runs), the subtle config and module bugs of #22 first,
+plus one bug class those lack: a single pair of query heads swapped.
 """
 from __future__ import annotations
 

@@ -58,28 +58,13 @@ The language model starts from the {base} bridge (read from text_config); the vi
 is every tensor of transformers' own {vision_parts}, kept as transformers' modules (the HF
 vision encoder pattern). A complete example: bridges/models/gemma3_vl/ and docs/gemma3-vl.md.
 {todo}"""
-import functools
-import json
-
-import torch
-
 from bridges.core.config import ConfigError, Field
 from bridges.core.registry import register_bridge
-from bridges.core.vlm import VLMBridge, hf_module_mappings
+from bridges.core.vlm import VLMBridge, hf_module_mappings, meta_model
 from {base_module} import {base}
 
 # What is left to write; the bridge refuses to convert until the list is empty.
 UNHANDLED: tuple[str, ...] = {unhandled!r}
-
-
-@functools.lru_cache(maxsize=4)
-def _meta_model(config_json: str):
-    """transformers' own model for this config, on the meta device (its tensor names only)."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
-    config = json.loads(config_json)
-    with torch.device("meta"):
-        return AutoModelForImageTextToText.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
 
 
 @register_bridge(model_type={model_type!r}, architectures={architectures!r})
@@ -94,7 +79,7 @@ class {cls}(VLMBridge):
 
     def vision_mappings(self, attrs):
         cfg = self.hf_config.to_dict() if hasattr(self.hf_config, "to_dict") else dict(self.hf_config)
-        model = _meta_model(json.dumps(cfg, sort_keys=True, default=str)).model
+        model = meta_model(cfg).model  # transformers' own, on the meta device
         return [m for part in {vision_parts_list!r}
                 for m in hf_module_mappings(getattr(model, part), f"{{part}}.", f"model.{{part}}.", strip="vision_model.")]
 
@@ -254,13 +239,10 @@ def _vision_parts(config: dict) -> list[str]:
     """The modules of transformers' own model for this VLM besides its language model (e.g.
     vision_tower, multi_modal_projector), built on the meta device; none if transformers
     cannot build it."""
-    try:
-        import torch
-        from transformers import AutoConfig, AutoModelForImageTextToText
+    from bridges.core.vlm import meta_model
 
-        cfg = AutoConfig.for_model(config["model_type"], **{k: v for k, v in config.items() if k != "model_type"})
-        with torch.device("meta"):
-            model = AutoModelForImageTextToText.from_config(cfg).model
+    try:
+        model = meta_model(config).model
     except Exception:  # noqa: BLE001 - an unknown model type: the user names the parts
         return []
     return [n for n, _ in model.named_children() if n != "language_model"]

@@ -108,7 +108,7 @@ def is_expert(name: str) -> bool:
 
 class Bridge:
     """Base class. Subclasses set ``config_fields`` and implement ``mappings`` and
-    ``to_megatron_provider``."""
+    ``build_model``."""
 
     model_type: ClassVar[str] = ""
     architectures: ClassVar[tuple[str, ...]] = ()
@@ -183,8 +183,31 @@ class Bridge:
             table = prefixed(table, self.megatron_prefix, self.hf_name)
         return table
 
+    # -- the Megatron model ---------------------------------------------------------------
+    # A TransformerConfig subclass whose extra fields the attributes set (e.g. MLA's); None: plain.
+    config_class: ClassVar[type | None] = None
+
     def to_megatron_provider(self):
+        """The provider that builds this family's model (``build_model``), with the layout
+        checks of ``layout_constraints``."""
+        from bridges.core.provider import ModelProvider
+
+        attrs = self.megatron_attrs()
+        if self.checkpoint is not None:
+            # load_hf_weights writes every parameter (and fails on any it leaves unwritten), so
+            # Megatron's random init would be thrown away: it costs a full-size fp32 master
+            # tensor per weight on every rank and most of the build time on CPU.
+            attrs["perform_initialization"] = False
+        return ModelProvider(attrs, build=self.build_model, constraints=self.layout_constraints,
+                             config_class=self.config_class)
+
+    def build_model(self, provider, pre_process: bool, post_process: bool, vp_stage: int | None = None):
+        """One chunk of this family's Megatron model (parallel state is initialised)."""
         raise NotImplementedError
+
+    def layout_constraints(self, provider) -> list[tuple[str, int, int, str]]:
+        """``(field, value, divisor, what)`` that a layout must divide, beyond the provider's own."""
+        return []
 
     def hf_weight(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """Hook applied to each HF tensor as it is read (dequantisation goes here)."""

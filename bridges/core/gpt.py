@@ -105,20 +105,7 @@ class GPTBridge(Bridge):
         out["dtype"] = str(attrs["params_dtype"]).replace("torch.", "")
         return out
 
-    def to_megatron_provider(self) -> ModelProvider:
-        attrs = self.megatron_attrs()
-        if self.checkpoint is not None:
-            # load_hf_weights writes every parameter (and fails on any it leaves unwritten), so
-            # Megatron's random init would be thrown away: it costs a full-size fp32 master
-            # tensor per weight on every rank and most of the build time on CPU.
-            attrs["perform_initialization"] = False
-        return ModelProvider(attrs, build=self.build_model, constraints=self.layout_constraints,
-                             config_class=self.config_class)
-
     # -- the Megatron model ---------------------------------------------------------------
-    # A TransformerConfig subclass whose extra fields the attributes set (e.g. MLA's); None: plain.
-    config_class: ClassVar[type | None] = None
-
     def build_model(self, provider: ModelProvider, pre_process: bool, post_process: bool,
                     vp_stage: int | None = None):
         """One GPTModel chunk: what Megatron-LM's pretrain_gpt.py builds for these families."""

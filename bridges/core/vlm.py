@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
+import json
 import re
 from typing import Any, ClassVar
 
@@ -49,6 +51,22 @@ def hf_module_mappings(module, megatron_prefix: str, hf_prefix: str, strip: str 
         hf = hf_prefix + (pat[len(strip):] if strip and pat.startswith(strip) else pat)
         out.append(Replicated(megatron_prefix + pat, hf, layers=tuple(sorted(idx)) if idx else None))
     return out
+
+
+def meta_model(config: dict[str, Any]):
+    """transformers' own model for a VLM config dict, on the meta device: its modules and
+    tensor names, nothing allocated (memoised per config)."""
+    return _meta_model(json.dumps(config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=4)
+def _meta_model(config_json: str):
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = json.loads(config_json)
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(AutoConfig.for_model(config.pop("model_type"), **config))
 
 
 class VLMBridge(Bridge):
@@ -158,17 +176,17 @@ class VLMBridge(Bridge):
             names = list(self.checkpoint.names()) if self.checkpoint is not None else []
             legacy = not any(n.startswith("model.language_model.") for n in names)
             self._layout = dict(self.LEGACY) if legacy else {k: k for k in self.LEGACY}
-            if not names or any(".vision_model." in n or n.startswith("vision_tower.vision_model.") for n in names):
+            if not names or any(".vision_model." in n for n in names):
                 self._layout["model.vision_tower."] += "vision_model."
         return self._layout
 
     # -- the Megatron model ---------------------------------------------------------------
-    def to_megatron_provider(self) -> ModelProvider:
-        attrs = self.megatron_attrs()
-        if self.checkpoint is not None:
-            attrs["perform_initialization"] = False  # every parameter is loaded (see GPTBridge)
-        return ModelProvider(attrs, build=self.build_model, constraints=self.language.layout_constraints,
-                             config_class=getattr(self.language, "config_class", None))
+    @property
+    def config_class(self):
+        return self.language.config_class
+
+    def layout_constraints(self, provider: ModelProvider) -> list[tuple[str, int, int, str]]:
+        return self.language.layout_constraints(provider)
 
     def build_model(self, provider: ModelProvider, pre_process: bool, post_process: bool,
                     vp_stage: int | None = None):
