@@ -176,9 +176,7 @@ def megatron_lm_args(bridge, tp: int = 1, pp: int = 1, vpp: int | None = None, e
     why = getattr(bridge, "megatron_lm", None)
     if why:
         raise ConfigError(f"{bridge.model_type}: Megatron-LM's pretrain_gpt.py cannot build this model: {why}")
-    provider = bridge.to_megatron_provider()
-    provider.tensor_model_parallel_size, provider.pipeline_model_parallel_size = tp, pp
-    provider.virtual_pipeline_model_parallel_size = vpp
-    provider.expert_model_parallel_size, provider.expert_tensor_parallel_size = ep, etp
-    provider.finalize()
-    return model_args(provider)
+    from bridges.core.parallel import Layout
+
+    provider = bridge.to_megatron_provider().set_layout(Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp))
+    return model_args(provider.finalize())

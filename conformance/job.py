@@ -81,12 +81,7 @@ def layout_provider(bridge, layout: str, dtype: torch.dtype):
     and ``dtype``, finalized."""
     from bridges.core.parallel import Layout
 
-    lay = Layout.parse(layout)
-    provider = bridge.to_megatron_provider()
-    provider.tensor_model_parallel_size, provider.pipeline_model_parallel_size = lay.tp, lay.pp
-    provider.virtual_pipeline_model_parallel_size = lay.vpp
-    provider.expert_model_parallel_size, provider.expert_tensor_parallel_size = lay.ep, lay.etp
-    provider.moe_grouped_gemm = lay.grouped
+    provider = bridge.to_megatron_provider().set_layout(Layout.parse(layout))
     provider.params_dtype = dtype
     return provider.finalize()
 

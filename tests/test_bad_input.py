@@ -222,10 +222,7 @@ def test_truncated_safetensors(toy, chunks, tmp_path):
     (Layout(pp=1, vpp=2), {}, ["vpp2", "PP >= 2"]),
 ])
 def test_layout_does_not_divide(toy_config, layout, changes, says):
-    provider = AutoBridge.from_hf_config(toy_config).to_megatron_provider()
-    provider.tensor_model_parallel_size = layout.tp
-    provider.pipeline_model_parallel_size = layout.pp
-    provider.virtual_pipeline_model_parallel_size = layout.vpp
+    provider = AutoBridge.from_hf_config(toy_config).to_megatron_provider().set_layout(layout)
     for k, v in changes.items():
         setattr(provider, k, v)
     with pytest.raises(ConfigError) as ei:
@@ -237,10 +234,7 @@ def test_layout_does_not_divide(toy_config, layout, changes, says):
 
 @pytest.mark.parametrize("layout", [Layout(tp=4), Layout(tp=2, pp=2), Layout(pp=2, vpp=2), Layout(tp=4, pp=4)])
 def test_layout_that_divides(toy_config, layout):
-    provider = AutoBridge.from_hf_config(toy_config).to_megatron_provider()
-    provider.tensor_model_parallel_size = layout.tp
-    provider.pipeline_model_parallel_size = layout.pp
-    provider.virtual_pipeline_model_parallel_size = layout.vpp
+    provider = AutoBridge.from_hf_config(toy_config).to_megatron_provider().set_layout(layout)
     assert provider.finalize().layout == layout
 
 

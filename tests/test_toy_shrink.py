@@ -82,11 +82,7 @@ def _check_toy(src: dict, toy: dict, max_tp: int, min_layers: int) -> None:
         lay = Layout.parse(name)
         if lay.tp > max_tp or lay.pp * (lay.vpp or 1) > min_layers:
             continue  # the suite shrinks for the layouts it runs (max_tp, min_layers)
-        p = bridge.to_megatron_provider()
-        p.tensor_model_parallel_size, p.pipeline_model_parallel_size = lay.tp, lay.pp
-        p.virtual_pipeline_model_parallel_size = lay.vpp
-        p.expert_model_parallel_size, p.expert_tensor_parallel_size = lay.ep, lay.etp
-        p.moe_grouped_gemm = lay.grouped
+        p = bridge.to_megatron_provider().set_layout(lay)
         p.finalize()  # every layout constraint of the bridge (heads, groups, MLP, experts by EP)
 
 

@@ -71,12 +71,7 @@ def run(args) -> int:
 def _provider(bridge, layout, dtype=None):
     import torch
 
-    provider = bridge.to_megatron_provider()
-    provider.tensor_model_parallel_size = layout.tp
-    provider.pipeline_model_parallel_size = layout.pp
-    provider.virtual_pipeline_model_parallel_size = layout.vpp
-    provider.expert_model_parallel_size = layout.ep
-    provider.expert_tensor_parallel_size = layout.etp
+    provider = bridge.to_megatron_provider().set_layout(layout)
     if dtype:
         provider.params_dtype = getattr(torch, dtype)
     provider.finalize()

@@ -89,6 +89,14 @@ class ModelProvider:
                       ep=self.expert_model_parallel_size, etp=self.expert_tensor_parallel_size,
                       grouped=bool(self.moe_grouped_gemm))
 
+    def set_layout(self, lay: Layout) -> "ModelProvider":
+        """Set the parallel sizes (and grouped experts) of ``lay``; ``finalize()`` checks them."""
+        self.tensor_model_parallel_size, self.pipeline_model_parallel_size = lay.tp, lay.pp
+        self.virtual_pipeline_model_parallel_size = lay.vpp
+        self.expert_model_parallel_size, self.expert_tensor_parallel_size = lay.ep, lay.etp
+        self.moe_grouped_gemm = lay.grouped
+        return self
+
     @property
     def padded_vocab_size(self) -> int:
         if not self.make_vocab_size_divisible_by:  # padding switched off
