@@ -58,7 +58,7 @@ the field, so nothing is silently counted as a dense layer.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -502,7 +502,8 @@ class FlopsReport:
 
 # -- entry points --------------------------------------------------------------------------
 def training_flops(model: Any, seq_len: int | Sequence[int] = 4096, batch_size: int = 1, *,
-                   causal: bool = True, recompute: str | None = None, images: int | None = None) -> FlopsReport:
+                   causal: bool = True, recompute: str | None = None, images: int | None = None,
+                   image_size: int | tuple[int, int] | None = None) -> FlopsReport:
     """FLOPs of one training step on ``batch_size`` rows of ``seq_len`` tokens.
 
     ``seq_len`` may be a list of lengths: one row packing those sequences (varlen / THD);
@@ -510,7 +511,8 @@ def training_flops(model: Any, seq_len: int | Sequence[int] = 4096, batch_size: 
     "selective" (core attention recomputed) or "full" (every transformer layer recomputed).
     ``images``: images per row for a vision-language model (default 1), each counted through the
     vision tower and the projector (``vision_tower``, ``projector``); their tokens are part of
-    ``seq_len``.
+    ``seq_len``. ``image_size``: pixels (side, or (height, width)) of each image for a tower that
+    takes any size (Qwen2.5-VL; default 448 x 448); a fixed-size tower (Gemma3's) refuses another.
     """
     if recompute not in RECOMPUTE:
         raise ValueError(f"recompute={recompute!r}: use one of {RECOMPUTE}")
@@ -542,7 +544,7 @@ def training_flops(model: Any, seq_len: int | Sequence[int] = 4096, batch_size: 
         fwd["mtp"] = a.mtp_layers * (body + logits)
         again["mtp"] = a.mtp_layers * (body if recompute == "full" else
                                        layer["core_attention"] if recompute == "selective" else 0)
-    vision = _vision(attrs)
+    vision = _vision(attrs, image_size)
     if vision:
         n_img = batch.batch_size * (1 if images is None else int(images))
         for n, (_, per_image) in vision.items():
@@ -552,26 +554,35 @@ def training_flops(model: Any, seq_len: int | Sequence[int] = 4096, batch_size: 
     return FlopsReport(terms, _params(a, vision), seqs, batch.batch_size, batch.causal, recompute)
 
 
-def _vision(attrs: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
-    """A VLM's vision side: component -> (parameters, forward FLOPs per image). The tower is a
-    ViT of pre-norm blocks with biases (SigLIP's): a patch convolution, learned positions, per
-    block LayerNorm, q/k/v/o, LayerNorm, a two-matrix MLP, bidirectional attention over all
-    patches, a final LayerNorm; the projector a norm and one matrix from the pooled patches
-    (``mm_tokens_per_image`` tokens) to the language model's width (Gemma3's)."""
+# vision tower model_type -> its family's function: (attrs, image_size) -> component ->
+# (parameters, forward FLOPs per image); a VLM family registers its own (``vision_flops``)
+VISION_FLOPS: dict[str, Callable[[Mapping[str, Any], Any], dict[str, tuple[int, int]]]] = {}
+
+
+def vision_flops(*model_types: str):
+    """Register a VLM family's vision-side count for the towers of ``model_types``
+    (``vision_config.model_type``): components ``vision_tower`` and ``projector``. Counted:
+    the matrix products (convolution included), as torch's FLOP counter counts them."""
+    def deco(fn):
+        for t in model_types:
+            VISION_FLOPS[t] = fn
+        return fn
+    return deco
+
+
+def _vision(attrs: Mapping[str, Any], image_size: Any = None) -> dict[str, tuple[int, int]]:
+    """A VLM's vision side, by its family's registered count (``vision_flops``)."""
     v = attrs.get("vision_config")
     if not v:
         return {}
-    if v.get("vision_use_head"):
-        raise FlopsError("vision_config.vision_use_head=True: the tower's pooling head is not "
-                         "counted by the FLOPs calculator (bridges/flops.py)")
-    d, f, layers = int(v["hidden_size"]), int(v["intermediate_size"]), int(v["num_hidden_layers"])
-    p, c = int(v["patch_size"]), int(v.get("num_channels") or 3)
-    patches = (int(v["image_size"]) // p) ** 2
-    block = 4 * (d * d + d) + 2 * d * f + f + d + 2 * 2 * d
-    tower = c * p * p * d + d + patches * d + layers * block + 2 * d
-    tower_fwd = 2 * patches * c * p * p * d + layers * (2 * patches * (4 * d * d + 2 * d * f) + 4 * patches ** 2 * d)
-    h, tokens = int(attrs["hidden_size"]), int(attrs["mm_tokens_per_image"])
-    return {"vision_tower": (tower, tower_fwd), "projector": (d + d * h, 2 * tokens * d * h)}
+    from bridges.core.registry import load_families
+
+    load_families()
+    fn = VISION_FLOPS.get(v.get("model_type"))
+    if fn is None:
+        raise FlopsError(f"vision_config.model_type={v.get('model_type')!r}: no FLOPs count for this "
+                         f"vision tower (known: {sorted(VISION_FLOPS)})")
+    return fn(attrs, image_size)
 
 
 def parameter_counts(model: Any) -> Params:

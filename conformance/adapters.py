@@ -73,8 +73,14 @@ class ImageTextToText(TextCausalLM):
 
     def toy_config(self, config: dict[str, Any], max_tp: int, min_layers: int) -> dict[str, Any]:
         fam = toy._family(config)
+        text = fam.text_config_dict(config)
         c = {k: v for k, v in config.items() if k != "torch_dtype"}
-        c["text_config"] = toy.shrink_config(fam.text_config_dict(config), max_tp=max_tp, min_layers=min_layers)
+        if "text_config" not in config:  # flat legacy layout: the toy nests, as transformers does
+            from bridges.core.vlm import flat_text_fields
+
+            moved = set(flat_text_fields(config, every=True)) - {"model_type", "tie_word_embeddings"}
+            c = {k: v for k, v in c.items() if k not in moved}
+        c["text_config"] = toy.shrink_config(text, max_tp=max_tp, min_layers=min_layers)
         return fam.toy_config(c)
 
     def inputs(self, config: dict[str, Any], base: torch.Tensor) -> dict[str, Any]:
@@ -89,9 +95,9 @@ class ImageTextToText(TextCausalLM):
 
         def inputs_for(ids: torch.Tensor) -> dict[str, Any]:
             out = dict(rest)
-            if "token_type_ids" in rest:
-                tt = rest["token_type_ids"]
-                out["token_type_ids"] = torch.nn.functional.pad(tt, (0, ids.shape[1] - tt.shape[1]))
+            for k, tt in rest.items():
+                if k.endswith("token_type_ids"):  # Gemma3's token_type_ids, Qwen-VL's mm_token_type_ids
+                    out[k] = torch.nn.functional.pad(tt, (0, ids.shape[1] - tt.shape[1]))
             return out
         return inputs_for
 
@@ -108,6 +114,15 @@ class ImageTextToText(TextCausalLM):
     def megatron_generate(self, chunks, inputs: dict[str, Any], steps: int, vocab_size: int) -> torch.Tensor:
         return forward.megatron_generate(chunks, inputs["input_ids"], steps, vocab_size, self._rest(inputs),
                                          inputs[BANNED])
+
+    # the vision stages the family's bridge declares (``vision_parts``), both sides
+    def capture_hf(self, model, store: dict) -> contextlib.AbstractContextManager:
+        return forward.capture_hf(model, store, toy._family(model.config.to_dict()).vision_parts)
+
+    def capture_megatron(self, chunks, store: dict) -> contextlib.AbstractContextManager:
+        from bridges.core.bridge import unwrap
+
+        return forward.capture_megatron(chunks, store, getattr(unwrap(chunks[0]), "vision_parts", ()))
 
 
 ADAPTERS: dict[str, Any] = {"text": TextCausalLM(), "vision": ImageTextToText()}

@@ -19,13 +19,44 @@ def _first(x):
     return x[0] if isinstance(x, (tuple, list)) else x
 
 
-# a VLM's vision side, as both models name it (the HF vision encoder pattern): attribute, stage
-VISION_PARTS = (("vision_tower", "vision tower"), ("multi_modal_projector", "projector"))
+def vision_modules(root, parts, side: int):
+    """(label, module) of a VLM's vision stages found under ``root``: ``parts`` as a VLM
+    bridge's ``vision_parts`` declares them, ``side`` 1 for Megatron paths, 2 for HF paths;
+    "{}" expands over a layer list."""
+    out = []
+    for part in parts:
+        label, path = part[0], part[side]
+        head, _, tail = path.partition("{}")
+        mod = _module(root, head.rstrip("."))
+        if mod is None:
+            continue
+        if not _:
+            out.append((label, mod))
+            continue
+        for i, layer in enumerate(mod):
+            sub = _module(layer, tail.lstrip("."))
+            if sub is not None:
+                out.append((label.format(i), sub))
+    return out
+
+
+def _module(root, path: str):
+    for part in path.split(".") if path else ():
+        root = getattr(root, part, None)
+        if root is None:
+            return None
+    return root
+
+
+def _flat(t: torch.Tensor) -> torch.Tensor:
+    """A vision stage's output as [tokens, features] (Megatron's [s, 1, h], HF's [s, h] or [b, s, h])."""
+    return t.detach().float().cpu().reshape(-1, t.shape[-1]).clone()
 
 
 @contextlib.contextmanager
-def capture_megatron(chunks, store: dict):
-    """Record activations (as [batch, seq, hidden], float32, CPU) into ``store``."""
+def capture_megatron(chunks, store: dict, parts=()):
+    """Record activations (as [batch, seq, hidden], float32, CPU) into ``store``; a VLM's
+    vision stages (``parts``: its bridge's ``vision_parts``) as [tokens, features]."""
     from bridges.core.bridge import unwrap
 
     hooks = []
@@ -40,10 +71,14 @@ def capture_megatron(chunks, store: dict):
             store[name] = (t.transpose(0, 1) if sbh else t).detach().float().cpu().clone()
         return hook
 
+    def save_flat(name):
+        def hook(_m, _inp, out):
+            store.setdefault(name, _flat(_first(out)))
+        return hook
+
     for chunk in map(unwrap, chunks):
-        for attr, label in VISION_PARTS:
-            if getattr(chunk, attr, None) is not None:
-                hooks.append(getattr(chunk, attr).register_forward_hook(save(label, sbh=False)))
+        for label, mod in vision_modules(chunk, parts, 1):
+            hooks.append(mod.register_forward_hook(save_flat(label)))
         chunk = getattr(chunk, "language_model", chunk)  # a VLM's
         if getattr(chunk, "embedding", None) is not None and chunk.pre_process:
             hooks.append(chunk.embedding.register_forward_hook(save("embedding")))
@@ -61,11 +96,10 @@ def capture_megatron(chunks, store: dict):
 
 
 @contextlib.contextmanager
-def capture_hf(model, store: dict):
+def capture_hf(model, store: dict, parts=()):
     base = getattr(model.model, "language_model", model.model)  # a VLM's text model
-    hooks = [getattr(model.model, a).register_forward_hook(
-        lambda _m, _i, o, k=label: store.__setitem__(k, _first(o).detach().float().cpu().clone()))
-        for a, label in VISION_PARTS if getattr(model.model, a, None) is not None]
+    hooks = [mod.register_forward_hook(lambda _m, _i, o, k=label: store.__setitem__(k, _flat(_first(o))))
+             for label, mod in vision_modules(model, parts, 2)]
     hooks += [base.embed_tokens.register_forward_hook(
         lambda _m, _i, o: store.__setitem__("embedding", o.detach().float().cpu().clone()))]
     for n, layer in enumerate(base.layers):

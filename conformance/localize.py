@@ -7,12 +7,14 @@ import torch
 
 from conformance.checks import rel_err
 
-VISION = ("vision tower", "projector")
+# a VLM's vision stages (its bridge's vision_parts), in the order they run: before the text
+VISION = ("vision embedding", "vision block", "vision tower", "merger", "projector")
 
 
 def _order(name: str):
-    if name in VISION:  # a VLM's vision side runs first
-        return (-1, VISION.index(name), 0)
+    m = re.match(r"(vision block) (\d+)$", name)
+    if name in VISION or m:
+        return (-1, VISION.index(m.group(1) if m else name), int(m.group(2)) if m else 0)
     if name == "embedding":
         return (0, 0, 0)
     m = re.match(r"layer (\d+) (attention|mlp)", name)

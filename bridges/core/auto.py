@@ -70,6 +70,8 @@ def _require_fields(cls, raw: dict[str, Any], source: str) -> None:
         if "." in f.hf and isinstance(raw.get(f.hf.split(".")[0]), dict):
             continue  # a VLM's text_config: the published files rely on its class defaults
         names = {f.hf} | aliases.get(f.hf, set())
+        if f.hf.startswith("text_config.") and "text_config" not in raw:  # a flat (legacy) VLM config
+            names.add(f.hf[len("text_config."):])
         if f.default is _MISSING and f.megatron not in ("num_query_groups", "kv_channels") \
                 and all(get_path(raw, n, None) is None for n in names):
             raise ConfigError(f"{source}: config field {f.hf!r} is required but missing")

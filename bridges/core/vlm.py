@@ -11,11 +11,14 @@ published file leaves them out, as the published VLM configs do), vision fields 
 ``vision_config``; ``tie_word_embeddings`` at the top level wins over the text config's.
 
 HF names: the table is written in transformers' in-memory layout (``model.language_model.``,
-``model.vision_tower.``, ``model.multi_modal_projector.``, ``lm_head.``); a checkpoint stored in
-the legacy layout that transformers' own ``save_pretrained`` and the published files use
-(``language_model.model.``, ``language_model.lm_head.``, ``vision_tower.``,
-``multi_modal_projector.``, a tower's ``vision_model.`` level) is read and written back in that
-layout.
+``model.vision_tower.`` or ``model.visual.``, ``lm_head.``); a checkpoint stored in the legacy
+layout that transformers' own ``save_pretrained`` and the published files use (the family's
+``LEGACY`` prefixes: Gemma3's ``language_model.model.``, Qwen-VL's ``model.`` and ``visual.``) is
+read and written back in that layout. A published config in the flat legacy layout (text fields
+at the top level, as Qwen2.5-VL's) is read (transformers nests it) and written back flat.
+
+``VLMChunk`` is the Megatron side every family shares: the language model chunk, the vision
+side on the first stage, the image features written over the image-token embeddings.
 """
 from __future__ import annotations
 
@@ -75,6 +78,11 @@ class VLMBridge(Bridge):
     # Megatron-Core blocks (Qwen-VL); `mbridge inspect` names it
     vision_pattern: ClassVar[str] = "hf"
     megatron_lm = "a vision-language model: pretrain_gpt.py builds a GPTModel without a vision side"
+    # the vision side's stages, for activation capture and divergence localisation:
+    # (label, module path in a Megatron chunk, module path in the HF model); "{}" in both paths
+    # and the label stands for every index of a layer list (e.g. "vision block {}"). Labels:
+    # "vision embedding", "vision block N", "vision tower", "merger" or "projector".
+    vision_parts: ClassVar[tuple[tuple[str, str, str], ...]] = ()
     # the text family's bridge class, built from ``text_config``
     language_bridge: ClassVar[type[Bridge]]
     # top-level config fields the family keeps (image token ids, tokens per image, ...)
@@ -129,6 +137,9 @@ class VLMBridge(Bridge):
         for sub in ("text_config", "vision_config"):
             if isinstance(base.get(sub), dict):
                 out[sub] = {**base[sub], **out[sub]}
+        if base and "text_config" not in base:  # a flat source is written back flat
+            text = out.pop("text_config")
+            out.update({k: v for k, v in text.items() if k not in ("model_type", "tie_word_embeddings")})
         return out
 
     @classmethod
@@ -137,7 +148,10 @@ class VLMBridge(Bridge):
         language table the published file leaves to transformers' class defaults written out."""
         from transformers import AutoConfig
 
-        text = dict(config.get("text_config") or {})
+        if "text_config" in config:
+            text = dict(config["text_config"] or {})
+        else:  # the flat legacy layout: transformers says which top-level fields are the text's
+            text = {k: v for k, v in flat_text_fields(config).items() if k != "dtype"}
         text.setdefault("model_type", cls.language_bridge.model_type)
         defaults = AutoConfig.for_model(cls.language_bridge.hf_model_type or text["model_type"])
         for f in cls.language_bridge.config_fields:
@@ -164,20 +178,21 @@ class VLMBridge(Bridge):
                 return old + name[len(new):]
         return name
 
-    # in-memory prefix -> legacy (saved) prefix
-    LEGACY = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
-              "model.vision_tower.": "vision_tower.", "model.multi_modal_projector.": "multi_modal_projector."}
+    # in-memory prefix -> legacy (saved) prefix, per family
+    LEGACY: ClassVar[dict[str, str]] = {}
+    # (in-memory prefix, level): a level under that prefix the table leaves out and some
+    # checkpoints store (Gemma3's tower: ``vision_model.``), added where the checkpoint has it
+    # or where there is no checkpoint (the published files have it)
+    tower_level: ClassVar[tuple[str, str] | None] = None
 
     def _checkpoint_layout(self) -> dict[str, str]:
-        """Prefix renames from the table's layout to the checkpoint's. The vision tables leave
-        out a tower's ``vision_model.`` level (transformers versions differ there); it is added
-        where the checkpoint has it (the published files do), or where there is no checkpoint."""
+        """Prefix renames from the table's layout to the checkpoint's."""
         if self._layout is None:
             names = list(self.checkpoint.names()) if self.checkpoint is not None else []
             legacy = not any(n.startswith("model.language_model.") for n in names)
             self._layout = dict(self.LEGACY) if legacy else {k: k for k in self.LEGACY}
-            if not names or any(".vision_model." in n for n in names):
-                self._layout["model.vision_tower."] += "vision_model."
+            if self.tower_level and (not names or any(f".{self.tower_level[1]}" in n for n in names)):
+                self._layout[self.tower_level[0]] += self.tower_level[1]
         return self._layout
 
     # -- the Megatron model ---------------------------------------------------------------
@@ -191,7 +206,9 @@ class VLMBridge(Bridge):
     def build_model(self, provider: ModelProvider, pre_process: bool, post_process: bool,
                     vp_stage: int | None = None):
         lm = self.language.build_model(provider, pre_process, post_process, vp_stage)
-        return self.wrap(lm, provider, pre_process, post_process, vp_stage)
+        chunk = self.wrap(lm, provider, pre_process, post_process, vp_stage)
+        chunk.vision_parts = self.vision_parts  # for the checks' activation capture
+        return chunk
 
     def wrap(self, language_model, provider: ModelProvider, pre_process: bool, post_process: bool,
              vp_stage: int | None):
@@ -209,3 +226,62 @@ class VLMBridge(Bridge):
     def banned_tokens(cls, config: dict[str, Any]) -> list[int]:
         """Token ids greedy generation must not produce (an image placeholder without its image)."""
         return []
+
+
+def flat_text_fields(config: dict[str, Any], every: bool = False) -> dict[str, Any]:
+    """The text config transformers reads from a flat (legacy) VLM config dict: the fields that
+    differ from its text class's defaults (``every``: all its fields, and the legacy rope
+    spellings it reads them from: the top-level keys that are the text model's)."""
+    from transformers import AutoConfig
+
+    kw = {k: v for k, v in config.items() if k not in ("model_type", "transformers_version")}
+    text = AutoConfig.for_model(config["model_type"], **kw).text_config
+    if every:
+        return {**text.to_dict(), "rope_scaling": None, "rope_theta": None}
+    return text.to_diff_dict()
+
+
+def _chunk_base():
+    from megatron.core.transformer.module import MegatronModule
+
+    class _VLMChunk(MegatronModule):
+        """One pipeline chunk of a VLM: ``language_model`` (a GPTModel chunk) and, on the first
+        stage, the family's vision side. What the checks and the bridge read of a chunk (its
+        output split, its padded vocabulary, its stages) is the language model's."""
+
+        def __init__(self, language_model, image_token_id: int):
+            super().__init__(config=language_model.config)
+            self.language_model = language_model
+            self.pre_process, self.post_process = language_model.pre_process, language_model.post_process
+            self.parallel_output, self.vocab_size = language_model.parallel_output, language_model.vocab_size
+            self.image_token_id = image_token_id
+
+        def set_input_tensor(self, input_tensor) -> None:
+            self.language_model.set_input_tensor(input_tensor)
+
+        def embed(self, input_ids, position_ids, features=None):
+            """The first stage's decoder input [s, b, h]: the text embeddings with ``features``
+            ([image tokens, h], in HF's order: batch, then position) over the image tokens."""
+            import torch
+
+            is_image = input_ids == self.image_token_id
+            lm = self.language_model
+            ids = input_ids.masked_fill(is_image, 0) if self.image_token_id >= lm.vocab_size else input_ids
+            emb = lm.embedding(input_ids=ids, position_ids=position_ids)
+            if features is None:
+                return emb
+            if int(is_image.sum()) != features.shape[0]:
+                raise ValueError(f"{int(is_image.sum())} image tokens (id {self.image_token_id}) "
+                                 f"for {features.shape[0]} image features")
+            emb = emb.transpose(0, 1).clone()
+            emb[is_image] = features.to(emb.dtype)
+            return emb.transpose(0, 1).contiguous()
+
+    return _VLMChunk
+
+
+def __getattr__(name: str):
+    if name == "VLMChunk":  # megatron imported when a model is built, not with the bridge
+        globals()["VLMChunk"] = cls = _chunk_base()
+        return cls
+    raise AttributeError(name)

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from bridges.core.config import Field
+from bridges.flops import FlopsError, vision_flops
 from bridges.core.mappings import Mapping
 from bridges.core.provider import ModelProvider
 from bridges.core.registry import register_bridge
@@ -49,6 +50,11 @@ def _meta_modules(vision_json: str, text_hidden: int, tokens: int):
 @register_bridge(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"])
 class Gemma3VLBridge(VLMBridge):
     language_bridge = Gemma3LanguageBridge
+    LEGACY = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
+              "model.vision_tower.": "vision_tower.", "model.multi_modal_projector.": "multi_modal_projector."}
+    tower_level = ("model.vision_tower.", "vision_model.")  # the published files have it
+    vision_parts = (("vision tower", "vision_tower", "model.vision_tower"),
+                    ("projector", "multi_modal_projector", "model.multi_modal_projector"))
     vlm_fields = (Field("image_token_index", "image_token_id"),
                   Field("boi_token_index", "boi_token_id", None),
                   Field("eoi_token_index", "eoi_token_id", None),
@@ -98,3 +104,27 @@ class Gemma3VLBridge(VLMBridge):
     @classmethod
     def banned_tokens(cls, config: dict[str, Any]) -> list[int]:
         return [config["image_token_index"]]
+
+
+@vision_flops("siglip_vision_model")
+def siglip_flops(attrs: dict[str, Any], image_size=None) -> dict[str, tuple[int, int]]:
+    """Gemma3's vision side: component -> (parameters, forward FLOPs per image). The tower is a
+    ViT of pre-norm blocks with biases (SigLIP's): a patch convolution, learned positions, per
+    block LayerNorm, q/k/v/o, LayerNorm, a two-matrix MLP, bidirectional attention over all
+    patches, a final LayerNorm; the projector a norm and one matrix from the pooled patches
+    (``mm_tokens_per_image`` tokens) to the language model's width."""
+    v = attrs["vision_config"]
+    if v.get("vision_use_head"):
+        raise FlopsError("vision_config.vision_use_head=True: the tower's pooling head is not "
+                         "counted by the FLOPs calculator (bridges/flops.py)")
+    size = int(v["image_size"])
+    if image_size is not None and image_size not in (size, (size, size)):
+        raise FlopsError(f"image_size={image_size}: this tower takes {size} x {size} images only")
+    d, f, layers = int(v["hidden_size"]), int(v["intermediate_size"]), int(v["num_hidden_layers"])
+    p, c = int(v["patch_size"]), int(v.get("num_channels") or 3)
+    patches = (size // p) ** 2
+    block = 4 * (d * d + d) + 2 * d * f + f + d + 2 * 2 * d
+    tower = c * p * p * d + d + patches * d + layers * block + 2 * d
+    tower_fwd = 2 * patches * c * p * p * d + layers * (2 * patches * (4 * d * d + 2 * d * f) + 4 * patches ** 2 * d)
+    h, tokens = int(attrs["hidden_size"]), int(attrs["mm_tokens_per_image"])
+    return {"vision_tower": (tower, tower_fwd), "projector": (d + d * h, 2 * tokens * d * h)}

@@ -14,8 +14,8 @@
 from __future__ import annotations
 
 import torch
-from megatron.core.transformer.module import MegatronModule
 
+from bridges.core.vlm import VLMChunk
 from bridges.models.gemma2.modeling_gemma2 import SoftCapAttention
 
 
@@ -59,17 +59,12 @@ class BlockMaskAttention(SoftCapAttention):
             self.scale_mask_softmax = _WindowOnMask(sm, window)
 
 
-class Gemma3VLModel(MegatronModule):
+class Gemma3VLModel(VLMChunk):
     """One pipeline chunk of Gemma3 with images: ``vision_tower`` and ``multi_modal_projector``
     (first stage), ``language_model`` (a GPTModel chunk)."""
 
     def __init__(self, language_model, hf_config, image_token_id: int, with_vision: bool):
-        super().__init__(config=language_model.config)
-        self.language_model = language_model
-        self.pre_process, self.post_process = language_model.pre_process, language_model.post_process
-        # what the checks and the bridge read of a chunk: its output split, its padded vocab
-        self.parallel_output, self.vocab_size = language_model.parallel_output, language_model.vocab_size
-        self.image_token_id = image_token_id
+        super().__init__(language_model, image_token_id)
         self.vision_tower = self.multi_modal_projector = None
         if with_vision:
             from transformers import AutoModel
@@ -80,13 +75,11 @@ class Gemma3VLModel(MegatronModule):
             self.vision_tower = AutoModel.from_config(vision)
             self.multi_modal_projector = Gemma3MultiModalProjector(hf_config)
 
-    def set_input_tensor(self, input_tensor) -> None:
-        self.language_model.set_input_tensor(input_tensor)
-
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[images, tokens per image, hidden] in the language model's space."""
+        """[images x tokens per image, hidden] in the language model's space."""
         hidden = self.vision_tower(pixel_values=pixel_values).last_hidden_state
-        return self.multi_modal_projector(hidden)
+        feats = self.multi_modal_projector(hidden)
+        return feats.reshape(-1, feats.shape[-1])
 
     def forward(self, input_ids, position_ids, attention_mask=None, pixel_values=None,
                 token_type_ids=None, **kwargs):
@@ -94,19 +87,9 @@ class Gemma3VLModel(MegatronModule):
             attention_mask = image_block_mask(token_type_ids)
         decoder_input = None
         if self.pre_process:
-            is_image = input_ids == self.image_token_id
-            lm = self.language_model
-            ids = input_ids.masked_fill(is_image, 0) if self.image_token_id >= lm.vocab_size else input_ids
-            emb = lm.embedding(input_ids=ids, position_ids=position_ids)  # [s, b, h], scaled
-            if pixel_values is not None:
-                feats = self.image_features(pixel_values.to(emb.dtype)).to(emb.dtype)
-                if int(is_image.sum()) != feats.shape[0] * feats.shape[1]:
-                    raise ValueError(f"{int(is_image.sum())} image tokens (id {self.image_token_id}) "
-                                     f"for {feats.shape[0]} images of {feats.shape[1]} tokens")
-                emb = emb.transpose(0, 1).clone()
-                emb[is_image] = feats.reshape(-1, feats.shape[-1])
-                emb = emb.transpose(0, 1).contiguous()
-            decoder_input = emb
+            dtype = self.language_model.embedding.word_embeddings.weight.dtype
+            feats = self.image_features(pixel_values.to(dtype)) if pixel_values is not None else None
+            decoder_input = self.embed(input_ids, position_ids, feats)
         return self.language_model(input_ids, position_ids, attention_mask,
                                    decoder_input=decoder_input, **kwargs)
 
