@@ -142,11 +142,19 @@ def describe(source: str | dict, toy_dir: str | None = None,
     attrs = bridge.megatron_attrs()
     exported = bridge.hf_config_dict(attrs)
     raw = source if isinstance(source, dict) else HFCheckpoint(source).config()
-    fields = [f.hf for f in bridge.config_fields if get_path(raw, f.hf, None) is not None]
+    flat = "text_config" not in raw  # a flat VLM config sets the text fields at the top level
+    fields = [f.hf for f in bridge.config_fields if get_path(raw, f.hf, None) is not None
+              or flat and f.hf.startswith("text_config.") and get_path(raw, f.hf[12:], None) is not None]
+    if flat and "text_config.tie_word_embeddings" in fields:  # the VLM's own, at the top level
+        fields[fields.index("text_config.tie_word_embeddings")] = "tie_word_embeddings"
     # the rope and the per-layer pattern are compared even where the source only implies them
-    # (legacy rope_theta, Gemma3's sliding_window_pattern): transformers derives them alike
-    fields += [k for k in ("rope_parameters", "attention_bias", "sliding_window", "layer_types")
-               if k in exported and (k in raw or k in ("rope_parameters", "layer_types"))]
+    # (legacy rope_theta, Gemma3's sliding_window_pattern): transformers derives them alike;
+    # a VLM's in its text_config
+    text, src = (exported["text_config"], raw if flat else raw.get("text_config") or {}) \
+        if isinstance(exported.get("text_config"), dict) else (exported, raw)
+    pre = "text_config." if text is not exported else ""
+    fields += [pre + k for k in ("rope_parameters", "attention_bias", "sliding_window", "layer_types")
+               if k in text and (k in src or k in ("rope_parameters", "layer_types"))]
     # Both sides read through transformers' config class, so that spellings it treats as one
     # (attribute_map: num_experts / num_local_experts) compare as one field.
     from bridges.core.auto import _hf_config_object

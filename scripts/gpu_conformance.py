@@ -81,7 +81,7 @@ def mutants(out: str, jobs: int, timeout: float, extra: list[str], gpu: bool = T
             wall = round(time.perf_counter() - t, 1)
             report = json.loads(rep.read_text()) if rep.exists() else {}
             print(f"{name}: exit {rc}, {wall} s", flush=True)
-            return {"mutant": name, "bridge": ref, "model": model, "bug": about.get(name, ""),
+            return {"mutant": name, "bridge": ref, "model": model, "bug": about.get(ref) or about.get(name, ""),
                     "cpu_expects": sorted(expect), "exit": rc, "wall_s": wall, "tail": tail,
                     "results": report.get("results", []), "environment": report.get("environment", {}),
                     "failures": _failures(xml)}
@@ -90,7 +90,7 @@ def mutants(out: str, jobs: int, timeout: float, extra: list[str], gpu: bool = T
         try:
             return one(row)
         except Exception as e:  # noqa: BLE001 - one broken run must not lose the others' figures
-            return {"mutant": row[0], "bridge": row[1], "model": row[2], "bug": about.get(row[0], ""),
+            return {"mutant": row[0], "bridge": row[1], "model": row[2], "bug": about.get(row[1]) or about.get(row[0], ""),
                     "cpu_expects": sorted(row[3]), "exit": f"runner error: {e!r}", "wall_s": 0, "tail": "",
                     "results": [], "environment": {}, "failures": {}}
 
@@ -198,7 +198,7 @@ def _mutant_section(path: str) -> list[str]:
     out = ["## Mutants under --run-gpu", "",
            f"{len(gpus)} x {gpus[0]}; torch {env.get('torch')}, megatron-core {env.get('megatron-core')}, "
            f"transformers {env.get('transformers')}. Each deliberately broken bridge (scripts/gpu_mutants.py: "
-           "the mutants of tests/mutants.py, gemma_mutants.py and gemma3_vl_mutants.py that the CPU "
+           "the mutants of tests/mutants.py and of the family mutant files that the CPU "
            "self-tests expect to fail at tp1pp1, the one layout one GPU runs, plus a single pair of "
            "query heads swapped) ran the default "
            "`pytest --mbridge-model=<model> --mbridge-bridge=<mutant> --run-gpu` (fp32 and bf16) from "

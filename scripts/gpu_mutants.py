@@ -1,6 +1,6 @@
 """The mutants `scripts/gpu_conformance.py mutants` runs under the default `--run-gpu` suite:
-every mutant of tests/mutants.py, tests/gemma_mutants.py and tests/gemma3_vl_mutants.py that
-the CPU self-tests (tests/test_mutations.py, test_gemma.py, test_gemma3_vl.py) expect to fail
+every mutant of tests/mutants.py and the family mutant files (gemma, gemma3_vl, qwen2_5_vl) that
+the CPU self-tests (tests/test_mutations.py, test_gemma.py, test_gemma3_vl.py, ...) expect to fail
 at tp1pp1 (the one layout a single GPU runs), the subtle config and module bugs of #22 first,
 plus one bug class those lack: a single pair of query heads swapped.
 """
@@ -64,10 +64,10 @@ def descriptions() -> dict[str, str]:
     import importlib
     import inspect
 
-    for module in ("tests.gemma_mutants", "tests.gemma3_vl_mutants"):  # their class docstrings
+    for module in ("tests.gemma_mutants", "tests.gemma3_vl_mutants", "tests.qwen2_5_vl_mutants"):
         for name, cls in inspect.getmembers(importlib.import_module(module), inspect.isclass):
-            if cls.__module__ == module and not name.startswith("_"):
-                out.setdefault(name, " ".join((cls.__doc__ or name).split()))
+            if cls.__module__ == module and not name.startswith("_"):  # by bridge ref: names repeat
+                out[f"{module}:{name}"] = " ".join((cls.__doc__ or name).split())
     return out
 
 
@@ -77,10 +77,14 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
     from tests.test_gemma import MUTANTS as GEMMA
     from tests.test_gemma3_vl import MUTANTS as VLM
     from tests.test_mutations import MUTANTS
+    from tests.test_qwen2_5_vl import MODEL as QWEN_VL
+    from tests.test_qwen2_5_vl import MUTANTS as QVLM
 
     vlm = [(n, "google/gemma-3-4b-it", {"tp1pp1": expect}) for n, expect, _ in VLM]
+    qvlm = [(n, QWEN_VL, {"tp1pp1": expect}) for n, expect, _ in QVLM]
     rows = [(n, f"tests.{module}:{n}", model, set(expect["tp1pp1"]))
-            for module, table in (("mutants", MUTANTS), ("gemma_mutants", GEMMA), ("gemma3_vl_mutants", vlm))
+            for module, table in (("mutants", MUTANTS), ("gemma_mutants", GEMMA), ("gemma3_vl_mutants", vlm),
+                                  ("qwen2_5_vl_mutants", qvlm))
             for n, model, expect in table if expect.get("tp1pp1") and "/" in model]  # a fixture's name
     rows.append(("OneHeadSwapped", "scripts.gpu_mutants:OneHeadSwapped", "Qwen/Qwen3-8B", {"logits", "generation"}))
     return sorted(rows, key=lambda r: (r[0] not in SUBTLE, SUBTLE.index(r[0]) if r[0] in SUBTLE else 0))

@@ -215,3 +215,12 @@ def test_vision_flops_equal_torch_flop_counter_on_the_hf_tower():
     assert counter.get_total_flops() == v["vision_tower"][1] + v["projector"][1]
     assert sum(p.numel() for p in tower.parameters()) == v["vision_tower"][0] + v["projector"][0]
     assert _vision({"vision_config": cfg.vision_config.to_dict()}, 64)["vision_tower"][1] != v["vision_tower"][1]
+
+
+def test_config_check_covers_the_flat_text_fields_and_mrope(conformance):
+    """The published file is flat: its text fields (and the rope, M-RoPE sections included)
+    are compared after HF -> Megatron -> HF; sections in the wrong order fail there too."""
+    good = conformance.describe(resolve(MODEL))["config_check"]
+    assert good.passed and good.figure == "17/17 fields kept", good
+    bad = conformance.describe(resolve(MODEL), bridge_ref="tests.qwen2_5_vl_mutants:MRopeSectionsSwapped")
+    assert not bad["config_check"].passed and "text_config.rope_parameters" in bad["config_check"].details

@@ -126,7 +126,7 @@ def inspect_config(config: dict, ckpt: Path | None = None, modality: str | None 
 PATTERNS = {"hf": "HF vision encoder: the tower and projector kept as transformers' modules, "
                   "replicated over TP on the first stage (the gemma3 bridge's pattern)",
             "megatron": "Megatron vision encoder: the tower built from Megatron-Core blocks, "
-                        "TP-sharded (fused qkv, 2-D vision rotary; no registered bridge has one yet)"}
+                        "TP-sharded (fused qkv, 2-D vision rotary; the qwen2_5_vl bridge's pattern)"}
 HF_TOWERS = ("siglip_vision_model", "siglip2_vision_model", "clip_vision_model", "pixtral")
 MEGATRON_TOWER_FIELDS = ("fullatt_block_indexes", "spatial_merge_size", "deepstack_visual_indexes",
                          "temporal_patch_size")

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from megatron.core.transformer.module import MegatronModule
 
 from bridges.core.vlm import VLMChunk
 
@@ -154,17 +155,17 @@ class PatchEmbed(torch.nn.Module):
         return self.proj(x).reshape(x.shape[0], -1)
 
 
-class PatchMerger(torch.nn.Module):
+class PatchMerger(MegatronModule):
     """RMSNorm per patch, then each block of ``units`` patches (concatenated) through a
     two-layer GELU MLP (column- then row-parallel) into the language model's hidden size."""
 
     def __init__(self, config, context: int, units: int):
-        super().__init__()
+        super().__init__(config=config)
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
         from megatron.core.transformer.mlp import MLP, MLPSubmodules
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-        self.config, self.size = config, context * units
+        self.size = context * units
         self.norm = WrappedTorchNorm(config, context, eps=1e-6)
         self.mlp = MLP(config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
                        input_size=self.size, ffn_hidden_size=self.size)
@@ -174,16 +175,16 @@ class PatchMerger(torch.nn.Module):
         return (out if bias is None else out + bias).squeeze(1)
 
 
-class VisionEncoder(torch.nn.Module):
+class VisionEncoder(MegatronModule):
     """Pixels of every image (patches in the processor's order) and their grids -> one
-    language-model vector per merged patch block, in the processor's order."""
+    language-model vector per merged patch block, in the processor's order. A MegatronModule
+    (as the merger): a distributed checkpoint stores its TP-sharded tensors as shards."""
 
     def __init__(self, provider, vision):
-        super().__init__()
         from megatron.core.transformer.transformer_block import TransformerBlock
 
         layers, merger = vision_configs(provider, vision)
-        self.config = layers
+        super().__init__(config=layers)
         self.merge = vision.spatial_merge_size
         self.side = vision.window_size // vision.spatial_merge_size // vision.patch_size
         self.full = frozenset(vision.fullatt_block_indexes)
