@@ -17,9 +17,10 @@ def _same(a, b) -> None:
         assert torch.equal(src.get(n), out.get(n)) and src.dtype(n) == out.dtype(n), n
 
 
-# Qwen2.5-VL: a vision tower of Megatron layers, TP-sharded in the distributed checkpoint too
+# Qwen2.5-VL, Qwen3-VL: vision towers of Megatron layers, TP-sharded in the distributed checkpoint too
 @pytest.mark.parametrize("model", ["Qwen/Qwen3-8B", "meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-7B-Instruct",
-                                   "mistralai/Mistral-7B-v0.1", "Qwen/Qwen2.5-VL-7B-Instruct"])
+                                   "mistralai/Mistral-7B-v0.1", "Qwen/Qwen2.5-VL-7B-Instruct",
+                                   "Qwen/Qwen3-VL-8B-Instruct"])
 def test_import_at_one_layout_export_at_another(conformance, spec, tmp_path, model):
     toy = conformance.checkpoint(spec(model))
     for imp, exp in LAYOUTS:

@@ -107,20 +107,22 @@ def mrope_positions(input_ids: torch.Tensor, image_token_id: int, grid_thw: torc
 
 
 # -- the vision encoder ---------------------------------------------------------------------------
-def vision_configs(provider, vision) -> tuple:
+def vision_configs(provider, vision, normalization: str = "RMSNorm", gated: bool = True) -> tuple:
     """(the vision layers' TransformerConfig, the merger MLP's) from the HF ``vision`` config,
     with the language model's dtype, TP size and portable settings; no pipeline split (the
-    tower lives on the first stage)."""
+    tower lives on the first stage). ``normalization``, ``gated``: the blocks' norm and MLP
+    (Qwen2.5-VL: RMSNorm, SwiGLU; Qwen3-VL: LayerNorm, a plain MLP)."""
     from bridges.core.config import activation_to_megatron
     from bridges.core.provider import ModelProvider
 
     heads, hidden = vision.num_heads, vision.hidden_size
     common = dict(params_dtype=provider.params_dtype, tensor_model_parallel_size=provider.tensor_model_parallel_size,
                   perform_initialization=getattr(provider, "perform_initialization", True),
-                  num_attention_heads=heads, add_bias_linear=True, layernorm_epsilon=1e-6)
+                  num_attention_heads=heads, add_bias_linear=True, layernorm_epsilon=1e-6,
+                  normalization=normalization)
     layers = ModelProvider(dict(common, num_layers=vision.depth, hidden_size=hidden,
                                 ffn_hidden_size=vision.intermediate_size, num_query_groups=heads,
-                                kv_channels=hidden // heads, add_qkv_bias=True,
+                                kv_channels=hidden // heads, add_qkv_bias=True, gated_linear_unit=gated,
                                 activation_func=activation_to_megatron(vision.hidden_act)),
                            build=None).transformer_config()
     units = hidden * vision.spatial_merge_size ** 2
@@ -130,25 +132,38 @@ def vision_configs(provider, vision) -> tuple:
     return layers, merger
 
 
-def _vision_layer_spec():
+def vision_layer_spec(normalization: str = "RMSNorm"):
     """Megatron-Core's local layer (as the language model's), attending without a causal mask:
     the mask given is the only one."""
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.enums import AttnMaskType
 
-    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec = get_gpt_layer_local_spec(normalization=normalization)
     attn = dataclasses.replace(spec.submodules.self_attention, params={"attn_mask_type": AttnMaskType.no_mask})
     return dataclasses.replace(spec, submodules=dataclasses.replace(spec.submodules, self_attention=attn))
+
+
+def axial_inv_freq(head_dim: int, vision) -> torch.Tensor:
+    """The 2-D rotary's frequencies: a quarter of a head's rotary pairs each for rows and columns."""
+    rope = getattr(vision, "rope_parameters", None) or {}
+    half, theta = head_dim // 2, float(rope.get("rope_theta", 10000.0))
+    return 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float) / half)
+
+
+def axial_angles(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """[patches, head_dim] rotary angles: rows' then columns' frequencies, repeated over both halves."""
+    angles = (positions[:, :, None].float() * inv_freq.to(positions.device)).flatten(1)
+    return torch.cat([angles, angles], -1)
 
 
 class PatchEmbed(torch.nn.Module):
     """Each patch (channels x temporal x height x width values) -> one hidden vector."""
 
-    def __init__(self, vision):
+    def __init__(self, vision, bias: bool = False):
         super().__init__()
         self.shape = (vision.in_channels, vision.temporal_patch_size, vision.patch_size, vision.patch_size)
         self.proj = torch.nn.Conv3d(vision.in_channels, vision.hidden_size, kernel_size=self.shape[1:],
-                                    stride=self.shape[1:], bias=False)
+                                    stride=self.shape[1:], bias=bias)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         x = pixel_values.reshape(-1, *self.shape).to(self.proj.weight.dtype)
@@ -156,22 +171,24 @@ class PatchEmbed(torch.nn.Module):
 
 
 class PatchMerger(MegatronModule):
-    """RMSNorm per patch, then each block of ``units`` patches (concatenated) through a
-    two-layer GELU MLP (column- then row-parallel) into the language model's hidden size."""
+    """A norm per patch (the config's kind; ``postshuffle``: over each block of ``units``
+    patches concatenated instead), then each block through a two-layer GELU MLP (column- then
+    row-parallel) into the language model's hidden size."""
 
-    def __init__(self, config, context: int, units: int):
+    def __init__(self, config, context: int, units: int, postshuffle: bool = False):
         super().__init__(config=config)
         from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
         from megatron.core.transformer.mlp import MLP, MLPSubmodules
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-        self.size = context * units
-        self.norm = WrappedTorchNorm(config, context, eps=1e-6)
+        self.size, self.postshuffle = context * units, postshuffle
+        self.norm = WrappedTorchNorm(config, self.size if postshuffle else context, eps=1e-6)
         self.mlp = MLP(config, MLPSubmodules(linear_fc1=ColumnParallelLinear, linear_fc2=RowParallelLinear),
                        input_size=self.size, ffn_hidden_size=self.size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out, bias = self.mlp(self.norm(x).reshape(-1, 1, self.size))
+        x = self.norm(x.reshape(-1, self.size)) if self.postshuffle else self.norm(x)
+        out, bias = self.mlp(x.reshape(-1, 1, self.size))
         return (out if bias is None else out + bias).squeeze(1)
 
 
@@ -189,13 +206,9 @@ class VisionEncoder(MegatronModule):
         self.side = vision.window_size // vision.spatial_merge_size // vision.patch_size
         self.full = frozenset(vision.fullatt_block_indexes)
         self.patch_embed = PatchEmbed(vision)
-        self.decoder = TransformerBlock(config=layers, spec=_vision_layer_spec(), post_layer_norm=False)
+        self.decoder = TransformerBlock(config=layers, spec=vision_layer_spec(), post_layer_norm=False)
         self.merger = PatchMerger(merger, vision.hidden_size, self.merge ** 2)
-        rope = getattr(vision, "rope_parameters", None) or {}
-        half = layers.kv_channels // 2  # rotary pairs per head: a quarter to rows, a quarter to columns
-        theta = float(rope.get("rope_theta", 10000.0))
-        self.register_buffer("inv_freq", 1.0 / theta ** (torch.arange(0, half, 2, dtype=torch.float) / half),
-                             persistent=False)
+        self.register_buffer("inv_freq", axial_inv_freq(layers.kv_channels, vision), persistent=False)
 
     def positions(self, grid_thw: torch.Tensor) -> torch.Tensor:
         """(row, column) of each patch, for the 2-D rotary."""
@@ -208,9 +221,7 @@ class VisionEncoder(MegatronModule):
         if x.shape[0] != int(grid.prod(-1).sum()):
             raise ValueError(f"pixel_values has {x.shape[0]} patches; image_grid_thw {grid.tolist()} "
                              f"says {int(grid.prod(-1).sum())}")
-        freqs = self.positions(grid).to(dev)[:, :, None].float() * self.inv_freq.to(dev)
-        angles = freqs.flatten(1)  # [patches, rows' then columns' frequencies]
-        angles = torch.cat([angles, angles], -1)
+        angles = axial_angles(self.positions(grid).to(dev), self.inv_freq)
         order, window = windows(grid, self.merge, self.side)
         perm = (order[:, None] * units + torch.arange(units)).reshape(-1).to(dev)
         x, angles = x[perm], angles[perm]
