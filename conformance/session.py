@@ -28,14 +28,16 @@ MOE_LAYOUTS = ("tp1pp1", "ep2", "tp2ep2", "pp2ep2", "ep4grouped", "tp2ep2etp1gro
 
 
 def is_moe(config: dict) -> bool:
-    """Whether the registered bridge for this config is a mixture-of-experts bridge."""
+    """Whether the registered bridge for this config is a mixture-of-experts bridge (a VLM's:
+    its language bridge)."""
     from bridges.core.moe import MoEBridge
     from bridges.core.registry import UnknownModelError, lookup
 
     try:
-        return issubclass(lookup(config), MoEBridge)
+        cls = lookup(config)
     except UnknownModelError:
         return False
+    return issubclass(cls, MoEBridge) or issubclass(getattr(cls, "language_bridge", object), MoEBridge)
 
 
 def layouts_for(config: dict, layouts: list[str] | tuple[str, ...] | None = None) -> list[str]:

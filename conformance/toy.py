@@ -235,6 +235,7 @@ def make_toy_checkpoint(config: dict[str, Any], root: str | os.PathLike, seed: i
         model = build_hf_model(config, seed)
         _family(config).toy_model(model, lambda m: randomize_(m, seed + 1))
         model.save_pretrained(tmp)
+        _family(config).toy_saved(tmp)
         saved = json.loads((tmp / "config.json").read_text())
         if saved.get("model_type") != config.get("model_type"):  # built as its hf_model_type
             saved.update(model_type=config["model_type"], architectures=config.get("architectures"))

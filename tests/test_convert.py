@@ -35,7 +35,7 @@ def test_import_at_one_layout_export_at_another(conformance, spec, tmp_path, mod
         assert (out / "config.json").exists()
 
 
-@pytest.mark.parametrize("model", ["Qwen/Qwen3-30B-A3B", "zai-org/GLM-4.5"])
+@pytest.mark.parametrize("model", ["Qwen/Qwen3-30B-A3B", "zai-org/GLM-4.5", "Qwen/Qwen3-VL-30B-A3B-Instruct"])
 def test_moe_import_under_ep_export_under_another_layout(conformance, spec, tmp_path, model):
     """Experts saved from EP2 x expert-TP1 (with TP2) reload under PP2 x EP2 and TP2 x EP2."""
     toy = conformance.checkpoint(spec(model))

@@ -147,6 +147,12 @@ class Bridge:
         is saved, the tensors this family's published checkpoints hold but transformers does not
         build (e.g. DeepSeek-V3's MTP layer); ``randomize(module)`` re-draws a module's tensors."""
 
+    @classmethod
+    def toy_saved(cls, path) -> None:
+        """Hook for the conformance toy generator: rewrite the toy checkpoint transformers just
+        saved in ``path`` into the layout this family's published files use, where transformers
+        saves another (e.g. Qwen3-VL-MoE's transposed stacked experts)."""
+
     def __init__(self, hf_config: Any, checkpoint: HFCheckpoint | None = None):
         self.hf_config = hf_config
         self.checkpoint = checkpoint

@@ -96,13 +96,15 @@ class VLMBridge(Bridge):
 
     def __init__(self, hf_config: Any, checkpoint=None):
         super().__init__(hf_config, checkpoint)
+        self._layout: dict[str, str] | None = None
         text = copy.deepcopy(get_path(hf_config, "text_config"))
         for top in ("tie_word_embeddings", "dtype"):  # the top level's word wins
             v = get_path(hf_config, top, None)
             if v is not None:
                 text.__setitem__(top, v) if isinstance(text, dict) else setattr(text, top, v)
-        self.language = self.language_bridge(text)
-        self._layout: dict[str, str] | None = None
+        # the language bridge sees its own part of the checkpoint, under its own names (what a
+        # text family reads of the stored layout, e.g. stacked experts, it reads there)
+        self.language = self.language_bridge(text, LanguagePart(self) if checkpoint is not None else None)
 
     # -- config ---------------------------------------------------------------------------
     def megatron_attrs(self) -> dict[str, Any]:
@@ -226,6 +228,39 @@ class VLMBridge(Bridge):
     def banned_tokens(cls, config: dict[str, Any]) -> list[int]:
         """Token ids greedy generation must not produce (an image placeholder without its image)."""
         return []
+
+
+class LanguagePart:
+    """The language model's tensors of a VLM checkpoint under the text family's own names
+    (``model.`` for the stored language prefix, ``lm_head.``): membership, shape, dtype,
+    values, names, the config."""
+
+    def __init__(self, vlm: VLMBridge):
+        self.vlm, self.ckpt = vlm, vlm.checkpoint
+        self.path = self.ckpt.path
+
+    def stored(self, name: str) -> str:
+        return self.vlm.hf_name(LM_HF + name[len("model."):] if name.startswith("model.") else name)
+
+    def __contains__(self, name: str) -> bool:
+        return self.stored(name) in self.ckpt
+
+    def shape(self, name: str):
+        return self.ckpt.shape(self.stored(name))
+
+    def dtype(self, name: str):
+        return self.ckpt.dtype(self.stored(name))
+
+    def get(self, name: str):
+        return self.ckpt.get(self.stored(name))
+
+    def config(self) -> dict[str, Any]:
+        return self.ckpt.config()
+
+    def names(self) -> list[str]:
+        model, head = self.stored("model."), self.stored("lm_head.")
+        return ["model." + n[len(model):] if n.startswith(model) else "lm_head." + n[len(head):]
+                for n in self.ckpt.names() if n.startswith((model, head))]
 
 
 def flat_text_fields(config: dict[str, Any], every: bool = False) -> dict[str, Any]:

@@ -20,11 +20,9 @@ from bridges.models.qwen2_5_vl.qwen2_5_vl_bridge import V, VH, Qwen25VLBridge
 from bridges.models.qwen3.qwen3_bridge import Qwen3Bridge
 
 
-class Qwen3VLLanguageBridge(Qwen3Bridge):
-    """Qwen3-VL's text model: Qwen3's layers, positions by interleaved M-RoPE (HF interleaves
-    always; ``mrope_interleaved`` is written back true)."""
-
-    quantized_formats = ()
+class InterleavedMRoPEText:
+    """Mixin for a Qwen3-VL text bridge: positions by interleaved M-RoPE (HF interleaves always;
+    ``mrope_interleaved`` is written back true)."""
 
     def megatron_attrs(self) -> dict[str, Any]:
         attrs = super().megatron_attrs()
@@ -41,6 +39,12 @@ class Qwen3VLLanguageBridge(Qwen3Bridge):
         out = super().hf_config_dict(attrs)
         out["rope_parameters"].update(mrope_section=list(attrs["mrope_section"]), mrope_interleaved=True)
         return out
+
+
+class Qwen3VLLanguageBridge(InterleavedMRoPEText, Qwen3Bridge):
+    """Qwen3-VL's text model: Qwen3's layers, interleaved M-RoPE."""
+
+    quantized_formats = ()
 
 
 @register_bridge(model_type="qwen3_vl", architectures=["Qwen3VLForConditionalGeneration"])
@@ -105,7 +109,7 @@ class Qwen3VLBridge(Qwen25VLBridge):
         return config
 
 
-@vision_flops("qwen3_vl_vision", "qwen3_vl")  # the published file says "qwen3_vl"
+@vision_flops("qwen3_vl_vision", "qwen3_vl", "qwen3_vl_moe_vision", "qwen3_vl_moe")  # published: "qwen3_vl(_moe)"
 def qwen3_vision_flops(attrs: dict[str, Any], image_size=None) -> dict[str, tuple[int, int]]:
     """Qwen3-VL's vision side for one image of ``image_size`` pixels (default 448 x 448; a
     multiple of patch x merge): component -> (parameters, forward FLOPs). The tower: the patch
