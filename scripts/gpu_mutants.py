@@ -65,7 +65,7 @@ def descriptions() -> dict[str, str]:
     import inspect
 
     for module in ("tests.gemma_mutants", "tests.gemma3_vl_mutants", "tests.qwen2_5_vl_mutants",
-                   "tests.qwen3_vl_mutants"):
+                   "tests.qwen3_vl_mutants", "tests.qwen3_vl_moe_mutants"):
         for name, cls in inspect.getmembers(importlib.import_module(module), inspect.isclass):
             if cls.__module__ == module and not name.startswith("_"):  # by bridge ref: names repeat
                 out[f"{module}:{name}"] = " ".join((cls.__doc__ or name).split())
@@ -82,6 +82,8 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
     from tests.test_qwen2_5_vl import MUTANTS as QVLM
     from tests.test_qwen3_vl import MODEL as QWEN3_VL
     from tests.test_qwen3_vl import MUTANTS as Q3VLM
+    from tests.test_qwen3_vl_moe import MODEL as QWEN3_VL_MOE
+    from tests.test_qwen3_vl_moe import MUTANTS as Q3VLMOE
 
     def vlm(model, table):
         return [(n, model, {"tp1pp1": expect}) for n, expect, _ in table]
@@ -89,7 +91,8 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
     rows = [(n, f"tests.{module}:{n}", model, set(expect["tp1pp1"]))
             for module, table in (("mutants", MUTANTS), ("gemma_mutants", GEMMA),
                                   ("gemma3_vl_mutants", vlm("google/gemma-3-4b-it", VLM)),
-                                  ("qwen2_5_vl_mutants", vlm(QWEN_VL, QVLM)), ("qwen3_vl_mutants", vlm(QWEN3_VL, Q3VLM)))
+                                  ("qwen2_5_vl_mutants", vlm(QWEN_VL, QVLM)), ("qwen3_vl_mutants", vlm(QWEN3_VL, Q3VLM)),
+                                  ("qwen3_vl_moe_mutants", vlm(QWEN3_VL_MOE, Q3VLMOE)))
             for n, model, expect in table if expect.get("tp1pp1") and "/" in model]  # a fixture's name
     rows.append(("OneHeadSwapped", "scripts.gpu_mutants:OneHeadSwapped", "Qwen/Qwen3-8B", {"logits", "generation"}))
     return sorted(rows, key=lambda r: (r[0] not in SUBTLE, SUBTLE.index(r[0]) if r[0] in SUBTLE else 0))
