@@ -153,23 +153,33 @@ def megatron_logits(chunks, ids: torch.Tensor, vocab_size: int, extra: dict | No
 
 
 def megatron_generate(chunks, ids: torch.Tensor, steps: int, vocab_size: int, inputs_for=None,
-                      banned: tuple[int, ...] = ()) -> torch.Tensor:
-    """Greedy decoding by repeated full forwards; the tokens are known on every rank.
-    ``inputs_for(ids)``: the other inputs for the ids so far; ``banned``: tokens never chosen."""
+                      banned: tuple[int, ...] = (), choose=None, stop: tuple[int, ...] = ()) -> torch.Tensor:
+    """Decoding by repeated full forwards; the tokens are known on every rank.
+    ``inputs_for(ids)``: the other inputs for the ids so far; ``banned``: tokens never chosen;
+    ``choose(last_logits)``: the next token per row (default greedy; it runs on the last
+    pipeline stage, where every TP rank holds the same logits); ``stop``: tokens that end a row
+    (decoding ends when every row has ended)."""
     from megatron.core import parallel_state as ps
 
     ids = ids.clone()
     group = ps.get_pipeline_model_parallel_group()
     src = dist.get_global_rank(group, ps.get_pipeline_model_parallel_world_size() - 1)
     dev = next(chunks[0].parameters()).device
+    ended = torch.zeros(ids.shape[0], dtype=torch.bool)
     for _ in range(steps):
         logits = megatron_logits(chunks, ids, vocab_size, inputs_for(ids) if inputs_for else None)
-        tok = (_ban(logits[:, -1], banned).argmax(-1) if logits is not None
-               else torch.zeros(ids.shape[0], dtype=torch.long, device=dev))
+        if logits is not None:
+            last = _ban(logits[:, -1], banned)
+            tok = choose(last) if choose else last.argmax(-1)
+        else:
+            tok = torch.zeros(ids.shape[0], dtype=torch.long, device=dev)
         tok = tok.to(dev)
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(tok, src=src, group=group)
         ids = torch.cat([ids, tok.cpu().unsqueeze(1)], dim=1)
+        ended |= torch.isin(tok.cpu(), torch.tensor(stop, dtype=torch.long)) if stop else ended
+        if stop and bool(ended.all()):
+            break
     return ids
 
 

@@ -18,3 +18,16 @@ def cli_captured(argv: list[str]) -> tuple[int, str]:
     with contextlib.redirect_stderr(err):
         rc = main(argv)
     return rc, err.getvalue()
+
+
+def cli_stdout(argv: list[str]) -> tuple[int, str]:
+    """``mbridge <argv>`` on this rank: its exit status and what it printed to stdout."""
+    import contextlib
+    import io
+
+    from bridges.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        rc = main(argv)
+    return rc, out.getvalue()
