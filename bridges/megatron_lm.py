@@ -180,3 +180,96 @@ def megatron_lm_args(bridge, tp: int = 1, pp: int = 1, vpp: int | None = None, e
 
     provider = bridge.to_megatron_provider().set_layout(Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp))
     return model_args(provider.finalize())
+
+
+# Flags whose destination in Megatron-LM's parser is not the flag's own name
+DESTS = {"--disable-bias-linear": ("add_bias_linear", False),
+         "--num-virtual-stages-per-pipeline-rank": ("virtual_pipeline_model_parallel_size", None)}
+
+# The booleans Megatron-LM's load_args_from_checkpoint copies from a checkpoint (forced), at the
+# value its parser gives them when the flag is absent
+BOOL_DEFAULTS = dict(group_query_attention=False, swiglu=False, squared_relu=False, add_bias_linear=True,
+                     add_qkv_bias=False, untie_embeddings_and_output_weights=False, apply_layernorm_1p=False,
+                     rotary_interleaved=False, moe_router_pre_softmax=False, moe_grouped_gemm=False,
+                     moe_router_enable_expert_bias=False)
+
+
+# What Megatron-LM's --use-checkpoint-args takes from a checkpoint's args (load_args_from_checkpoint
+# at d98e8a64dd); the layout only with --use-mp-args-from-checkpoint-args, so it is not counted here
+FROM_CHECKPOINT = frozenset("""
+    add_bias_linear add_position_embedding add_qkv_bias apply_query_key_layer_scaling attention_dropout
+    ckpt_format ffn_hidden_size group_query_attention hidden_dropout hidden_size kv_channels
+    max_position_embeddings moe_ffn_hidden_size moe_grouped_gemm moe_layer_freq moe_router_enable_expert_bias
+    moe_router_pre_softmax moe_router_score_function moe_router_topk moe_router_topk_scaling_factor
+    moe_shared_expert_intermediate_size moe_token_dispatcher_type mtp_num_layers normalization
+    num_attention_heads num_experts num_layers num_query_groups padded_vocab_size position_embedding_type
+    rotary_base rotary_interleaved rotary_percent spec squared_relu swiglu untie_embeddings_and_output_weights
+    use_rotary_position_embeddings""".split())
+
+
+def _pairs(flags: list[str]) -> list[tuple[str, str | None]]:
+    """(flag, its value or None) in order."""
+    out, i = [], 0
+    while i < len(flags):
+        value = flags[i + 1] if i + 1 < len(flags) and not flags[i + 1].startswith("--") else None
+        out.append((flags[i], value))
+        i += 1 if value is None else 2
+    return out
+
+
+def _dest(flag: str) -> str:
+    if flag in DESTS:
+        return DESTS[flag][0]
+    dest = flag[2:].replace("-", "_")
+    return dest[3:] if flag.startswith("--no-") else dest
+
+
+def beside_checkpoint_args(flags: list[str]) -> list[str]:
+    """The flags ``--use-checkpoint-args`` does not restore from a converted checkpoint: what
+    to give pretrain_gpt.py beside it (e.g. QK norm, the norm epsilon, the vocabulary, the layout)."""
+    return [x for flag, value in _pairs(flags) if _dest(flag) not in FROM_CHECKPOINT
+            for x in ((flag,) if value is None else (flag, value))]
+
+
+def _typed(text: str):
+    if text.startswith("[") and text.endswith("]"):
+        return [_typed(x) for x in text[1:-1].split(",") if x]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
+def args_namespace(flags: list[str], **extra):
+    """What Megatron-LM's argument parser makes of ``flags``, as its trainer saves it in a
+    checkpoint (``state_dict['args']``): every flag under its destination, typed (a flag alone is
+    ``store_true``; ``--no-<x>`` sets ``x`` False; ``--disable-bias-linear`` sets
+    ``add_bias_linear`` False), the booleans ``--use-checkpoint-args`` reads at their parser
+    defaults when absent, and ``extra`` (e.g. ``padded_vocab_size``). Plain values only: the
+    namespace loads under torch's ``weights_only`` (megatron-core allows ``Namespace``)."""
+    import argparse
+
+    ns = argparse.Namespace(**BOOL_DEFAULTS)
+    for flag, value in _pairs(flags):
+        dest = _dest(flag)
+        if value is not None:
+            setattr(ns, dest, _typed(value))
+        else:
+            setattr(ns, dest, DESTS[flag][1] if flag in DESTS else not flag.startswith("--no-"))
+    for k, v in extra.items():
+        setattr(ns, k, v)
+    return ns
+
+
+def checkpoint_args(bridge, provider):
+    """The ``args`` a converted checkpoint carries for Megatron-LM (``--use-checkpoint-args``:
+    the trainer takes the model from it and checks what it is given), or None for a model its
+    local GPT layers cannot build."""
+    if getattr(bridge, "megatron_lm", None):
+        return None
+    flags = [f for f in model_args(provider) if f not in PORTABLE]  # kernels: the run's, not the model's
+    impl = flags.index("--transformer-impl")
+    del flags[impl:impl + 4]  # --transformer-impl local --ckpt-format torch_dist
+    return args_namespace(flags, padded_vocab_size=provider.padded_vocab_size, ckpt_format="torch_dist")

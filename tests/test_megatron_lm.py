@@ -137,3 +137,59 @@ def test_run_fields_are_only_layout_dtype_and_kernels():
         "params_dtype", "pipeline_dtype", "bf16", "fp16", "use_cpu_initialization", "perform_initialization",
         "bias_activation_fusion", "masked_softmax_fusion", "persist_layer_norm", "bias_dropout_fusion",
         "apply_rope_fusion", "gradient_accumulation_fusion", "attention_softmax_in_fp32"}
+
+
+def test_args_namespace_is_what_megatron_lm_parses():
+    from bridges.megatron_lm import args_namespace
+
+    ns = args_namespace(["--num-layers", "4", "--swiglu", "--no-gradient-accumulation-fusion", "--disable-bias-linear",
+                         "--moe-layer-freq", "[1,0,1]", "--norm-epsilon", "1e-06", "--position-embedding-type",
+                         "rope", "--num-virtual-stages-per-pipeline-rank", "2"], padded_vocab_size=512)
+    assert (ns.num_layers, ns.swiglu, ns.gradient_accumulation_fusion, ns.add_bias_linear) == (4, True, False, False)
+    assert (ns.moe_layer_freq, ns.norm_epsilon, ns.position_embedding_type) == ([1, 0, 1], 1e-06, "rope")
+    assert (ns.virtual_pipeline_model_parallel_size, ns.padded_vocab_size) == (2, 512)
+    assert ns.group_query_attention is False and ns.untie_embeddings_and_output_weights is False  # parser defaults
+
+
+def test_converted_checkpoint_carries_megatron_lm_args(conformance, tmp_path):
+    """`convert import` saves the args namespace as Megatron-LM's trainer does (the common state
+    Megatron-LM reads with load_common_state_dict): the fields --use-checkpoint-args takes, equal
+    to the model flags `mbridge megatron-args` prints (the kernel switches are the run's)."""
+    from megatron.core import dist_checkpointing
+
+    from bridges.core.auto import AutoBridge
+    from bridges.megatron_lm import _typed, megatron_lm_args
+
+    toy = conformance.checkpoint(resolve("Qwen/Qwen3-8B"))
+    out = tmp_path / "m"
+    assert conformance.pool.run("tests.convert_tasks:cli", argv=["convert", "import", "--hf", toy, "--out", str(out),
+                                                                 "--tp", "2"]) == [0] * 4
+    common = dist_checkpointing.load_common_state_dict(str(out / "iter_0000000"))
+    ns, it = common["args"], common["iteration"]
+    bridge = AutoBridge.from_hf_pretrained(toy)
+    flags = megatron_lm_args(bridge, tp=2)
+    flags = flags[:flags.index("--no-rope-fusion")]  # the portable kernel switches follow the model's flags
+    for i, f in enumerate(flags):
+        if f.startswith("--") and i + 1 < len(flags) and not flags[i + 1].startswith("--"):
+            assert getattr(ns, f[2:].replace("-", "_")) == _typed(flags[i + 1]), f
+    a = bridge.megatron_attrs()
+    assert (ns.num_layers, ns.hidden_size, ns.num_attention_heads, ns.kv_channels, it) == \
+        (a["num_layers"], a["hidden_size"], a["num_attention_heads"], a["kv_channels"], 0)
+    assert ns.swiglu and ns.group_query_attention and ns.untie_embeddings_and_output_weights is not None
+    assert ns.padded_vocab_size == 512 and ns.tensor_model_parallel_size == 2  # 503 padded to 128 x TP2
+    assert ns.ckpt_format == "torch_dist" and not hasattr(ns, "apply_rope_fusion")
+
+
+def test_beside_checkpoint_args_are_the_flags_megatron_lm_does_not_restore():
+    """--use-checkpoint-args restores FROM_CHECKPOINT (Megatron-LM's load_args_from_checkpoint);
+    the rest of the flags, and only they, are printed beside it: for Qwen3, QK norm and the
+    norm epsilon (a model flag the trainer would otherwise build wrong), the vocabulary, layout."""
+    from bridges.core.auto import AutoBridge
+    from bridges.megatron_lm import FROM_CHECKPOINT, _dest, _pairs, beside_checkpoint_args, megatron_lm_args
+
+    flags = megatron_lm_args(AutoBridge.from_hf_config(resolve("Qwen/Qwen3-8B").config))
+    beside = beside_checkpoint_args(flags)
+    assert {"--qk-layernorm", "--norm-epsilon", "--vocab-size", "--tensor-model-parallel-size"} <= set(beside)
+    assert not {"--num-layers", "--hidden-size", "--swiglu", "--rotary-base"} & set(beside)
+    kept = {f for f, _ in _pairs(beside)}
+    assert all((_dest(f) in FROM_CHECKPOINT) != (f in kept) for f, _ in _pairs(flags))

@@ -6,7 +6,9 @@
 Runs as one process, or under torchrun for many ranks; started as one process for a layout
 that needs several ranks, it relaunches itself as that many local ranks. The Megatron
 checkpoint is written in Megatron-LM's layout (iter_0000000/, latest_checkpointed_iteration.txt)
-and can be exported under any other layout.
+and can be exported under any other layout. It carries Megatron-LM's ``args`` for the model
+(the flags of ``mbridge megatron-args``, as the trainer saves them), so that
+``pretrain_gpt.py --use-checkpoint-args`` takes the model from it.
 
 --out must be new or empty: a directory holding anything else is refused before any work, and
 --overwrite replaces only an earlier mbridge output that holds nothing else (a training run's
@@ -113,7 +115,9 @@ def _import(args, layout) -> int:
                 "hf_source": str(Path(bridge.checkpoint.path).resolve()),
                 "model_type": bridge.model_type, "layout": layout.name,
                 "dtype": str(provider.params_dtype).replace("torch.", "")}
-        save_megatron(chunks, args.out, meta, overwrite=args.overwrite)
+        from bridges.megatron_lm import checkpoint_args
+
+        save_megatron(chunks, args.out, meta, overwrite=args.overwrite, args=checkpoint_args(bridge, provider))
     _say(f"wrote {args.out}")
     return 0
 

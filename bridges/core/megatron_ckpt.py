@@ -37,11 +37,12 @@ def iteration_dir(root: Path, iteration: int) -> Path:
 
 
 def save_megatron(chunks, out_dir: str | Path, meta: dict, iteration: int = 0,
-                  overwrite: bool = False) -> Path:
+                  overwrite: bool = False, args=None) -> Path:
     """Save this rank's chunks (collective: every rank calls it). ``out_dir`` must be absent or
     empty, or with ``overwrite`` an earlier output of this project holding nothing else: a
     training run's checkpoint root with other iterations is refused, never touched
-    (``bridges.core.outdir``)."""
+    (``bridges.core.outdir``). ``args``: Megatron-LM's argument namespace for the model, saved
+    as its trainer saves it (``--use-checkpoint-args`` reads it)."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
@@ -55,6 +56,8 @@ def save_megatron(chunks, out_dir: str | Path, meta: dict, iteration: int = 0,
             it.mkdir()
         dist.barrier()
         state = {**_state_dict(chunks), "checkpoint_version": 3.0, "iteration": iteration}
+        if args is not None:
+            state["args"] = args
         try:
             dist_checkpointing.save(state, str(it))
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - the writer's errors arrive wrapped
