@@ -10,6 +10,7 @@ import torch
 
 from bridges.core.auto import AutoBridge
 from conformance.models import ModelSpec, resolve
+from tests.mutant_case import assert_caught
 
 MODEL = "Qwen/Qwen2.5-VL-7B-Instruct"
 PUBLISHED = json.loads((Path(__file__).resolve().parents[1] / f"fixtures/configs/{MODEL}/config.json").read_text())
@@ -164,13 +165,8 @@ MUTANTS = [
 
 @pytest.mark.parametrize("mutant,expect,where", MUTANTS, ids=[m[0] for m in MUTANTS])
 def test_vlm_mutant_is_caught(conformance, mutant, expect, where):
-    results = conformance.case(resolve(MODEL), "tp1pp1", bridge_ref=f"tests.qwen2_5_vl_mutants:{mutant}")
-    got = {n for n, r in results.items() if not r.passed and not r.data.get("blocked")}
-    assert got == expect, f"{mutant}: caught by {sorted(got)}, expected {sorted(expect)}\n" + \
-        "\n".join(str(r) for r in results.values() if not r.passed)
-    if where:
-        assert results["logits"].data["divergence"] == where, results["logits"].details
-    else:  # the crash names the image token
+    results = assert_caught(conformance, MODEL, f"tests.qwen2_5_vl_mutants:{mutant}", expect, where)
+    if not where:  # the crash names the image token
         assert "image tokens (id" in results["logits"].details, results["logits"].details
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from bridges.core.auto import AutoBridge
-from conformance.models import resolve
+from tests.mutant_case import assert_caught
 
 MODEL = "Qwen/Qwen3-VL-8B-Instruct"
 PUBLISHED = json.loads((Path(__file__).resolve().parents[1] / f"fixtures/configs/{MODEL}/config.json").read_text())
@@ -109,8 +109,4 @@ MUTANTS = [
 
 @pytest.mark.parametrize("mutant,expect,where", MUTANTS, ids=[m[0] for m in MUTANTS])
 def test_vlm_mutant_is_caught(conformance, mutant, expect, where):
-    results = conformance.case(resolve(MODEL), "tp1pp1", bridge_ref=f"tests.qwen3_vl_mutants:{mutant}")
-    got = {n for n, r in results.items() if not r.passed and not r.data.get("blocked")}
-    assert got == expect, f"{mutant}: caught by {sorted(got)}, expected {sorted(expect)}\n" + \
-        "\n".join(str(r) for r in results.values() if not r.passed)
-    assert results["logits"].data["divergence"] == where, results["logits"].details
+    assert_caught(conformance, MODEL, f"tests.qwen3_vl_mutants:{mutant}", expect, where)

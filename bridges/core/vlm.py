@@ -297,8 +297,6 @@ def _chunk_base():
         def embed(self, input_ids, position_ids, features=None):
             """The first stage's decoder input [s, b, h]: the text embeddings with ``features``
             ([image tokens, h], in HF's order: batch, then position) over the image tokens."""
-            import torch
-
             is_image = input_ids == self.image_token_id
             lm = self.language_model
             ids = input_ids.masked_fill(is_image, 0) if self.image_token_id >= lm.vocab_size else input_ids
