@@ -32,11 +32,13 @@ from bridges.models.qwen2.qwen2_bridge import Qwen2Bridge
 V, VH = "vision_model.", "model.visual."
 
 
-class Qwen25VLLanguageBridge(Qwen2Bridge):
-    """Qwen2.5-VL's text model: Qwen2's layers, positions by M-RoPE (``mrope_section``: the
-    rotary pairs of each head given to the t, h and w axes)."""
+class MRoPEText:
+    """Mixin for a Qwen-VL text bridge: positions by M-RoPE (``mrope_section``: the rotary pairs
+    of each head given to the t, h and w axes; ``interleaved``: cycled t, h, w, t, ... as in
+    Qwen3-VL, instead of three contiguous sections). A head size the config does not give is
+    hidden / heads."""
 
-    config_fields = tuple(f for f in Qwen2Bridge.config_fields if f.megatron != "kv_channels")
+    interleaved = False
 
     def rope(self) -> dict[str, Any]:
         p = super().rope()
@@ -46,13 +48,13 @@ class Qwen25VLLanguageBridge(Qwen2Bridge):
 
     def megatron_attrs(self) -> dict[str, Any]:
         attrs = super().megatron_attrs()
-        attrs["kv_channels"] = attrs["hidden_size"] // attrs["num_attention_heads"]
-        section = self.rope().get("mrope_section")
-        if not section or len(section) != 3:
-            raise ConfigError(f"rope_parameters.mrope_section={section!r}: three sizes (t, h, w) expected")
-        if 2 * sum(section) != attrs["kv_channels"]:
-            raise ConfigError(f"rope_parameters.mrope_section={list(section)} sums to {sum(section)}; the "
-                              f"head size {attrs['kv_channels']} has {attrs['kv_channels'] // 2} rotary pairs")
+        attrs.setdefault("kv_channels", attrs["hidden_size"] // attrs["num_attention_heads"])
+        section, pairs = self.rope().get("mrope_section"), attrs["kv_channels"] // 2
+        fits = section and len(section) == 3 and sum(section) == pairs
+        if not fits or self.interleaved and 3 * max(section[1:]) > pairs:
+            raise ConfigError(f"rope_parameters.mrope_section={section!r}: three sizes (t, h, w) summing to the "
+                              f"head's {pairs} rotary pairs expected"
+                              + (", h and w at most a third of them each (interleaved)" if self.interleaved else ""))
         attrs.update(position_embedding_type="mrope", mrope_section=list(section))
         return attrs
 
@@ -60,7 +62,16 @@ class Qwen25VLLanguageBridge(Qwen2Bridge):
         attrs = attrs if attrs is not None else self.megatron_attrs()
         out = super().hf_config_dict(attrs)
         out["rope_parameters"]["mrope_section"] = list(attrs["mrope_section"])
+        if self.interleaved:
+            out["rope_parameters"]["mrope_interleaved"] = True
         return out
+
+
+class Qwen25VLLanguageBridge(MRoPEText, Qwen2Bridge):
+    """Qwen2.5-VL's text model: Qwen2's layers with M-RoPE; the head size is hidden / heads (HF's
+    code ignores a head_dim field)."""
+
+    config_fields = tuple(f for f in Qwen2Bridge.config_fields if f.megatron != "kv_channels")
 
 
 @register_bridge(model_type="qwen2_5_vl", architectures=["Qwen2_5_VLForConditionalGeneration"])

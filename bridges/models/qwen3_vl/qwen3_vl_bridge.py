@@ -10,35 +10,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridges.core.config import ConfigError
 from bridges.core.gpt import L as _L
 from bridges.core.mappings import ColumnParallel, FusedQKV, Mapping, Replicated, RowParallel
 from bridges.core.provider import ModelProvider
 from bridges.core.registry import register_bridge
 from bridges.flops import FlopsError, vision_flops
-from bridges.models.qwen2_5_vl.qwen2_5_vl_bridge import V, VH, Qwen25VLBridge
+from bridges.models.qwen2_5_vl.qwen2_5_vl_bridge import V, VH, MRoPEText, Qwen25VLBridge
 from bridges.models.qwen3.qwen3_bridge import Qwen3Bridge
 
 
-class InterleavedMRoPEText:
-    """Mixin for a Qwen3-VL text bridge: positions by interleaved M-RoPE (HF interleaves always;
+class InterleavedMRoPEText(MRoPEText):
+    """Mixin for a Qwen3-VL text bridge: interleaved M-RoPE (HF interleaves always;
     ``mrope_interleaved`` is written back true)."""
 
-    def megatron_attrs(self) -> dict[str, Any]:
-        attrs = super().megatron_attrs()
-        section = self.rope().get("mrope_section")
-        pairs = attrs["kv_channels"] // 2
-        if not section or len(section) != 3 or sum(section) != pairs or 3 * max(section[1:]) > pairs:
-            raise ConfigError(f"rope_parameters.mrope_section={section!r}: three sizes (t, h, w) summing to the "
-                              f"head's {pairs} rotary pairs, h and w at most a third of them each, expected")
-        attrs.update(position_embedding_type="mrope", mrope_section=list(section))
-        return attrs
-
-    def hf_config_dict(self, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
-        attrs = attrs if attrs is not None else self.megatron_attrs()
-        out = super().hf_config_dict(attrs)
-        out["rope_parameters"].update(mrope_section=list(attrs["mrope_section"]), mrope_interleaved=True)
-        return out
+    interleaved = True
 
 
 class Qwen3VLLanguageBridge(InterleavedMRoPEText, Qwen3Bridge):
