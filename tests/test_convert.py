@@ -95,3 +95,29 @@ def test_fp8_checkpoint_round_trips_through_megatron(conformance, spec, tmp_path
     assert not [n for n in deq.names() if n.endswith("_scale_inv")]
     assert {deq.dtype(n) for n in deq.names()} <= {torch.bfloat16, torch.float32}
     assert "quantization_config" not in json.loads((tmp_path / "d" / "config.json").read_text())
+
+
+def test_export_writes_the_dtype_the_megatron_weights_have(conformance, spec, tmp_path):
+    """A bf16 Megatron checkpoint of a float32 source (as a bf16 training run leaves it) exports
+    in bf16, the config saying so; --dtype float32 writes the same values in float32; the source
+    dtype when they agree (the other tests: bit-exact)."""
+    import json
+
+    toy = conformance.checkpoint(spec("Qwen/Qwen3-8B"))
+    mc = tmp_path / "m"
+    assert conformance.pool.run("tests.convert_tasks:cli", argv=[
+        "convert", "import", "--hf", toy, "--out", str(mc), "--dtype", "bfloat16"]) == [0] * 4
+    outs = {}
+    for name, extra in (("default", []), ("fp32", ["--dtype", "float32"])):
+        outs[name] = tmp_path / name
+        assert conformance.pool.run("tests.convert_tasks:cli", argv=[
+            "convert", "export", "--megatron", str(mc), "--out", str(outs[name]), "--hf-source", toy,
+            "--tp", "2", *extra]) == [0] * 4
+    src, bf, fp = (HFCheckpoint(d) for d in (toy, outs["default"], outs["fp32"]))
+    assert bf.names() == fp.names() == src.names()
+    for n in src.names():
+        assert bf.dtype(n) == torch.bfloat16 and fp.dtype(n) == torch.float32, n
+        assert torch.equal(bf.get(n), src.get(n).to(torch.bfloat16)), n  # the stored values
+        assert torch.equal(fp.get(n), bf.get(n).float()), n
+    assert json.loads((outs["default"] / "config.json").read_text())["dtype"] == "bfloat16"
+    assert json.loads((outs["fp32"] / "config.json").read_text())["dtype"] == "float32"

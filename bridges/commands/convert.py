@@ -1,14 +1,16 @@
 """mbridge convert: HF checkpoints <-> Megatron-Core distributed checkpoints.
 
     mbridge convert import --hf <dir|org/model> --out <dir> --tp 2 --pp 2 [--vpp N] [--dtype bfloat16]
-    mbridge convert export --megatron <dir> --out <dir> [--hf-source <dir|org/model>] [--tp N --pp N]
+    mbridge convert export --megatron <dir> --out <dir> [--hf-source <dir|org/model>] [--tp N --pp N] [--dtype D]
 
 Runs as one process, or under torchrun for many ranks; started as one process for a layout
 that needs several ranks, it relaunches itself as that many local ranks. The Megatron
 checkpoint is written in Megatron-LM's layout (iter_0000000/, latest_checkpointed_iteration.txt)
 and can be exported under any other layout. It carries Megatron-LM's ``args`` for the model
 (the flags of ``mbridge megatron-args``, as the trainer saves them), so that
-``pretrain_gpt.py --use-checkpoint-args`` takes the model from it.
+``pretrain_gpt.py --use-checkpoint-args`` takes the model from it. Export writes the dtype the
+Megatron weights are stored in (a bf16 training run of a float32 source is written in bf16;
+``--dtype`` to choose), the source's where they agree.
 
 --out must be new or empty: a directory holding anything else is refused before any work, and
 --overwrite replaces only an earlier mbridge output that holds nothing else (a training run's
@@ -45,6 +47,8 @@ def add_arguments(parser) -> None:
         p.add_argument("--etp", type=int, default=None,
                        help="expert tensor parallel size (default: --tp, as Megatron)")
     imp.add_argument("--dtype", choices=DTYPES, help="parameter dtype (default: the checkpoint's)")
+    exp.add_argument("--dtype", choices=DTYPES,
+                     help="dtype of the written tensors (default: the one the Megatron weights are stored in)")
     imp.add_argument("--strict", action="store_true", help="NaN/Inf weights are an error, not a warning")
     for p in (imp, exp):
         p.add_argument("--trust-remote-code", action="store_true",
@@ -136,7 +140,15 @@ def _export(args, layout) -> int:
             bridge = AutoBridge.from_hf_pretrained(source, allow_pickle=args.allow_pickle, **trust)
         else:  # the source is gone: rebuild from the recorded config
             bridge = AutoBridge.from_hf_config(meta["hf_config"], **trust)
-        provider = _provider(bridge, layout, meta.get("dtype"))
+        import torch
+
+        from bridges.core.megatron_ckpt import stored_dtype
+
+        stored = stored_dtype(args.megatron)
+        dtype = args.dtype or (str(stored).replace("torch.", "") if stored is not None else meta.get("dtype"))
+        provider = _provider(bridge, layout, dtype)
+        if dtype and getattr(torch, dtype) != bridge.megatron_attrs()["params_dtype"]:
+            bridge.export_dtype = getattr(torch, dtype)  # e.g. a bf16 training run of an fp32 source
         chunks = provider.provide_distributed_model()
         load_megatron(chunks, args.megatron)
         _say(f"exporting {args.megatron} at {layout.name}")

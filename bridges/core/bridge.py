@@ -129,6 +129,9 @@ class Bridge:
     modality: ClassVar[str] = "text"
     # Export dtype of tensors that were quantized in the source (unless re-quantized).
     dequantized_dtype: ClassVar[torch.dtype] = torch.bfloat16
+    # Export dtype of every floating-point tensor, instead of the source's (None: the source's);
+    # `mbridge convert export` sets it to the dtype the Megatron weights are stored in
+    export_dtype: torch.dtype | None = None
     # Why Megatron-LM's pretrain_gpt.py (its local GPT layers) cannot build this model, or None
     # when it can: `mbridge megatron-args` refuses with this reason (bridges/megatron_lm.py).
     megatron_lm: ClassVar[str | None] = None
@@ -411,7 +414,8 @@ class Bridge:
         me = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
         silent = tp_rank0_only and me != 0
-        view = CheckpointView(self.checkpoint, self.dequantized_dtype) if self.checkpoint is not None else None
+        view = CheckpointView(self.checkpoint, self.dequantized_dtype, self.export_dtype) \
+            if self.checkpoint is not None else None
         rows: dict[str, dict[int, torch.Tensor]] = {}  # stacked HF tensor -> rows so far
         seen: list[str] = []
         for name in sorted(owner, key=_sort_key):
@@ -580,15 +584,23 @@ class Bridge:
         if len(names) != len(expected) or set(names) != expected \
                 or any(str(ckpt.dtype(n)).startswith("torch.float8") for n in names):
             return None
-        return [(n, ckpt.shape(n), ckpt.dtype(n)) for n in names]
+        view = CheckpointView(ckpt, self.dequantized_dtype, self.export_dtype)
+        return [(n, ckpt.shape(n), view.output_dtype(n)) for n in names]
 
     def export_config(self, quantized: bool = False) -> dict[str, Any]:
         """config.json for export: the source's own fields, with every mapped field rewritten;
-        a dequantized export drops the source's quantization_config."""
+        a dequantized export drops the source's quantization_config; an ``export_dtype`` is the
+        config's dtype."""
         base = self.checkpoint.config() if self.checkpoint is not None else {}
         if not quantized:
             base.pop("quantization_config", None)
-        return {**base, **self.hf_config_dict()}
+        out = {**base, **self.hf_config_dict()}
+        if self.export_dtype is not None:
+            name = str(self.export_dtype).replace("torch.", "")
+            for d in (out, out.get("text_config")):
+                if isinstance(d, dict):
+                    d.update({k: name for k in ("dtype", "torch_dtype") if k in d} or {"dtype": name})
+        return out
 
 
 def _owner(chunk, name: str):

@@ -115,9 +115,11 @@ CODECS: tuple[Codec, ...] = (MXFP4(), FP8(), Plain())
 class CheckpointView:
     """A checkpoint as logical tensors (``name`` or ``name[row]``), through its codecs."""
 
-    def __init__(self, ckpt: HFCheckpoint, dequantized_dtype: torch.dtype = torch.bfloat16):
+    def __init__(self, ckpt: HFCheckpoint, dequantized_dtype: torch.dtype = torch.bfloat16,
+                 export_dtype: torch.dtype | None = None):
         self.ckpt = ckpt
         self.dequantized_dtype = dequantized_dtype
+        self.export_dtype = export_dtype  # values written in this dtype instead of the source's
         self._memo: dict[str, Any] = {}
 
     def codec(self, name: str) -> tuple[Codec, tuple[str, ...]] | None:
@@ -161,10 +163,17 @@ class CheckpointView:
             return [(name, t)]
         codec, parts = found
         if isinstance(codec, Plain):
+            if self.export_dtype is not None and self.ckpt.dtype(parts[0]).is_floating_point:
+                return [(name, t.to(self.export_dtype))]
             return codec.encode(self.ckpt, parts, t)
         if quantized:
             return codec.encode(self.ckpt, parts, t)
-        return [(name, t.to(self.dequantized_dtype))]
+        return [(name, t.to(self.export_dtype or self.dequantized_dtype))]
+
+    def output_dtype(self, name: str) -> torch.dtype:
+        """The dtype ``encode`` writes a stored (non-float8) tensor in, as values."""
+        dtype = self.ckpt.dtype(name)
+        return self.export_dtype if self.export_dtype is not None and dtype.is_floating_point else dtype
 
     def _packed(self, name: str) -> bool:
         return f"{name}_blocks" in self.ckpt

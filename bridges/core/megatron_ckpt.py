@@ -105,6 +105,19 @@ def load_megatron(chunks, ckpt_dir: str | Path) -> None:
             raise CheckpointError(f"{it}: parameters missing from the checkpoint: {missing[:8]}")
 
 
+def stored_dtype(ckpt_dir: str | Path):
+    """The dtype the model's floating-point weights are stored in (the most common one among
+    them, by count: a Megatron-LM bf16 run saves its model in bf16 and its optimizer's fp32
+    state apart), or None if none is found."""
+    from collections import Counter
+
+    it = _iteration(Path(ckpt_dir))
+    kinds = Counter(m.properties.dtype for k, m in _read_metadata(it).state_dict_metadata.items()
+                    if not k.startswith(("optimizer", "rng_state", "rerun")) and hasattr(m, "properties")
+                    and m.properties.dtype.is_floating_point)
+    return kinds.most_common(1)[0][0] if kinds else None
+
+
 def _iteration(root: Path) -> Path:
     """The iteration directory the tracker names."""
     tracker = root / TRACKER
