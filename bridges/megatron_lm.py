@@ -227,8 +227,12 @@ def _dest(flag: str) -> str:
 def beside_checkpoint_args(flags: list[str]) -> list[str]:
     """The flags ``--use-checkpoint-args`` does not restore from a converted checkpoint: what
     to give pretrain_gpt.py beside it (e.g. QK norm, the norm epsilon, the vocabulary, the layout)."""
-    return [x for flag, value in _pairs(flags) if _dest(flag) not in FROM_CHECKPOINT
-            for x in ((flag,) if value is None else (flag, value))]
+    return _flags([(flag, value) for flag, value in _pairs(flags) if _dest(flag) not in FROM_CHECKPOINT])
+
+
+def _flags(pairs: list[tuple[str, str | None]]) -> list[str]:
+    """``_pairs``' inverse."""
+    return [x for flag, value in pairs for x in ((flag,) if value is None else (flag, value))]
 
 
 def _typed(text: str):
@@ -269,7 +273,6 @@ def checkpoint_args(bridge, provider):
     local GPT layers cannot build."""
     if getattr(bridge, "megatron_lm", None):
         return None
-    flags = [f for f in model_args(provider) if f not in PORTABLE]  # kernels: the run's, not the model's
-    impl = flags.index("--transformer-impl")
-    del flags[impl:impl + 4]  # --transformer-impl local --ckpt-format torch_dist
+    run = set(PORTABLE) | {"--transformer-impl", "--ckpt-format"}  # the run's, not the model's
+    flags = _flags([(f, v) for f, v in _pairs(model_args(provider)) if f not in run])
     return args_namespace(flags, padded_vocab_size=provider.padded_vocab_size, ckpt_format="torch_dist")

@@ -26,11 +26,11 @@ def vision_modules(root, parts, side: int):
     out = []
     for part in parts:
         label, path = part[0], part[side]
-        head, _, tail = path.partition("{}")
+        head, each, tail = path.partition("{}")
         mod = _module(root, head.rstrip("."))
         if mod is None:
             continue
-        if not _:
+        if not each:
             out.append((label, mod))
             continue
         for i, layer in enumerate(mod):
@@ -177,9 +177,10 @@ def megatron_generate(chunks, ids: torch.Tensor, steps: int, vocab_size: int, in
         if ps.get_pipeline_model_parallel_world_size() > 1:
             dist.broadcast(tok, src=src, group=group)
         ids = torch.cat([ids, tok.cpu().unsqueeze(1)], dim=1)
-        ended |= torch.isin(tok.cpu(), torch.tensor(stop, dtype=torch.long)) if stop else ended
-        if stop and bool(ended.all()):
-            break
+        if stop:
+            ended |= torch.isin(tok.cpu(), torch.tensor(stop, dtype=torch.long))
+            if bool(ended.all()):
+                break
     return ids
 
 

@@ -78,7 +78,7 @@ def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             tokenize=True)
-        return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in transformers 5
     return list(tokenizer(prompt)["input_ids"])
 
 

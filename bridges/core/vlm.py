@@ -232,8 +232,8 @@ class VLMBridge(Bridge):
 
 class LanguagePart:
     """The language model's tensors of a VLM checkpoint under the text family's own names
-    (``model.`` for the stored language prefix, ``lm_head.``): membership, shape, dtype,
-    values, names, the config."""
+    (``model.`` for the stored language prefix, ``lm_head.``): what a text bridge reads of its
+    checkpoint to tell the stored layout (membership, shape)."""
 
     def __init__(self, vlm: VLMBridge):
         self.vlm, self.ckpt = vlm, vlm.checkpoint
@@ -247,20 +247,6 @@ class LanguagePart:
 
     def shape(self, name: str):
         return self.ckpt.shape(self.stored(name))
-
-    def dtype(self, name: str):
-        return self.ckpt.dtype(self.stored(name))
-
-    def get(self, name: str):
-        return self.ckpt.get(self.stored(name))
-
-    def config(self) -> dict[str, Any]:
-        return self.ckpt.config()
-
-    def names(self) -> list[str]:
-        model, head = self.stored("model."), self.stored("lm_head.")
-        return ["model." + n[len(model):] if n.startswith(model) else "lm_head." + n[len(head):]
-                for n in self.ckpt.names() if n.startswith((model, head))]
 
 
 def flat_text_fields(config: dict[str, Any], every: bool = False) -> dict[str, Any]:
