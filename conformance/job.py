@@ -207,6 +207,8 @@ def _plain(v):
         return str(v)
     if isinstance(v, tuple):
         return list(v)
+    if isinstance(v, dict) and v.get("type") == v.get("rope_type") is not None:
+        return {k: x for k, x in v.items() if k != "type"}  # rope's legacy spelling, said twice
     return v
 
 

@@ -252,8 +252,11 @@ def make_toy_checkpoint(config: dict[str, Any], root: str | os.PathLike, seed: i
 def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: str = "block",
                         block: tuple[int, int] = (32, 32)) -> tuple[str, str]:
     """FP8 copy of a toy checkpoint (every 2-D weight but embeddings / lm_head quantized, in
-    ``kind`` 'block' or 'tensor' layout) and its dequantized fp32 twin, the HF reference.
-    Small blocks so that toy weights span several tiles, ragged edges included."""
+    ``kind`` 'block', 'tensor' or 'static' layout) and its dequantized fp32 twin, the HF
+    reference. Small blocks so that toy weights span several tiles, ragged edges included.
+    'static' is transformers' fine-grained FP8 without blocks, as Ministral-3 / Devstral-2 ship:
+    a per-tensor ``weight_scale_inv`` and a static ``activation_scale`` per weight, the vision
+    side and lm_head left unquantized (``modules_to_not_convert``)."""
 
     from bridges.core import quant
     from bridges.core.hf_io import HFCheckpoint
@@ -266,22 +269,32 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
         return str(out), str(deq)
     ckpt = HFCheckpoint(src)
     config = json.loads((src / "config.json").read_text())
+    vocab = (config.get("text_config") or config).get("vocab_size")
     tensors = {n: ckpt.get(n) for n in ckpt.names()}
-    qt, dt = {}, {}
+    vlm = any("language_model." in n for n in tensors)
+    qt, dt, kept = {}, {}, {"lm_head"}
     for name, w in tensors.items():
         # embeddings and output heads (vocab rows, whatever their name: DeepSeek-V3's MTP
-        # shared_head.head too) stay unquantized, as in published FP8 checkpoints
-        if w.dim() == 2 and "embed" not in name and "lm_head" not in name \
-                and w.shape[0] != config.get("vocab_size"):
-            q, s = quant.quantize(w, None, kind, block)
+        # shared_head.head too) stay unquantized, as in published FP8 checkpoints; so does a
+        # VLM's vision side in the static layout
+        vision = kind == "static" and vlm and "language_model." not in name
+        if vision:
+            kept.add("model." + name.split(".")[0] if not name.startswith("model.") else ".".join(name.split(".")[:2]))
+        if w.dim() == 2 and "embed" not in name and "lm_head" not in name and w.shape[0] != vocab and not vision:
+            q, s = quant.quantize(w, None, "tensor" if kind == "static" else kind, block)
             qt[name] = q
-            qt[f"{name}_scale_inv" if kind == "block" else f"{name}_scale"] = s.float()
-            dt[name] = quant.dequantize(q, s, kind, block)
+            qt[f"{name}_scale" if kind == "tensor" else f"{name}_scale_inv"] = s.float()
+            if kind == "static":  # a calibrated input amax / 448, as the published files store
+                qt[f"{name[:-len('weight')]}activation_scale"] = torch.tensor(0.01 * (1 + len(qt) % 7))
+            dt[name] = quant.dequantize(q, s, "tensor" if kind == "static" else kind, block)
         else:
             qt[name] = dt[name] = w
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}
     if kind == "block":
         qc["weight_block_size"] = list(block)
+    if kind == "static":
+        qc = {"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": None,
+              "dequantize": False, "modules_to_not_convert": sorted(kept)}
     _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
     return str(out), str(deq)
 

@@ -605,8 +605,9 @@ class Bridge:
 
 def _owner(chunk, name: str):
     """The model that owns parameter ``name``: the innermost module on its path (above its
-    layer index: indices may be global) that brings a config of its own, e.g. a VLM's language
-    model or vision tower; ``chunk`` itself for a plain model. Memoised per chunk and path."""
+    layer index: indices may be global) that brings a model config of its own (one with attention
+    heads), e.g. a VLM's language model or vision tower, not a projector holding the whole VLM's
+    config; ``chunk`` itself for a plain model. Memoised per chunk and path."""
     memo = chunk.__dict__.setdefault("_mbridge_owners", {})
     path = name.rsplit(".", 1)[0] if "." in name else ""
     if path not in memo:
@@ -615,7 +616,8 @@ def _owner(chunk, name: str):
             mod = None if part.isdigit() else getattr(mod, part, None)
             if mod is None:
                 break
-            if getattr(mod, "config", None) is not None and mod.config is not getattr(owner, "config", None):
+            c = getattr(mod, "config", None)
+            if getattr(c, "num_attention_heads", None) is not None and c is not getattr(owner, "config", None):
                 owner = mod
         memo[path] = owner
     return memo[path]

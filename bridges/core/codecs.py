@@ -5,7 +5,8 @@ A mapping names *logical* tensors (``model.layers.0.mlp.experts.gate_up_proj``, 
 
 - ``Plain``: the tensor itself.
 - ``FP8``: float8 codes plus a scale companion, per block (``<name>_scale_inv``, tiles from
-  ``quantization_config.weight_block_size``) or per tensor / row (``<name>_scale``).
+  ``quantization_config.weight_block_size``) or per tensor / row (``<name>_scale``, or
+  ``<name>_scale_inv`` without a block size), and a static ``activation_scale`` where stored.
 - ``MXFP4``: ``<name>_blocks`` (uint8, two e2m1 codes a byte) and ``<name>_scales`` (uint8
   exponents), as gpt-oss ships its experts.
 
@@ -67,26 +68,28 @@ class FP8(Codec):
         if comp is None:
             raise CheckpointError(f"{ckpt.path}: {name} is {ckpt.dtype(name)} with no scale companion "
                                   f"({name}_scale_inv or {name}_scale): no dequantization path")
-        return name, comp[0]
+        act = quant.activation_scale(name, ckpt)
+        return (name, comp[0]) + ((act,) if act else ())
 
     @staticmethod
-    def _kind(parts) -> str:
-        return "block" if parts[1].endswith("_scale_inv") else "tensor"
+    def _kind(ckpt, parts) -> str:
+        return quant.companion(parts[0], ckpt, quant.block_size(ckpt.config()))[1]
 
     def decode(self, ckpt, parts, row, dtype):
         if row is not None:
             raise CheckpointError(f"{ckpt.path}: {parts[0]} is FP8 and stacked: reading it row by "
                                   f"row has no dequantization path yet")
         try:
-            return quant.dequantize(ckpt.get(parts[0]), ckpt.get(parts[1]), self._kind(parts),
+            return quant.dequantize(ckpt.get(parts[0]), ckpt.get(parts[1]), self._kind(ckpt, parts),
                                     quant.block_size(ckpt.config()))
         except quant.QuantError as e:
             raise CheckpointError(f"{ckpt.path}: {parts[0]}: {e}") from None
 
     def encode(self, ckpt, parts, t):
-        q, sc = quant.quantize(t, ckpt.get(parts[1]), self._kind(parts), quant.block_size(ckpt.config()),
+        q, sc = quant.quantize(t, ckpt.get(parts[1]), self._kind(ckpt, parts), quant.block_size(ckpt.config()),
                                ckpt.dtype(parts[0]))
-        return [(parts[0], q), (parts[1], sc.to(ckpt.dtype(parts[1])))]
+        # a static activation scale is calibration data the Megatron model does not hold
+        return [(parts[0], q), (parts[1], sc.to(ckpt.dtype(parts[1])))] + [(p, ckpt.get(p)) for p in parts[2:]]
 
 
 class MXFP4(Codec):
@@ -188,6 +191,7 @@ class CheckpointView:
             comp = quant.companion(n, self.ckpt)
             if comp:
                 out.discard(comp[0])
+                out.discard(quant.activation_scale(n, self.ckpt))
             if n.endswith("_blocks") and self.codec(n[: -len("_blocks")]):
                 logical = n[: -len("_blocks")]
                 out -= {f"{logical}_blocks", f"{logical}_scales"}

@@ -5,6 +5,7 @@ fields) or by overriding ``mappings`` / ``megatron_attrs``; nothing model-specif
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 from bridges.core.bridge import Bridge
@@ -51,6 +52,12 @@ class GPTBridge(Bridge):
         attrs.update(add_qkv_bias=bias, qk_layernorm=self.qk_norm, add_bias_linear=False,
                      params_dtype=params_dtype(cfg))
         return attrs
+
+    @property
+    def config_class(self):
+        """Megatron-Core's TransformerConfig, with the YaRN fields GPTModel reads where the
+        rope is YaRN (only its MLA config has them)."""
+        return yarn_transformer_config() if self.rope()["rope_type"] == "yarn" else None
 
     def rope(self) -> dict[str, Any]:
         """The normalised rope parameters of the model's rotary embedding (``rope_parameters``)."""
@@ -173,6 +180,27 @@ class GPTBridge(Bridge):
         else:
             table.append(VocabParallel("output_layer.weight", "lm_head.weight"))
         return table
+
+
+@functools.lru_cache(maxsize=1)
+def yarn_transformer_config():
+    """TransformerConfig plus the ``yarn_*`` fields GPTModel's YaRN rotary embedding reads
+    (MLATransformerConfig has them for MLA; a GQA model with YaRN rope needs them too)."""
+    import dataclasses
+
+    from megatron.core.transformer import TransformerConfig
+
+    @dataclasses.dataclass
+    class YarnTransformerConfig(TransformerConfig):
+        yarn_rotary_scaling_factor: float = 1.0
+        yarn_original_max_position_embeddings: int = 4096
+        yarn_beta_fast: float = 32.0
+        yarn_beta_slow: float = 1.0
+        yarn_mscale: float = 1.0
+        yarn_mscale_all_dim: float = 0.0
+        yarn_correction_range_round_to_int: bool = True
+
+    return YarnTransformerConfig
 
 
 def sliding_window_to_megatron(cfg) -> tuple[int, int] | None:

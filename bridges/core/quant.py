@@ -5,7 +5,11 @@ Formats (shared by several families, so they live here):
   shape [ceil(rows/b0), ceil(cols/b1)], ``weight_block_size`` [b0, b1] in the config's
   ``quantization_config``; value = q * scale_inv, edge tiles ragged;
 - per-tensor / per-row FP8 (Mistral style): ``<w>`` float8 + ``<w minus 'weight'>weight_scale``
-  of shape [] / [1] / [rows, 1]; value = q * scale;
+  of shape [] / [1] / [rows, 1]; value = q * scale. transformers' fine-grained FP8 without
+  blocks (Ministral-3 / Devstral-2: ``weight_block_size`` null) names the per-tensor scale
+  ``<w>_scale_inv`` (same formula), and with ``activation_scheme: static`` stores a calibrated
+  input scale ``<w minus 'weight'>activation_scale`` beside each weight: the Megatron model
+  (dequantized weights) does not use it; a quantized export writes the source's back;
 - MXFP4 (gpt-oss experts, ``quant_method: mxfp4``): the logical ``<w>`` is absent, stored as
   ``<w>_blocks`` uint8 [E, rows, G, 16] (two FP4 E2M1 codes a byte, low nibble first, 32 values
   a block) + ``<w>_scales`` uint8 [E, rows, G] (E8M0 exponents, bias 127); value =
@@ -42,13 +46,20 @@ def block_size(config: Any) -> tuple[int, int] | None:
     return (int(b[0]), int(b[1])) if b else None
 
 
-def companion(name: str, names) -> tuple[str, str] | None:
-    """(companion name, kind) of a quantized tensor: kind 'block' or 'tensor'."""
+def companion(name: str, names, block: tuple[int, int] | None = (0, 0)) -> tuple[str, str] | None:
+    """(companion name, kind) of a quantized tensor: kind 'block' or 'tensor' (a
+    ``_scale_inv`` is per block unless the config has no ``weight_block_size``: ``block`` None)."""
     if f"{name}_scale_inv" in names:
-        return f"{name}_scale_inv", "block"
+        return f"{name}_scale_inv", "block" if block is not None else "tensor"
     if name.endswith("weight") and f"{name}_scale" in names:
         return f"{name}_scale", "tensor"
     return None
+
+
+def activation_scale(name: str, names) -> str | None:
+    """The static input scale stored beside FP8 weight ``name``, if any."""
+    act = f"{name[:-len('weight')]}activation_scale" if name.endswith("weight") else None
+    return act if act is not None and act in names else None
 
 
 def expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
@@ -68,6 +79,9 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, kind: str,
             raise QuantError("block scales but no quantization_config.weight_block_size")
         return q.float() * expand(scale.float(), tuple(q.shape), block)
     s = scale.float()
+    if s.numel() not in (1, q.shape[0]):
+        raise QuantError(f"scale shape {tuple(s.shape)} is neither per tensor nor per row of "
+                         f"{tuple(q.shape)} (and quantization_config has no weight_block_size)")
     return q.float() * (s.reshape(-1, *([1] * (q.dim() - 1))) if s.numel() > 1 else s.reshape(()))
 
 
