@@ -171,17 +171,21 @@ def _models(config: pytest.Config) -> list[str]:
 
 
 def _default_models() -> list[str]:
-    """Every fixture config a registered bridge handles; a bridge without one is reported."""
+    """Every fixture config a registered bridge handles; a bridge without one is reported (one
+    that a fixture VLM runs as its language model is checked through that VLM's suite)."""
+    from bridges.core.auto import AutoBridge
     from bridges.core.registry import registered
     from conformance.models import fixture_names, resolve
 
     bridges = registered()
     names, covered = [], set()
     for n in fixture_names():
-        mt = resolve(n).model_type
-        if mt in bridges:
+        spec = resolve(n)
+        if spec.model_type in bridges:
             names.append(n)
-            covered.add(mt)
+            covered.add(spec.model_type)
+            if getattr(bridges[spec.model_type], "modality", "text") == "vision":
+                covered.add(AutoBridge.from_hf_config(spec.config).language.model_type)
     missing = sorted(set(bridges) - covered)
     if missing:
         raise pytest.UsageError(f"registered bridges without a fixture config: {missing}; add "
