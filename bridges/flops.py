@@ -104,7 +104,8 @@ UNSUPPORTED: tuple[tuple[str, str, Any], ...] = (
     ("mamba_num_heads", "Mamba-2 layers", _set),
     ("heterogeneous_block_specs", "heterogeneous per-layer block specs", _set),
     ("attention_output_gate", "gated attention output (extra gate projection)", _set),
-    ("softmax_type", "learnable softmax sinks", lambda v: v not in (None, "vanilla", "off-by-one")),
+    ("softmax_type", "a softmax other than vanilla, off-by-one or learnable sinks",
+     lambda v: v not in (None, "vanilla", "off-by-one", "learnable")),
     ("layer_types", "per-layer attention types other than full attention",
      lambda v: _set(v) and any(t != "full_attention" for t in v)),
 )
@@ -175,6 +176,7 @@ class _Arch:
     moe_layers: tuple[bool, ...] = ()  # per layer: MoE MLP (True) or dense (False)
     mla: _MLA | None = None
     mtp_layers: int = 0
+    sinks: bool = False  # softmax_type "learnable": one logit per head (parameters, no matmul)
 
 
 @dataclass(frozen=True)
@@ -286,7 +288,8 @@ def _arch(attrs: Mapping[str, Any]) -> _Arch:
                  position_embedding_type=str(a["position_embedding_type"]),
                  max_sequence_length=a["max_sequence_length"], window_size=window,
                  window_attn_skip_freq=a["window_attn_skip_freq"], moe=moe,
-                 moe_layers=moe_layers, mla=mla, mtp_layers=mtp)
+                 moe_layers=moe_layers, mla=mla, mtp_layers=mtp,
+                 sinks=a.get("softmax_type") == "learnable")
 
 
 @dataclass(frozen=True)
@@ -596,7 +599,7 @@ def _layer_params(a: _Arch, moe: bool) -> tuple[dict[str, int], int]:
     h, npar = a.hidden, a.norm_params
     bias = a.qkv_bias or a.linear_bias
     attn = _qkv_weights(a) + (_qkv_width(a) if bias and not a.mla else 0) \
-        + a.heads * a.v_head_dim * h + (h if a.linear_bias else 0)
+        + a.heads * a.v_head_dim * h + (h if a.linear_bias else 0) + (a.heads if a.sinks else 0)
     if a.mla:  # RMSNorms on the latents: q_a's output (with q LoRA) and kv_a's compressed kv
         qk_norms = npar * ((a.mla.q_lora_rank or 0) + a.mla.kv_lora_rank) if a.qk_norm else 0
     else:
@@ -611,7 +614,7 @@ def _layer_params(a: _Arch, moe: bool) -> tuple[dict[str, int], int]:
         out["mlp"] = mlp(a.ffn)
         return out, 0
     m = a.moe
-    out["router"] = h * m.experts + (h if m.shared_gate else 0)
+    out["router"] = h * m.experts + (h if m.shared_gate else 0) + (m.experts if a.linear_bias else 0)
     out["routed_experts"] = m.experts * mlp(m.ffn)
     if m.shared_ffn:
         out["shared_experts"] = mlp(m.shared_ffn)

@@ -74,6 +74,8 @@ def _special(kw: dict[str, Any], heads: int) -> list[str]:
     act, glu = kw.get("activation_func", F.gelu), kw.get("gated_linear_unit", False)
     if act is F.silu and glu:
         out.append("--swiglu")
+    elif glu and getattr(act, "megatron_lm_flag", None):  # a family's function Megatron-LM names
+        out.append(act.megatron_lm_flag)
     elif not (act is F.gelu and not glu):
         from megatron.core.activations import squared_relu
 

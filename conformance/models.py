@@ -66,3 +66,15 @@ def resolve(name: str) -> ModelSpec:
                             f"config.json could not be fetched from the hub ({type(e).__name__}: "
                             f"{e}); shipped fixtures: {known}") from None
     return ModelSpec(name, _read(Path(path)), "hub")
+
+
+def covered_model_types(spec: ModelSpec) -> set[str]:
+    """The registered model types a model's suite checks: its own, and for a VLM its language
+    model's (Ministral-3 runs inside Devstral-2)."""
+    from bridges.core.auto import AutoBridge
+    from bridges.core.registry import lookup
+
+    out = {spec.model_type}
+    if getattr(lookup(spec.config), "modality", "text") == "vision":
+        out.add(AutoBridge.from_hf_config(spec.config).language.model_type)
+    return out

@@ -40,14 +40,41 @@ def is_moe(config: dict) -> bool:
     return issubclass(cls, MoEBridge) or issubclass(getattr(cls, "language_bridge", object), MoEBridge)
 
 
+def whole_experts(config: dict | None) -> bool:
+    """Whether Megatron-Core keeps this model's experts whole (no expert TP: biased experts)."""
+    from bridges.core.registry import UnknownModelError, lookup
+
+    try:
+        cls = lookup(config) if config is not None else None
+    except UnknownModelError:
+        return False
+    cls = getattr(cls, "language_bridge", cls)
+    return cls is not None and not getattr(cls, "expert_tensor_parallel", True)
+
+
+def _etp1(layout: str) -> str:
+    """The layout with its experts whole (expert TP 1)."""
+    import dataclasses
+
+    from bridges.core.parallel import Layout
+
+    return dataclasses.replace(Layout.parse(layout), etp=1).name
+
+
+def fit_layout(config: dict, layout: str) -> str:
+    """``layout`` as this model runs it: with whole experts where Megatron-Core needs them."""
+    return _etp1(layout) if whole_experts(config) else layout
+
+
 def layouts_for(config: dict, layouts: list[str] | tuple[str, ...] | None = None) -> list[str]:
     """The layouts a model runs: the given ones that apply to it (expert layouts only for MoE
-    models), or its defaults."""
+    models), or its defaults (with whole experts where the model needs them)."""
     from bridges.core.parallel import Layout
 
     moe = is_moe(config)
     if layouts is None:
-        return list(MOE_LAYOUTS if moe else DEFAULT_LAYOUTS)
+        out = list(MOE_LAYOUTS if moe else DEFAULT_LAYOUTS)
+        return list(dict.fromkeys(fit_layout(config, x) for x in out))
     return [x for x in layouts if moe or (Layout.parse(x).ep == 1 and not Layout.parse(x).grouped)]
 
 
@@ -111,8 +138,9 @@ class Conformance:
         return self._memo(("case", spec.name, layout, bridge_ref, dtype),
                           lambda: self._run_case(spec, layout, bridge_ref, dtype))
 
-    def stacked_layout(self) -> str:
-        return "tp2ep2grouped" if self.world >= 4 else "ep2grouped" if self.world >= 2 else "tp1pp1grouped"
+    def stacked_layout(self, spec: ModelSpec | None = None) -> str:
+        layout = "tp2ep2grouped" if self.world >= 4 else "ep2grouped" if self.world >= 2 else "tp1pp1grouped"
+        return fit_layout(spec.config, layout) if spec is not None else layout
 
     def stacked_case(self, spec: ModelSpec, layout: str | None = None, bridge_ref: str | None = None,
                      dtype: str | None = None) -> dict[str, CheckResult]:
@@ -120,7 +148,7 @@ class Conformance:
         imported, run against HF, and exported back stacked (default layout: TP2 x EP2 with
         grouped-GEMM experts, less on a smaller pool). The stacked copy is made from the toy of
         the dtype it runs in, so the roundtrip compares like with like."""
-        layout, dtype = layout or self.stacked_layout(), dtype or self.dtype
+        layout, dtype = layout or self.stacked_layout(spec), dtype or self.dtype
 
         def run():
             toy = self.checkpoint(spec, dtype)

@@ -337,6 +337,7 @@ def make_mxfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tu
 
     src = Path(src)
     out, deq = Path(root) / f"{src.name}-mxfp4", Path(root) / f"{src.name}-mxfp4-dequantized"
+    Path(root).mkdir(parents=True, exist_ok=True)
     if (out / "config.json").exists() and (deq / "config.json").exists():
         return str(out), str(deq)
     ckpt = HFCheckpoint(src)
@@ -350,7 +351,8 @@ def make_mxfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tu
         qt[f"{name}_blocks"], qt[f"{name}_scales"] = quant.mxfp4_quantize(values, scales), scales
         dt[name] = values.to(w.dtype)
     config = json.loads((src / "config.json").read_text())
-    qc = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.embed_tokens", "lm_head"]}
+    qc = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
+                                                          "model.embed_tokens", "lm_head"]}
     _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
     return str(out), str(deq)
 

@@ -173,9 +173,8 @@ def _models(config: pytest.Config) -> list[str]:
 def _default_models() -> list[str]:
     """Every fixture config a registered bridge handles; a bridge without one is reported (one
     that a fixture VLM runs as its language model is checked through that VLM's suite)."""
-    from bridges.core.auto import AutoBridge
     from bridges.core.registry import registered
-    from conformance.models import fixture_names, resolve
+    from conformance.models import covered_model_types, fixture_names, resolve
 
     bridges = registered()
     names, covered = [], set()
@@ -183,9 +182,7 @@ def _default_models() -> list[str]:
         spec = resolve(n)
         if spec.model_type in bridges:
             names.append(n)
-            covered.add(spec.model_type)
-            if getattr(bridges[spec.model_type], "modality", "text") == "vision":
-                covered.add(AutoBridge.from_hf_config(spec.config).language.model_type)
+            covered |= covered_model_types(spec)
     missing = sorted(set(bridges) - covered)
     if missing:
         raise pytest.UsageError(f"registered bridges without a fixture config: {missing}; add "

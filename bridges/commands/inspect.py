@@ -49,7 +49,7 @@ def _quantization(config: dict, ckpt: Path | None) -> dict:
     out: dict = {}
     qc = config.get("quantization_config")
     if qc:
-        out["config"] = {k: qc[k] for k in ("quant_method", "fmt", "weight_block_size", "bits")
+        out["config"] = {k: qc[k] for k in ("quant_method", "fmt", "weight_block_size", "activation_scheme", "bits")
                          if k in qc}
     if ckpt is not None:
         dtypes, companions = {}, set()

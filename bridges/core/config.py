@@ -159,6 +159,8 @@ def rope_to_megatron(p: dict) -> dict[str, Any]:
                    yarn_beta_slow=float(p.get("beta_slow", 1.0)),
                    yarn_mscale=float(p.get("mscale", 1.0)),
                    yarn_mscale_all_dim=float(p.get("mscale_all_dim", 0.0)))
+        if p.get("truncate", True) is False:  # HF's default (true): the correction range in whole dims
+            out["yarn_correction_range_round_to_int"] = False
     else:
         raise ConfigError(f"rope_parameters.rope_type={kind!r} is not supported "
                           f"(supported: default, linear, llama3, yarn)")

@@ -223,6 +223,10 @@ def rope_to_hf(attrs: dict[str, Any]) -> dict[str, Any]:
                  original_max_position_embeddings=attrs["yarn_original_max_position_embeddings"],
                  beta_fast=attrs["yarn_beta_fast"], beta_slow=attrs["yarn_beta_slow"],
                  mscale=attrs["yarn_mscale"], mscale_all_dim=attrs["yarn_mscale_all_dim"])
+        if (p["mscale"], p["mscale_all_dim"]) == (1.0, 0.0):  # HF without them: the same factor
+            del p["mscale"], p["mscale_all_dim"]
+        if not attrs.get("yarn_correction_range_round_to_int", True):
+            p["truncate"] = False
     elif attrs["rope_scaling"]:
         p.update(rope_type="llama3", factor=attrs["rope_scaling_factor"], low_freq_factor=1.0,
                  high_freq_factor=4.0, original_max_position_embeddings=8192)

@@ -60,6 +60,9 @@ class MoEBridge(GPTBridge):
     router_bias_hf: ClassVar[str | None] = None  # score-correction bias (sigmoid routers)
     shared_hf: ClassVar[dict[str, str] | None] = None  # gate / up / down of the shared expert(s)
     shared_gate_hf: ClassVar[str | None] = None  # sigmoid gate on the shared expert output
+    # False where Megatron-Core cannot split the experts by expert TP (experts with biases: it
+    # asserts ETP 1); layouts then keep the experts whole (the suite's defaults use etp1)
+    expert_tensor_parallel: ClassVar[bool] = True
 
     # -- config ---------------------------------------------------------------------------
     def moe_layers(self) -> list[int]:
@@ -84,7 +87,9 @@ class MoEBridge(GPTBridge):
             ("num_moe_experts", p.num_moe_experts, lay.ep, "EP"),
             ("moe_ffn_hidden_size", p.moe_ffn_hidden_size, lay.expert_tp, "expert TP"),
             ("moe_shared_expert_intermediate_size",
-             getattr(p, "moe_shared_expert_intermediate_size", None) or 0, lay.tp, "TP")]
+             getattr(p, "moe_shared_expert_intermediate_size", None) or 0, lay.tp, "TP")] + (
+            [] if self.expert_tensor_parallel else
+            [("whole experts (Megatron-Core splits biased experts only at ETP 1)", 1, lay.expert_tp, "expert TP")])
 
     def customize_layer(self, layer_spec, is_moe: bool):
         """Hook: a family swaps in its own module (e.g. its attention) here."""
