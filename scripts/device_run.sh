@@ -24,7 +24,7 @@ t0=$SECONDS
 for s in $stages; do
   case $s in
     gpu) timeout 220 python3 scripts/gpu_conformance.py run --out $R/report-1gpu.json > $R/gpu.log 2>&1 ;;
-    mutants) timeout ${MUTANTS_TIMEOUT:-330} python3 scripts/gpu_conformance.py mutants --out $R/mutants-1gpu.json -j 10 --timeout 240 > $R/mutants.log 2>&1 ;;
+    mutants) timeout ${MUTANTS_TIMEOUT:-330} python3 scripts/gpu_conformance.py mutants --out $R/mutants-1gpu.json -j 10 --timeout 240 ${MUTANTS_ARGS:-} > $R/mutants.log 2>&1 ;;
     bench) CUDA_VISIBLE_DEVICES= timeout 520 python3 scripts/bench_suite.py --save $R/bench \
              --machine "device host CPU (the H200 machine's host, CUDA hidden), x86_64, $(nproc) cores" > $R/bench.log 2>&1 ;;
   esac

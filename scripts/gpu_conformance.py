@@ -56,10 +56,13 @@ def _failures(xml: Path) -> dict[str, str]:
     return out
 
 
-def mutants(out: str, jobs: int, timeout: float, extra: list[str], gpu: bool = True) -> int:
+def mutants(out: str, jobs: int, timeout: float, extra: list[str], gpu: bool = True,
+            only: str | None = None, merge: str | None = None) -> int:
     """Each mutant of scripts/gpu_mutants.py under the default ``--run-gpu`` suite (one pytest
     run per mutant, from an empty directory), ``jobs`` at a time; one JSON file. ``gpu=False``
-    runs the default CPU suite instead (to try this script on a machine without a GPU)."""
+    runs the default CPU suite instead (to try this script on a machine without a GPU).
+    ``only``: the mutants whose bridge ref contains it; ``merge``: an earlier report whose other
+    rows are kept (each row carries its own environment and commit)."""
     sys.path.insert(0, str(ROOT))
     from scripts.gpu_mutants import descriptions, gpu_mutants
 
@@ -95,11 +98,14 @@ def mutants(out: str, jobs: int, timeout: float, extra: list[str], gpu: bool = T
                     "results": [], "environment": {}, "failures": {}}
 
     t0 = time.perf_counter()
+    todo = [r for r in gpu_mutants() if only is None or only in r[1]]
     with ThreadPoolExecutor(jobs) as pool:
-        rows = list(pool.map(safe, gpu_mutants()))
+        new = {r["bridge"]: r for r in pool.map(safe, todo)}
+    old = {r["bridge"]: r for r in json.loads(Path(merge).read_text())["mutants"]} if merge else {}
+    rows = [new.get(ref) or old[ref] for _, ref, _, _ in gpu_mutants() if ref in new or ref in old]
     Path(out).write_text(json.dumps({"wall_s": round(time.perf_counter() - t0, 1), "jobs": jobs,
                                      "mutants": rows}, indent=1, sort_keys=True) + "\n")
-    return 0 if all(r["exit"] == 1 for r in rows) else 1
+    return 0 if all(r["exit"] == 1 for r in new.values()) else 1
 
 
 HEAD = ["# Conformance on GPUs", "",
@@ -243,6 +249,8 @@ def main() -> None:
     m.add_argument("-j", "--jobs", type=int, default=4)
     m.add_argument("--timeout", type=float, default=300)
     m.add_argument("--cpu", action="store_true", help="the default CPU suite instead of --run-gpu (a dry run)")
+    m.add_argument("--only", default=None, help="only the mutants whose bridge ref contains this")
+    m.add_argument("--merge", default=None, help="an earlier mutants report whose other rows are kept")
     d = sub.add_parser("render")
     d.add_argument("reports", nargs="*")
     d.add_argument("--mutants", default=None, help="a `mutants` report: adds the mutants section")
@@ -252,7 +260,8 @@ def main() -> None:
     if args.cmd == "run":
         sys.exit(run(args.out, extra))
     if args.cmd == "mutants":
-        sys.exit(mutants(args.out, args.jobs, args.timeout, extra, gpu=not args.cpu))
+        sys.exit(mutants(args.out, args.jobs, args.timeout, extra, gpu=not args.cpu, only=args.only,
+                         merge=args.merge))
     render(args.reports, args.mutants, args.note, to_stdout=args.stdout)
 
 

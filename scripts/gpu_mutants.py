@@ -1,7 +1,7 @@
 """The mutants `scripts/gpu_conformance.py mutants` runs under the default `--run-gpu` suite:
 every mutant of tests/mutants.py and the family mutant files (gemma, gemma3_vl, qwen2_5_vl,
-qwen3_vl, qwen3_vl_moe, mistral3) that the CPU self-tests (tests/test_mutations.py, test_gemma.py, test_gemma3_vl.py, ...) expect to fail
-at tp1pp1 (the one layout a single GPU runs), the subtle config and module bugs of #22 first,
+qwen3_vl, qwen3_vl_moe, mistral3, gpt_oss) that the CPU self-tests (tests/test_mutations.py,
+test_gemma.py, test_gemma3_vl.py, ...) expect to fail at tp1pp1 (the one layout a single GPU runs), the subtle config and module bugs of #22 first,
 plus one bug class those lack: a single pair of query heads swapped.
 """
 from __future__ import annotations
@@ -65,7 +65,8 @@ def descriptions() -> dict[str, str]:
     import inspect
 
     for module in ("tests.gemma_mutants", "tests.gemma3_vl_mutants", "tests.qwen2_5_vl_mutants",
-                   "tests.qwen3_vl_mutants", "tests.qwen3_vl_moe_mutants", "tests.mistral3_mutants"):
+                   "tests.qwen3_vl_mutants", "tests.qwen3_vl_moe_mutants", "tests.mistral3_mutants",
+                   "tests.gpt_oss_mutants"):
         for name, cls in inspect.getmembers(importlib.import_module(module), inspect.isclass):
             if cls.__module__ == module and not name.startswith("_"):  # by bridge ref: names repeat
                 out[f"{module}:{name}"] = " ".join((cls.__doc__ or name).split())
@@ -77,6 +78,8 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
     ones first."""
     from tests.test_gemma import MUTANTS as GEMMA
     from tests.test_gemma3_vl import MUTANTS as VLM
+    from tests.test_gpt_oss import MODEL as GPT_OSS
+    from tests.test_gpt_oss import MUTANTS as OSS
     from tests.test_mistral3 import MODEL as MISTRAL3
     from tests.test_mistral3 import MUTANTS as M3
     from tests.test_mutations import MUTANTS
@@ -95,7 +98,8 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
                                   ("gemma3_vl_mutants", vlm("google/gemma-3-4b-it", VLM)),
                                   ("qwen2_5_vl_mutants", vlm(QWEN_VL, QVLM)), ("qwen3_vl_mutants", vlm(QWEN3_VL, Q3VLM)),
                                   ("qwen3_vl_moe_mutants", vlm(QWEN3_VL_MOE, Q3VLMOE)),
-                                  ("mistral3_mutants", vlm(MISTRAL3, M3)))
+                                  ("mistral3_mutants", vlm(MISTRAL3, M3)),
+                                  ("gpt_oss_mutants", [(n, GPT_OSS, {"tp1pp1": e}) for n, e in OSS]))
             for n, model, expect in table if expect.get("tp1pp1") and "/" in model]  # a fixture's name
     rows.append(("OneHeadSwapped", "scripts.gpu_mutants:OneHeadSwapped", "Qwen/Qwen3-8B", {"logits", "generation"}))
     return sorted(rows, key=lambda r: (r[0] not in SUBTLE, SUBTLE.index(r[0]) if r[0] in SUBTLE else 0))

@@ -184,7 +184,7 @@ def test_varlen_batches_sum_attention_per_sequence():
     ("experimental_attention_variant", "gated_delta_net"), ("linear_attention_freq", 4),
     ("is_hybrid_model", True), ("hybrid_override_pattern", "M-M*-"), ("mamba_num_heads", 64),
     ("heterogeneous_block_specs", True), ("attention_output_gate", True),
-    ("softmax_type", "learnable"), ("layer_types", ["full_attention", "linear_attention"]),
+    ("softmax_type", "sparsemax"), ("layer_types", ["full_attention", "linear_attention"]),
 ])
 def test_unsupported_blocks_raise_naming_the_field(field, value):
     with pytest.raises(FlopsError, match=field) as e:
@@ -720,3 +720,19 @@ def test_vision_terms_equal_torch_flop_counter_on_the_hf_tower_and_projector():
     assert counter.get_total_flops() == r.term("vision_tower").forward + r.term("projector").forward
     assert sum(p.numel() for m in (tower, proj) for p in m.parameters()) == \
         parameter_counts(attrs).by_component["vision_tower"] + parameter_counts(attrs).by_component["projector"]
+
+
+def test_sinks_and_router_bias_are_parameters_not_flops():
+    """Learnable softmax sinks (GPT-OSS): one parameter per head and layer, no matmul; a router
+    with bias (add_bias_linear): one per expert and MoE layer."""
+    from bridges.flops import training_flops
+
+    base = dict(num_layers=2, hidden_size=64, num_attention_heads=8, vocab_size=100, ffn_hidden_size=128,
+                gated_linear_unit=True, add_bias_linear=True, position_embedding_type="rope",
+                num_moe_experts=4, moe_router_topk=2, moe_ffn_hidden_size=32)
+    plain = training_flops(base, seq_len=16)
+    sinks = training_flops({**base, "softmax_type": "learnable"}, seq_len=16)
+    assert sinks.params.by_component["attention"] - plain.params.by_component["attention"] == 2 * 8
+    assert sinks.total == plain.total
+    unbiased = training_flops({**base, "add_bias_linear": False}, seq_len=16)
+    assert plain.params.by_component["router"] - unbiased.params.by_component["router"] == 2 * 4
