@@ -35,6 +35,13 @@ from bridges.core.mappings import Mapping, Replicated
 from bridges.core.provider import ModelProvider
 
 LM, LM_HF = "language_model.", "model.language_model."
+# transformers' llava-style saved layout (its "llava" conversion mapping: Gemma3, Mistral3, ...):
+# in-memory prefix -> the prefix the saved and published files use; and the vision parts such
+# a model keeps as HF modules (label, Megatron path, HF path)
+LLAVA_LEGACY = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
+                "model.vision_tower.": "vision_tower.", "model.multi_modal_projector.": "multi_modal_projector."}
+LLAVA_PARTS = (("vision tower", "vision_tower", "model.vision_tower"),
+               ("projector", "multi_modal_projector", "model.multi_modal_projector"))
 
 
 def hf_module_mappings(module, megatron_prefix: str, hf_prefix: str, strip: str = "") -> list[Mapping]:

@@ -19,7 +19,7 @@ from bridges.flops import FlopsError, vision_flops
 from bridges.core.mappings import Mapping
 from bridges.core.provider import ModelProvider
 from bridges.core.registry import register_bridge
-from bridges.core.vlm import VLMBridge, hf_module_mappings
+from bridges.core.vlm import LLAVA_LEGACY, LLAVA_PARTS, VLMBridge, hf_module_mappings
 from bridges.models.gemma3.gemma3_bridge import Gemma3TextBridge
 
 
@@ -50,11 +50,9 @@ def _meta_modules(vision_json: str, text_hidden: int, tokens: int):
 @register_bridge(model_type="gemma3", architectures=["Gemma3ForConditionalGeneration"])
 class Gemma3VLBridge(VLMBridge):
     language_bridge = Gemma3LanguageBridge
-    LEGACY = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
-              "model.vision_tower.": "vision_tower.", "model.multi_modal_projector.": "multi_modal_projector."}
+    LEGACY = LLAVA_LEGACY
     tower_level = ("model.vision_tower.", "vision_model.")  # the published files have it
-    vision_parts = (("vision tower", "vision_tower", "model.vision_tower"),
-                    ("projector", "multi_modal_projector", "model.multi_modal_projector"))
+    vision_parts = LLAVA_PARTS
     vlm_fields = (Field("image_token_index", "image_token_id"),
                   Field("boi_token_index", "boi_token_id", None),
                   Field("eoi_token_index", "eoi_token_id", None),

@@ -21,7 +21,7 @@ from bridges.core.config import ConfigError, Field, get_path
 from bridges.core.mappings import Mapping
 from bridges.core.provider import ModelProvider
 from bridges.core.registry import register_bridge
-from bridges.core.vlm import VLMBridge, hf_module_mappings
+from bridges.core.vlm import LLAVA_LEGACY, LLAVA_PARTS, VLMBridge, hf_module_mappings
 from bridges.flops import FlopsError, vision_flops
 from bridges.models.ministral3.ministral3_bridge import Ministral3Bridge
 from bridges.models.mistral.mistral_bridge import MistralBridge
@@ -57,10 +57,8 @@ def _meta_modules(vision_json: str, top_json: str, text_hidden: int, eps: float)
 @register_bridge(model_type="mistral3", architectures=["Mistral3ForConditionalGeneration"])
 class Mistral3Bridge(VLMBridge):
     language_bridge = Ministral3Bridge
-    LEGACY = {"model.language_model.": "language_model.model.", "lm_head.": "language_model.lm_head.",
-              "model.vision_tower.": "vision_tower.", "model.multi_modal_projector.": "multi_modal_projector."}
-    vision_parts = (("vision tower", "vision_tower", "model.vision_tower"),
-                    ("projector", "multi_modal_projector", "model.multi_modal_projector"))
+    LEGACY = LLAVA_LEGACY
+    vision_parts = LLAVA_PARTS
     vlm_fields = (Field("image_token_index", "image_token_id"),
                   Field("spatial_merge_size", "spatial_merge_size", 2),
                   Field("vision_feature_layer", "vision_feature_layer", -1),
