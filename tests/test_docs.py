@@ -67,3 +67,22 @@ def test_benchmark_and_results_docs_cover_every_fixture_model():
     failed = sum(int(r.split("|")[3]) for r in rows)
     assert (int(said.group(1)), int(said.group(2)), int(said.group(3))) == (len(per_model), passed, failed), \
         "docs/benchmarks.md: the totals line disagrees with the per-model table"
+
+
+def test_model_pages_are_current():
+    """docs/models/<model type>/<model>.md: one generated page per shipped config, equal to what
+    scripts/model_pages.py writes now (its sources: the bridge, fixtures/README.md, the
+    conformance results), and no page for a config that is gone."""
+    import importlib.util
+
+    path = DOC.parents[1] / "scripts" / "model_pages.py"
+    spec = importlib.util.spec_from_file_location("model_pages", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    want = mod.pages()
+    root = DOC.parent / "models"
+    have = {str(p.relative_to(root)): p.read_text() for p in root.glob("*/*.md")}
+    assert set(have) == set(want), f"pages to add {sorted(set(want) - set(have))}, to remove " \
+        f"{sorted(set(have) - set(want))}: regenerate with `python scripts/model_pages.py`"
+    stale = [p for p in want if have[p] != want[p]]
+    assert not stale, f"stale pages {stale}: regenerate with `python scripts/model_pages.py`"
