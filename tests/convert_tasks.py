@@ -31,3 +31,15 @@ def cli_stdout(argv: list[str]) -> tuple[int, str]:
     with contextlib.redirect_stdout(out):
         rc = main(argv)
     return rc, out.getvalue()
+
+
+def assert_same_checkpoint(src, back) -> None:
+    """Every stored tensor of HF checkpoint ``back`` equals ``src``'s bit for bit (float8 codes
+    compared as bytes), and nothing more or less is stored. Run in the test process."""
+    import torch
+
+    assert back.names() == src.names()
+    for n in src.names():
+        a, b = src.get(n), back.get(n)
+        raw = lambda t: t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t  # noqa: E731
+        assert a.dtype == b.dtype and torch.equal(raw(a), raw(b)), n

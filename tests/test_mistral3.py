@@ -160,12 +160,9 @@ def test_static_fp8_checkpoint_round_trips_through_megatron(conformance, spec, t
     run = lambda argv: conformance.pool.run("tests.convert_tasks:cli", argv=argv)  # noqa: E731
     assert run(["convert", "import", "--hf", fp8, "--out", str(mc), "--tp", "2", "--dtype", "float32"]) == [0] * 4
     assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp_path / "q"), "--pp", "2", "--fp8"]) == [0] * 4
-    back = HFCheckpoint(tmp_path / "q")
-    assert back.names() == src.names()
-    for n in src.names():
-        a, b = src.get(n), back.get(n)
-        assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype == torch.float8_e4m3fn else a,
-                                                  b.view(torch.uint8) if b.dtype == torch.float8_e4m3fn else b), n
+    from tests.convert_tasks import assert_same_checkpoint
+
+    assert_same_checkpoint(src, HFCheckpoint(tmp_path / "q"))
     assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp_path / "d")]) == [0] * 4
     deq = HFCheckpoint(tmp_path / "d")
     assert not [n for n in deq.names() if n.endswith(("_scale_inv", "activation_scale"))]
