@@ -177,6 +177,7 @@ class _Arch:
     mla: _MLA | None = None
     mtp_layers: int = 0
     sinks: bool = False  # softmax_type "learnable": one logit per head (parameters, no matmul)
+    qk_norm_full: bool = False  # q/k norms over the whole projection (OLMoE): heads x head_dim weights
 
 
 @dataclass(frozen=True)
@@ -289,7 +290,7 @@ def _arch(attrs: Mapping[str, Any]) -> _Arch:
                  max_sequence_length=a["max_sequence_length"], window_size=window,
                  window_attn_skip_freq=a["window_attn_skip_freq"], moe=moe,
                  moe_layers=moe_layers, mla=mla, mtp_layers=mtp,
-                 sinks=a.get("softmax_type") == "learnable")
+                 sinks=a.get("softmax_type") == "learnable", qk_norm_full=bool(a.get("qk_norm_full_projection")))
 
 
 @dataclass(frozen=True)
@@ -603,7 +604,8 @@ def _layer_params(a: _Arch, moe: bool) -> tuple[dict[str, int], int]:
     if a.mla:  # RMSNorms on the latents: q_a's output (with q LoRA) and kv_a's compressed kv
         qk_norms = npar * ((a.mla.q_lora_rank or 0) + a.mla.kv_lora_rank) if a.qk_norm else 0
     else:
-        qk_norms = 2 * npar * a.qk_head_dim if a.qk_norm else 0
+        per_head = (a.heads + a.groups) if a.qk_norm_full else 2  # a weight per head, or one shared
+        qk_norms = per_head * npar * a.qk_head_dim if a.qk_norm else 0
     out = {"attention": attn, "norms": a.layer_norms * npar * h + qk_norms}
 
     def mlp(f: int) -> int:

@@ -736,3 +736,22 @@ def test_sinks_and_router_bias_are_parameters_not_flops():
     assert sinks.total == plain.total
     unbiased = training_flops({**base, "add_bias_linear": False}, seq_len=16)
     assert plain.params.by_component["router"] - unbiased.params.by_component["router"] == 2 * 4
+
+
+@pytest.mark.parametrize("model", ["allenai/OLMoE-1B-7B-0924", "Qwen/Qwen3-30B-A3B", "mistralai/Mixtral-8x7B-v0.1",
+                                   "Qwen/Qwen1.5-MoE-A2.7B", "openai/gpt-oss-20b", "Qwen/Qwen3-8B", "google/gemma-2-9b"])
+def test_parameter_count_equals_transformers(model):
+    """The calculator's parameters for a shipped config equal those of transformers' model built
+    from it on the meta device (OLMoE's q/k norms span the whole projection: heads x head_dim)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bridges.core.auto import AutoBridge
+    from bridges.flops import training_flops
+    from conformance.models import resolve
+
+    cfg = {k: v for k, v in resolve(model).config.items() if k != "quantization_config"}
+    bridge = AutoBridge.from_hf_config(cfg)
+    with torch.device("meta"):
+        hf = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    assert training_flops(bridge, seq_len=16).params.total == sum(p.numel() for p in hf.parameters())

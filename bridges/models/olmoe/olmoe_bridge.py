@@ -28,7 +28,8 @@ class OlmoeBridge(MoEBridge):
             raise ConfigError("clip_qkv is set: Megatron-Core has no q/k/v clipping")
         attrs = super().megatron_attrs()
         # HF OLMoE has no head_dim: it is hidden_size / num_attention_heads whatever the file says
-        attrs.update(qk_layernorm=True, kv_channels=attrs["hidden_size"] // attrs["num_attention_heads"])
+        attrs.update(qk_layernorm=True, kv_channels=attrs["hidden_size"] // attrs["num_attention_heads"],
+                     qk_norm_full_projection=True)  # for the FLOPs calculator's parameter count
         return attrs
 
     def customize_layer(self, layer_spec, is_moe: bool):
