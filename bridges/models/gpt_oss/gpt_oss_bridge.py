@@ -24,7 +24,8 @@ import torch
 
 from bridges.core.config import GPT_FIELDS, ConfigError, Field, get_path
 from bridges.core.gpt import H, L
-from bridges.core.mappings import ColumnParallel, GatedMLP, Mapping, Replicated, StackedGatedMLP
+from bridges.core.mappings import (ColumnParallel, GatedMLP, Mapping, MappingError, Replicated,
+                                   StackedGatedMLP)
 from bridges.core.moe import MoEBridge, moe_fields
 from bridges.core.registry import register_bridge
 from bridges.models.qwen3_vl_moe.qwen3_vl_moe_bridge import TransposedRowParallel
@@ -51,7 +52,7 @@ class InterleavedGateUp(StackedGatedMLP):
         t = hf["gate_up"]
         t = t.transpose(0, 1) if t.dim() == 2 else t  # [2I, H] / [2I], still interleaved
         if t.shape[0] % 2:
-            raise ValueError(f"{self.hf['gate_up']}: {t.shape[0]} gate/up entries, expected pairs")
+            raise MappingError(f"{self.hf['gate_up']}: {t.shape[0]} gate/up entries, expected pairs")
         return t[0::2], t[1::2]
 
     def to_hf(self, shards, shapes):
