@@ -27,28 +27,29 @@ DEFAULT_LAYOUTS = ("tp1pp1", "tp2", "pp2", "tp2pp2", "vpp2")
 MOE_LAYOUTS = ("tp1pp1", "ep2", "tp2ep2", "pp2ep2", "ep4grouped", "tp2ep2etp1grouped")
 
 
-def is_moe(config: dict) -> bool:
-    """Whether the registered bridge for this config is a mixture-of-experts bridge (a VLM's:
-    its language bridge)."""
-    from bridges.core.moe import MoEBridge
+def _text_bridge(config: dict) -> type | None:
+    """The registered bridge class for this config (a VLM's: its language bridge), or None."""
     from bridges.core.registry import UnknownModelError, lookup
 
     try:
         cls = lookup(config)
     except UnknownModelError:
-        return False
-    return issubclass(cls, MoEBridge) or issubclass(getattr(cls, "language_bridge", object), MoEBridge)
+        return None
+    return getattr(cls, "language_bridge", cls)
 
 
-def whole_experts(config: dict | None) -> bool:
+def is_moe(config: dict) -> bool:
+    """Whether the registered bridge for this config is a mixture-of-experts bridge (a VLM's:
+    its language bridge)."""
+    from bridges.core.moe import MoEBridge
+
+    cls = _text_bridge(config)
+    return cls is not None and issubclass(cls, MoEBridge)
+
+
+def whole_experts(config: dict) -> bool:
     """Whether Megatron-Core keeps this model's experts whole (no expert TP: biased experts)."""
-    from bridges.core.registry import UnknownModelError, lookup
-
-    try:
-        cls = lookup(config) if config is not None else None
-    except UnknownModelError:
-        return False
-    cls = getattr(cls, "language_bridge", cls)
+    cls = _text_bridge(config)
     return cls is not None and not getattr(cls, "expert_tensor_parallel", True)
 
 

@@ -272,21 +272,23 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
     vocab = (config.get("text_config") or config).get("vocab_size")
     tensors = {n: ckpt.get(n) for n in ckpt.names()}
     vlm = any("language_model." in n for n in tensors)
+    qkind = "tensor" if kind == "static" else kind  # static: per-tensor scales, named _scale_inv
     qt, dt, kept = {}, {}, {"lm_head"}
     for name, w in tensors.items():
         # embeddings and output heads (vocab rows, whatever their name: DeepSeek-V3's MTP
         # shared_head.head too) stay unquantized, as in published FP8 checkpoints; so does a
         # VLM's vision side in the static layout
         vision = kind == "static" and vlm and "language_model." not in name
-        if vision:
-            kept.add("model." + name.split(".")[0] if not name.startswith("model.") else ".".join(name.split(".")[:2]))
+        if vision:  # the module's in-memory name (model.vision_tower), whichever layout is stored
+            parts = name.split(".")
+            kept.add(".".join(parts[:2]) if parts[0] == "model" else f"model.{parts[0]}")
         if w.dim() == 2 and "embed" not in name and "lm_head" not in name and w.shape[0] != vocab and not vision:
-            q, s = quant.quantize(w, None, "tensor" if kind == "static" else kind, block)
+            q, s = quant.quantize(w, None, qkind, block)
             qt[name] = q
             qt[f"{name}_scale" if kind == "tensor" else f"{name}_scale_inv"] = s.float()
             if kind == "static":  # a calibrated input amax / 448, as the published files store
                 qt[f"{name[:-len('weight')]}activation_scale"] = torch.tensor(0.01 * (1 + len(qt) % 7))
-            dt[name] = quant.dequantize(q, s, "tensor" if kind == "static" else kind, block)
+            dt[name] = quant.dequantize(q, s, qkind, block)
         else:
             qt[name] = dt[name] = w
     qc = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic"}

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from bridges.core.auto import AutoBridge
+from conformance.models import resolve
 from tests.mutant_case import assert_caught
 
 MODEL = "openai/gpt-oss-20b"
-ROOT = Path(__file__).resolve().parents[1]
-PUBLISHED = json.loads((ROOT / f"fixtures/configs/{MODEL}/config.json").read_text())
+PUBLISHED = resolve(MODEL).config
 
 
 def test_published_config_and_transformers_reads_it_back():

@@ -9,12 +9,11 @@ import pytest
 import torch
 
 from bridges.core.auto import AutoBridge
-from conformance.models import ModelSpec
+from conformance.models import ModelSpec, resolve
 from tests.mutant_case import assert_caught
 
 MODEL = "mistralai/Devstral-Small-2-24B-Instruct-2512"
-ROOT = Path(__file__).resolve().parents[1]
-PUBLISHED = json.loads((ROOT / f"fixtures/configs/{MODEL}/config.json").read_text())
+PUBLISHED = resolve(MODEL).config
 
 
 def test_published_config_and_transformers_reads_it_back():
@@ -43,13 +42,10 @@ def test_published_config_and_transformers_reads_it_back():
 def test_parameters_match_transformers():
     """The FLOPs calculator's parameter count (language, Pixtral tower, projector) equals the
     parameters of transformers' model for the published config."""
-    from transformers import AutoConfig, AutoModelForImageTextToText
-
+    from bridges.core.vlm import meta_model
     from bridges.flops import training_flops
 
-    cfg = {k: v for k, v in PUBLISHED.items() if k != "quantization_config"}
-    with torch.device("meta"):
-        model = AutoModelForImageTextToText.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    model = meta_model({k: v for k, v in PUBLISHED.items() if k != "quantization_config"})
     params = training_flops(AutoBridge.from_hf_config(PUBLISHED), seq_len=4096, batch_size=1).as_dict()["params"]
     assert params["total"] == sum(p.numel() for p in model.parameters()) == 24_011_361_280
     assert params["by_component"]["vision_tower"] == sum(p.numel() for p in model.model.vision_tower.parameters())
@@ -128,7 +124,7 @@ def test_ministral3_text_only(conformance):
 def test_yarn_on_a_gqa_family(conformance):
     """YaRN rope on a plain GPT family (Qwen3's long-context setting): GPTModel's YaRN
     embedding reads fields only Megatron-Core's MLA config had; the bridge's config has them."""
-    cfg = json.loads((ROOT / "fixtures/configs/Qwen/Qwen3-8B/config.json").read_text())
+    cfg = dict(resolve("Qwen/Qwen3-8B").config)
     cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8}
     b = AutoBridge.from_hf_config(cfg)
     assert b.config_class.__name__ == "YarnTransformerConfig"

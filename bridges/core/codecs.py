@@ -72,22 +72,23 @@ class FP8(Codec):
         return (name, comp[0]) + ((act,) if act else ())
 
     @staticmethod
-    def _kind(ckpt, parts) -> str:
-        return quant.companion(parts[0], ckpt, quant.block_size(ckpt.config()))[1]
+    def _layout(ckpt, parts) -> tuple[str, tuple[int, int] | None]:
+        """(kind, block size): a ``_scale_inv`` is per block where the config gives a block size,
+        per tensor (or row) where it gives none, as transformers' fine-grained FP8."""
+        block = quant.block_size(ckpt.config())
+        return ("block" if parts[1].endswith("_scale_inv") and block is not None else "tensor"), block
 
     def decode(self, ckpt, parts, row, dtype):
         if row is not None:
             raise CheckpointError(f"{ckpt.path}: {parts[0]} is FP8 and stacked: reading it row by "
                                   f"row has no dequantization path yet")
         try:
-            return quant.dequantize(ckpt.get(parts[0]), ckpt.get(parts[1]), self._kind(ckpt, parts),
-                                    quant.block_size(ckpt.config()))
+            return quant.dequantize(ckpt.get(parts[0]), ckpt.get(parts[1]), *self._layout(ckpt, parts))
         except quant.QuantError as e:
             raise CheckpointError(f"{ckpt.path}: {parts[0]}: {e}") from None
 
     def encode(self, ckpt, parts, t):
-        q, sc = quant.quantize(t, ckpt.get(parts[1]), self._kind(ckpt, parts), quant.block_size(ckpt.config()),
-                               ckpt.dtype(parts[0]))
+        q, sc = quant.quantize(t, ckpt.get(parts[1]), *self._layout(ckpt, parts), ckpt.dtype(parts[0]))
         # a static activation scale is calibration data the Megatron model does not hold
         return [(parts[0], q), (parts[1], sc.to(ckpt.dtype(parts[1])))] + [(p, ckpt.get(p)) for p in parts[2:]]
 

@@ -46,11 +46,11 @@ def block_size(config: Any) -> tuple[int, int] | None:
     return (int(b[0]), int(b[1])) if b else None
 
 
-def companion(name: str, names, block: tuple[int, int] | None = (0, 0)) -> tuple[str, str] | None:
-    """(companion name, kind) of a quantized tensor: kind 'block' or 'tensor' (a
-    ``_scale_inv`` is per block unless the config has no ``weight_block_size``: ``block`` None)."""
+def companion(name: str, names) -> tuple[str, str] | None:
+    """(companion name, kind) of a quantized tensor: kind 'block' or 'tensor' (a ``_scale_inv``
+    without a ``weight_block_size`` in the config is per tensor: ``FP8._layout`` decides)."""
     if f"{name}_scale_inv" in names:
-        return f"{name}_scale_inv", "block" if block is not None else "tensor"
+        return f"{name}_scale_inv", "block"
     if name.endswith("weight") and f"{name}_scale" in names:
         return f"{name}_scale", "tensor"
     return None
