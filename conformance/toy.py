@@ -40,6 +40,9 @@ def shrink_config(config: dict[str, Any], max_tp: int = 4, min_layers: int = 4,
     if toy_kv * per > TOY["max_heads"]:  # keep the ratio, but no more heads than needed
         toy_kv = max(max_tp, 1)
     toy_heads = toy_kv * per
+    if c.get("rotary_dim"):  # a rotary width in dims (MiniMax-M2's legacy field): the same share of the toy head
+        head = int(c.get("head_dim") or int(c["hidden_size"]) // heads)
+        c["rotary_dim"] = max(2, 2 * round(TOY["head_dim"] * int(c["rotary_dim"]) / head / 2))
     c.update(num_hidden_layers=min_layers, hidden_size=toy_hidden_size(toy_heads, TOY["head_dim"]),
              intermediate_size=TOY["intermediate_size"], head_dim=TOY["head_dim"],
              num_attention_heads=toy_heads, num_key_value_heads=toy_kv,

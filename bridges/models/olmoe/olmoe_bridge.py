@@ -12,10 +12,30 @@ from bridges.core.registry import register_bridge
 from bridges.models.olmoe.modeling_olmoe import OlmoeKNorm, OlmoeQNorm
 
 
-@register_bridge(model_type="olmoe", architectures=["OlmoeForCausalLM"])
-class OlmoeBridge(MoEBridge):
+class FullProjectionQKNorm:
+    """A bridge mixin: q/k RMSNorm over the whole projection (HF ``self_attn.q_norm`` /
+    ``k_norm`` of heads x head_dim) through ``modeling_olmoe``'s modules, each TP rank holding
+    its heads' slice of the weights (OLMoE, MiniMax-M2)."""
+
     megatron_lm = ("its q/k RMSNorm over the whole projection is the family's own module "
                    "(modeling_olmoe.py); Megatron-LM's --qk-layernorm normalises per head")
+
+    def customize_layer(self, layer_spec, is_moe: bool):
+        attn = layer_spec.submodules.self_attention
+        sub = dataclasses.replace(attn.submodules, q_layernorm=OlmoeQNorm, k_layernorm=OlmoeKNorm)
+        return dataclasses.replace(layer_spec, submodules=dataclasses.replace(
+            layer_spec.submodules, self_attention=dataclasses.replace(attn, submodules=sub)))
+
+    def mappings(self, attrs: dict[str, Any]):
+        # each TP rank holds its heads' slice of the full-projection norm weights
+        return [m for m in super().mappings(attrs) if "_layernorm.weight" not in m.megatron
+                or "self_attention" not in m.megatron] + [
+            ColumnParallel(L + "self_attention.q_layernorm.weight", H + "self_attn.q_norm.weight"),
+            ColumnParallel(L + "self_attention.k_layernorm.weight", H + "self_attn.k_norm.weight")]
+
+
+@register_bridge(model_type="olmoe", architectures=["OlmoeForCausalLM"])
+class OlmoeBridge(FullProjectionQKNorm, MoEBridge):
     qkv_bias = False
     config_fields = GPT_FIELDS + moe_fields(ffn="intermediate_size")
 
@@ -31,16 +51,3 @@ class OlmoeBridge(MoEBridge):
         attrs.update(qk_layernorm=True, kv_channels=attrs["hidden_size"] // attrs["num_attention_heads"],
                      qk_norm_full_projection=True)  # for the FLOPs calculator's parameter count
         return attrs
-
-    def customize_layer(self, layer_spec, is_moe: bool):
-        attn = layer_spec.submodules.self_attention
-        sub = dataclasses.replace(attn.submodules, q_layernorm=OlmoeQNorm, k_layernorm=OlmoeKNorm)
-        return dataclasses.replace(layer_spec, submodules=dataclasses.replace(
-            layer_spec.submodules, self_attention=dataclasses.replace(attn, submodules=sub)))
-
-    def mappings(self, attrs: dict[str, Any]):
-        # each TP rank holds its heads' slice of the full-projection norm weights
-        return [m for m in super().mappings(attrs) if "_layernorm.weight" not in m.megatron
-                or "self_attention" not in m.megatron] + [
-            ColumnParallel(L + "self_attention.q_layernorm.weight", H + "self_attn.q_norm.weight"),
-            ColumnParallel(L + "self_attention.k_layernorm.weight", H + "self_attn.k_norm.weight")]

@@ -1,0 +1,43 @@
+"""MiniMax-M2 (``minimax_m2``): Mixtral's expert layout (``block_sparse_moe.experts.<e>.w1/w3/w2``
+on disk, stacked in transformers' memory) under three differences, each a Megatron-Core setting
+or a module another family already brought:
+
+- q/k RMSNorm over the *whole* projection (all heads together, HF ``q_norm`` of
+  heads x head_dim), as OLMoE's: each TP rank holds its heads' slice of the weight and the mean
+  square is averaged over the TP group (``bridges/models/olmoe/modeling_olmoe.py``);
+- partial rotary: the first ``rotary_dim`` (64) of the 128 head dims, from the released
+  checkpoints' legacy ``rotary_dim`` (transformers reads it as ``partial_rotary_factor``);
+- sigmoid routing with a score-correction bias for the choice (``e_score_correction_bias``),
+  top-k renormalised, no shared expert, no group limit.
+
+The published weights are FP8 in 128 x 128 blocks (``weight_scale_inv``), read by the codec.
+Multi-token-prediction modules are not mapped (transformers' class has none to check them
+against).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from bridges.core.config import ConfigError, get_path
+from bridges.core.registry import register_bridge
+from bridges.models.mixtral.mixtral_bridge import MixtralBridge
+from bridges.models.olmoe.olmoe_bridge import FullProjectionQKNorm
+
+
+@register_bridge(model_type="minimax_m2", architectures=["MiniMaxM2ForCausalLM"])
+class MiniMaxM2Bridge(FullProjectionQKNorm, MixtralBridge):
+    quantized_formats = ("block",)  # published: FP8 in 128 x 128 blocks
+
+    @property
+    def router_bias_hf(self) -> str:
+        return ("mlp" if self.stacked_experts() else "block_sparse_moe") + ".e_score_correction_bias"
+
+    def megatron_attrs(self) -> dict[str, Any]:
+        for field in ("use_mtp", "num_mtp_modules"):
+            if get_path(self.hf_config, field, None):
+                raise ConfigError(f"{field}={get_path(self.hf_config, field)}: MiniMax-M2's multi-token "
+                                  f"prediction modules are not mapped by the minimax_m2 bridge")
+        attrs = super().megatron_attrs()
+        attrs.update(qk_layernorm=True, moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
+                     moe_router_enable_expert_bias=True)
+        return attrs

@@ -1,0 +1,58 @@
+"""MiniMax-M2: the config (partial rotary from ``rotary_dim``, sigmoid routing with a correction
+bias, the full-projection q/k norm), the refusal of unmapped MTP modules, and the suite catching
+each bug of the family, the TP-only ones at TP2."""
+import json
+from pathlib import Path
+
+import pytest
+
+from bridges.core.auto import AutoBridge
+from tests.mutant_case import assert_caught
+
+MODEL = "MiniMaxAI/MiniMax-M2"
+PUBLISHED = json.loads((Path(__file__).resolve().parents[1] / f"fixtures/configs/{MODEL}/config.json").read_text())
+
+
+def test_config():
+    from transformers import MiniMaxM2Config
+
+    b = AutoBridge.from_hf_config(PUBLISHED)
+    a = b.megatron_attrs()
+    assert (a["num_layers"], a["hidden_size"], a["num_attention_heads"], a["num_query_groups"], a["kv_channels"]) == \
+        (62, 3072, 48, 8, 128)
+    assert (a["num_moe_experts"], a["moe_router_topk"], a["moe_ffn_hidden_size"]) == (256, 8, 1536)
+    assert (a["rotary_percent"], a["rotary_base"], a["qk_layernorm"]) == (0.5, 5e6, True)
+    assert (a["moe_router_score_function"], a["moe_router_enable_expert_bias"], a["moe_router_pre_softmax"]) == \
+        ("sigmoid", True, False)
+    back = MiniMaxM2Config(**{k: v for k, v in b.hf_config_dict().items() if k != "model_type"})
+    assert back.rope_parameters["partial_rotary_factor"] == 0.5 and back.num_local_experts == 256
+    assert "block_sparse_moe.experts.*.w1.weight" in b.experts_hf["gate"]
+    assert b.megatron_lm and "whole projection" in b.megatron_lm
+
+
+def test_mtp_modules_are_refused_by_name():
+    from bridges.core.config import ConfigError
+
+    with pytest.raises(ConfigError, match="num_mtp_modules=3: MiniMax-M2's multi-token prediction modules"):
+        AutoBridge.from_hf_config({**PUBLISHED, "num_mtp_modules": 3}).megatron_attrs()
+
+
+MUTANTS = [
+    ("QKNormPerHead", {"logits", "generation"}),
+    ("PartialRotaryIgnored", {"logits", "generation"}),
+    ("ScoreCorrectionBiasIgnored", {"coverage", "roundtrip", "logits", "generation"}),
+]
+
+
+@pytest.mark.parametrize("mutant,expect", MUTANTS, ids=[m[0] for m in MUTANTS])
+def test_mutant_is_caught(conformance, mutant, expect):
+    assert_caught(conformance, MODEL, f"tests.minimax_m2_mutants:{mutant}", expect, None)
+
+
+def test_qk_norm_shard_order_is_caught_at_tp2(conformance, spec):
+    """Invisible at TP1 (one shard); at TP2 each rank normalises with the other's weight slice:
+    logits part from HF's, while the roundtrip (same order both ways) stays bit-exact."""
+    ref = "tests.minimax_m2_mutants:QKNormShardsReversed"
+    assert all(r.passed for r in conformance.case(spec(MODEL), "tp1pp1", bridge_ref=ref).values())
+    bad = conformance.case(spec(MODEL), "tp2ep2", bridge_ref=ref)
+    assert not bad["logits"].passed and bad["roundtrip"].passed, bad["logits"].details
