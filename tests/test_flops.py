@@ -739,7 +739,8 @@ def test_sinks_and_router_bias_are_parameters_not_flops():
 
 
 @pytest.mark.parametrize("model", ["allenai/OLMoE-1B-7B-0924", "Qwen/Qwen3-30B-A3B", "mistralai/Mixtral-8x7B-v0.1",
-                                   "Qwen/Qwen1.5-MoE-A2.7B", "openai/gpt-oss-20b", "Qwen/Qwen3-8B", "google/gemma-2-9b"])
+                                   "Qwen/Qwen1.5-MoE-A2.7B", "openai/gpt-oss-20b", "Qwen/Qwen3-8B", "google/gemma-2-9b",
+                                   "MiniMaxAI/MiniMax-M2"])
 def test_parameter_count_equals_transformers(model):
     """The calculator's parameters for a shipped config equal those of transformers' model built
     from it on the meta device (OLMoE's q/k norms span the whole projection: heads x head_dim)."""

@@ -38,6 +38,6 @@ class MiniMaxM2Bridge(FullProjectionQKNorm, MixtralBridge):
                 raise ConfigError(f"{field}={get_path(self.hf_config, field)}: MiniMax-M2's multi-token "
                                   f"prediction modules are not mapped by the minimax_m2 bridge")
         attrs = super().megatron_attrs()
-        attrs.update(qk_layernorm=True, moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
+        attrs.update(moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
                      moe_router_enable_expert_bias=True)
         return attrs

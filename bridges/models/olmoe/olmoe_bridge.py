@@ -20,6 +20,10 @@ class FullProjectionQKNorm:
     megatron_lm = ("its q/k RMSNorm over the whole projection is the family's own module "
                    "(modeling_olmoe.py); Megatron-LM's --qk-layernorm normalises per head")
 
+    def megatron_attrs(self) -> dict[str, Any]:
+        # qk_norm_full_projection: for the FLOPs calculator (heads x head_dim norm weights)
+        return {**super().megatron_attrs(), "qk_layernorm": True, "qk_norm_full_projection": True}
+
     def customize_layer(self, layer_spec, is_moe: bool):
         attn = layer_spec.submodules.self_attention
         sub = dataclasses.replace(attn.submodules, q_layernorm=OlmoeQNorm, k_layernorm=OlmoeKNorm)
@@ -48,6 +52,5 @@ class OlmoeBridge(FullProjectionQKNorm, MoEBridge):
             raise ConfigError("clip_qkv is set: Megatron-Core has no q/k/v clipping")
         attrs = super().megatron_attrs()
         # HF OLMoE has no head_dim: it is hidden_size / num_attention_heads whatever the file says
-        attrs.update(qk_layernorm=True, kv_channels=attrs["hidden_size"] // attrs["num_attention_heads"],
-                     qk_norm_full_projection=True)  # for the FLOPs calculator's parameter count
+        attrs["kv_channels"] = attrs["hidden_size"] // attrs["num_attention_heads"]
         return attrs
