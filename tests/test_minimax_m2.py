@@ -37,6 +37,21 @@ def test_mtp_modules_are_refused_by_name():
         AutoBridge.from_hf_config({**PUBLISHED, "num_mtp_modules": 3}).megatron_attrs()
 
 
+@pytest.mark.parametrize("field,value", [("scoring_func", "softmax"), ("use_routing_bias", False),
+                                         ("qk_norm_type", "per_head"), ("shared_intermediate_size", 512),
+                                         ("attn_type_list", [0, 1] * 31)])
+def test_published_fields_outside_the_release_are_refused(field, value):
+    """The published config's own fields (not in transformers' class): the released values pass
+    (all 1 attention types included), any other is refused by name."""
+    from bridges.core.config import ConfigError
+
+    released = {"scoring_func": "sigmoid", "use_routing_bias": True, "use_qk_norm": True,
+                "qk_norm_type": "per_layer", "shared_intermediate_size": 0, "attn_type_list": [1] * 62}
+    AutoBridge.from_hf_config({**PUBLISHED, **released}).megatron_attrs()
+    with pytest.raises(ConfigError, match=f"^{field}="):
+        AutoBridge.from_hf_config({**PUBLISHED, **released, field: value}).megatron_attrs()
+
+
 MUTANTS = [
     ("QKNormPerHead", {"logits", "generation"}),
     ("PartialRotaryIgnored", {"logits", "generation"}),

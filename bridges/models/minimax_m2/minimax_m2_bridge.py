@@ -24,6 +24,12 @@ from bridges.models.mixtral.mixtral_bridge import MixtralBridge
 from bridges.models.olmoe.olmoe_bridge import FullProjectionQKNorm
 
 
+# fields of the published config.json that transformers' class does not read: the bridge holds
+# them at the released values and refuses others by name (they would change the network)
+RELEASED = {"scoring_func": "sigmoid", "use_routing_bias": True, "use_qk_norm": True,
+            "qk_norm_type": "per_layer", "shared_intermediate_size": 0}
+
+
 @register_bridge(model_type="minimax_m2", architectures=["MiniMaxM2ForCausalLM"])
 class MiniMaxM2Bridge(FullProjectionQKNorm, MixtralBridge):
     quantized_formats = ("block",)  # published: FP8 in 128 x 128 blocks
@@ -37,6 +43,15 @@ class MiniMaxM2Bridge(FullProjectionQKNorm, MixtralBridge):
             if get_path(self.hf_config, field, None):
                 raise ConfigError(f"{field}={get_path(self.hf_config, field)}: MiniMax-M2's multi-token "
                                   f"prediction modules are not mapped by the minimax_m2 bridge")
+        for field, want in RELEASED.items():
+            have = get_path(self.hf_config, field, want)
+            if have != want:
+                raise ConfigError(f"{field}={have!r}: the minimax_m2 bridge maps MiniMax-M2 as released "
+                                  f"({field}={want!r})")
+        kinds = get_path(self.hf_config, "attn_type_list", None)
+        if kinds is not None and set(kinds) != {1}:
+            raise ConfigError(f"attn_type_list={kinds}: 0 marks a linear-attention layer (MiniMax-Text-01's), "
+                              f"which the minimax_m2 bridge does not map; MiniMax-M2 is all 1 (softmax attention)")
         attrs = super().megatron_attrs()
         attrs.update(moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
                      moe_router_enable_expert_bias=True)
