@@ -293,6 +293,12 @@ def _arch(attrs: Mapping[str, Any]) -> _Arch:
                  sinks=a.get("softmax_type") == "learnable", qk_norm_full=bool(a.get("qk_norm_full_projection")))
 
 
+def architecture(model: Any) -> _Arch:
+    """The calculator's view of a model (a bridge, a provider or its attributes): sizes, the
+    MoE and MLA shapes, the per-layer MoE pattern. The recipes' memory estimate reads it too."""
+    return _arch(model_attrs(model))
+
+
 @dataclass(frozen=True)
 class _Layer:
     """What one transformer layer holds. New kinds (MoE MLP, MLA, Mamba, gated delta net) are

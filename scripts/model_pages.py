@@ -91,6 +91,7 @@ def page(model: str) -> str:
                   " ".join(flags), "```"]
     except ConfigError as e:
         lines.append(f"Not through `pretrain_gpt.py`: {e}")
+    lines += _recipes(bridge, model)
     cpu = _rows("conformance-results.md", "| model | layout |", model)
     gpu = _rows("conformance-gpu.md", "| model | layout |", model)
     lines += ["", "## Conformance", "", "`pytest --mbridge-model=" + model + "` (toy models from this config; "
@@ -100,6 +101,22 @@ def page(model: str) -> str:
     if gpu:
         lines += ["", "GPU, the latest `--run-gpu` rows (docs/conformance-gpu.md):", ""] + gpu
     return "\n".join(lines) + "\n"
+
+
+def _recipes(bridge, model: str) -> list[str]:
+    """The stored recipes of a model with their memory estimates (docs/recipes.md)."""
+    from bridges import recipes as R
+
+    rs = R.recipes(bridge, model)
+    if not rs:
+        return []
+    out = ["", "## Recipes", "", f"`mbridge recipe {model} --mode <mode> --gpus N --gpu-memory GiB` prints the "
+           f"flags (`{R.recipe_file(bridge).relative_to(ROOT)}`; estimate per GPU as in docs/recipes.md):", "",
+           "| mode | GPUs x GiB | layout | recompute | estimate (GiB) |", "|---|---|---|---|---|"]
+    for r in rs:
+        out.append(f"| {r.mode} | {r.gpus} x {r.gpu_memory:g} | {r.layout_name} | {r.recompute} | "
+                   f"{R.memory(bridge, r)['total'] / R.GIB:.1f} |")
+    return out
 
 
 def pages() -> dict[str, str]:

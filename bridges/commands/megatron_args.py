@@ -27,18 +27,23 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    import shlex
-
     from bridges.commands.flops import _bridge
     from bridges.megatron_lm import beside_checkpoint_args, megatron_lm_args
 
     flags = megatron_lm_args(_bridge(args.model), tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp)
     if args.beside_checkpoint_args:
         flags = beside_checkpoint_args(flags)
+    print_flags(flags, args.one_line)
+    return 0
+
+
+def print_flags(flags: list[str], one_line: bool = False) -> None:
+    """A flag with its value on one line (shell-quoted), or everything on one line."""
+    import shlex
+
     lines, i = [], 0
-    while i < len(flags):  # a flag with its value on one line
+    while i < len(flags):
         take = 2 if i + 1 < len(flags) and not flags[i + 1].startswith("--") else 1
         lines.append(" ".join(shlex.quote(f) for f in flags[i:i + take]))
         i += take
-    print(" ".join(lines) if args.one_line else "\n".join(lines))
-    return 0
+    print(" ".join(lines) if one_line else "\n".join(lines))
