@@ -321,3 +321,26 @@ def test_overwrite_source_in_place(tmp_path):
 def test_creates_missing_parents(tmp_path):
     out = save_hf_checkpoint(_tensors().items(), CONFIG, tmp_path / "a" / "b" / "out")
     _assert_same(HFCheckpoint(out), _tensors())
+
+
+def test_convert_compare_names_what_differs(tmp_path, capsys):
+    """`mbridge convert compare`: 0 for bit-identical checkpoints, 1 naming a changed value, a
+    changed dtype and a tensor only one side stores; float8 codes compared as bytes."""
+    from bridges.cli import main
+
+    t = {"a.weight": torch.arange(6.0).reshape(2, 3), "b.weight": torch.ones(4).to(torch.float8_e4m3fn),
+         "c.bias": torch.zeros(3, dtype=torch.bfloat16)}
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    save_file(t, tmp_path / "x" / SINGLE)
+    save_file({k: v.clone() for k, v in t.items()}, tmp_path / "y" / SINGLE)
+    assert main(["convert", "compare", str(tmp_path / "x"), str(tmp_path / "y")]) == 0
+    assert "3 tensors, all bit-exact" in capsys.readouterr().out
+    changed = {**t, "a.weight": t["a.weight"] + torch.tensor([[0, 0, 1e-3], [0, 0, 0]]),
+               "c.bias": t["c.bias"].float(), "d.weight": torch.ones(1)}
+    (tmp_path / "z").mkdir()
+    save_file(changed, tmp_path / "z" / SINGLE)
+    assert main(["convert", "compare", str(tmp_path / "x"), str(tmp_path / "z")]) == 1
+    err = capsys.readouterr().err
+    assert "a.weight: values differ (max abs difference 0.001)" in err
+    assert "c.bias: torch.bfloat16 (3,) vs torch.float32 (3,)" in err and "only in" in err and "d.weight" in err

@@ -2,6 +2,7 @@
 
     mbridge convert import --hf <dir|org/model> --out <dir> --tp 2 --pp 2 [--vpp N] [--dtype bfloat16]
     mbridge convert export --megatron <dir> --out <dir> [--hf-source <dir|org/model>] [--tp N --pp N] [--dtype D]
+    mbridge convert compare <hf dir> <hf dir>     # bit for bit: exit 0 when identical, 1 naming the differences
 
 Runs as one process, or under torchrun for many ranks; started as one process for a layout
 that needs several ranks, it relaunches itself as that many local ranks. The Megatron
@@ -35,6 +36,9 @@ def add_arguments(parser) -> None:
     exp.add_argument("--hf-source", help="the HF checkpoint it came from (default: recorded at import)")
     exp.add_argument("--fp8", action="store_true",
                      help="re-quantize tensors that were FP8 in the source to its layout and scales")
+    cmp = sub.add_parser("compare", help="two HF checkpoints, tensor by tensor, bit for bit")
+    cmp.add_argument("a", help="HF checkpoint directory (e.g. the source)")
+    cmp.add_argument("b", help="HF checkpoint directory (e.g. an export of it)")
     for p in (imp, exp):
         p.add_argument("--out", required=True,
                        help="output directory: new or empty (written atomically, never merged)")
@@ -58,6 +62,8 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
+    if args.direction == "compare":
+        return _compare(args.a, args.b)
     from bridges.core.outdir import check_target
     from bridges.core.parallel import Layout
 
@@ -72,6 +78,18 @@ def run(args) -> int:
 
             return relaunch(args.argv, layout.world_size, args.debug)
     return _import(args, layout) if args.direction == "import" else _export(args, layout)
+
+
+def _compare(a: str, b: str) -> int:
+    from bridges.core.hf_io import HFCheckpoint, differences
+
+    ca, cb = HFCheckpoint(a), HFCheckpoint(b)
+    diff = differences(ca, cb)
+    if diff:
+        print(f"mbridge: {a} and {b} differ:\n  " + "\n  ".join(diff), file=sys.stderr)
+        return 1
+    print(f"{len(ca.names())} tensors, all bit-exact: {a} = {b}")
+    return 0
 
 
 def _provider(bridge, layout, dtype=None):

@@ -501,3 +501,25 @@ def _flush(batch: dict, tmp: Path, idx: int) -> tuple[str, list[str]]:
 
 def _write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def differences(a: HFCheckpoint, b: HFCheckpoint, limit: int = 10) -> list[str]:
+    """How two HF checkpoints differ in their stored tensors (names, dtypes, bits; float8 codes
+    compared as bytes): empty when every tensor is bit-identical and neither stores more. At most
+    ``limit`` tensors are named."""
+    import torch
+
+    na, nb = set(a.names()), set(b.names())
+    out = [f"only in {a.path}: {n}" for n in sorted(na - nb)][:limit]
+    out += [f"only in {b.path}: {n}" for n in sorted(nb - na)][:limit]
+    raw = lambda t: t.view(torch.uint8) if t.dtype in (torch.float8_e4m3fn, torch.float8_e5m2) else t  # noqa: E731
+    for n in sorted(na & nb):
+        if len(out) >= limit:
+            break
+        x, y = a.get(n), b.get(n)
+        if x.dtype != y.dtype or x.shape != y.shape:
+            out.append(f"{n}: {x.dtype} {tuple(x.shape)} vs {y.dtype} {tuple(y.shape)}")
+        elif not torch.equal(raw(x), raw(y)):
+            diff = (x.double() - y.double()).abs().max().item() if x.is_floating_point() else "-"
+            out.append(f"{n}: values differ (max abs difference {diff:.3g})" if diff != "-" else f"{n}: values differ")
+    return out
