@@ -222,21 +222,27 @@ class Conformance:
 
         return self._memo(("describe", spec.name, bridge_ref), run)
 
+    def quantized_checkpoint(self, spec: ModelSpec, kind: str) -> tuple[str, str, str]:
+        """(a toy in the published quantized layout ``kind``: block / tensor / static FP8 or
+        MXFP4 experts, its dequantized twin, the toy it was made from), made once per session."""
+        def make():
+            toy, root = self.checkpoint(spec), str(self.workdir / "toys")
+            if kind == "mxfp4":  # experts of a stacked MoE toy, as gpt-oss ships them
+                toy = self.pool.run("conformance.toy:make_stacked_checkpoint", ranks=[0],
+                                    timeout=self.timeout, src=toy, root=root)[0]
+                return (*self.pool.run("conformance.toy:make_mxfp4_checkpoint", ranks=[0],
+                                       timeout=self.timeout, src=toy, root=root)[0], toy)
+            return (*self.pool.run("conformance.toy:make_fp8_checkpoint", ranks=[0],
+                                   timeout=self.timeout, src=toy, root=root, kind=kind)[0], toy)
+
+        return self._memo(("quantized", spec.name, kind), make)
+
     def quant_case(self, spec: ModelSpec, kind: str, bridge_ref: str | None = None,
                    layout: str = "tp1pp1") -> dict[str, CheckResult]:
         """Quant sanity: an FP8 toy checkpoint imports to its dequantized values, runs like HF
         on them, and re-exports bit-exactly."""
         def run():
-            toy = self.checkpoint(spec)
-            root = str(self.workdir / "toys")
-            if kind == "mxfp4":  # experts of a stacked MoE toy, as gpt-oss ships them
-                toy = self.pool.run("conformance.toy:make_stacked_checkpoint", ranks=[0],
-                                    timeout=self.timeout, src=toy, root=root)[0]
-                fp8, deq = self.pool.run("conformance.toy:make_mxfp4_checkpoint", ranks=[0],
-                                         timeout=self.timeout, src=toy, root=root)[0]
-            else:
-                fp8, deq = self.pool.run("conformance.toy:make_fp8_checkpoint", ranks=[0],
-                                         timeout=self.timeout, src=toy, root=root, kind=kind)[0]
+            fp8, deq, toy = self.quantized_checkpoint(spec, kind)
             ref = self._memo(("ref-deq", deq), lambda: self.pool.run(
                 "conformance.job:hf_reference", ranks=[0], timeout=self.timeout, toy_dir=deq,
                 ids=self._ids(deq), steps=1, dtype="float32")[0])

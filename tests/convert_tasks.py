@@ -39,3 +39,15 @@ def assert_same_checkpoint(src, back) -> None:
     from bridges.core.hf_io import differences
 
     assert differences(src, back) == []
+
+def cli_output(argv: list[str]) -> tuple[int, str, str]:
+    """``mbridge <argv>`` on this rank: its exit status, stdout and stderr."""
+    import contextlib
+    import io
+
+    from bridges.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main(argv)
+    return rc, out.getvalue(), err.getvalue()

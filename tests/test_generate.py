@@ -83,3 +83,19 @@ def test_a_checkpoint_without_a_tokenizer_is_one_clear_error(tmp_path, capsys):
     assert main(["generate", "--hf", str(tmp_path), "--prompt", "hi"]) == 2
     err = capsys.readouterr().err
     assert f"mbridge: error: {tmp_path}: no tokenizer" in err and "Traceback" not in err
+
+
+def test_a_prompt_that_encodes_to_nothing_is_one_clear_error():
+    """A tokenizer that drops every character of the prompt (a BPE without the merges) gives no
+    ids: named as such, instead of an empty tensor reaching the embedding."""
+    from bridges.commands.generate import prompt_ids
+    from bridges.core.errors import MBridgeError
+
+    class Empty:
+        chat_template, name_or_path = None, "toy/"
+
+        def __call__(self, text):
+            return {"input_ids": []}
+
+    with pytest.raises(MBridgeError, match="--prompt 'hi' encodes to no tokens with Empty"):
+        prompt_ids(Empty(), "hi", chat=True)

@@ -1,6 +1,6 @@
 """mbridge generate: text from a prompt, run on the Megatron model the bridge builds.
 
-    mbridge generate --hf <dir> --prompt "..." [--tp N --pp N --vpp N --ep N] [--max-new-tokens 32]
+    mbridge generate --hf <dir> --prompt "..." [--tp N --pp N --vpp N --ep N --etp N] [--max-new-tokens 32]
                      [--no-chat] [--temperature T --top-k K --top-p P --seed S] [--dtype D] [--json]
 
 The checkpoint's own tokenizer encodes the prompt, as a user turn through its chat template
@@ -32,6 +32,7 @@ def add_arguments(parser) -> None:
     for flag in ("--tp", "--pp", "--ep"):
         parser.add_argument(flag, type=int, default=1)
     parser.add_argument("--vpp", type=int, default=None)
+    parser.add_argument("--etp", type=int, default=None, help="expert tensor parallel size (default: --tp)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="accept a config with auto_map (its code is never run)")
 
@@ -39,7 +40,7 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     from bridges.core.parallel import Layout
 
-    layout = Layout(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep)
+    layout = Layout(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp)
     if args.max_new_tokens < 1 or args.temperature < 0 or not 0 < args.top_p <= 1 or args.top_k < 0:
         from bridges.core.errors import MBridgeError
 
@@ -75,11 +76,18 @@ def load_tokenizer(path: str):
 
 def prompt_ids(tokenizer, prompt: str, chat: bool) -> list[int]:
     """The prompt's token ids: as a user turn through the chat template when there is one."""
+    from bridges.core.errors import MBridgeError
+
     if chat and getattr(tokenizer, "chat_template", None):
         ids = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
                                             tokenize=True)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in transformers 5
-    return list(tokenizer(prompt)["input_ids"])
+        ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)  # a BatchEncoding in transformers 5
+    else:
+        ids = list(tokenizer(prompt)["input_ids"])
+    if not ids:
+        raise MBridgeError(f"--prompt {prompt!r} encodes to no tokens with {type(tokenizer).__name__} "
+                           f"({getattr(tokenizer, 'name_or_path', '')})")
+    return ids
 
 
 def sampler(temperature: float, top_k: int, top_p: float, seed: int):
