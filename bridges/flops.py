@@ -49,12 +49,16 @@ components ``router`` (router logits H x E, and Qwen2-MoE's H x 1 shared-expert 
 eh_proj 2H -> H, one transformer layer, the shared output head's logits), each only for models
 that have it, so a dense model's report is unchanged.
 
+Hybrid stacks (Megatron-Core's HybridModel) are read from ``hybrid_layer_pattern``: one layer per
+symbol, Mamba-2 (``M``: ``mamba_*`` fields, ``mamba_conv_kernel`` and ``mamba_chunk_size`` as
+the mixer's), gated delta net (``G``: ``linear_*``), attention (``*``, with
+``attention_output_gate``), MLP (``-``) and MoE (``E``), MTP depths after ``/``.
+
 Extending: the model is described per layer (``_layer_plan``: which token mixer and which MLP
 each layer has); ``_layer_forward`` gives one layer's FLOPs per component and ``_params`` the
-parameters. MoE, MLA, MTP and linear-attention / SSM blocks are further layer kinds with their
-own terms (MTP and MoE routers as new components); until they are written, the
-config fields that turn them on are listed in ``UNSUPPORTED`` and raise ``FlopsError`` naming
-the field, so nothing is silently counted as a dense layer.
+parameters. A block not written yet has its config fields in ``UNSUPPORTED`` (or its pattern
+symbol missing from ``HYBRID``) and raises ``FlopsError`` naming it, so nothing is silently
+counted as a dense layer.
 """
 from __future__ import annotations
 
@@ -71,7 +75,9 @@ __all__ = ["ALL_COMPONENTS", "COMPONENTS", "FlopsError", "FlopsReport",
 # The components of a dense model; MoE and MTP models have more (ALL_COMPONENTS, in report order).
 COMPONENTS = ("embedding", "qkv_projection", "core_attention", "attention_output_projection",
               "mlp", "logits")
-ALL_COMPONENTS = ("vision_tower", "projector", "embedding", "qkv_projection", "core_attention", "attention_output_projection",
+ALL_COMPONENTS = ("vision_tower", "projector", "embedding", "qkv_projection", "attention_output_gate", "core_attention",
+                  "attention_output_projection", "mamba_in_projection", "mamba_conv", "mamba_scan",
+                  "mamba_out_projection", "gdn_in_projection", "gdn_conv", "gdn_recurrence", "gdn_out_projection",
                   "mlp", "router", "routed_experts", "shared_experts", "logits", "mtp")
 _MOE_COMPONENTS = ("router", "routed_experts", "shared_experts")
 RECOMPUTE = (None, "selective", "full")
@@ -98,12 +104,9 @@ UNSUPPORTED: tuple[tuple[str, str, Any], ...] = (
     ("moe_latent_size", "MoE latent projection", _set),
     ("experimental_attention_variant", "linear / sparse attention (e.g. gated delta net, DSA)", _set),
     ("linear_attention_freq", "linear attention layers (e.g. gated delta net)", _set),
-    ("is_hybrid_model", "hybrid SSM model (Mamba-2 layers)", _set),
-    ("hybrid_override_pattern", "hybrid layer pattern (Mamba / attention / MLP / MoE layers)", _set),
-    ("hybrid_layer_pattern", "hybrid layer pattern (Mamba / attention / MLP / MoE layers)", _set),
-    ("mamba_num_heads", "Mamba-2 layers", _set),
+    ("hybrid_override_pattern", "a hybrid layer pattern under Megatron-LM's old name (give it as "
+     "hybrid_layer_pattern)", _set),
     ("heterogeneous_block_specs", "heterogeneous per-layer block specs", _set),
-    ("attention_output_gate", "gated attention output (extra gate projection)", _set),
     ("softmax_type", "a softmax other than vanilla, off-by-one or learnable sinks",
      lambda v: v not in (None, "vanilla", "off-by-one", "learnable")),
     ("layer_types", "per-layer attention types other than full attention",
@@ -176,6 +179,11 @@ class _Arch:
     moe_layers: tuple[bool, ...] = ()  # per layer: MoE MLP (True) or dense (False)
     mla: _MLA | None = None
     mtp_layers: int = 0
+    pattern: tuple[str, ...] = ()  # a hybrid model's layer symbols (HybridModel); () for GPT layers
+    mtp_pattern: str = ""  # the symbols of one MTP depth of a hybrid model
+    mamba: _Mamba | None = None
+    gdn: _GDN | None = None
+    output_gate: bool = False  # attention_output_gate: sigmoid(x W_g) scales the attention output
     sinks: bool = False  # softmax_type "learnable": one logit per head (parameters, no matmul)
     qk_norm_full: bool = False  # q/k norms over the whole projection (OLMoE): heads x head_dim weights
 
@@ -187,6 +195,41 @@ class _MoE:
     ffn: int  # one routed expert's FFN width
     shared_ffn: int  # all shared experts together (0: none)
     shared_gate: bool  # Qwen2-MoE: sigmoid(x W), W of H x 1, scales the shared experts
+
+
+@dataclass(frozen=True)
+class _Mamba:
+    heads: int
+    head_dim: int
+    groups: int  # B / C groups (n_groups)
+    state: int  # d_state
+    conv: int  # causal conv kernel
+    chunk: int  # SSD chunk length
+
+    @property
+    def inner(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def conv_dim(self) -> int:  # x, B and C go through the convolution
+        return self.inner + 2 * self.groups * self.state
+
+
+@dataclass(frozen=True)
+class _GDN:
+    k_heads: int
+    v_heads: int
+    k_dim: int
+    v_dim: int
+    conv: int
+
+    @property
+    def keys(self) -> int:
+        return self.k_heads * self.k_dim
+
+    @property
+    def values(self) -> int:
+        return self.v_heads * self.v_dim
 
 
 @dataclass(frozen=True)
@@ -251,6 +294,48 @@ def _mla(a: Mapping[str, Any], has_q_lora_field: bool) -> _MLA | None:
                 _int(a, "qk_pos_emb_head_dim", why), _int(a, "v_head_dim", why))
 
 
+HYBRID = {"M": ("mamba", None), "G": ("gdn", None), "*": ("attention", None), "-": (None, "dense"),
+          "E": (None, "moe")}  # Megatron-Core's HybridModel symbols this calculator counts
+
+
+def _pattern(a: Mapping[str, Any], num_layers: int) -> tuple[tuple[str, ...], str, int]:
+    """(the main layers' symbols, one MTP depth's symbols, MTP depths) of ``hybrid_layer_pattern``
+    (``"M-M*-|M-M*-/*E/*E"``: ``|`` splits pipeline stages, each ``/`` starts an MTP depth)."""
+    text = a.get("hybrid_layer_pattern")
+    if not text:
+        for name in ("is_hybrid_model", "mamba_num_heads"):
+            if _set(a.get(name)):
+                raise FlopsError(f"config field {name}={a[name]!r} is set but hybrid_layer_pattern is not: "
+                                 f"which layers are Mamba, attention or MLP is unknown")
+        return (), "", 0
+    main, *mtp = str(text).split("/")
+    main = main.replace("|", "")
+    for sym in set(main + "".join(mtp)) - set(HYBRID):
+        raise FlopsError(f"hybrid_layer_pattern symbol {sym!r} has no FLOPs term (counted: "
+                         f"{', '.join(f'{k} {v[0] or v[1]}' for k, v in HYBRID.items())})")
+    if len(main) != num_layers:
+        raise FlopsError(f"hybrid_layer_pattern has {len(main)} layers, num_layers is {num_layers}")
+    if len(set(mtp)) > 1:
+        raise FlopsError(f"hybrid_layer_pattern: MTP depths differ ({mtp}); Megatron-Core repeats one")
+    return tuple(main), (mtp[0] if mtp else ""), len(mtp)
+
+
+def _mamba(a: Mapping[str, Any], h: int) -> _Mamba:
+    head_dim = int(a.get("mamba_head_dim") or 64)
+    heads = int(a.get("mamba_num_heads") or 0) or 2 * h // head_dim  # Megatron: expand 2
+    return _Mamba(heads, head_dim, int(a.get("mamba_num_groups") or 8), int(a.get("mamba_state_dim") or 128),
+                  int(a.get("mamba_conv_kernel") or 4), int(a.get("mamba_chunk_size") or 128))
+
+
+def _gdn(a: Mapping[str, Any]) -> _GDN:
+    g = _GDN(int(a.get("linear_num_key_heads") or 16), int(a.get("linear_num_value_heads") or 32),
+             int(a.get("linear_key_head_dim") or 128), int(a.get("linear_value_head_dim") or 128),
+             int(a.get("linear_conv_kernel_dim") or 4))
+    if g.v_heads % g.k_heads:
+        raise FlopsError(f"linear_num_value_heads={g.v_heads} does not divide by linear_num_key_heads={g.k_heads}")
+    return g
+
+
 def _arch(attrs: Mapping[str, Any]) -> _Arch:
     for name, what, trips in UNSUPPORTED:
         if name in attrs and trips(attrs[name]):
@@ -274,10 +359,12 @@ def _arch(attrs: Mapping[str, Any]) -> _Arch:
         if any(w < -1 for w in window):
             raise FlopsError(f"window_size={window} is not a valid (left, right) window")
     num_layers, ffn = int(a["num_layers"]), int(a.get("ffn_hidden_size") or 4 * h)
-    moe, moe_layers = _moe(a, num_layers, ffn)
+    pattern, mtp_pattern, depths = _pattern(a, num_layers)
+    moe, moe_layers = _moe({**a, "moe_layer_freq": [int(x == "E") for x in pattern]} if pattern else a,
+                           num_layers, ffn)
     mla = _mla(a, "q_lora_rank" in attrs)
     qk_dim, v_dim = (mla.nope + mla.rope, mla.v) if mla else (kv, kv)
-    mtp = int(a.get("mtp_num_layers") or 0)
+    mtp = depths or int(a.get("mtp_num_layers") or 0)
     if mtp < 0:
         raise FlopsError(f"mtp_num_layers={mtp} must be >= 0")
     return _Arch(num_layers=num_layers, hidden=h, ffn=ffn,
@@ -285,11 +372,14 @@ def _arch(attrs: Mapping[str, Any]) -> _Arch:
                  vocab=int(a["vocab_size"]), tied=bool(a["share_embeddings_and_output_weights"]),
                  gated=bool(a["gated_linear_unit"]), qkv_bias=bool(a["add_qkv_bias"]),
                  linear_bias=bool(a["add_bias_linear"]), qk_norm=bool(a["qk_layernorm"]),
-                 norm_params=norm, layer_norms=4 if a.get("post_sublayer_norms") else 2,
+                 norm_params=norm, layer_norms=1 if pattern else 4 if a.get("post_sublayer_norms") else 2,
                  position_embedding_type=str(a["position_embedding_type"]),
                  max_sequence_length=a["max_sequence_length"], window_size=window,
                  window_attn_skip_freq=a["window_attn_skip_freq"], moe=moe,
-                 moe_layers=moe_layers, mla=mla, mtp_layers=mtp,
+                 moe_layers=moe_layers, mla=mla, mtp_layers=mtp, pattern=pattern, mtp_pattern=mtp_pattern,
+                 mamba=_mamba(a, h) if "M" in pattern + tuple(mtp_pattern) else None,
+                 gdn=_gdn(a) if "G" in pattern + tuple(mtp_pattern) else None,
+                 output_gate=bool(a.get("attention_output_gate")),
                  sinks=a.get("softmax_type") == "learnable", qk_norm_full=bool(a.get("qk_norm_full_projection")))
 
 
@@ -303,9 +393,9 @@ def architecture(model: Any) -> _Arch:
 class _Layer:
     """What one transformer layer holds. New kinds (MoE MLP, MLA, Mamba, gated delta net) are
     new values here, decided per layer from the config in ``_layer_plan``."""
-    mixer: str = "attention"
+    mixer: str | None = "attention"  # attention, mla, mamba, gdn; None: an MLP-only hybrid layer
+    mlp: str | None = "dense"  # dense, moe; None: a mixer-only hybrid layer
     window: tuple[int, int] | None = None
-    mlp: str = "dense"
 
 
 def _layer_plan(arch: _Arch) -> list[_Layer]:
@@ -318,6 +408,8 @@ def _layer_plan(arch: _Arch) -> list[_Layer]:
                          f"{arch.num_layers}")
     if isinstance(skip, int) and skip < 1:
         raise FlopsError(f"window_attn_skip_freq={skip} must be >= 1")
+    if arch.pattern:
+        return [_Layer(*HYBRID[x]) for x in arch.pattern]
     plan = []
     for number in range(1, arch.num_layers + 1):
         windowed = arch.window_size is not None and (
@@ -380,28 +472,70 @@ def _mlp_weights(h: int, f: int, gated: bool) -> int:
     return h * f * (2 if gated else 1) + f * h  # gated: gate and up projections, fused in fc1
 
 
+def _chunk_pairs(seq_len: int, chunk: int) -> int:
+    """Causal query-key pairs inside the chunks of one sequence (the SSD scan's quadratic part)."""
+    full, rest = divmod(seq_len, chunk)
+    return full * chunk * (chunk + 1) // 2 + rest * (rest + 1) // 2
+
+
+def _mamba_forward(m: _Mamba, h: int, b: _Batch) -> dict[str, int]:
+    """Mamba-2 (Megatron-Core's MambaMixer, chunked SSD): in_proj to z, x, B, C, dt; the depthwise
+    causal conv over x, B, C; the scan: within each chunk the C B^T scores (per group) and their
+    product with x (per head), across chunks the states B^T x and their read-out C h (per head);
+    out_proj. The gated norm, the decay and D skip are elementwise."""
+    t = b.tokens
+    pairs = b.batch_size * sum(_chunk_pairs(s, m.chunk) for s in b.seq_lens)
+    return {
+        "mamba_in_projection": 2 * t * h * (2 * m.inner + 2 * m.groups * m.state + m.heads),
+        "mamba_conv": 2 * t * m.conv_dim * m.conv,
+        "mamba_scan": 2 * pairs * (m.groups * m.state + m.heads * m.head_dim) + 2 * 2 * t * m.heads * m.state * m.head_dim,
+        "mamba_out_projection": 2 * t * m.inner * h,
+    }
+
+
+def _gdn_forward(g: _GDN, h: int, b: _Batch) -> dict[str, int]:
+    """Gated delta net (Qwen3-Next's linear attention): in_proj to q, k, v, z and the b, a gates;
+    the depthwise causal conv over q, k, v; per token and value head the delta rule on its
+    k_dim x v_dim state (read k, write the rank-1 correction, read q: three products); out_proj."""
+    t = b.tokens
+    return {
+        "gdn_in_projection": 2 * t * h * (2 * g.keys + 2 * g.values + 2 * g.v_heads),
+        "gdn_conv": 2 * t * (2 * g.keys + g.values) * g.conv,
+        "gdn_recurrence": 2 * 3 * t * g.v_heads * g.k_dim * g.v_dim,
+        "gdn_out_projection": 2 * t * g.values * h,
+    }
+
+
 def _layer_forward(a: _Arch, layer: _Layer, b: _Batch) -> dict[str, int]:
     """Forward FLOPs of one layer, per component (2 per multiply-add)."""
-    if layer.mixer not in ("attention", "mla") or layer.mlp not in ("dense", "moe"):
+    if layer.mixer not in ("attention", "mla", "mamba", "gdn", None) or layer.mlp not in ("dense", "moe", None):
         raise FlopsError(f"layer kind {layer} has no FLOPs term")
     t = b.tokens
-    pairs = b.batch_size * sum(attention_pairs(s, b.causal, layer.window) for s in b.seq_lens)
-    out = {
-        "qkv_projection": 2 * t * _qkv_weights(a),
-        # QK^T (qk_head_dim per pair) and softmax x V (v_head_dim per pair), every query head
-        "core_attention": 2 * pairs * a.heads * (a.qk_head_dim + a.v_head_dim),
-        "attention_output_projection": 2 * t * a.heads * a.v_head_dim * a.hidden,
-    }
+    out: dict[str, int] = {}
+    if layer.mixer == "mamba":
+        out.update(_mamba_forward(a.mamba, a.hidden, b))
+    elif layer.mixer == "gdn":
+        out.update(_gdn_forward(a.gdn, a.hidden, b))
+    elif layer.mixer is not None:
+        pairs = b.batch_size * sum(attention_pairs(s, b.causal, layer.window) for s in b.seq_lens)
+        out.update({
+            "qkv_projection": 2 * t * _qkv_weights(a),
+            # QK^T (qk_head_dim per pair) and softmax x V (v_head_dim per pair), every query head
+            "core_attention": 2 * pairs * a.heads * (a.qk_head_dim + a.v_head_dim),
+            "attention_output_projection": 2 * t * a.heads * a.v_head_dim * a.hidden,
+        })
+        if a.output_gate:  # one gate per output channel, from the hidden state
+            out["attention_output_gate"] = 2 * t * a.hidden * a.heads * a.v_head_dim
     if layer.mlp == "dense":
         out["mlp"] = 2 * t * _mlp_weights(a.hidden, a.ffn, a.gated)
-        return out
-    m = a.moe
-    # router logits h -> E for every token; Qwen2-MoE's shared-expert gate h -> 1
-    out["router"] = 2 * t * a.hidden * (m.experts + (1 if m.shared_gate else 0))
-    # every token runs through top-k experts (no token dropped, no padding to capacity)
-    out["routed_experts"] = 2 * t * m.topk * _mlp_weights(a.hidden, m.ffn, a.gated)
-    if m.shared_ffn:
-        out["shared_experts"] = 2 * t * _mlp_weights(a.hidden, m.shared_ffn, a.gated)
+    elif layer.mlp == "moe":
+        m = a.moe
+        # router logits h -> E for every token; Qwen2-MoE's shared-expert gate h -> 1
+        out["router"] = 2 * t * a.hidden * (m.experts + (1 if m.shared_gate else 0))
+        # every token runs through top-k experts (no token dropped, no padding to capacity)
+        out["routed_experts"] = 2 * t * m.topk * _mlp_weights(a.hidden, m.ffn, a.gated)
+        if m.shared_ffn:
+            out["shared_experts"] = 2 * t * _mlp_weights(a.hidden, m.shared_ffn, a.gated)
     return out
 
 
@@ -532,14 +666,16 @@ def training_flops(model: Any, seq_len: int | Sequence[int] = 4096, batch_size: 
     attrs = model_attrs(model)
     a = _arch(attrs)
     batch = _Batch(seqs, int(batch_size), bool(causal))
-    names = [n for n in ALL_COMPONENTS if n in COMPONENTS
-             or (n in _MOE_COMPONENTS and a.moe and (n != "shared_experts" or a.moe.shared_ffn))
-             or (n == "mtp" and a.mtp_layers)]
-    fwd = {n: 0 for n in names}
     plan = _layer_plan(a)
+    fwd = {n: 0 for n in COMPONENTS}
     for layer in plan:
         for name, flops in _layer_forward(a, layer, batch).items():
-            fwd[name] += flops
+            fwd[name] = fwd.get(name, 0) + flops
+    if a.moe:
+        fwd.update({n: fwd.get(n, 0) for n in _MOE_COMPONENTS if n != "shared_experts" or a.moe.shared_ffn})
+    if a.mtp_layers:
+        fwd["mtp"] = 0  # counted below
+    names = [n for n in ALL_COMPONENTS if n in fwd]
     logits = 2 * batch.tokens * a.hidden * a.vocab
     fwd["logits"] = logits
     again = {n: fwd[n] if (recompute == "full" and n not in ("embedding", "logits")
@@ -548,12 +684,16 @@ def training_flops(model: Any, seq_len: int | Sequence[int] = 4096, batch_size: 
     if a.mtp_layers:
         # per MTP layer: eh_proj [2h -> h] on the concatenated (normed) hidden state and embedding
         # of the shifted tokens, one transformer layer (the kind of the last decoder layer, as
-        # Megatron-Core builds it), and the logits of the shared output head
-        layer = _layer_forward(a, plan[-1], batch)
+        # Megatron-Core builds it; a hybrid model's MTP pattern), and the logits of the shared
+        # output head
+        layer: dict[str, int] = {}
+        for one in ([_Layer(*HYBRID[x]) for x in a.mtp_pattern] if a.pattern else [plan[-1]]):
+            for k, v in _layer_forward(a, one, batch).items():
+                layer[k] = layer.get(k, 0) + v
         body = 2 * batch.tokens * 2 * a.hidden * a.hidden + sum(layer.values())
         fwd["mtp"] = a.mtp_layers * (body + logits)
         again["mtp"] = a.mtp_layers * (body if recompute == "full" else
-                                       layer["core_attention"] if recompute == "selective" else 0)
+                                       layer.get("core_attention", 0) if recompute == "selective" else 0)
     vision = _vision(attrs, image_size)
     if vision:
         n_img = batch.batch_size * (1 if images is None else int(images))
@@ -601,25 +741,47 @@ def parameter_counts(model: Any) -> Params:
     return _params(_arch(attrs), _vision(attrs))
 
 
-def _layer_params(a: _Arch, moe: bool) -> tuple[dict[str, int], int]:
+def _mamba_params(m: _Mamba, h: int) -> int:
+    """in_proj, the conv with its bias, A_log, D and dt_bias per head, the gated norm, out_proj."""
+    return h * (2 * m.inner + 2 * m.groups * m.state + m.heads) + m.conv_dim * (m.conv + 1) + 3 * m.heads \
+        + m.inner + m.inner * h
+
+
+def _gdn_params(g: _GDN, h: int) -> int:
+    """in_proj (q, k, v, z and the b, a gates), the conv (no bias), A_log and dt_bias per value
+    head, the gated norm over one head, out_proj."""
+    return h * (2 * g.keys + 2 * g.values + 2 * g.v_heads) + (2 * g.keys + g.values) * g.conv + 2 * g.v_heads \
+        + g.v_dim + g.values * h
+
+
+def _layer_params(a: _Arch, layer: _Layer) -> tuple[dict[str, int], int]:
     """One layer's parameters by component, and how many of them a token does not use."""
     h, npar = a.hidden, a.norm_params
-    bias = a.qkv_bias or a.linear_bias
-    attn = _qkv_weights(a) + (_qkv_width(a) if bias and not a.mla else 0) \
-        + a.heads * a.v_head_dim * h + (h if a.linear_bias else 0) + (a.heads if a.sinks else 0)
-    if a.mla:  # RMSNorms on the latents: q_a's output (with q LoRA) and kv_a's compressed kv
-        qk_norms = npar * ((a.mla.q_lora_rank or 0) + a.mla.kv_lora_rank) if a.qk_norm else 0
-    else:
-        per_head = (a.heads + a.groups) if a.qk_norm_full else 2  # a weight per head, or one shared
-        qk_norms = per_head * npar * a.qk_head_dim if a.qk_norm else 0
-    out = {"attention": attn, "norms": a.layer_norms * npar * h + qk_norms}
+    out = {"norms": a.layer_norms * npar * h}
+    if layer.mixer == "mamba":
+        out["mamba"] = _mamba_params(a.mamba, h)
+    elif layer.mixer == "gdn":
+        out["gdn"] = _gdn_params(a.gdn, h)
+    elif layer.mixer is not None:
+        bias = a.qkv_bias or a.linear_bias
+        attn = _qkv_weights(a) + (_qkv_width(a) if bias and not a.mla else 0) \
+            + a.heads * a.v_head_dim * h + (h if a.linear_bias else 0) + (a.heads if a.sinks else 0) \
+            + (h * a.heads * a.v_head_dim if a.output_gate else 0)
+        if a.mla:  # RMSNorms on the latents: q_a's output (with q LoRA) and kv_a's compressed kv
+            qk_norms = npar * ((a.mla.q_lora_rank or 0) + a.mla.kv_lora_rank) if a.qk_norm else 0
+        else:
+            per_head = (a.heads + a.groups) if a.qk_norm_full else 2  # a weight per head, or one shared
+            qk_norms = per_head * npar * a.qk_head_dim if a.qk_norm else 0
+        out["attention"] = attn
+        out["norms"] += qk_norms
 
     def mlp(f: int) -> int:
         f_in = f * (2 if a.gated else 1)
         return _mlp_weights(h, f, a.gated) + ((f_in + h) if a.linear_bias else 0)
 
-    if not moe:
+    if layer.mlp == "dense":
         out["mlp"] = mlp(a.ffn)
+    if layer.mlp != "moe":
         return out, 0
     m = a.moe
     out["router"] = h * m.experts + (h if m.shared_gate else 0) + (m.experts if a.linear_bias else 0)
@@ -643,13 +805,14 @@ def _params(a: _Arch, vision: dict[str, tuple[int, int]] | None = None) -> Param
         positions = 0
     layers: dict[str, int] = {}
     inactive = 0
-    for is_moe in a.moe_layers:
-        counts, unused = _layer_params(a, is_moe)
+    for layer in _layer_plan(a):
+        counts, unused = _layer_params(a, layer)
         inactive += unused
         for k, v in counts.items():
             layers[k] = layers.get(k, 0) + v
     by = {"embedding": embedding, "position_embedding": positions,
-          "attention": layers["attention"], "mlp": layers.get("mlp", 0)}
+          "attention": layers.get("attention", 0), "mlp": layers.get("mlp", 0)}
+    by.update({k: layers[k] for k in ("mamba", "gdn") if k in layers})
     if a.moe:
         by.update({k: layers[k] for k in _MOE_COMPONENTS if k in layers})
     by.update(norms=layers["norms"] + a.norm_params * h, output=output)
@@ -658,7 +821,12 @@ def _params(a: _Arch, vision: dict[str, tuple[int, int]] | None = None) -> Param
     if a.mtp_layers:
         # per MTP layer (Megatron-Core's MultiTokenPredictionLayer): enorm, hnorm, eh_proj 2h x h,
         # one transformer layer, a final norm; embedding and output head shared with the model
-        counts, unused = _layer_params(a, a.moe_layers[-1])
+        counts, unused = {}, 0
+        for layer in ([_Layer(*HYBRID[x]) for x in a.mtp_pattern] if a.pattern else [_layer_plan(a)[-1]]):
+            c, u = _layer_params(a, layer)
+            unused += u
+            for k, v in c.items():
+                counts[k] = counts.get(k, 0) + v
         one = 3 * a.norm_params * h + 2 * h * h + sum(counts.values())
         mtp_total, mtp_active = a.mtp_layers * one, a.mtp_layers * (one - unused)
         by["mtp"] = mtp_total

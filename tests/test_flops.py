@@ -183,7 +183,7 @@ def test_varlen_batches_sum_attention_per_sequence():
     ("num_nextn_predict_layers", 1), ("moe_pad_expert_input_to_capacity", True),
     ("experimental_attention_variant", "gated_delta_net"), ("linear_attention_freq", 4),
     ("is_hybrid_model", True), ("hybrid_override_pattern", "M-M*-"), ("mamba_num_heads", 64),
-    ("heterogeneous_block_specs", True), ("attention_output_gate", True),
+    ("heterogeneous_block_specs", True), ("hybrid_layer_pattern", "M-D-"),
     ("softmax_type", "sparsemax"), ("layer_types", ["full_attention", "linear_attention"]),
 ])
 def test_unsupported_blocks_raise_naming_the_field(field, value):
