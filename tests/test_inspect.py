@@ -87,3 +87,25 @@ def test_a_vlm_is_told_its_vision_encoder_pattern():
     odd = {"model_type": "x_vl", "vision_config": {"model_type": "x_vision"}}
     assert inspect_config(odd)["vision_encoder"].startswith("unknown (vision_config.model_type='x_vision')")
     assert "vision_encoder" not in inspect_config({"model_type": "llama", "hidden_size": 64})
+
+
+def test_hybrid_layer_patterns_are_read_and_unknown_block_types_named(capsys):
+    """Nemotron-H's pattern string, Qwen3-Next's attention interval, a layer_types list and a
+    layers_block_type list give per-kind counts and the HybridModel pattern; a block name with
+    no Megatron-Core symbol is named with its layers."""
+    from bridges.cli import main
+    from bridges.commands.inspect import hybrid_layers
+    from tests.test_flops_hybrid import NEMOTRON_PATTERN, QWEN3_NEXT_80B
+
+    data = Path(__file__).parent / "data"
+    nemo = hybrid_layers(json.loads((data / "Nemotron-H-56B-Base-8K.json").read_text()))
+    assert nemo["counts"] == {"Mamba-2": 54, "MLP": 54, "attention": 10} and nemo["pattern"] == NEMOTRON_PATTERN
+    nxt = hybrid_layers(json.loads((data / "Qwen3-Next-80B-A3B-Instruct.json").read_text()))
+    assert nxt["pattern"] == QWEN3_NEXT_80B["hybrid_layer_pattern"] and nxt["from"] == "full_attention_interval"
+    listed = hybrid_layers({"num_hidden_layers": 4, "layer_types": ["linear_attention"] * 3 + ["full_attention"]})
+    assert listed["pattern"] == "G-G-G-*-" and listed["counts"] == {"gated delta net": 3, "MLP": 4, "attention": 1}
+    odd = hybrid_layers({"layers_block_type": ["mamba", "attention", "conv", "moe", "conv"]})
+    assert odd["unknown"] == {"conv": [2, 4]} and odd["pattern"] == "M*?E?"
+    assert hybrid_layers({"num_hidden_layers": 2}) is None
+    assert main(["inspect", str(data / "Nemotron-H-56B-Base-8K.json")]) == 0
+    assert "118 HF layers (hybrid_override_pattern): 54 Mamba-2, 54 MLP, 10 attention" in capsys.readouterr().out

@@ -97,6 +97,9 @@ def inspect_config(config: dict, ckpt: Path | None = None, modality: str | None 
         cls, info["bridge"] = None, None
     if info["kind"] == "vlm":
         info["vision_encoder"] = vision_pattern(config, cls)
+    layers = hybrid_layers(text)
+    if layers:
+        info["layers"] = layers
     # Fields some registered bridge understands: its table, and the fields of its shipped configs.
     by_type: dict[str, set] = {}
     for name in fixture_names():
@@ -120,6 +123,47 @@ def inspect_config(config: dict, ckpt: Path | None = None, modality: str | None 
     # what a bridge starting from the closest one would still have to handle
     info["unhandled_by_closest"] = sorted(k for k in set_ if k not in handles.get(closest, known))
     return info
+
+
+# Per-layer block names of hybrid configs -> Megatron-Core HybridModel symbols: each HF layer is a
+# mixer (M Mamba-2, G gated delta net, * attention) and, where the family pairs it with one, an
+# MLP (- dense, E MoE)
+HF_KINDS = {"M": "M", "*": "*", "-": "-", "E": "E", "mamba": "M", "attention": "*", "mlp": "-", "moe": "E",
+            "full_attention": "*", "linear_attention": "G"}
+SYMBOL_NAMES = {"M": "Mamba-2", "G": "gated delta net", "*": "attention", "-": "MLP", "E": "MoE"}
+
+
+def hybrid_layers(text: dict) -> dict | None:
+    """The layer pattern of a hybrid config, from whichever field spells it
+    (``hybrid_override_pattern``, ``layers_block_type``, ``layer_types`` with linear attention,
+    ``full_attention_interval``): counts per block kind, the HybridModel pattern it maps to
+    (a mixer-only family's layers as they are; a family whose layers also hold an MLP or MoE
+    gets that after each mixer), and the block names nothing here knows, with their layers."""
+    n = text.get("num_hidden_layers")
+    if text.get("hybrid_override_pattern"):
+        field, kinds = "hybrid_override_pattern", list(text["hybrid_override_pattern"])
+    elif isinstance(text.get("layers_block_type"), list):
+        field, kinds = "layers_block_type", list(text["layers_block_type"])
+    elif isinstance(text.get("layer_types"), list) and "linear_attention" in text["layer_types"]:
+        field, kinds = "layer_types", list(text["layer_types"])
+    elif text.get("full_attention_interval") and n:
+        every = int(text["full_attention_interval"])
+        field, kinds = "full_attention_interval", ["full_attention" if (i + 1) % every == 0 else "linear_attention"
+                                                   for i in range(int(n))]
+    else:
+        return None
+    unknown: dict[str, list[int]] = {}
+    for i, k in enumerate(kinds):
+        if k not in HF_KINDS:
+            unknown.setdefault(str(k), []).append(i)
+    symbols = [HF_KINDS.get(k, "?") for k in kinds]
+    mixers_only = set(symbols) <= {"M", "G", "*", "?"}
+    if mixers_only and field != "hybrid_override_pattern":  # each HF layer also holds its MLP
+        mlp = "E" if any(text.get(f) for f in ("num_experts", "num_local_experts", "n_routed_experts")) else "-"
+        symbols = [x for s in symbols for x in (s, mlp)]
+    counts = {SYMBOL_NAMES.get(x, "unknown"): symbols.count(x) for x in dict.fromkeys(symbols)}
+    return {"from": field, "hf_layers": len(kinds), "counts": counts, "pattern": "".join(symbols),
+            "unknown": unknown}
 
 
 # The two ways a VLM's vision tower lives in the Megatron model (docs/gemma3-vl.md)
@@ -244,6 +288,14 @@ def run(args) -> int:
     q = info["quantization"]
     print(f"quantization   {q.get('config') or 'none in config'}" +
           (f"; tensors: {q['quantized_tensors']}" if q.get("quantized_tensors") else ""))
+    lay = info.get("layers")
+    if lay:
+        print(f"layers         {lay['hf_layers']} HF layers ({lay['from']}): " +
+              ", ".join(f"{v} {k}" for k, v in lay["counts"].items()) +
+              f"; HybridModel pattern {lay['pattern'][:60]}{'...' if len(lay['pattern']) > 60 else ''}")
+        for kind, where in lay["unknown"].items():
+            print(f"               unknown block type {kind!r} at layers {where[:8]}{' ...' if len(where) > 8 else ''}: "
+                  f"read its HF modeling code (no Megatron-Core symbol known for it)")
     if info.get("tensor_blocks") is not None:
         print(f"tensors        {', '.join(info['tensor_blocks']) or 'plain'} (from {info['tensor_names_from']})")
     print(f"bridge         {info['bridge'] or 'none registered'}"
