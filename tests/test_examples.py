@@ -7,7 +7,6 @@ import importlib.util
 import json
 import os
 import shlex
-import shutil
 import socketserver
 import subprocess
 import sys
@@ -15,6 +14,8 @@ import threading
 from pathlib import Path
 
 import pytest
+
+from tests.toy_tokenizer import save_with_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("examples_gen", ROOT / "scripts" / "examples.py")
@@ -73,25 +74,6 @@ def pool_socket(conformance, tmp_path_factory):
     server.server_close()
 
 
-def _with_tokenizer(src: str, dst: Path) -> Path:
-    """A copy of a toy with a tokenizer over its vocabulary and a chat template: one character per
-    id, so that it reads the same whether transformers loads it as written (word level) or as
-    the family's BPE class (Qwen2's, whose merges it does not have)."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    shutil.copytree(src, dst)
-    cfg = json.loads((dst / "config.json").read_text())
-    vocab = (cfg.get("text_config") or cfg)["vocab_size"]
-    chars = list("abcdefghijklmnopqrstuvwxyz") + [chr(0x4E00 + i) for i in range(vocab - 26)]
-    tok = Tokenizer(models.WordLevel({c: i for i, c in enumerate(chars)}, unk_token="a"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="b", unk_token="a")
-    fast.chat_template = "{% for m in messages %}x {{ m['content'] }} y {% endfor %}{% if add_generation_prompt %}z{% endif %}"
-    fast.save_pretrained(dst)
-    return dst
-
-
 def _toy_layout(config: dict) -> dict[str, str]:
     from bridges.core.parallel import Layout
     from conformance.session import fit_layout, is_moe
@@ -114,7 +96,7 @@ def test_every_example_script_runs_on_a_toy(model, conformance, pool_socket, tmp
     spec = resolve(model)
     quant = EX.FLAGSHIPS[model].get("quantized")
     src = conformance.quantized_checkpoint(spec, quant)[0] if quant else conformance.checkpoint(spec)
-    toy = _with_tokenizer(src, tmp_path / "toy")
+    toy = save_with_tokenizer(src, tmp_path / "toy")
     client = f"{shlex.quote(sys.executable)} {shlex.quote(str(ROOT / 'tests' / 'example_client.py'))}"
     env = {"MBRIDGE_EXAMPLE_MODEL": str(toy), "MBRIDGE": client, "MBRIDGE_POOL_SOCKET": pool_socket,
            "WORK": str(tmp_path / "work"), "PROMPT": "c d e", "MAX_NEW_TOKENS": "4",

@@ -99,3 +99,60 @@ def test_a_prompt_that_encodes_to_nothing_is_one_clear_error():
 
     with pytest.raises(MBridgeError, match="--prompt 'hi' encodes to no tokens with Empty"):
         prompt_ids(Empty(), "hi", chat=True)
+
+
+@pytest.fixture(scope="module")
+def vlm_dir(conformance, tmp_path_factory):
+    """The Devstral-Small-2 (Mistral3) toy with a processor: Pixtral's image processor at the toy
+    tower's patch size, a character tokenizer with the image tokens at the toy's ids."""
+    from transformers import PixtralImageProcessor, PixtralProcessor
+
+    from conformance.models import resolve
+    from tests.toy_tokenizer import char_tokenizer
+
+    toy = conformance.checkpoint(resolve("mistralai/Devstral-Small-2-24B-Instruct-2512"))
+    d = tmp_path_factory.mktemp("generate-vlm") / "mistral3-toy"
+    shutil.copytree(toy, d)
+    cfg = json.loads((d / "config.json").read_text())
+    v = cfg["vision_config"]
+    specials = {"[IMG]": cfg["image_token_index"], "[IMG_BREAK]": 498, "[IMG_END]": 499}
+    tok = char_tokenizer(cfg["text_config"]["vocab_size"], specials, image="[IMG] ")
+    images = PixtralImageProcessor(patch_size=v["patch_size"], size={"longest_edge": v["image_size"]})
+    PixtralProcessor(image_processor=images, tokenizer=tok, patch_size=v["patch_size"],
+                     spatial_merge_size=cfg["spatial_merge_size"], chat_template=tok.chat_template).save_pretrained(d)
+    return d
+
+
+def test_greedy_with_an_image_is_hf_generate(conformance, vlm_dir, tmp_path):
+    """An image file through the checkpoint's processor: the same placeholders, pixels and grid
+    sizes reach the Megatron model at TP2 as HF's, and greedy decoding gives HF's tokens."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText
+
+    from bridges.commands.generate import image_inputs
+    from conformance.adapters import ImageTextToText
+    from conformance.forward import hf_generate
+
+    pixels = torch.Generator().manual_seed(3)
+    Image.fromarray((torch.rand(20, 16, 3, generator=pixels) * 255).byte().numpy()).save(tmp_path / "x.png")
+    out = _run(conformance, ["--hf", str(vlm_dir), "--prompt", "c d e", "--image", str(tmp_path / "x.png"),
+                             "--max-new-tokens", "6", "--json", "--tp", "2"])
+    inputs = image_inputs(str(vlm_dir), str(tmp_path / "x.png"), "c d e")
+    ids = inputs["input_ids"]
+    cfg = json.loads((vlm_dir / "config.json").read_text())
+    assert out["prompt_ids"] == ids[0].tolist() and ids[0].tolist().count(cfg["image_token_index"]) >= 4
+    hf = AutoModelForImageTextToText.from_pretrained(vlm_dir, dtype=torch.float32).eval()
+    ref = hf_generate(hf, ids, len(out["new_ids"]), None, ImageTextToText._rest(inputs),
+                      (cfg["image_token_index"],))[0, ids.shape[1]:].tolist()
+    assert out["new_ids"] == ref and len(ref) >= 1
+
+
+def test_an_image_for_a_text_model_or_an_unreadable_one_is_named(model_dir, vlm_dir, tmp_path):
+    from bridges.commands.generate import image_inputs
+    from bridges.core.errors import MBridgeError
+
+    (tmp_path / "x.png").write_bytes(b"not a png")
+    with pytest.raises(MBridgeError, match="without a vision tower"):
+        image_inputs(str(model_dir), str(tmp_path / "x.png"), "c")
+    with pytest.raises(MBridgeError, match=f"--image {tmp_path / 'x.png'}"):
+        image_inputs(str(vlm_dir), str(tmp_path / "x.png"), "c")
