@@ -104,8 +104,8 @@ def test_hybrid_layer_patterns_are_read_and_unknown_block_types_named(capsys):
     assert nxt["pattern"] == QWEN3_NEXT_80B["hybrid_layer_pattern"] and nxt["from"] == "full_attention_interval"
     listed = hybrid_layers({"num_hidden_layers": 4, "layer_types": ["linear_attention"] * 3 + ["full_attention"]})
     assert listed["pattern"] == "G-G-G-*-" and listed["counts"] == {"gated delta net": 3, "MLP": 4, "attention": 1}
-    odd = hybrid_layers({"layers_block_type": ["mamba", "attention", "conv", "moe", "conv"]})
-    assert odd["unknown"] == {"conv": [2, 4]} and odd["pattern"] == "M*?E?"
+    odd = hybrid_layers({"layers_block_type": ["linear_attention", "attention", "conv", "moe", "conv"]})
+    assert odd["unknown"] == {"conv": [2, 4]} and odd["pattern"] == "M*?E?"  # Nemotron-H's: Mamba-2
     assert hybrid_layers({"num_hidden_layers": 2}) is None
     assert main(["inspect", str(data / "Nemotron-H-56B-Base-8K.json")]) == 0
     assert "118 HF layers (hybrid_override_pattern): 54 Mamba-2, 54 MLP, 10 attention" in capsys.readouterr().out

@@ -125,11 +125,17 @@ def inspect_config(config: dict, ckpt: Path | None = None, modality: str | None 
     return info
 
 
-# Per-layer block names of hybrid configs -> Megatron-Core HybridModel symbols: each HF layer is a
-# mixer (M Mamba-2, G gated delta net, * attention) and, where the family pairs it with one, an
-# MLP (- dense, E MoE)
-HF_KINDS = {"M": "M", "*": "*", "-": "-", "E": "E", "mamba": "M", "attention": "*", "mlp": "-", "moe": "E",
-            "full_attention": "*", "linear_attention": "G"}
+# Per-layer block names of hybrid configs -> Megatron-Core HybridModel symbols, per field: each HF
+# layer is a mixer (M Mamba-2, G gated delta net, * attention) and, where the family pairs it with
+# one, an MLP (- dense, E MoE). "linear_attention" is Mamba-2 in Nemotron-H's layers_block_type
+# (transformers 5) and the gated delta net in Qwen3-Next / Qwen3.5's layer_types.
+HF_KINDS = {
+    "hybrid_override_pattern": {"M": "M", "*": "*", "-": "-", "E": "E"},
+    "layers_block_type": {"mamba": "M", "linear_attention": "M", "attention": "*", "full_attention": "*",
+                          "mlp": "-", "moe": "E"},
+    "layer_types": {"linear_attention": "G", "full_attention": "*"},
+    "full_attention_interval": {"linear_attention": "G", "full_attention": "*"},
+}
 SYMBOL_NAMES = {"M": "Mamba-2", "G": "gated delta net", "*": "attention", "-": "MLP", "E": "MoE"}
 
 
@@ -152,13 +158,13 @@ def hybrid_layers(text: dict) -> dict | None:
                                                    for i in range(int(n))]
     else:
         return None
+    known = HF_KINDS[field]
     unknown: dict[str, list[int]] = {}
     for i, k in enumerate(kinds):
-        if k not in HF_KINDS:
+        if k not in known:
             unknown.setdefault(str(k), []).append(i)
-    symbols = [HF_KINDS.get(k, "?") for k in kinds]
-    mixers_only = set(symbols) <= {"M", "G", "*", "?"}
-    if mixers_only and field != "hybrid_override_pattern":  # each HF layer also holds its MLP
+    symbols = [known.get(k, "?") for k in kinds]
+    if field in ("layer_types", "full_attention_interval"):  # each HF layer also holds its MLP
         mlp = "E" if any(text.get(f) for f in ("num_experts", "num_local_experts", "n_routed_experts")) else "-"
         symbols = [x for s in symbols for x in (s, mlp)]
     counts = {SYMBOL_NAMES.get(x, "unknown"): symbols.count(x) for x in dict.fromkeys(symbols)}
