@@ -84,10 +84,11 @@ def capture_megatron(chunks, store: dict, parts=()):
             hooks.append(chunk.embedding.register_forward_hook(save("embedding")))
         for layer in chunk.decoder.layers:
             n = layer.layer_number - 1
-            hooks.append(layer.self_attention.register_forward_hook(save(f"layer {n} attention")))
-            hooks.append(layer.mlp.register_forward_hook(save(f"layer {n} mlp")))
-        if chunk.post_process and getattr(chunk.decoder, "final_layernorm", None) is not None:
-            hooks.append(chunk.decoder.final_layernorm.register_forward_hook(save("final norm")))
+            for label, mod in _blocks(layer, ("mixer", "self_attention", "mlp")):
+                hooks.append(mod.register_forward_hook(save(f"layer {n} {label}")))
+        final = getattr(chunk.decoder, "final_layernorm", None) or getattr(chunk.decoder, "final_norm", None)
+        if chunk.post_process and final is not None:
+            hooks.append(final.register_forward_hook(save("final norm")))
     try:
         yield store
     finally:
@@ -95,22 +96,37 @@ def capture_megatron(chunks, store: dict, parts=()):
             h.remove()
 
 
+def _blocks(layer, names):
+    """(label, module) of a Megatron layer's sublayers: attention and MLP of a transformer
+    layer; the one block of a hybrid layer (HybridModel: a Mamba mixer, an attention or an MLP,
+    the others identity), labelled "block" as the HF side's mixer."""
+    from megatron.core.transformer.identity_op import IdentityOp
+
+    present = [(n, getattr(layer, n)) for n in names
+               if getattr(layer, n, None) is not None and not isinstance(getattr(layer, n), IdentityOp)]
+    if hasattr(layer, "mixer") or len(present) == 1:
+        return [("block", present[0][1])]
+    return [("attention" if n == "self_attention" else n, m) for n, m in present]
+
+
 @contextlib.contextmanager
 def capture_hf(model, store: dict, parts=()):
     base = getattr(model.model, "language_model", model.model)  # a VLM's text model
     hooks = [mod.register_forward_hook(lambda _m, _i, o, k=label: store.__setitem__(k, _flat(_first(o))))
              for label, mod in vision_modules(model, parts, 2)]
-    hooks += [base.embed_tokens.register_forward_hook(
+    embed = getattr(base, "embed_tokens", None) or base.embeddings  # Nemotron-H: embeddings
+    hooks += [embed.register_forward_hook(
         lambda _m, _i, o: store.__setitem__("embedding", o.detach().float().cpu().clone()))]
     for n, layer in enumerate(base.layers):
         # sandwich norms (Gemma2/3): Megatron's output projections include the post-norm
         sandwich = hasattr(layer, "pre_feedforward_layernorm") and hasattr(layer, "post_feedforward_layernorm")
         parts = (("post_attention_layernorm", "attention"), ("post_feedforward_layernorm", "mlp")) if sandwich \
-            else (("self_attn", "attention"), ("mlp", "mlp"))
+            else (("mixer", "block"),) if hasattr(layer, "mixer") else (("self_attn", "attention"), ("mlp", "mlp"))
         for attr, label in parts:
             hooks.append(getattr(layer, attr).register_forward_hook(
                 lambda _m, _i, o, k=f"layer {n} {label}": store.__setitem__(k, _first(o).detach().float().cpu().clone())))
-    hooks.append(base.norm.register_forward_hook(
+    final = getattr(base, "norm", None) or base.norm_f
+    hooks.append(final.register_forward_hook(
         lambda _m, _i, o: store.__setitem__("final norm", o.detach().float().cpu().clone())))
     try:
         yield store

@@ -17,6 +17,13 @@ from conformance.forward import margin
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
+def _read_config(path) -> dict:
+    """config.json as transformers reads it (its tagged infinities decoded)."""
+    from bridges.core.hf_io import HFCheckpoint
+
+    return HFCheckpoint.read_config(path)
+
+
 # Set (to 1) by the plugin's --mbridge-trust-remote-code before any rank starts, so that every
 # process of the run reads configs with ``auto_map`` the same way.
 TRUST_ENV = "MBRIDGE_TRUST_REMOTE_CODE"
@@ -52,7 +59,7 @@ def _device() -> torch.device:
 def hf_reference(toy_dir: str, ids: torch.Tensor, steps: int, dtype: str = "float32",
                  baseline_seed: int = 12345) -> dict[str, Any]:
     """HF logits, activations and greedy tokens; and logits of a re-initialised model."""
-    config = json.loads((Path(toy_dir) / "config.json").read_text())
+    config = _read_config(Path(toy_dir))
     ad = adapter_for(config)
     model = ad.load_hf(toy_dir, DTYPES[dtype]).to(_device()).eval()
     acts: dict = {}
@@ -259,7 +266,7 @@ def hf_mtp_reference(toy_dir: str, ids: torch.Tensor, baseline_seed: int = 12345
     on the hidden state of a re-initialised main model, as the "wrong" baseline."""
     bridge = make_bridge(toy_dir)
     ad = adapter_for(bridge=bridge)
-    config = json.loads((Path(toy_dir) / "config.json").read_text())
+    config = _read_config(Path(toy_dir))
     out = {}
     for key, model in (("logits", ad.load_hf(toy_dir, torch.float32)),
                        ("baseline", ad.build_hf({**config, "dtype": "float32"}, seed=baseline_seed))):

@@ -27,6 +27,13 @@ TOY = dict(hidden_size=64, intermediate_size=96, head_dim=16, vocab_size=503, kv
 EXPERT_COUNTS = ("num_experts", "num_local_experts", "n_routed_experts")
 
 
+def _read_config(path) -> dict:
+    """config.json as transformers reads it (its tagged infinities decoded)."""
+    from bridges.core.hf_io import HFCheckpoint
+
+    return HFCheckpoint.read_config(path)
+
+
 def shrink_config(config: dict[str, Any], max_tp: int = 4, min_layers: int = 4,
                   tie: bool | None = None) -> dict[str, Any]:
     """Toy config dict from a published config dict (pure function of its inputs)."""
@@ -207,7 +214,7 @@ def _eager(cfg) -> None:
 
 def load_hf_model(path: str | os.PathLike, dtype: torch.dtype):
     """Load an HF checkpoint with transformers, through the bridge's hf_model_type if needed."""
-    config = json.loads((Path(path) / "config.json").read_text())
+    config = _read_config(Path(path))
     cfg = hf_config(config)
     _eager(cfg)
     return _auto_class(config).from_pretrained(path, config=cfg, dtype=dtype)
@@ -239,7 +246,7 @@ def make_toy_checkpoint(config: dict[str, Any], root: str | os.PathLike, seed: i
         _family(config).toy_model(model, lambda m: randomize_(m, seed + 1))
         model.save_pretrained(tmp)
         _family(config).toy_saved(tmp)
-        saved = json.loads((tmp / "config.json").read_text())
+        saved = _read_config(tmp)
         if saved.get("model_type") != config.get("model_type"):  # built as its hf_model_type
             saved.update(model_type=config["model_type"], architectures=config.get("architectures"))
             (tmp / "config.json").write_text(json.dumps(saved, indent=2))
@@ -271,7 +278,7 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
     if (out / "config.json").exists() and (deq / "config.json").exists():
         return str(out), str(deq)
     ckpt = HFCheckpoint(src)
-    config = json.loads((src / "config.json").read_text())
+    config = _read_config(src)
     vocab = (config.get("text_config") or config).get("vocab_size")
     tensors = {n: ckpt.get(n) for n in ckpt.names()}
     vlm = any("language_model." in n for n in tensors)
@@ -314,7 +321,7 @@ def make_stacked_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> 
     out = Path(root) / f"{src.name}-stacked"
     if (out / "config.json").exists():
         return str(out)
-    dtype = json.loads((src / "config.json").read_text()).get("dtype") or "float32"
+    dtype = _read_config(src).get("dtype") or "float32"
     model = load_hf_model(src, getattr(torch, dtype))
     state = {n: t.detach().contiguous() for n, t in model.state_dict().items()
              if "rotary_emb" not in n and not (getattr(model.config, "tie_word_embeddings", False)
@@ -355,7 +362,7 @@ def make_mxfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tu
         values, scales = _round_mxfp4(w.float())
         qt[f"{name}_blocks"], qt[f"{name}_scales"] = quant.mxfp4_quantize(values, scales), scales
         dt[name] = values.to(w.dtype)
-    config = json.loads((src / "config.json").read_text())
+    config = _read_config(src)
     qc = {"quant_method": "mxfp4", "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router",
                                                           "model.embed_tokens", "lm_head"]}
     _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)

@@ -68,7 +68,7 @@ _EXPERT = re.compile(r"^(.*\.mlp\.experts)(\.(?:local_experts\.|linear_fc[12]\.(
 def _global_name(chunk, local_name: str) -> str:
     """Local parameter name in a chunk -> the name with global layer and expert indices.
 
-    Layers of a ``TransformerBlock`` (a decoder, a vision encoder, under any prefix) are
+    Layers of a ``TransformerBlock`` or ``HybridStack`` (a decoder, a vision encoder, under any prefix) are
     renumbered from their ``layer_number`` (global under PP / VPP); other layer lists (the MTP
     block, which lives whole on the last stage) keep their index. An EP rank's local experts
     are renumbered from its expert-parallel rank, wherever the experts sit (decoder or MTP)."""
@@ -77,7 +77,7 @@ def _global_name(chunk, local_name: str) -> str:
     if m:
         owner = chunk.get_submodule(m.group(1)[:-len("layers.")].rstrip("."))
         layer = owner.layers[int(m.group(2))]
-        if type(owner).__name__ == "TransformerBlock":
+        if {"TransformerBlock", "HybridStack"} & {c.__name__ for c in type(owner).__mro__}:
             name = f"{m.group(1)}{layer.layer_number - 1}{m.group(3)}"
     e = _EXPERT.match(local_name)
     if e:

@@ -259,8 +259,8 @@ class HFCheckpoint:
         p = Path(path) / "config.json"
         if not p.exists():
             raise CheckpointError(f"{path}: no config.json")
-        try:
-            cfg = json.loads(p.read_text())
+        try:  # transformers 5 writes an infinite float as {"__float__": "Infinity"}
+            cfg = json.loads(p.read_text(), object_hook=lambda o: float(o["__float__"]) if set(o) == {"__float__"} else o)
         except ValueError as e:
             raise CheckpointError(f"{p}: invalid JSON ({e})") from None
         if not isinstance(cfg, dict):

@@ -345,6 +345,40 @@ class StackedGatedMLP(FusedGatedMLP):
 
 
 @dataclass(frozen=True)
+class Segmented(ColumnParallel):
+    """One HF tensor of consecutive segments along dim 0 (``sizes`` rows each: Mamba-2's in_proj
+    z, x, B, C, dt; its conv over x, B, C), each split over TP on its own: a rank holds its
+    slice of every segment, in order. Megatron-Core's fused hybrid projections are laid out so."""
+
+    kind = "segmented"
+
+    def __init__(self, megatron: str, hf: str, sizes: tuple[int, ...], **kwargs):
+        super().__init__(megatron, hf, **kwargs)
+        object.__setattr__(self, "sizes", tuple(int(n) for n in sizes))
+
+    def _check(self, rows: int, tp_size: int) -> None:
+        if sum(self.sizes) != rows:
+            raise MappingError(f"{self.hf}: {rows} rows, the segments {list(self.sizes)} add up to "
+                               f"{sum(self.sizes)}")
+        if any(n % tp_size for n in self.sizes):
+            raise MappingError(f"{self.megatron}: segments {list(self.sizes)} do not all divide by TP={tp_size}")
+
+    def to_megatron(self, hf, tp_rank, tp_size, shapes):
+        full = hf[""]
+        self._check(full.shape[0], tp_size)
+        return torch.cat([seg.chunk(tp_size)[tp_rank] for seg in full.split(list(self.sizes))])
+
+    def to_hf(self, shards, shapes):
+        tp = len(shards)
+        for s in shards:
+            self._check(s.shape[0] * tp, tp)
+        per_rank = [s.split([n // tp for n in self.sizes]) for s in shards]
+        return {"": torch.cat([torch.cat([r[i] for r in per_rank]) for i in range(len(self.sizes))])}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "segments": list(self.sizes)}
+
+
 class TiedOutput(VocabParallel):
     """Output layer that shares the embedding's HF tensor (tie_word_embeddings, PP > 1 keeps a
     copy on the last stage). Not exported: the embedding already writes the HF tensor."""

@@ -145,9 +145,10 @@ def _local_stack():
     return LocalHybridStack
 
 
-def local_hybrid_stack_spec(norm):
+def local_hybrid_stack_spec(norm, d_conv: int = 4, chunk_size: int = 128):
     """HybridStack of Mamba-2, attention and MLP layers from Megatron-Core's local modules
-    (column / row parallel linears, DotProductAttention), each layer behind ``norm``."""
+    (column / row parallel linears, DotProductAttention), each layer behind ``norm``; the Mamba-2
+    mixer's conv kernel and SSD chunk length as given."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
     from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
@@ -164,8 +165,9 @@ def local_hybrid_stack_spec(norm):
     return ModuleSpec(module=_local_stack(), submodules=HybridStackSubmodules(
         mamba_layer=ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
             norm=norm,
-            mixer=ModuleSpec(module=MambaMixer, submodules=MambaMixerSubmodules(
-                in_proj=ColumnParallelLinear, out_proj=RowParallelLinear)),
+            mixer=ModuleSpec(module=MambaMixer, params={"d_conv": d_conv, "chunk_size": chunk_size},
+                             submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear,
+                                                             out_proj=RowParallelLinear)),
             mamba_bda=get_bias_dropout_add)),
         attention_layer=ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
             input_layernorm=norm,

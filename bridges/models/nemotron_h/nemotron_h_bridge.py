@@ -1,0 +1,187 @@
+"""Nemotron-H (``nemotron_h``): Megatron-Core's HybridModel, one layer per pattern symbol (Mamba-2
+mixer ``M``, attention ``*``, squared-ReLU MLP ``-``), each behind its own RMSNorm; no position
+embedding.
+
+- The pattern: the published ``hybrid_override_pattern`` string, or transformers 5's
+  ``layers_block_type`` list ("linear_attention" is a Mamba-2 layer there); export writes the
+  spelling the source used.
+- Mamba-2: ``in_proj`` rows are z, x, B, C, dt and the conv runs over x, B, C; Megatron-Core
+  splits each segment over TP on its own (``Segmented``); A_log, D, dt_bias and the gated norm
+  by heads / channels; ``out_proj`` by rows of the input.
+- Without ``mamba_ssm`` (CPU; a GPU without it) the torch scan and gated norm of
+  ``modeling_nemotron_h`` run in its place.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from bridges.core.bridge import Bridge
+from bridges.core.config import ConfigError, Field, get_path, params_dtype, translate
+from bridges.core.mappings import (QKV, ColumnParallel, Mapping, Replicated, RowParallel, Segmented, TiedOutput,
+                                   VocabParallel)
+from bridges.core.registry import register_bridge
+
+L, H = "decoder.layers.*.", "backbone.layers.*."
+# transformers 5's layers_block_type names <-> the pattern's symbols
+KINDS = {"linear_attention": "M", "mamba": "M", "full_attention": "*", "attention": "*", "mlp": "-"}
+NAMES = {"M": "linear_attention", "*": "full_attention", "-": "mlp"}
+
+FIELDS = (
+    Field("hidden_size", "hidden_size"),
+    Field("intermediate_size", "ffn_hidden_size"),
+    Field("num_attention_heads", "num_attention_heads"),
+    Field("num_key_value_heads", "num_query_groups"),
+    Field("head_dim", "kv_channels"),
+    Field("layer_norm_epsilon", "layernorm_epsilon", 1e-5),
+    Field("vocab_size", "vocab_size"),
+    Field("max_position_embeddings", "max_sequence_length", 4096),
+    Field("tie_word_embeddings", "share_embeddings_and_output_weights", False),
+    Field("initializer_range", "init_method_std", 0.02),
+    Field("mamba_num_heads", "mamba_num_heads"),
+    Field("mamba_head_dim", "mamba_head_dim"),
+    Field("n_groups", "mamba_num_groups"),
+    Field("ssm_state_size", "mamba_state_dim"),
+    Field("conv_kernel", "mamba_conv_kernel", 4),
+    Field("chunk_size", "mamba_chunk_size", 128),
+)
+
+
+def pattern_of(cfg: Any) -> str:
+    """The layer pattern, from either spelling; an unknown block type is named."""
+    text = get_path(cfg, "hybrid_override_pattern", None)
+    if text is not None:
+        bad = sorted(set(text) - set(NAMES))
+    else:
+        kinds = get_path(cfg, "layers_block_type", None)
+        if kinds is None:
+            raise ConfigError("config field 'hybrid_override_pattern' (or 'layers_block_type') is required")
+        bad = sorted({k for k in kinds if k not in KINDS})
+        text = "".join(KINDS.get(k, "?") for k in kinds)
+    if bad:
+        raise ConfigError(f"layer pattern: block type(s) {bad} are not mapped by the nemotron_h bridge "
+                          f"(Mamba-2, attention and MLP layers are; MoE and MTP layers not yet)")
+    return text
+
+
+@register_bridge(model_type="nemotron_h", architectures=["NemotronHForCausalLM"])
+class NemotronHBridge(Bridge):
+    config_fields = FIELDS
+    ported_remote_code = ("configuration_nemotron_h.NemotronHConfig", "modeling_nemotron_h.NemotronHForCausalLM")
+    megatron_lm = ("a hybrid Mamba-2 model: Megatron-LM builds it with pretrain_hybrid.py (HybridModel), "
+                   "not pretrain_gpt.py")
+
+    @classmethod
+    def toy_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        """Four layers with every kind (Mamba, attention, Mamba, MLP: each PP2 stage holds a Mamba
+        layer), Mamba-2 heads and groups that TP 2 divides, chunks shorter than the sequence."""
+        c = dict(config)
+        for k in ("hybrid_override_pattern", "layers_block_type", "num_hidden_layers", "attention_head_dim"):
+            c.pop(k, None)
+        c.update(hybrid_override_pattern="M*M-", mamba_num_heads=8, mamba_head_dim=8, n_groups=2,
+                 ssm_state_size=8, chunk_size=8, conv_kernel=4)
+        return c
+
+    def megatron_attrs(self) -> dict[str, Any]:
+        cfg = self.hf_config
+        for name in ("use_bias", "mlp_bias", "attention_bias", "residual_in_fp32"):
+            if get_path(cfg, name, False):
+                raise ConfigError(f"{name}=True is not supported by the nemotron_h bridge (published models: False)")
+        if not get_path(cfg, "use_conv_bias", True):
+            raise ConfigError("use_conv_bias=False: Megatron-Core's Mamba-2 mixer always has a conv bias")
+        act = get_path(cfg, "mlp_hidden_act", "relu2")
+        if act != "relu2":
+            raise ConfigError(f"mlp_hidden_act={act!r}: the nemotron_h bridge maps squared ReLU ('relu2') MLPs")
+        from megatron.core.activations import squared_relu
+
+        attrs = translate(cfg, self.config_fields)
+        pattern = pattern_of(cfg)
+        attrs.update(num_layers=len(pattern), hybrid_layer_pattern=pattern, is_hybrid_model=True,
+                     position_embedding_type="none", gated_linear_unit=False, activation_func=squared_relu,
+                     add_bias_linear=False, add_qkv_bias=False, normalization="RMSNorm",
+                     use_mamba_mem_eff_path=False, params_dtype=params_dtype(cfg))
+        return attrs
+
+    def hf_config_dict(self, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
+        attrs = attrs if attrs is not None else self.megatron_attrs()
+        out = super().hf_config_dict(attrs)
+        source = self.checkpoint.config() if self.checkpoint is not None else (
+            self.hf_config if isinstance(self.hf_config, dict) else {})
+        if "layers_block_type" in source:
+            out["layers_block_type"] = [NAMES[x] for x in attrs["hybrid_layer_pattern"]]
+        else:
+            out["hybrid_override_pattern"] = attrs["hybrid_layer_pattern"]
+            out["num_hidden_layers"] = len(attrs["hybrid_layer_pattern"])
+        out.update(mlp_hidden_act="relu2", use_conv_bias=True, use_bias=False, mlp_bias=False, attention_bias=False)
+        return out
+
+    # -- the Megatron model ---------------------------------------------------------------
+    def build_model(self, provider, pre_process: bool, post_process: bool, vp_stage: int | None = None):
+        from megatron.core.models.hybrid.hybrid_model import HybridModel
+        from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+        from bridges.models.nemotron_h.modeling_nemotron_h import install_torch_mamba, local_hybrid_stack_spec
+
+        install_torch_mamba()
+        p = provider
+        spec = local_hybrid_stack_spec(WrappedTorchNorm, d_conv=p.mamba_conv_kernel, chunk_size=p.mamba_chunk_size)
+        # pipeline stages (and virtual ones) as "|"-separated equal segments, as Megatron-Core asks
+        stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
+        n = len(p.hybrid_layer_pattern) // stages
+        pattern = "|".join(p.hybrid_layer_pattern[i * n:(i + 1) * n] for i in range(stages))
+        return HybridModel(config=p.transformer_config(), hybrid_stack_spec=spec, vocab_size=p.padded_vocab_size,
+                           max_sequence_length=p.max_sequence_length, hybrid_layer_pattern=pattern,
+                           pre_process=pre_process, post_process=post_process, parallel_output=p.parallel_output,
+                           share_embeddings_and_output_weights=p.share_embeddings_and_output_weights,
+                           position_embedding_type="none", vp_stage=vp_stage)
+
+    def layout_constraints(self, provider) -> list[tuple[str, int, int, str]]:
+        p, lay = provider, provider.layout
+        return [("num_attention_heads", p.num_attention_heads, lay.tp, "TP"),
+                ("num_query_groups", p.num_query_groups, lay.tp, "TP"),
+                ("ffn_hidden_size", p.ffn_hidden_size, lay.tp, "TP"),
+                ("mamba_num_heads", p.mamba_num_heads, lay.tp, "TP"),
+                ("mamba_num_groups", p.mamba_num_groups, lay.tp, "TP"),
+                ("mamba_num_heads", p.mamba_num_heads, p.mamba_num_groups, "mamba_num_groups"),
+                ("num_layers", p.num_layers, lay.pp * (lay.vpp or 1), "PP x VPP"),
+                ("num_attention_heads", p.num_attention_heads, p.num_query_groups, "num_query_groups")]
+
+    # -- weights --------------------------------------------------------------------------
+    def mappings(self, attrs: dict[str, Any]) -> list[Mapping]:
+        pattern = attrs["hybrid_layer_pattern"]
+        where = {k: tuple(i for i, x in enumerate(pattern) if x == k) for k in "M*-"}
+        inner = attrs["mamba_num_heads"] * attrs["mamba_head_dim"]
+        gn = attrs["mamba_num_groups"] * attrs["mamba_state_dim"]
+        m, a, f = where["M"], where["*"], where["-"]
+        table: list[Mapping] = [VocabParallel("embedding.word_embeddings.weight", "backbone.embeddings.weight")]
+        if m:
+            table += [
+                Replicated(L + "norm.weight", H + "norm.weight", layers=m),
+                Segmented(L + "mixer.in_proj.weight", H + "mixer.in_proj.weight", layers=m,
+                          sizes=(inner, inner, gn, gn, attrs["mamba_num_heads"])),
+                Segmented(L + "mixer.conv1d_weight", H + "mixer.conv1d.weight", layers=m, sizes=(inner, gn, gn)),
+                Segmented(L + "mixer.conv1d_bias", H + "mixer.conv1d.bias", layers=m, sizes=(inner, gn, gn)),
+                ColumnParallel(L + "mixer.A_log", H + "mixer.A_log", layers=m),
+                ColumnParallel(L + "mixer.D", H + "mixer.D", layers=m),
+                ColumnParallel(L + "mixer.dt_bias", H + "mixer.dt_bias", layers=m),
+                ColumnParallel(L + "mixer.norm.weight", H + "mixer.norm.weight", layers=m),
+                RowParallel(L + "mixer.out_proj.weight", H + "mixer.out_proj.weight", layers=m),
+            ]
+        if a:
+            table += [
+                Replicated(L + "input_layernorm.weight", H + "norm.weight", layers=a),
+                QKV(L + "self_attention.linear_qkv.weight", {"q": H + "mixer.q_proj.weight",
+                    "k": H + "mixer.k_proj.weight", "v": H + "mixer.v_proj.weight"}, layers=a),
+                RowParallel(L + "self_attention.linear_proj.weight", H + "mixer.o_proj.weight", layers=a),
+            ]
+        if f:
+            table += [
+                Replicated(L + "pre_mlp_layernorm.weight", H + "norm.weight", layers=f),
+                ColumnParallel(L + "mlp.linear_fc1.weight", H + "mixer.up_proj.weight", layers=f),
+                RowParallel(L + "mlp.linear_fc2.weight", H + "mixer.down_proj.weight", layers=f),
+            ]
+        table.append(Replicated("decoder.final_norm.weight", "backbone.norm_f.weight"))
+        if attrs["share_embeddings_and_output_weights"]:
+            table.append(TiedOutput("output_layer.weight", "backbone.embeddings.weight"))
+        else:
+            table.append(VocabParallel("output_layer.weight", "lm_head.weight"))
+        return table
