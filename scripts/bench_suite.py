@@ -4,6 +4,10 @@ docs/conformance-results.md.
 
     ./dev bench [--runs 3] [--model Qwen/Qwen3-8B] [--machine TEXT] [--save DIR]
     ./dev bench --render DIR     # the docs again from the reports a --save run left in DIR
+    ./dev bench --render DIR --add MODEL   # run one model's suite, merge its rows into DIR's reports
+
+A merged model's rows come from its own run (its wall time said in the note); the totals line
+counts them with the full run's. docs/bench-reports/bench.json keeps the latest reports.
 
 --machine replaces the machine line's description (e.g. when the CPU run was made on a GPU
 host with CUDA hidden); --save keeps the JSON reports and timings beside the docs.
@@ -140,6 +144,22 @@ def render(m: dict) -> None:
     print("\n".join(bench))
 
 
+def add(m: dict, model: str) -> None:
+    """Run ``model``'s suite and put its rows in place of any it had in the full run's report."""
+    with tempfile.TemporaryDirectory() as tmp:
+        wall = run_suite([f"--mbridge-model={model}"], Path(tmp) / "one.json", Path(tmp))
+        rows = json.loads((Path(tmp) / "one.json").read_text())["results"]
+    everything = m["all"]
+    everything["results"] = [r for r in everything["results"] if r.get("model") != model] + rows
+    checks = [r for r in everything["results"] if "check" in r]
+    everything["passed"] = sum(r["passed"] for r in checks)
+    everything["failed"] = len(checks) - everything["passed"]
+    m.setdefault("added", {})[model] = round(wall, 1)
+    added = ", ".join(f"{k} ({v} s)" for k, v in sorted(m["added"].items()))
+    m["note"] = (f"Added to the full run by `./dev bench --render DIR --add MODEL`, each from a run of its own on "
+                 f"this machine: {added}; the full run's wall time does not include them.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
@@ -148,9 +168,15 @@ def main() -> None:
     ap.add_argument("--note", default="", help="a sentence after the machine line")
     ap.add_argument("--save", default=None, metavar="DIR", help="keep the reports and timings (bench.json) here")
     ap.add_argument("--render", default=None, metavar="DIR", help="render the docs from DIR/bench.json, run nothing")
+    ap.add_argument("--add", default=None, metavar="MODEL",
+                    help="with --render: run MODEL's suite and merge its rows into DIR/bench.json first")
     a = ap.parse_args()
     if a.render:
-        m = json.loads((Path(a.render) / "bench.json").read_text())
+        path = Path(a.render) / "bench.json"
+        m = json.loads(path.read_text())
+        if a.add:
+            add(m, a.add)
+            path.write_text(json.dumps(m, indent=1) + "\n")
         if a.note:
             m["note"] = a.note
         render(m)

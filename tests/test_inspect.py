@@ -98,7 +98,8 @@ def test_hybrid_layer_patterns_are_read_and_unknown_block_types_named(capsys):
     from tests.test_flops_hybrid import NEMOTRON_PATTERN, QWEN3_NEXT_80B
 
     data = Path(__file__).parent / "data"
-    nemo = hybrid_layers(json.loads((data / "Nemotron-H-56B-Base-8K.json").read_text()))
+    nemo_cfg = Path(__file__).parents[1] / "fixtures/configs/nvidia/Nemotron-H-56B-Base-8K/config.json"
+    nemo = hybrid_layers(json.loads(nemo_cfg.read_text()))
     assert nemo["counts"] == {"Mamba-2": 54, "MLP": 54, "attention": 10} and nemo["pattern"] == NEMOTRON_PATTERN
     nxt = hybrid_layers(json.loads((data / "Qwen3-Next-80B-A3B-Instruct.json").read_text()))
     assert nxt["pattern"] == QWEN3_NEXT_80B["hybrid_layer_pattern"] and nxt["from"] == "full_attention_interval"
@@ -107,5 +108,5 @@ def test_hybrid_layer_patterns_are_read_and_unknown_block_types_named(capsys):
     odd = hybrid_layers({"layers_block_type": ["linear_attention", "attention", "conv", "moe", "conv"]})
     assert odd["unknown"] == {"conv": [2, 4]} and odd["pattern"] == "M*?E?"  # Nemotron-H's: Mamba-2
     assert hybrid_layers({"num_hidden_layers": 2}) is None
-    assert main(["inspect", str(data / "Nemotron-H-56B-Base-8K.json")]) == 0
+    assert main(["inspect", str(nemo_cfg)]) == 0
     assert "118 HF layers (hybrid_override_pattern): 54 Mamba-2, 54 MLP, 10 attention" in capsys.readouterr().out

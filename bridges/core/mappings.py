@@ -344,7 +344,6 @@ class StackedGatedMLP(FusedGatedMLP):
     kind = "gated_mlp_stacked"
 
 
-@dataclass(frozen=True)
 class Segmented(ColumnParallel):
     """One HF tensor of consecutive segments along dim 0 (``sizes`` rows each: Mamba-2's in_proj
     z, x, B, C, dt; its conv over x, B, C), each split over TP on its own: a rank holds its
@@ -379,6 +378,7 @@ class Segmented(ColumnParallel):
         return {**super().describe(), "segments": list(self.sizes)}
 
 
+@dataclass(frozen=True)
 class TiedOutput(VocabParallel):
     """Output layer that shares the embedding's HF tensor (tie_word_embeddings, PP > 1 keeps a
     copy on the last stage). Not exported: the embedding already writes the HF tensor."""
