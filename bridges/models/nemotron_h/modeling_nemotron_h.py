@@ -1,5 +1,5 @@
-"""Megatron-Core's Mamba-2 mixer without its kernels, and a local (no TransformerEngine) hybrid
-stack spec.
+"""Megatron-Core's Mamba-2 mixer without its kernels (the local hybrid stack spec is
+``bridges/core/hybrid.py``).
 
 Megatron-Core's ``MambaMixer`` calls ``mamba_ssm``'s Triton kernels (the chunked SSD scan and the
 gated RMSNorm) and falls back to nothing without them. Where ``mamba_ssm`` is not installed (this
@@ -126,59 +126,3 @@ def install_torch_mamba() -> str:
     mamba_mixer.mamba_chunk_scan_combined, mamba_mixer.ExtendedRMSNorm = ssd_scan, GatedRMSNorm
     mamba_mixer.HAVE_MAMBA_SSM = True  # the mixer refuses to build without it
     return "torch"
-
-
-def _local_stack():
-    """Megatron-Core's HybridStack, its final norm built with torch's RMSNorm / LayerNorm
-    (HybridStack names TransformerEngine's ``TENorm`` for it whatever the spec says)."""
-    from megatron.core.models.hybrid import hybrid_block
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
-
-    class LocalHybridStack(hybrid_block.HybridStack):
-        def __init__(self, *args, **kwargs):
-            saved, hybrid_block.TENorm = hybrid_block.TENorm, WrappedTorchNorm
-            try:
-                super().__init__(*args, **kwargs)
-            finally:
-                hybrid_block.TENorm = saved
-
-    return LocalHybridStack
-
-
-def local_hybrid_stack_spec(norm, d_conv: int = 4, chunk_size: int = 128):
-    """HybridStack of Mamba-2, attention and MLP layers from Megatron-Core's local modules
-    (column / row parallel linears, DotProductAttention), each layer behind ``norm``; the Mamba-2
-    mixer's conv kernel and SSD chunk length as given."""
-    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-    from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
-    from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
-    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
-    from megatron.core.ssm.mlp_layer import MLPLayer
-    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
-    from megatron.core.transformer.dot_product_attention import DotProductAttention
-    from megatron.core.transformer.enums import AttnMaskType
-    from megatron.core.transformer.mlp import MLP, MLPSubmodules
-    from megatron.core.transformer.spec_utils import ModuleSpec
-    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
-
-    return ModuleSpec(module=_local_stack(), submodules=HybridStackSubmodules(
-        mamba_layer=ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
-            norm=norm,
-            mixer=ModuleSpec(module=MambaMixer, params={"d_conv": d_conv, "chunk_size": chunk_size},
-                             submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear,
-                                                             out_proj=RowParallelLinear)),
-            mamba_bda=get_bias_dropout_add)),
-        attention_layer=ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
-            input_layernorm=norm,
-            self_attention=ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
-                                      submodules=SelfAttentionSubmodules(
-                                          linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention,
-                                          linear_proj=RowParallelLinear)),
-            self_attn_bda=get_bias_dropout_add)),
-        mlp_layer=ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
-            pre_mlp_layernorm=norm,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
-                                                                linear_fc2=RowParallelLinear)),
-            mlp_bda=get_bias_dropout_add)),
-    ))

@@ -119,7 +119,8 @@ class NemotronHBridge(Bridge):
         from megatron.core.models.hybrid.hybrid_model import HybridModel
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-        from bridges.models.nemotron_h.modeling_nemotron_h import install_torch_mamba, local_hybrid_stack_spec
+        from bridges.core.hybrid import local_hybrid_stack_spec
+        from bridges.models.nemotron_h.modeling_nemotron_h import install_torch_mamba
 
         install_torch_mamba()
         p = provider

@@ -1,0 +1,82 @@
+"""Megatron-Core's HybridModel built from local modules (no TransformerEngine): the stack spec
+the hybrid families share (Mamba-2, gated delta net, attention, MLP and MoE layers)."""
+from __future__ import annotations
+
+
+def _local_stack():
+    """Megatron-Core's HybridStack, its final norm built with torch's RMSNorm / LayerNorm
+    (HybridStack names TransformerEngine's ``TENorm`` for it whatever the spec says)."""
+    from megatron.core.models.hybrid import hybrid_block
+    from megatron.core.transformer.torch_norm import WrappedTorchNorm
+
+    class LocalHybridStack(hybrid_block.HybridStack):
+        def __init__(self, *args, **kwargs):
+            saved, hybrid_block.TENorm = hybrid_block.TENorm, WrappedTorchNorm
+            try:
+                super().__init__(*args, **kwargs)
+            finally:
+                hybrid_block.TENorm = saved
+
+    return LocalHybridStack
+
+
+def local_hybrid_stack_spec(norm, d_conv: int = 4, chunk_size: int = 128, qk_norm=None, gdn_norm=None,
+                            num_experts: int | None = None, grouped: bool = False):
+    """HybridStack of Mamba-2, gated-delta-net, attention, MLP and MoE layers from Megatron-Core's
+    local modules (column / row parallel linears, DotProductAttention), each layer behind
+    ``norm``; the Mamba-2 mixer's conv kernel and SSD chunk length as given; ``qk_norm``: the
+    attention's q/k norm (None: none); ``gdn_norm``: the gated delta net's output norm;
+    ``num_experts``: MoE layers' experts (sequential, or grouped GEMM)."""
+    from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+    from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
+    from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
+    from megatron.core.ssm.mamba_mixer import MambaMixer, MambaMixerSubmodules
+    from megatron.core.ssm.mlp_layer import MLPLayer
+    from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+    from megatron.core.transformer.mlp import MLP, MLPSubmodules
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    extra = {}
+    if gdn_norm is not None:
+        from megatron.core.ssm.gated_delta_net import GatedDeltaNet, GatedDeltaNetSubmodules
+
+        extra["gdn_layer"] = ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(module=GatedDeltaNet, submodules=GatedDeltaNetSubmodules(
+                in_proj=ColumnParallelLinear, out_norm=gdn_norm, out_proj=RowParallelLinear)),
+            self_attn_bda=get_bias_dropout_add))
+    if num_experts:
+        from megatron.core.models.gpt.moe_module_specs import get_moe_module_spec
+        from megatron.core.transformer.transformer_layer import MoETransformerLayer
+
+        extra["moe_layer"] = ModuleSpec(module=MoETransformerLayer, submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=norm, mlp=get_moe_module_spec(use_te=False, num_experts=num_experts,
+                                                            moe_grouped_gemm=grouped),
+            mlp_bda=get_bias_dropout_add))
+
+    return ModuleSpec(module=_local_stack(), submodules=HybridStackSubmodules(
+        mamba_layer=ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
+            norm=norm,
+            mixer=ModuleSpec(module=MambaMixer, params={"d_conv": d_conv, "chunk_size": chunk_size},
+                             submodules=MambaMixerSubmodules(in_proj=ColumnParallelLinear,
+                                                             out_proj=RowParallelLinear)),
+            mamba_bda=get_bias_dropout_add)),
+        attention_layer=ModuleSpec(module=TransformerLayer, submodules=TransformerLayerSubmodules(
+            input_layernorm=norm,
+            self_attention=ModuleSpec(module=SelfAttention, params={"attn_mask_type": AttnMaskType.causal},
+                                      submodules=SelfAttentionSubmodules(
+                                          linear_qkv=ColumnParallelLinear, core_attention=DotProductAttention,
+                                          linear_proj=RowParallelLinear, q_layernorm=qk_norm,
+                                          k_layernorm=qk_norm)),
+            self_attn_bda=get_bias_dropout_add)),
+        mlp_layer=ModuleSpec(module=MLPLayer, submodules=TransformerLayerSubmodules(
+            pre_mlp_layernorm=norm,
+            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=ColumnParallelLinear,
+                                                                linear_fc2=RowParallelLinear)),
+            mlp_bda=get_bias_dropout_add)),
+        **extra,
+    ))
