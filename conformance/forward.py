@@ -123,6 +123,8 @@ def capture_hf(model, store: dict, parts=()):
         parts = (("post_attention_layernorm", "attention"), ("post_feedforward_layernorm", "mlp")) if sandwich \
             else (("mixer", "block"),) if hasattr(layer, "mixer") else (("self_attn", "attention"), ("mlp", "mlp"))
         for attr, label in parts:
+            if attr == "self_attn" and not hasattr(layer, attr):
+                attr = "linear_attn"  # Qwen3-Next's gated-delta-net layers
             hooks.append(getattr(layer, attr).register_forward_hook(
                 lambda _m, _i, o, k=f"layer {n} {label}": store.__setitem__(k, _first(o).detach().float().cpu().clone())))
     final = getattr(base, "norm", None) or base.norm_f

@@ -15,7 +15,7 @@ from bridges.flops import FlopsError, attention_pairs, training_flops
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"  # published config.json files without a bridge yet (provenance: fixtures/README.md)
 PUBLISHED = {"Nemotron-H-56B-Base-8K": ROOT / "fixtures/configs/nvidia/Nemotron-H-56B-Base-8K/config.json",
-             "Qwen3-Next-80B-A3B-Instruct": DATA / "Qwen3-Next-80B-A3B-Instruct.json"}
+             "Qwen3-Next-80B-A3B-Instruct": ROOT / "fixtures/configs/Qwen/Qwen3-Next-80B-A3B-Instruct/config.json"}
 NEMOTRON_PATTERN = ("M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M*-"
                     "M-M-M-M-M*-M-M-M-M-M*-M-M-M-M-M-")
 

@@ -101,7 +101,7 @@ def test_hybrid_layer_patterns_are_read_and_unknown_block_types_named(capsys):
     nemo_cfg = Path(__file__).parents[1] / "fixtures/configs/nvidia/Nemotron-H-56B-Base-8K/config.json"
     nemo = hybrid_layers(json.loads(nemo_cfg.read_text()))
     assert nemo["counts"] == {"Mamba-2": 54, "MLP": 54, "attention": 10} and nemo["pattern"] == NEMOTRON_PATTERN
-    nxt = hybrid_layers(json.loads((data / "Qwen3-Next-80B-A3B-Instruct.json").read_text()))
+    nxt = hybrid_layers(json.loads((Path(__file__).parents[1] / "fixtures/configs/Qwen/Qwen3-Next-80B-A3B-Instruct/config.json").read_text()))
     assert nxt["pattern"] == QWEN3_NEXT_80B["hybrid_layer_pattern"] and nxt["from"] == "full_attention_interval"
     listed = hybrid_layers({"num_hidden_layers": 4, "layer_types": ["linear_attention"] * 3 + ["full_attention"]})
     assert listed["pattern"] == "G-G-G-*-" and listed["counts"] == {"gated delta net": 3, "MLP": 4, "attention": 1}

@@ -44,6 +44,9 @@ class Mapping:
     # Another Megatron layout of HF tensors an earlier mapping names (e.g. grouped-GEMM
     # experts): used where the model has it, skipped when listing the model's tensors.
     alternate: bool = False
+    # Megatron layers per HF layer (a hybrid stack that splits each HF layer into a mixer layer
+    # and an MLP layer: 2); the HF layer index is the Megatron one divided by it.
+    layer_stride: int = 1
     kind: ClassVar[str] = "direct"
     tp_dim: ClassVar[int | None] = None
 
@@ -56,6 +59,8 @@ class Mapping:
         return _compile(self.megatron)
 
     def hf_names(self, captures: tuple[str, ...]) -> dict[str, str]:
+        if self.layer_stride != 1 and captures:
+            captures = (str(int(captures[0]) // self.layer_stride), *captures[1:])
         return {role: _fill(pat, captures) for role, pat in self.roles.items()}
 
     # -- conversion ----------------------------------------------------------------------
@@ -117,6 +122,8 @@ class Mapping:
         d = {"megatron": self.megatron, "hf": self.hf, "kind": self.kind, "tp_dim": self.tp_dim}
         if self.layers is not None:
             d["layers"] = list(self.layers)
+        if self.layer_stride != 1:
+            d["layer_stride"] = self.layer_stride
         return {**d, "alternate": True} if self.alternate else d
 
 

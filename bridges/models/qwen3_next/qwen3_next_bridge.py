@@ -1,0 +1,181 @@
+"""Qwen3-Next (``qwen3_next``) on Megatron-Core's HybridModel: each HF decoder layer is two
+Megatron layers, its token mixer (``G`` gated delta net, or ``*`` gated attention every
+``full_attention_interval``-th layer) and its MoE layer (``E``: routed experts, a shared expert
+behind a sigmoid gate), so Megatron layer ``j`` reads HF layer ``j // 2`` (``layer_stride=2``).
+
+Attention: an output gate (HF q_proj's second half per head), q/k RMSNorm, partial rotary.
+Norms are zero-centred ((1 + w), as Gemma's) except the gated delta net's output norm.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch.nn.functional as F
+
+from bridges.core.bridge import Bridge
+from bridges.core.config import Field, get_path, params_dtype, rope_parameters, rope_to_megatron, translate
+from bridges.core.mappings import (ColumnParallel, GatedMLP, Mapping, Replicated, RowParallel, Segmented,
+                                   TiedOutput, VocabParallel)
+from bridges.core.moe import MOE_PORTABLE, moe_fields
+from bridges.core.registry import register_bridge
+from bridges.models.qwen3_next.modeling_qwen3_next import GatedQKV, GDNInProj
+
+L, H = "decoder.layers.*.", "model.layers.*."
+
+FIELDS = (
+    Field("hidden_size", "hidden_size"),
+    Field("intermediate_size", "ffn_hidden_size"),
+    Field("num_attention_heads", "num_attention_heads"),
+    Field("num_key_value_heads", "num_query_groups"),
+    Field("head_dim", "kv_channels"),
+    Field("rms_norm_eps", "layernorm_epsilon", 1e-6),
+    Field("vocab_size", "vocab_size"),
+    Field("max_position_embeddings", "max_sequence_length"),
+    Field("tie_word_embeddings", "share_embeddings_and_output_weights", False),
+    Field("initializer_range", "init_method_std", 0.02),
+    Field("linear_num_key_heads", "linear_num_key_heads"),
+    Field("linear_num_value_heads", "linear_num_value_heads"),
+    Field("linear_key_head_dim", "linear_key_head_dim"),
+    Field("linear_value_head_dim", "linear_value_head_dim"),
+    Field("linear_conv_kernel_dim", "linear_conv_kernel_dim", 4),
+    Field("shared_expert_intermediate_size", "moe_shared_expert_intermediate_size"),
+) + moe_fields()
+
+
+def layer_kinds(cfg: Any) -> list[tuple[str, str]]:
+    """(mixer, MLP) symbols per HF layer: full attention every ``full_attention_interval``-th
+    layer (or as ``layer_types`` says), MoE unless in ``mlp_only_layers`` / off the sparse step."""
+    n = get_path(cfg, "num_hidden_layers")
+    types = get_path(cfg, "layer_types", None)
+    every = get_path(cfg, "full_attention_interval", 4)
+    step = get_path(cfg, "decoder_sparse_step", 1)
+    dense = set(get_path(cfg, "mlp_only_layers", None) or ())
+    out = []
+    for i in range(n):
+        full = types[i] == "full_attention" if types else (i + 1) % every == 0
+        moe = i not in dense and (i + 1) % step == 0
+        out.append(("*" if full else "G", "E" if moe else "-"))
+    return out
+
+
+@register_bridge(model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"])
+class Qwen3NextBridge(Bridge):
+    config_fields = FIELDS
+    megatron_lm = ("a hybrid of gated delta net and gated attention layers: Megatron-LM builds it with "
+                   "pretrain_hybrid.py (HybridModel), not pretrain_gpt.py")
+
+    @classmethod
+    def toy_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        c = dict(config)
+        c.pop("layer_types", None)
+        c.update(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
+        return c
+
+    def megatron_attrs(self) -> dict[str, Any]:
+        cfg = self.hf_config
+        attrs = translate(cfg, self.config_fields)
+        attrs.update(rope_to_megatron(rope_parameters(cfg)))
+        pattern = "".join(m + f for m, f in layer_kinds(cfg))
+        attrs.update(MOE_PORTABLE, num_layers=len(pattern), hybrid_layer_pattern=pattern, is_hybrid_model=True,
+                     position_embedding_type="rope", gated_linear_unit=True, activation_func=F.silu,
+                     add_bias_linear=False, add_qkv_bias=False, qk_layernorm=True, attention_output_gate=True,
+                     layernorm_zero_centered_gamma=True, normalization="RMSNorm", deterministic_mode=True,
+                     moe_shared_expert_gate=True, params_dtype=params_dtype(cfg))
+        if attrs.get("moe_aux_loss_coeff", 0.0) == 0.0:
+            attrs["moe_router_load_balancing_type"] = "none"
+        return attrs
+
+    # -- the Megatron model ---------------------------------------------------------------
+    def build_model(self, provider, pre_process: bool, post_process: bool, vp_stage: int | None = None):
+        from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+        from bridges.core.hybrid import local_hybrid_stack_spec
+        from bridges.models.gemma.modeling_gemma import ZeroCenteredRMSNorm
+        from bridges.models.qwen3_next.modeling_qwen3_next import PlainRMSNorm, install_torch_gdn
+
+        install_torch_gdn()
+        p = provider
+        spec = local_hybrid_stack_spec(ZeroCenteredRMSNorm, qk_norm=ZeroCenteredRMSNorm, gdn_norm=PlainRMSNorm,
+                                       num_experts=p.num_moe_experts, grouped=bool(p.moe_grouped_gemm))
+        stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
+        n = len(p.hybrid_layer_pattern) // stages
+        pattern = "|".join(p.hybrid_layer_pattern[i * n:(i + 1) * n] for i in range(stages))
+        return HybridModel(config=p.transformer_config(), hybrid_stack_spec=spec, vocab_size=p.padded_vocab_size,
+                           max_sequence_length=p.max_sequence_length, hybrid_layer_pattern=pattern,
+                           pre_process=pre_process, post_process=post_process, parallel_output=p.parallel_output,
+                           share_embeddings_and_output_weights=p.share_embeddings_and_output_weights,
+                           position_embedding_type="rope", rotary_percent=p.rotary_percent,
+                           rotary_base=p.rotary_base, vp_stage=vp_stage)
+
+    def layout_constraints(self, provider) -> list[tuple[str, int, int, str]]:
+        p, lay = provider, provider.layout
+        return [("num_attention_heads", p.num_attention_heads, lay.tp, "TP"),
+                ("num_query_groups", p.num_query_groups, lay.tp, "TP"),
+                ("linear_num_key_heads", p.linear_num_key_heads, lay.tp, "TP"),
+                ("linear_num_value_heads", p.linear_num_value_heads, p.linear_num_key_heads, "linear_num_key_heads"),
+                ("num_moe_experts", p.num_moe_experts, lay.ep, "EP"),
+                ("moe_ffn_hidden_size", p.moe_ffn_hidden_size, lay.expert_tp, "expert TP"),
+                ("moe_shared_expert_intermediate_size", p.moe_shared_expert_intermediate_size, lay.tp, "TP"),
+                ("num_layers", p.num_layers, 2 * lay.pp * (lay.vpp or 1), "2 x PP x VPP (whole HF layers per stage)")]
+
+    # -- weights --------------------------------------------------------------------------
+    def mappings(self, attrs: dict[str, Any]) -> list[Mapping]:
+        pattern = attrs["hybrid_layer_pattern"]
+        at = {k: tuple(i for i, x in enumerate(pattern) if x == k) for k in "G*E-"}
+        nk, nv = attrs["linear_num_key_heads"], attrs["linear_num_value_heads"]
+        dk, dv = attrs["linear_key_head_dim"], attrs["linear_value_head_dim"]
+        s = dict(layer_stride=2)
+        g, a, e, d = at["G"], at["*"], at["E"], at["-"]
+        table: list[Mapping] = [VocabParallel("embedding.word_embeddings.weight", "model.embed_tokens.weight")]
+        mixers = tuple(sorted(g + a))
+        table.append(Replicated(L + "input_layernorm.weight", H + "input_layernorm.weight", layers=mixers, **s))
+        if g:
+            A = H + "linear_attn."
+            table += [
+                GDNInProj(L + "self_attention.in_proj.weight", {"qkvz": A + "in_proj_qkvz.weight",
+                          "ba": A + "in_proj_ba.weight"}, dims=(nk, nv, dk, dv), layers=g, **s),
+                Segmented(L + "self_attention.conv1d.weight", A + "conv1d.weight",
+                          sizes=(nk * dk, nk * dk, nv * dv), layers=g, **s),
+                ColumnParallel(L + "self_attention.dt_bias", A + "dt_bias", layers=g, **s),
+                ColumnParallel(L + "self_attention.A_log", A + "A_log", layers=g, **s),
+                Replicated(L + "self_attention.out_norm.weight", A + "norm.weight", layers=g, **s),
+                RowParallel(L + "self_attention.out_proj.weight", A + "out_proj.weight", layers=g, **s),
+            ]
+        if a:
+            A = H + "self_attn."
+            table += [
+                GatedQKV(L + "self_attention.linear_qkv.weight", {"q": A + "q_proj.weight", "k": A + "k_proj.weight",
+                         "v": A + "v_proj.weight"}, layers=a, **s),
+                RowParallel(L + "self_attention.linear_proj.weight", A + "o_proj.weight", layers=a, **s),
+                Replicated(L + "self_attention.q_layernorm.weight", A + "q_norm.weight", layers=a, **s),
+                Replicated(L + "self_attention.k_layernorm.weight", A + "k_norm.weight", layers=a, **s),
+            ]
+        mlps = tuple(sorted(e + d))
+        table.append(Replicated(L + "pre_mlp_layernorm.weight", H + "post_attention_layernorm.weight", layers=mlps, **s))
+        if d:
+            table += [GatedMLP(L + "mlp.linear_fc1.weight", {"gate": H + "mlp.gate_proj.weight",
+                                                             "up": H + "mlp.up_proj.weight"}, layers=d, **s),
+                      RowParallel(L + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight", layers=d, **s)]
+        if e:
+            X = H + "mlp."
+            fc1 = {"gate": X + "experts.*.gate_proj.weight", "up": X + "experts.*.up_proj.weight"}
+            table += [
+                Replicated(L + "mlp.router.weight", X + "gate.weight", layers=e, **s),
+                GatedMLP(L + "mlp.experts.local_experts.*.linear_fc1.weight", fc1, layers=e, **s),
+                RowParallel(L + "mlp.experts.local_experts.*.linear_fc2.weight", X + "experts.*.down_proj.weight",
+                            layers=e, **s),
+                GatedMLP(L + "mlp.experts.linear_fc1.weight*", fc1, layers=e, alternate=True, **s),
+                RowParallel(L + "mlp.experts.linear_fc2.weight*", X + "experts.*.down_proj.weight", layers=e,
+                            alternate=True, **s),
+                GatedMLP(L + "mlp.shared_experts.linear_fc1.weight", {"gate": X + "shared_expert.gate_proj.weight",
+                         "up": X + "shared_expert.up_proj.weight"}, layers=e, **s),
+                RowParallel(L + "mlp.shared_experts.linear_fc2.weight", X + "shared_expert.down_proj.weight",
+                            layers=e, **s),
+                Replicated(L + "mlp.shared_experts.gate_weight", X + "shared_expert_gate.weight", layers=e, **s),
+            ]
+        table.append(Replicated("decoder.final_norm.weight", "model.norm.weight"))
+        if attrs["share_embeddings_and_output_weights"]:
+            table.append(TiedOutput("output_layer.weight", "model.embed_tokens.weight"))
+        else:
+            table.append(VocabParallel("output_layer.weight", "lm_head.weight"))
+        return table
