@@ -41,10 +41,8 @@ def _text_bridge(config: dict) -> type | None:
 def is_moe(config: dict) -> bool:
     """Whether the registered bridge for this config is a mixture-of-experts bridge (a VLM's:
     its language bridge)."""
-    from bridges.core.moe import MoEBridge
-
     cls = _text_bridge(config)
-    return cls is not None and issubclass(cls, MoEBridge)
+    return cls is not None and getattr(cls, "mixture_of_experts", False)
 
 
 def whole_experts(config: dict) -> bool:

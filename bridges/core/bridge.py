@@ -127,6 +127,9 @@ class Bridge:
     # The kind of model, for the conformance suite's adapter (conformance/adapters.py): "text"
     # for a causal language model (token ids in, logits out); a VLM family says "vision".
     modality: ClassVar[str] = "text"
+    # Routed experts: the suite's expert layouts (EP, grouped GEMM) apply (MoEBridge sets it; a
+    # family with experts on another base, e.g. a hybrid stack, too)
+    mixture_of_experts: ClassVar[bool] = False
     # Export dtype of tensors that were quantized in the source (unless re-quantized).
     dequantized_dtype: ClassVar[torch.dtype] = torch.bfloat16
     # Export dtype of every floating-point tensor, instead of the source's (None: the source's);

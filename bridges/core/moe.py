@@ -50,6 +50,7 @@ MOE_PORTABLE = dict(moe_token_dispatcher_type="allgather", moe_router_dtype="fp3
 
 
 class MoEBridge(GPTBridge):
+    mixture_of_experts = True
     # HF names under "model.layers.<i>.": per-expert (``*`` = expert) and stacked.
     experts_hf: ClassVar[dict[str, str]] = {"gate": "mlp.experts.*.gate_proj.weight",
                                             "up": "mlp.experts.*.up_proj.weight",

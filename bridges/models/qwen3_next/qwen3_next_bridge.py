@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from bridges.core.bridge import Bridge
 from bridges.core.config import Field, get_path, params_dtype, rope_parameters, rope_to_megatron, translate
 from bridges.core.mappings import (ColumnParallel, GatedMLP, Mapping, Replicated, RowParallel, Segmented,
-                                   TiedOutput, VocabParallel)
+                                   StackedGatedMLP, TiedOutput, VocabParallel)
 from bridges.core.moe import MOE_PORTABLE, moe_fields
 from bridges.core.registry import register_bridge
 from bridges.models.qwen3_next.modeling_qwen3_next import GatedQKV, GDNInProj
@@ -61,6 +61,7 @@ def layer_kinds(cfg: Any) -> list[tuple[str, str]]:
 @register_bridge(model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"])
 class Qwen3NextBridge(Bridge):
     config_fields = FIELDS
+    mixture_of_experts = True
     megatron_lm = ("a hybrid of gated delta net and gated attention layers: Megatron-LM builds it with "
                    "pretrain_hybrid.py (HybridModel), not pretrain_gpt.py")
 
@@ -70,6 +71,19 @@ class Qwen3NextBridge(Bridge):
         c.pop("layer_types", None)
         c.update(linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=8, linear_value_head_dim=8)
         return c
+
+    @classmethod
+    def toy_model(cls, model, randomize) -> None:
+        """Zero-centred norms at the generator's realistic scale: (1 + w) in [0.5, 1.5] (w drawn
+        in [-0.5, 0.5]), not 1 + [0.5, 1.5], which doubles every layer's scale and makes the toy's
+        delta rule amplify float noise past the logits bar."""
+        import torch
+
+        g = torch.Generator().manual_seed(7)
+        with torch.no_grad():
+            for name, p in sorted(model.named_parameters()):
+                if p.dim() == 1 and name.endswith("norm.weight") and "linear_attn" not in name:
+                    p.copy_(torch.rand(p.shape, generator=g) - 0.5)
 
     def megatron_attrs(self) -> dict[str, Any]:
         cfg = self.hf_config
@@ -119,6 +133,11 @@ class Qwen3NextBridge(Bridge):
                 ("num_layers", p.num_layers, 2 * lay.pp * (lay.vpp or 1), "2 x PP x VPP (whole HF layers per stage)")]
 
     # -- weights --------------------------------------------------------------------------
+    def _stacked_experts(self, attrs: dict[str, Any]) -> bool:
+        ckpt = self.checkpoint
+        return ckpt is not None and any(f"model.layers.{i // 2}.mlp.experts.gate_up_proj" in ckpt
+                                        for i, x in enumerate(attrs["hybrid_layer_pattern"]) if x == "E")
+
     def mappings(self, attrs: dict[str, Any]) -> list[Mapping]:
         pattern = attrs["hybrid_layer_pattern"]
         at = {k: tuple(i for i, x in enumerate(pattern) if x == k) for k in "G*E-"}
@@ -158,15 +177,21 @@ class Qwen3NextBridge(Bridge):
                       RowParallel(L + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight", layers=d, **s)]
         if e:
             X = H + "mlp."
-            fc1 = {"gate": X + "experts.*.gate_proj.weight", "up": X + "experts.*.up_proj.weight"}
+            if self._stacked_experts(attrs):  # transformers' in-memory layout, in some checkpoints
+                fc1 = lambda meg, alt: StackedGatedMLP(meg, {"gate_up": X + "experts.gate_up_proj[*]"},  # noqa: E731
+                                                       layers=e, alternate=alt, **s)
+                fc2 = lambda meg, alt: RowParallel(meg, X + "experts.down_proj[*]", layers=e, alternate=alt, **s)  # noqa: E731
+            else:
+                fc1 = lambda meg, alt: GatedMLP(meg, {"gate": X + "experts.*.gate_proj.weight",  # noqa: E731
+                                                      "up": X + "experts.*.up_proj.weight"}, layers=e, alternate=alt, **s)
+                fc2 = lambda meg, alt: RowParallel(meg, X + "experts.*.down_proj.weight", layers=e,  # noqa: E731
+                                                   alternate=alt, **s)
             table += [
                 Replicated(L + "mlp.router.weight", X + "gate.weight", layers=e, **s),
-                GatedMLP(L + "mlp.experts.local_experts.*.linear_fc1.weight", fc1, layers=e, **s),
-                RowParallel(L + "mlp.experts.local_experts.*.linear_fc2.weight", X + "experts.*.down_proj.weight",
-                            layers=e, **s),
-                GatedMLP(L + "mlp.experts.linear_fc1.weight*", fc1, layers=e, alternate=True, **s),
-                RowParallel(L + "mlp.experts.linear_fc2.weight*", X + "experts.*.down_proj.weight", layers=e,
-                            alternate=True, **s),
+                fc1(L + "mlp.experts.local_experts.*.linear_fc1.weight", False),
+                fc2(L + "mlp.experts.local_experts.*.linear_fc2.weight", False),
+                fc1(L + "mlp.experts.linear_fc1.weight*", True),
+                fc2(L + "mlp.experts.linear_fc2.weight*", True),
                 GatedMLP(L + "mlp.shared_experts.linear_fc1.weight", {"gate": X + "shared_expert.gate_proj.weight",
                          "up": X + "shared_expert.up_proj.weight"}, layers=e, **s),
                 RowParallel(L + "mlp.shared_experts.linear_fc2.weight", X + "shared_expert.down_proj.weight",
