@@ -80,3 +80,20 @@ def local_hybrid_stack_spec(norm, d_conv: int = 4, chunk_size: int = 128, qk_nor
             mlp_bda=get_bias_dropout_add)),
         **extra,
     ))
+
+
+def hybrid_model(provider, spec, pre_process: bool, post_process: bool, vp_stage: int | None = None, **extra):
+    """One HybridModel chunk of ``provider``'s ``hybrid_layer_pattern``, split into equal
+    "|"-separated segments per pipeline (and virtual pipeline) stage, as Megatron-Core asks;
+    ``extra``: the position embedding and rotary arguments of the family."""
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+
+    p = provider
+    stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
+    n = len(p.hybrid_layer_pattern) // stages
+    pattern = "|".join(p.hybrid_layer_pattern[i * n:(i + 1) * n] for i in range(stages))
+    return HybridModel(config=p.transformer_config(), hybrid_stack_spec=spec, vocab_size=p.padded_vocab_size,
+                       max_sequence_length=p.max_sequence_length, hybrid_layer_pattern=pattern,
+                       pre_process=pre_process, post_process=post_process, parallel_output=p.parallel_output,
+                       share_embeddings_and_output_weights=p.share_embeddings_and_output_weights,
+                       vp_stage=vp_stage, **extra)

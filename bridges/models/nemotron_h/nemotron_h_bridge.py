@@ -116,24 +116,15 @@ class NemotronHBridge(Bridge):
 
     # -- the Megatron model ---------------------------------------------------------------
     def build_model(self, provider, pre_process: bool, post_process: bool, vp_stage: int | None = None):
-        from megatron.core.models.hybrid.hybrid_model import HybridModel
         from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
-        from bridges.core.hybrid import local_hybrid_stack_spec
+        from bridges.core.hybrid import hybrid_model, local_hybrid_stack_spec
         from bridges.models.nemotron_h.modeling_nemotron_h import install_torch_mamba
 
         install_torch_mamba()
         p = provider
         spec = local_hybrid_stack_spec(WrappedTorchNorm, d_conv=p.mamba_conv_kernel, chunk_size=p.mamba_chunk_size)
-        # pipeline stages (and virtual ones) as "|"-separated equal segments, as Megatron-Core asks
-        stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
-        n = len(p.hybrid_layer_pattern) // stages
-        pattern = "|".join(p.hybrid_layer_pattern[i * n:(i + 1) * n] for i in range(stages))
-        return HybridModel(config=p.transformer_config(), hybrid_stack_spec=spec, vocab_size=p.padded_vocab_size,
-                           max_sequence_length=p.max_sequence_length, hybrid_layer_pattern=pattern,
-                           pre_process=pre_process, post_process=post_process, parallel_output=p.parallel_output,
-                           share_embeddings_and_output_weights=p.share_embeddings_and_output_weights,
-                           position_embedding_type="none", vp_stage=vp_stage)
+        return hybrid_model(p, spec, pre_process, post_process, vp_stage, position_embedding_type="none")
 
     def layout_constraints(self, provider) -> list[tuple[str, int, int, str]]:
         p, lay = provider, provider.layout

@@ -101,9 +101,7 @@ class Qwen3NextBridge(Bridge):
 
     # -- the Megatron model ---------------------------------------------------------------
     def build_model(self, provider, pre_process: bool, post_process: bool, vp_stage: int | None = None):
-        from megatron.core.models.hybrid.hybrid_model import HybridModel
-
-        from bridges.core.hybrid import local_hybrid_stack_spec
+        from bridges.core.hybrid import hybrid_model, local_hybrid_stack_spec
         from bridges.models.gemma.modeling_gemma import ZeroCenteredRMSNorm
         from bridges.models.qwen3_next.modeling_qwen3_next import PlainRMSNorm, install_torch_gdn
 
@@ -111,15 +109,8 @@ class Qwen3NextBridge(Bridge):
         p = provider
         spec = local_hybrid_stack_spec(ZeroCenteredRMSNorm, qk_norm=ZeroCenteredRMSNorm, gdn_norm=PlainRMSNorm,
                                        num_experts=p.num_moe_experts, grouped=bool(p.moe_grouped_gemm))
-        stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
-        n = len(p.hybrid_layer_pattern) // stages
-        pattern = "|".join(p.hybrid_layer_pattern[i * n:(i + 1) * n] for i in range(stages))
-        return HybridModel(config=p.transformer_config(), hybrid_stack_spec=spec, vocab_size=p.padded_vocab_size,
-                           max_sequence_length=p.max_sequence_length, hybrid_layer_pattern=pattern,
-                           pre_process=pre_process, post_process=post_process, parallel_output=p.parallel_output,
-                           share_embeddings_and_output_weights=p.share_embeddings_and_output_weights,
-                           position_embedding_type="rope", rotary_percent=p.rotary_percent,
-                           rotary_base=p.rotary_base, vp_stage=vp_stage)
+        return hybrid_model(p, spec, pre_process, post_process, vp_stage, position_embedding_type="rope",
+                            rotary_percent=p.rotary_percent, rotary_base=p.rotary_base)
 
     def layout_constraints(self, provider) -> list[tuple[str, int, int, str]]:
         p, lay = provider, provider.layout
