@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 import os
 import re
 import shutil
@@ -50,7 +51,10 @@ def shrink_config(config: dict[str, Any], max_tp: int = 4, min_layers: int = 4,
     if c.get("rotary_dim"):  # a rotary width in dims (MiniMax-M2's legacy field): the same share of the toy head
         head = int(c.get("head_dim") or int(c["hidden_size"]) // heads)
         c["rotary_dim"] = max(2, 2 * round(TOY["head_dim"] * int(c["rotary_dim"]) / head / 2))
-    c.update(num_hidden_layers=min_layers, hidden_size=toy_hidden_size(toy_heads, TOY["head_dim"]),
+    # transformers' grouped-GEMM experts need 16-byte row strides: an MoE toy's hidden size a
+    # multiple of 8 (bf16 toys too)
+    align = 8 if any(c.get(k) for k in EXPERT_COUNTS) else 1
+    c.update(num_hidden_layers=min_layers, hidden_size=toy_hidden_size(toy_heads, TOY["head_dim"], align),
              intermediate_size=TOY["intermediate_size"], head_dim=TOY["head_dim"],
              num_attention_heads=toy_heads, num_key_value_heads=toy_kv,
              vocab_size=TOY["vocab_size"], dtype="float32")
@@ -67,7 +71,7 @@ def shrink_config(config: dict[str, Any], max_tp: int = 4, min_layers: int = 4,
     except UnknownModelError:
         pass
     if "head_dim" not in c:  # the family's HF code derives it: hidden / heads
-        c["hidden_size"] = toy_hidden_size(c["num_attention_heads"], None)
+        c["hidden_size"] = toy_hidden_size(c["num_attention_heads"], None, align)
     if tie is not None:
         c["tie_word_embeddings"] = tie
     for k in ("bos_token_id", "eos_token_id", "pad_token_id"):
@@ -79,14 +83,16 @@ def shrink_config(config: dict[str, Any], max_tp: int = 4, min_layers: int = 4,
     return c
 
 
-def toy_hidden_size(heads: int, head_dim: int | None) -> int:
+def toy_hidden_size(heads: int, head_dim: int | None, align: int = 1) -> int:
     """The toy's hidden size: the smallest multiple of ``heads`` from TOY's 64 up (transformers
     refuses a hidden size that heads do not divide, whatever head_dim says) whose share per
     head is not ``head_dim`` (a bridge that derives head_dim from hidden / heads must fail).
-    Without a free head_dim (``None``): an even share per head (rotary halves it)."""
-    h = -(-TOY["hidden_size"] // heads) * heads
+    Without a free head_dim (``None``): an even share per head (rotary halves it). ``align``: a
+    multiple of it too."""
+    step = math.lcm(heads, align)
+    h = -(-TOY["hidden_size"] // step) * step
     while (h // heads == head_dim) if head_dim else (h // heads) % 2:
-        h += heads
+        h += step
     return h
 
 

@@ -112,3 +112,15 @@ def test_generated_toys_build_and_run_in_transformers(config):
     with torch.no_grad():
         logits = model(torch.arange(12).reshape(2, 6) % toy["vocab_size"]).logits
     assert logits.shape == (2, 6, toy["vocab_size"]) and torch.isfinite(logits).all()
+
+
+def test_moe_toy_rows_are_16_byte_aligned():
+    """transformers' grouped-GEMM experts need 16-byte row strides: a GLM-4.5-like MoE with 3
+    query heads per KV head (toy heads 6: hidden 66 before) gets a hidden size divisible by 8;
+    a dense model keeps the plain rule."""
+    moe = {**_base("glm4_moe"), "num_attention_heads": 3, "num_key_value_heads": 1, "n_routed_experts": 2,
+           "num_experts_per_tok": 1, "moe_intermediate_size": 64}
+    toy = shrink_config(moe, max_tp=2)
+    assert toy["num_attention_heads"] == 6 and toy["hidden_size"] % 8 == 0 and toy["hidden_size"] % 6 == 0
+    dense = {**_base("llama"), "num_attention_heads": 3, "num_key_value_heads": 1}
+    assert shrink_config(dense, max_tp=2)["hidden_size"] == 66
