@@ -3,15 +3,14 @@ the hybrid families share (Mamba-2, gated delta net, attention, MLP and MoE laye
 from __future__ import annotations
 
 
-def _local_stack(final_norm=None):
-    """Megatron-Core's HybridStack, its final norm built with ``final_norm`` (default torch's
-    RMSNorm / LayerNorm): HybridStack names TransformerEngine's ``TENorm`` whatever the spec says."""
+def _local_stack(final_norm):
+    """Megatron-Core's HybridStack, its final norm built with ``final_norm`` (the layers' own):
+    HybridStack names TransformerEngine's ``TENorm`` for it whatever the spec says."""
     from megatron.core.models.hybrid import hybrid_block
-    from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
     class LocalHybridStack(hybrid_block.HybridStack):
         def __init__(self, *args, **kwargs):
-            saved, hybrid_block.TENorm = hybrid_block.TENorm, final_norm or WrappedTorchNorm
+            saved, hybrid_block.TENorm = hybrid_block.TENorm, final_norm
             try:
                 super().__init__(*args, **kwargs)
             finally:
@@ -21,10 +20,10 @@ def _local_stack(final_norm=None):
 
 
 def local_hybrid_stack_spec(norm, d_conv: int = 4, chunk_size: int = 128, qk_norm=None, gdn_norm=None,
-                            num_experts: int | None = None, grouped: bool = False, final_norm=None):
+                            num_experts: int | None = None, grouped: bool = False):
     """HybridStack of Mamba-2, gated-delta-net, attention, MLP and MoE layers from Megatron-Core's
     local modules (column / row parallel linears, DotProductAttention), each layer behind
-    ``norm``; the Mamba-2 mixer's conv kernel and SSD chunk length as given; ``qk_norm``: the
+    ``norm`` (the final norm too); the Mamba-2 mixer's conv kernel and SSD chunk length as given; ``qk_norm``: the
     attention's q/k norm (None: none); ``gdn_norm``: the gated delta net's output norm;
     ``num_experts``: MoE layers' experts (sequential, or grouped GEMM)."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
@@ -58,7 +57,7 @@ def local_hybrid_stack_spec(norm, d_conv: int = 4, chunk_size: int = 128, qk_nor
                                                             moe_grouped_gemm=grouped),
             mlp_bda=get_bias_dropout_add))
 
-    return ModuleSpec(module=_local_stack(final_norm or norm), submodules=HybridStackSubmodules(
+    return ModuleSpec(module=_local_stack(norm), submodules=HybridStackSubmodules(
         mamba_layer=ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
             norm=norm,
             mixer=ModuleSpec(module=MambaMixer, params={"d_conv": d_conv, "chunk_size": chunk_size},
