@@ -11,9 +11,11 @@ were typed by hand (docs/megatron-lm.md) are the rules here: ``--moe-layer-freq`
 (the integer form lays the MoE keys out differently and the strict load fails), an integer
 ``--rotary-base``, ``--group-query-attention`` only with fewer groups than heads.
 
-A model whose layers Megatron-LM's local GPT spec cannot build (a family's own modules: Gemma's
-scaled embeddings and soft-caps, OLMoE's whole-projection QK norm, local MLA, a vision tower)
-is refused, naming the reason (``Bridge.megatron_lm``).
+A family whose layers are its own modules (local MLA, OLMoE's whole-projection QK norm) gets
+``--spec <module> layer`` naming its spec module (``Bridge.megatron_lm_spec``,
+bridges/core/megatron_lm_spec.py; the trainer must import ``bridges``). A model pretrain_gpt.py
+cannot build even so (Gemma's scaled embeddings and soft-caps live in GPTModel, a vision tower,
+a hybrid stack) is refused, naming the reason (``Bridge.megatron_lm``).
 """
 from __future__ import annotations
 
@@ -34,6 +36,13 @@ RUN_FIELDS = {"tensor_model_parallel_size", "pipeline_model_parallel_size", "vir
               "params_dtype", "pipeline_dtype", "bf16", "fp16", "use_cpu_initialization", "perform_initialization",
               "bias_activation_fusion", "masked_softmax_fusion", "persist_layer_norm", "bias_dropout_fusion",
               "apply_rope_fusion", "gradient_accumulation_fusion", "attention_softmax_in_fp32"}
+
+# Multi-latent attention: MLATransformerConfig's own fields with a flag, at Megatron-LM's argparse
+# defaults (they differ from the dataclass's: always given), and those without one, which the
+# trainer leaves at the dataclass's defaults (a model with other values is refused)
+MLA_ARG_DEFAULTS = dict(q_lora_rank=None, kv_lora_rank=32, qk_head_dim=128, qk_pos_emb_head_dim=64, v_head_dim=128,
+                        rope_type=None, rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0)
+MLA_NO_FLAG = ("original_max_position_embeddings", "beta_fast", "beta_slow")
 
 # Fields set through flags of their own (Megatron-LM's generator leaves them out)
 SPECIAL = {"activation_func", "gated_linear_unit", "num_query_groups", "window_size", "window_attn_skip_freq",
@@ -106,15 +115,14 @@ def _special(kw: dict[str, Any], heads: int) -> list[str]:
 
 def model_args(provider) -> list[str]:
     """``pretrain_gpt.py`` flags for the model the provider builds, its layout included."""
+    from megatron.core.transformer import TransformerConfig
+
     attrs = provider.as_dict()
-    cls = provider._config_class
-    if cls is None:
-        from megatron.core.transformer import TransformerConfig as cls
-    fields = _fields(cls)
+    fields = _fields(TransformerConfig)  # a subclass's own fields: below
     kw = {k: v for k, v in attrs.items() if k in fields}
-    out: list[str] = []
+    out: list[str] = _mla_args(provider._config_class, attrs) if attrs.get("multi_latent_attention") else []
     for name, value in sorted(kw.items()):
-        if name in RUN_FIELDS or name in SPECIAL:
+        if name in RUN_FIELDS or name in SPECIAL or name == "transformer_impl":  # given last
             continue
         default = _default(fields[name])
         if value == default:
@@ -136,6 +144,17 @@ def model_args(provider) -> list[str]:
     if attrs["params_dtype"] == torch.bfloat16:
         out.append("--bf16")
     return out + PORTABLE + ["--transformer-impl", "local", "--ckpt-format", "torch_dist"]
+
+
+def _mla_args(cls, attrs: dict[str, Any]) -> list[str]:
+    """MLATransformerConfig's own fields: every one with a flag given, the others checked."""
+    mla = _fields(cls)
+    for name in MLA_NO_FLAG:
+        if attrs.get(name) != _default(mla[name]):
+            raise ConfigError(f"{name}={attrs.get(name)}: no Megatron-LM flag reaches the MLA config's {name} "
+                              f"(the trainer keeps {_default(mla[name])})")
+    return [x for name in MLA_ARG_DEFAULTS if attrs.get(name) is not None
+            for x in (f"--{name.replace('_', '-')}", _value(attrs[name]))]
 
 
 # The provider's portable settings (no fused kernels: no TransformerEngine or Apex needed; the
@@ -181,7 +200,8 @@ def megatron_lm_args(bridge, tp: int = 1, pp: int = 1, vpp: int | None = None, e
     from bridges.core.parallel import Layout
 
     provider = bridge.to_megatron_provider().set_layout(Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp))
-    return model_args(provider.finalize())
+    spec = getattr(bridge, "megatron_lm_spec", None)
+    return model_args(provider.finalize()) + (["--spec", *spec] if spec else [])
 
 
 # Flags whose destination in Megatron-LM's parser is not the flag's own name

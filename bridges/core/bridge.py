@@ -138,6 +138,9 @@ class Bridge:
     # Why Megatron-LM's pretrain_gpt.py (its local GPT layers) cannot build this model, or None
     # when it can: `mbridge megatron-args` refuses with this reason (bridges/megatron_lm.py).
     megatron_lm: ClassVar[str | None] = None
+    # (module, name) of the layer spec Megatron-LM takes with `--spec` where its own local layers
+    # are not this family's (bridges/core/megatron_lm_spec.py); None: its local GPT spec
+    megatron_lm_spec: ClassVar[tuple[str, str] | None] = None
     # HF tensors that exist in some checkpoints but carry no weights (regex, full match).
     ignored_hf: ClassVar[tuple[str, ...]] = (r".*rotary_emb\.inv_freq",)
 

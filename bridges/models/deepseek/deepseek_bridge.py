@@ -112,8 +112,7 @@ class SharedCopies(VocabParallel):
 
 @register_bridge(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"])
 class DeepseekV2Bridge(MoEBridge):
-    megatron_lm = ("multi-latent attention needs the local MLA layer (modeling_deepseek.py) through "
-                   "Megatron-LM's --spec, which this project does not ship as a spec module yet")
+    megatron_lm_spec = ("bridges.models.deepseek.megatron_lm_spec", "layer")  # the local MLA layers
     qkv_bias = False
     config_fields = _FIELDS + (
         Field("norm_topk_prob", "norm_topk_prob", False),
@@ -278,6 +277,13 @@ class DeepseekV3Bridge(DeepseekV2Bridge):
     quantized_formats = ("block",)  # published FP8: 128 x 128 blocks with weight_scale_inv
     ported_remote_code = ("configuration_deepseek.DeepseekV3Config", "modeling_deepseek.DeepseekV3Model",
                           "modeling_deepseek.DeepseekV3ForCausalLM")
+
+    @property
+    def megatron_lm(self) -> str | None:
+        if self.megatron_attrs().get("mtp_num_layers"):
+            return ("its multi-token-prediction layer: pretrain_gpt.py builds MTP layers from Megatron's own "
+                    "local spec, which cannot build multi-latent attention")
+        return None
 
     @classmethod
     def toy_model(cls, model, randomize) -> None:

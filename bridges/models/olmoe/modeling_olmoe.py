@@ -10,6 +10,7 @@ over the TP group.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import ClassVar
 
 import torch
@@ -92,6 +93,14 @@ class OlmoeKNorm(_FullProjectionRMSNorm):
     """RMSNorm over this rank's num_query_groups / TP kv heads, TP-averaged mean square."""
 
     _heads_field = "num_query_groups"
+
+
+def full_projection_qk_norm(layer_spec, is_moe: bool = False):
+    """The same layer spec with the OLMoE q/k norms (any layer: the MLP is left as it is)."""
+    attn = layer_spec.submodules.self_attention
+    sub = dataclasses.replace(attn.submodules, q_layernorm=OlmoeQNorm, k_layernorm=OlmoeKNorm)
+    return dataclasses.replace(layer_spec, submodules=dataclasses.replace(
+        layer_spec.submodules, self_attention=dataclasses.replace(attn, submodules=sub)))
 
 
 def olmoe_layer_spec(num_experts: int | None = None, moe_grouped_gemm: bool = False):

@@ -1,7 +1,6 @@
 """OLMoE: q/k RMSNorm over the whole projection (modeling_olmoe: Megatron normalises per head),
 head_dim always hidden_size / num_heads, 64 experts of intermediate_size, softmax over all
 experts before the top-8 (norm_topk_prob=False), no shared expert."""
-import dataclasses
 from typing import Any
 
 from bridges.core.config import GPT_FIELDS, ConfigError, get_path
@@ -9,7 +8,7 @@ from bridges.core.gpt import H, L
 from bridges.core.mappings import ColumnParallel
 from bridges.core.moe import MoEBridge, moe_fields
 from bridges.core.registry import register_bridge
-from bridges.models.olmoe.modeling_olmoe import OlmoeKNorm, OlmoeQNorm
+from bridges.models.olmoe.modeling_olmoe import full_projection_qk_norm
 
 
 class FullProjectionQKNorm:
@@ -17,18 +16,15 @@ class FullProjectionQKNorm:
     ``k_norm`` of heads x head_dim) through ``modeling_olmoe``'s modules, each TP rank holding
     its heads' slice of the weights (OLMoE, MiniMax-M2)."""
 
-    megatron_lm = ("its q/k RMSNorm over the whole projection is the family's own module "
-                   "(modeling_olmoe.py); Megatron-LM's --qk-layernorm normalises per head")
+    # Megatron-LM's --qk-layernorm normalises per head: the trainer takes the family's norms
+    megatron_lm_spec = ("bridges.models.olmoe.megatron_lm_spec", "layer")
 
     def megatron_attrs(self) -> dict[str, Any]:
         # qk_norm_full_projection: for the FLOPs calculator (heads x head_dim norm weights)
         return {**super().megatron_attrs(), "qk_layernorm": True, "qk_norm_full_projection": True}
 
     def customize_layer(self, layer_spec, is_moe: bool):
-        attn = layer_spec.submodules.self_attention
-        sub = dataclasses.replace(attn.submodules, q_layernorm=OlmoeQNorm, k_layernorm=OlmoeKNorm)
-        return dataclasses.replace(layer_spec, submodules=dataclasses.replace(
-            layer_spec.submodules, self_attention=dataclasses.replace(attn, submodules=sub)))
+        return full_projection_qk_norm(layer_spec)
 
     def mappings(self, attrs: dict[str, Any]):
         # each TP rank holds its heads' slice of the full-projection norm weights

@@ -1,0 +1,32 @@
+"""Layer specs for Megatron-LM's ``--spec <module> <name>``, for families whose layers need their
+own modules (multi-latent attention on the local backend, a q/k norm over the whole projection).
+
+Megatron-LM imports the named object before parallel state exists and hands it to ``GPTModel`` as
+the spec of every decoder layer (``[spec] * layers of the stage``), so it cannot know which layer
+is dense and which MoE. ``trainer_layer_spec`` returns a spec whose layer class decides when it is
+built: it takes the submodules of its own position from the same block spec the bridge builds
+(``bridges.core.experts.block_spec`` with the family's ``customize(layer_spec, is_moe)`` hook),
+so the trainer's model has the bridge's parameter names and shapes at any PP / VPP layout.
+"""
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Callable
+
+
+def trainer_layer_spec(customize: Callable):
+    """A ModuleSpec for Megatron-LM's ``--spec``; building nothing until a layer is built."""
+    from megatron.core.transformer.spec_utils import ModuleSpec
+    from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
+
+    class BridgeLayer(TransformerLayer):
+        def __init__(self, config, submodules=None, layer_number: int = 1, vp_stage=None, **kw):
+            from bridges.core.experts import block_spec
+
+            provider = SimpleNamespace(transformer_config=lambda: config, normalization=config.normalization,
+                                       moe_grouped_gemm=config.moe_grouped_gemm)
+            own = block_spec(provider, vp_stage, customize).layer_specs[layer_number - 1]  # stage-local
+            super().__init__(config=config, submodules=own.submodules, layer_number=layer_number,
+                             vp_stage=vp_stage, **kw)
+
+    return ModuleSpec(module=BridgeLayer, submodules=TransformerLayerSubmodules())

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Megatron-LM's trainer on one GPU for every case prepared by scripts/megatron_lm_cases.py (the
+# `run` tool of this workplace; docs/megatron-lm.md), all at once (each its own torchrun and port):
+# pretrain_gpt.py with the case's `mbridge megatron-args` flags loads the converted toy strictly
+# (--dist-ckpt-strictness raise_all), runs 3 steps at lr 0 and saves; then the memory case: a
+# full-size model from its pretrain recipe's flags (random init, mock data, 3 steps at a global
+# batch of 2 micro-batches) for the peak memory Megatron-LM reports. Everything comes back in
+# $OUT/trainer.tar.gz (<case>/train.log, <case>/saved). Needs in .whl/: the megatron-core wheel
+# (its compiled dataset helpers), trainer/mlm.tar.gz (git archive of NVIDIA/Megatron-LM: megatron,
+# pretrain_gpt.py, gpt_builders.py, model_provider.py) and src.tar.gz (this project: --spec modules).
+set -u
+W=$PWD/.whl; T=$W/trainer; R=/tmp/trainer; mkdir -p $R /tmp/mlm /tmp/mb
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site $W/*.whl >/dev/null 2>&1
+tar -xzf $T/mlm.tar.gz -C /tmp/mlm && tar -xzf $W/src.tar.gz -C /tmp/mb
+cp /tmp/site/megatron/core/datasets/helpers_cpp*.so /tmp/mlm/megatron/core/datasets/ 2>/dev/null
+cd /tmp/mlm && export PYTHONPATH=/tmp/mlm:/tmp/site:/tmp/mb CUDA_DEVICE_MAX_CONNECTIONS=1 PYTHONWARNINGS=ignore
+RUN="--mock-data --tokenizer-type NullTokenizer --eval-interval 1000 --eval-iters 0 --log-interval 1 --seed 1234"
+port=29600
+for c in $T/cases/*/; do
+  n=$(basename $c); mkdir -p $R/$n; port=$((port + 1))
+  eval "A=($(cat $c/model.args))"
+  ( t0=$SECONDS; timeout ${CASE_TIMEOUT:-240} torchrun --nproc-per-node 1 --master-port $port pretrain_gpt.py "${A[@]}" \
+      --load $c/meg --no-load-optim --no-load-rng --dist-ckpt-strictness raise_all $RUN \
+      --micro-batch-size 2 --global-batch-size 2 --seq-length 32 --train-iters 3 --lr 0.0 --min-lr 0.0 \
+      --lr-decay-style constant --weight-decay 0.0 --save $R/$n/saved --save-interval 3 > $R/$n/train.log 2>&1
+    echo "$n: exit $? in $((SECONDS - t0)) s" >> $R/status.txt ) &
+done
+wait
+if [ -f $T/memory/recipe.args ]; then
+  mkdir -p $R/memory; eval "A=($(cat $T/memory/recipe.args))"; t0=$SECONDS
+  timeout ${MEMORY_TIMEOUT:-240} torchrun --nproc-per-node 1 --master-port 29700 pretrain_gpt.py "${A[@]}" $RUN \
+    --global-batch-size 2 --train-iters 3 --lr-warmup-iters 0 > $R/memory/train.log 2>&1 &
+  pid=$!; peak=0
+  while kill -0 $pid 2>/dev/null; do
+    m=$(nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits | head -1); [ "${m:-0}" -gt $peak ] && peak=$m; sleep 1
+  done
+  wait $pid; echo "memory: exit $? in $((SECONDS - t0)) s, nvidia-smi peak ${peak} MiB" >> $R/status.txt
+  cp $T/memory/recipe.json $R/memory/
+fi
+tar -czf $OUT/trainer.tar.gz -C /tmp trainer
+cat $R/status.txt
+for l in $R/*/train.log; do echo "== $l"; grep -E "successfully loaded|iteration +3/|memory|Error|error:" $l | head -8; done

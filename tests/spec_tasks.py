@@ -1,0 +1,48 @@
+"""Rank tasks for tests/test_megatron_lm_spec.py."""
+
+
+def trainer_spec_model(toy_dir: str, layout: str, spec: str | None = None) -> dict:
+    """This rank's model built as Megatron-LM builds it with the family's ``--spec`` (the named
+    object as every decoder layer's spec), beside the bridge's own, both loaded from the toy:
+    parameter names and shapes, whether the values agree, and (one stage) the largest logit
+    difference. ``spec``: 'module:name' instead of the bridge's (a broken one, in the tests)."""
+    import importlib
+
+    import torch
+
+    from bridges.core.bridge import _global_name, unwrap
+    from conformance.job import layout_provider, make_bridge
+
+    torch.manual_seed(0)
+    bridge = make_bridge(toy_dir)
+    module, name = spec.split(":") if spec else bridge.megatron_lm_spec
+    layer = getattr(importlib.import_module(module), name)
+    ours = layout_provider(bridge, layout, torch.float32).provide_distributed_model()
+    bridge.load_hf_weights(ours)
+    bridge.layer_spec = lambda provider, vp_stage=None: layer  # what gpt_builders.py passes GPTModel
+    theirs = layout_provider(bridge, layout, torch.float32).provide_distributed_model()
+    bridge.load_hf_weights(theirs)
+
+    def params(chunks):
+        return {_global_name(unwrap(c), n): p for c in chunks for n, p in unwrap(c).named_parameters()}
+
+    a, b = params(ours), params(theirs)
+    out = {"names": sorted(a) == sorted(b), "shapes": all(a[n].shape == b[n].shape for n in a if n in b),
+           "values": all(torch.equal(a[n], b[n]) for n in a if n in b and a[n].shape == b[n].shape)}
+    if len(ours) == 1 and unwrap(ours[0]).pre_process and unwrap(ours[0]).post_process:
+        ids = torch.randint(0, 100, (1, 12))
+        pos = torch.arange(12)[None]
+        with torch.no_grad():
+            x, y = (unwrap(c[0]).eval()(ids, pos, None) for c in (ours, theirs))
+        out["max_diff"] = float((x - y).abs().max())
+    return out
+
+
+def __getattr__(name):  # ALL_MOE: a broken spec, built on first use (after parallel state exists)
+    if name == "ALL_MOE":
+        from bridges.models.deepseek.modeling_deepseek import localize_mla_layer
+        from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+
+        return localize_mla_layer(get_gpt_layer_local_spec(num_experts=8, qk_layernorm=True,
+                                                           multi_latent_attention=True, normalization="RMSNorm"))
+    raise AttributeError(name)

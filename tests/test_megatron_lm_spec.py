@@ -1,0 +1,40 @@
+"""The `--spec` modules Megatron-LM's trainer takes for families whose layers are their own
+(bridges/core/megatron_lm_spec.py): importable before parallel state exists, and the model the
+trainer builds with them is the bridge's (names, shapes, loaded values, logits) at every layout,
+dense and MoE layers where they belong. A spec that ignores the layer's position fails."""
+import subprocess
+import sys
+
+import pytest
+
+from conformance.models import resolve
+
+MODELS = ["deepseek-ai/DeepSeek-V2-Lite", "allenai/OLMoE-1B-7B-0924"]
+
+
+@pytest.mark.parametrize("module", ["bridges.models.deepseek.megatron_lm_spec", "bridges.models.olmoe.megatron_lm_spec"])
+def test_spec_module_imports_before_parallel_state(module):
+    code = (f"import {module} as m; from megatron.core import parallel_state as ps; "
+            "import torch.distributed as dist; "
+            "assert not dist.is_initialized() and not ps.model_parallel_is_initialized(); print(type(m.layer).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ModuleSpec", out.stderr[-2000:]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_trainer_model_is_the_bridges(conformance, model):
+    toy = conformance.checkpoint(resolve(model))
+    for layout in ("tp1pp1", "tp2", "pp2", "pp2vpp2"):  # every rank of the pool (the rest data-parallel)
+        rows = conformance.pool.run("tests.spec_tasks:trainer_spec_model", toy_dir=toy, layout=layout)
+        for r in rows:
+            assert r["names"] and r["shapes"] and r["values"], (model, layout, r)
+            assert r.get("max_diff", 0.0) == 0.0, (model, layout, r)
+
+
+def test_a_spec_blind_to_the_layer_position_fails(conformance):
+    """DeepSeek-V2-Lite's first layer is dense: one MoE MLA spec for every layer does not load."""
+    toy = conformance.checkpoint(resolve("deepseek-ai/DeepSeek-V2-Lite"))
+    with pytest.raises(Exception, match=r"decoder\.layers\.0\.mlp\.router\.weight has no mapping"):
+        rows = conformance.pool.run("tests.spec_tasks:trainer_spec_model", toy_dir=toy, layout="tp1pp1",
+                                    spec="tests.spec_tasks:ALL_MOE")
+        assert all(r["names"] for r in rows), rows  # reached only if the load accepted it
