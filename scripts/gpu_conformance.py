@@ -98,7 +98,7 @@ def mutants(out: str, jobs: int, timeout: float, extra: list[str], gpu: bool = T
                     "results": [], "environment": {}, "failures": {}}
 
     t0 = time.perf_counter()
-    todo = [r for r in gpu_mutants() if only is None or only in r[1]]
+    todo = [r for r in gpu_mutants() if only is None or any(o in r[1] for o in only.split(","))]
     with ThreadPoolExecutor(jobs) as pool:
         new = {r["bridge"]: r for r in pool.map(safe, todo)}
     old = {r["bridge"]: r for r in json.loads(Path(merge).read_text())["mutants"]} if merge else {}
@@ -249,7 +249,7 @@ def main() -> None:
     m.add_argument("-j", "--jobs", type=int, default=4)
     m.add_argument("--timeout", type=float, default=300)
     m.add_argument("--cpu", action="store_true", help="the default CPU suite instead of --run-gpu (a dry run)")
-    m.add_argument("--only", default=None, help="only the mutants whose bridge ref contains this")
+    m.add_argument("--only", default=None, help="only the mutants whose bridge ref contains this (or one of these, comma-separated)")
     m.add_argument("--merge", default=None, help="an earlier mutants report whose other rows are kept")
     d = sub.add_parser("render")
     d.add_argument("reports", nargs="*")

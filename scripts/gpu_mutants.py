@@ -81,8 +81,14 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
     from tests.test_gpt_oss import MODEL as GPT_OSS
     from tests.test_gpt_oss import MUTANTS as OSS
     from tests.test_mistral3 import MODEL as MISTRAL3
+    from tests.test_minimax_m2 import MODEL as MINIMAX
+    from tests.test_minimax_m2 import MUTANTS as MM2
     from tests.test_mistral3 import MUTANTS as M3
     from tests.test_mutations import MUTANTS
+    from tests.test_nemotron_h import MODEL as NEMOTRON_H
+    from tests.test_nemotron_h import MUTANTS as NH
+    from tests.test_qwen3_next import MODEL as QWEN3_NEXT
+    from tests.test_qwen3_next import MUTANTS as Q3N
     from tests.test_qwen2_5_vl import MODEL as QWEN_VL
     from tests.test_qwen2_5_vl import MUTANTS as QVLM
     from tests.test_qwen3_vl import MODEL as QWEN3_VL
@@ -99,7 +105,10 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
                                   ("qwen2_5_vl_mutants", vlm(QWEN_VL, QVLM)), ("qwen3_vl_mutants", vlm(QWEN3_VL, Q3VLM)),
                                   ("qwen3_vl_moe_mutants", vlm(QWEN3_VL_MOE, Q3VLMOE)),
                                   ("mistral3_mutants", vlm(MISTRAL3, M3)),
-                                  ("gpt_oss_mutants", [(n, GPT_OSS, {"tp1pp1": e}) for n, e in OSS]))
+                                  *((f"{m}_mutants", [(n, model, {"tp1pp1": e}) for n, e in table])
+                                    for m, model, table in (("gpt_oss", GPT_OSS, OSS), ("minimax_m2", MINIMAX, MM2),
+                                                            ("nemotron_h", NEMOTRON_H, NH),
+                                                            ("qwen3_next", QWEN3_NEXT, Q3N))))
             for n, model, expect in table if expect.get("tp1pp1") and "/" in model]  # a fixture's name
     rows.append(("OneHeadSwapped", "scripts.gpu_mutants:OneHeadSwapped", "Qwen/Qwen3-8B", {"logits", "generation"}))
     return sorted(rows, key=lambda r: (r[0] not in SUBTLE, SUBTLE.index(r[0]) if r[0] in SUBTLE else 0))

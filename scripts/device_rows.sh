@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# GPU rows for chosen models (the `run` tool, 1 x H200), in the environment that works there:
+# first with every wheel in .whl/ (transformers as on the CPU machine), else with megatron-core
+# and syrupy only (the GPU machine's transformers); a one-model smoke run decides and its tail is
+# printed. Then `gpu_conformance.py run` on MODELS and the mutants of ONLY (a bridge-ref substring).
+#   MODELS="a/b c/d" ONLY=nemotron_h bash scripts/device_rows.sh
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
+W=$PWD/.whl; R=/tmp/res; mkdir -p $R /tmp/mb /tmp/empty
+tar -xzf $W/src.tar.gz -C /tmp/mb
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/siteA $W/*.whl >/dev/null 2>&1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/siteB $W/megatron_core*.whl $W/syrupy*.whl >/dev/null 2>&1
+smoke() { cd /tmp/empty && PYTHONPATH=$1:/tmp/mb timeout 150 python3 -m pytest -p pytest_mbridge.plugin -p no:cacheprovider \
+  --mbridge-model=${SMOKE:-Qwen/Qwen3-0.6B} --run-gpu -x -q -W ignore > $R/smoke-$(basename $1).log 2>&1; r=$?; tail -30 $R/smoke-$(basename $1).log; return $r; }
+SITE=/tmp/siteA; smoke /tmp/siteA || { SITE=/tmp/siteB; smoke /tmp/siteB; }
+echo "environment: $SITE"; cd /tmp/mb; export PYTHONPATH=$SITE:/tmp/mb
+python3 -c 'import torch,transformers;print(torch.__version__,transformers.__version__)' | tee $R/env.txt
+args=(); for m in ${MODELS:-}; do args+=("--mbridge-model=$m"); done
+[ ${#args[@]} -gt 0 ] && timeout ${ROWS_TIMEOUT:-240} python3 scripts/gpu_conformance.py run --out $R/report-rows.json "${args[@]}" > $R/rows.log 2>&1
+echo "rows: exit $?"; tail -5 $R/rows.log
+[ -n "${ONLY:-}" ] && timeout ${MUTANTS_TIMEOUT:-150} python3 scripts/gpu_conformance.py mutants --out $R/mutants-rows.json -j 10 --timeout 140 --only "$ONLY" > $R/mutants.log 2>&1
+echo "mutants: exit $?"; tail -20 $R/mutants.log
+tar -czf $OUT/rows.tar.gz -C $R .
