@@ -46,3 +46,23 @@ def __getattr__(name):  # ALL_MOE: a broken spec, built on first use (after para
         return localize_mla_layer(get_gpt_layer_local_spec(num_experts=8, qk_layernorm=True,
                                                            multi_latent_attention=True, normalization="RMSNorm"))
     raise AttributeError(name)
+
+
+def backward(toy_dir: str, layout: str, plain: bool = False) -> float:
+    """A training step's backward pass through the bridge's model (``plain``: the family's layer
+    hook left out, Megatron-Core's own modules); the expert down-projection bias's grad norm."""
+    import torch
+
+    from bridges.core.bridge import unwrap
+    from conformance.job import layout_provider, make_bridge
+
+    bridge = make_bridge(toy_dir)
+    if plain:
+        bridge.customize_layer = lambda spec, is_moe: spec
+    model = unwrap(layout_provider(bridge, layout, torch.float32).provide_distributed_model()[0])
+    bridge.load_hf_weights([model])
+    ids = torch.randint(0, 100, (2, 12))
+    logits = model(ids, torch.arange(12)[None].expand(2, -1), None)
+    logits.float().square().mean().backward()
+    grads = [p.grad for n, p in model.named_parameters() if "experts" in n and n.endswith("linear_fc2.bias")]
+    return float(torch.stack([g.norm() for g in grads if g is not None]).sum()) if grads else -1.0

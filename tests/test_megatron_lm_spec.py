@@ -9,10 +9,10 @@ import pytest
 
 from conformance.models import resolve
 
-MODELS = ["deepseek-ai/DeepSeek-V2-Lite", "allenai/OLMoE-1B-7B-0924"]
+MODELS = ["deepseek-ai/DeepSeek-V2-Lite", "allenai/OLMoE-1B-7B-0924", "openai/gpt-oss-20b"]
 
 
-@pytest.mark.parametrize("module", ["bridges.models.deepseek.megatron_lm_spec", "bridges.models.olmoe.megatron_lm_spec"])
+@pytest.mark.parametrize("module", [f"bridges.models.{f}.megatron_lm_spec" for f in ("deepseek", "olmoe", "gpt_oss")])
 def test_spec_module_imports_before_parallel_state(module):
     code = (f"import {module} as m; from megatron.core import parallel_state as ps; "
             "import torch.distributed as dist; "
@@ -24,7 +24,8 @@ def test_spec_module_imports_before_parallel_state(module):
 @pytest.mark.parametrize("model", MODELS)
 def test_trainer_model_is_the_bridges(conformance, model):
     toy = conformance.checkpoint(resolve(model))
-    for layout in ("tp1pp1", "tp2", "pp2", "pp2vpp2"):  # every rank of the pool (the rest data-parallel)
+    tp2 = "tp2etp1" if "gpt-oss" in model else "tp2"  # biased experts stay whole under TP
+    for layout in ("tp1pp1", tp2, "pp2", "pp2vpp2"):  # every rank of the pool (the rest data-parallel)
         rows = conformance.pool.run("tests.spec_tasks:trainer_spec_model", toy_dir=toy, layout=layout)
         for r in rows:
             assert r["names"] and r["shapes"] and r["values"], (model, layout, r)
@@ -38,3 +39,13 @@ def test_a_spec_blind_to_the_layer_position_fails(conformance):
         rows = conformance.pool.run("tests.spec_tasks:trainer_spec_model", toy_dir=toy, layout="tp1pp1",
                                     spec="tests.spec_tasks:ALL_MOE")
         assert all(r["names"] for r in rows), rows  # reached only if the load accepted it
+
+
+def test_gpt_oss_biased_experts_train(conformance):
+    """Megatron-Core adds a biased expert's down-projection bias in place to the tensor-parallel
+    reduction's output, which autograd refuses in a backward pass; the family's expert
+    projection returns a copy (modeling_gpt_oss.py), with which the gradients flow."""
+    toy = conformance.checkpoint(resolve("openai/gpt-oss-20b"))
+    assert all(g > 0 for g in conformance.pool.run("tests.spec_tasks:backward", toy_dir=toy, layout="tp1pp1"))
+    with pytest.raises(Exception, match="modified inplace"):
+        conformance.pool.run("tests.spec_tasks:backward", toy_dir=toy, layout="tp1pp1", plain=True)

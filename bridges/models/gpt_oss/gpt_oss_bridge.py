@@ -74,6 +74,7 @@ class GptOssBridge(MoEBridge):
     router_hf = "mlp.router.weight"
     quantized_formats = ("mxfp4",)  # the published experts: *_blocks / *_scales
     expert_tensor_parallel = False  # biased experts: Megatron-Core asserts expert TP 1
+    megatron_lm_spec = ("bridges.models.gpt_oss.megatron_lm_spec", "layer")  # trainable biased experts
 
     @classmethod
     def toy_config(cls, config: dict[str, Any]) -> dict[str, Any]:
@@ -98,6 +99,11 @@ class GptOssBridge(MoEBridge):
                      activation_func=sigmoid_gate, glu_linear_offset=1.0,
                      moe_router_pre_softmax=False, moe_router_score_function="softmax")
         return attrs
+
+    def customize_layer(self, layer_spec, is_moe: bool):
+        from bridges.models.gpt_oss.modeling_gpt_oss import expert_output_copy
+
+        return expert_output_copy(layer_spec)  # a backward pass through the biased experts
 
     def hf_config_dict(self, attrs: dict[str, Any] | None = None) -> dict[str, Any]:
         attrs = attrs if attrs is not None else self.megatron_attrs()
