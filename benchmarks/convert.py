@@ -16,6 +16,9 @@ MASTER_PORT set (gloo). Phases, each with its wall time and peak RSS:
 - ``export``: ``bridge.save_hf_pretrained(model, OUT_DIR)`` (export_hf_weights ->
   save_hf_checkpoint; rank 0 writes).
 
+On a machine with CUDA the model is built on the GPU (the provider's choice), so ``load`` reads
+into GPU parameters and ``export`` writes from them; ``CUDA_VISIBLE_DEVICES=`` keeps it on CPU.
+
 ``--profile build,load,export`` runs those phases under cProfile and writes the stats next to
 the JSON (``<json>.<phase>.prof``); the memory sampler thread is off in a profiled run.
 """
@@ -72,7 +75,10 @@ def main() -> None:
                 profs[name] = cProfile.Profile()
                 profs[name].enable()
             try:
-                return fn()
+                out = fn()
+                if torch.cuda.is_available():  # the copies to and from the GPU are done
+                    torch.cuda.synchronize()
+                return out
             finally:
                 if name in profiled:
                     profs[name].disable()
@@ -107,7 +113,9 @@ def main() -> None:
     emit(a.json, phases.result(rank=rank, world=world, tp=a.tp, ep=a.ep, share_bytes=share,
                                largest_param_bytes=largest_param, param_dtypes=dtypes,
                                written_bytes=written, threads=torch.get_num_threads(),
-                               end_time=time.time(),
+                               end_time=time.time(), device=str(params[0].device),
+                               gpu_peak_bytes=(torch.cuda.max_memory_allocated()
+                                               if torch.cuda.is_available() else None),
                                bridges_from=str(Path(bridges.__file__).parent)))
     if dist.is_initialized():
         dist.destroy_process_group()

@@ -5,6 +5,8 @@ Writes docs/performance.md.
     .venv/bin/python benchmarks/run.py            # median of 3, all models, profiles, suites
     .venv/bin/python benchmarks/run.py --quick    # 1 run, Llama-3.2-1B only, no profile,
                                                   # the llama bridge's suite only
+    python benchmarks/run.py --gpu --models qwen3-8b-full --out-dir DIR   # on a CUDA machine:
+                                                  # benchmarks/gpu.py (JSON results in DIR)
 
 Every figure is a whole process started afresh (``subprocess``): TP1 is one process, TP2 and EP2
 two gloo ranks (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT), each running
@@ -159,6 +161,10 @@ def max_over_ranks(run: dict, name: str, key: str = "wall_s") -> float:
 
 # -- main -------------------------------------------------------------------------------------
 def main() -> None:
+    if "--gpu" in sys.argv[1:]:  # the CUDA benchmark: benchmarks/gpu.py, its own options
+        import gpu
+
+        return gpu.main(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="one run, Llama-3.2-1B only, no profile, the llama suite only")
