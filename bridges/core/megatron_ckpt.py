@@ -59,7 +59,8 @@ def save_megatron(chunks, out_dir: str | Path, meta: dict, iteration: int = 0,
         if args is not None:
             state["args"] = args
         try:
-            dist_checkpointing.save(state, str(it))
+            with _results_in_process():
+                dist_checkpointing.save(state, str(it), sharded_strategy=_save_strategy())
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - the writer's errors arrive wrapped
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             raise OSError(f"{type(e).__name__}: {lines[-1] if lines else ''}") from e
@@ -69,6 +70,37 @@ def save_megatron(chunks, out_dir: str | Path, meta: dict, iteration: int = 0,
             (it.parent / SIDECAR).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     dist.barrier()  # the rename is done before any rank returns
     return out
+
+
+def _save_strategy():
+    """torch_dist, the format Megatron-LM's ``--ckpt-format torch_dist`` loads, with one writer
+    thread (and file) per core this rank has: a plain page-cache write is CPU-bound in the kernel."""
+    import os
+
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    per_rank = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return TorchDistSaveShardedStrategy(thread_count=min(per_rank, int(os.environ.get("MBRIDGE_SAVE_THREADS", "8"))))
+
+
+@contextlib.contextmanager
+def _results_in_process():
+    """A synchronous save hands its write results back through a queue that megatron-core makes
+    a ``multiprocessing.Manager`` queue (a spawned server process, for its async saver): seconds
+    to start beside the writing, and to stop at exit. The save here is synchronous and in this
+    process, so an in-process queue carries them."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if getattr(fa, "_results_queue", ...) is not None:  # set already, or another megatron-core
+        yield
+        return
+    fa._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        fa._results_queue = None
 
 
 def read_meta(ckpt_dir: str | Path) -> dict:
