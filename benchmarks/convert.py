@@ -1,7 +1,7 @@
 """One rank of a conversion benchmark: HF -> Megatron import, then Megatron -> HF export.
 
-    python benchmarks/convert.py CKPT_DIR OUT_DIR --tp 1 [--ep 1] [--json OUT]
-                                 [--profile build,load,export]
+    python benchmarks/convert.py CKPT_DIR OUT_DIR --tp 1 [--ep 1] [--pp 1] [--json OUT]
+                                 [--profile build,load,export] [--build-only]
 
 For TP x EP > 1 the parent starts one process per rank with RANK / WORLD_SIZE / MASTER_ADDR /
 MASTER_PORT set (gloo). Phases, each with its wall time and peak RSS:
@@ -40,6 +40,9 @@ def main() -> None:
     ap.add_argument("out")
     ap.add_argument("--tp", type=int, default=1)
     ap.add_argument("--ep", type=int, default=1, help="expert model parallel size (MoE)")
+    ap.add_argument("--pp", type=int, default=1, help="pipeline parallel size")
+    ap.add_argument("--build-only", action="store_true",
+                    help="stop after the build: the rank's share of the model (its parameters' bytes)")
     ap.add_argument("--json")
     ap.add_argument("--profile", default="",
                     help="comma list of phases (build, load, export) to run under cProfile")
@@ -89,15 +92,19 @@ def main() -> None:
         provider = bridge.to_megatron_provider()
         provider.tensor_model_parallel_size = a.tp
         provider.expert_model_parallel_size = a.ep
+        provider.pipeline_model_parallel_size = a.pp
         provider.params_dtype = torch.bfloat16
         provider.finalize()
         return bridge, provider
 
     bridge, provider = run("setup", setup)
     model = run("build", lambda: provider.provide_distributed_model(wrap_with_ddp=False))
-    run("load", lambda: bridge.load_hf_weights(model))
     params = [p for chunk in model for p in chunk.parameters()]
     share = sum(p.numel() * p.element_size() for p in params)
+    if a.build_only:
+        emit(a.json, phases.result(rank=rank, world=world, share_bytes=share))
+        return
+    run("load", lambda: bridge.load_hf_weights(model))
     largest_param = max(p.numel() * p.element_size() for p in params)
     dtypes = sorted({str(p.dtype) for p in params})
     run("export", lambda: bridge.save_hf_pretrained(model, a.out))
