@@ -1,7 +1,7 @@
 """Floors: what plain safetensors costs, with nothing of the bridge in between.
 
-    python benchmarks/floors.py read  CKPT_DIR [--json OUT]
-    python benchmarks/floors.py write CKPT_DIR OUT_DIR [--json OUT]
+    python benchmarks/floors.py read  CKPT_DIR [--json OUT] [--device cuda]
+    python benchmarks/floors.py write CKPT_DIR OUT_DIR [--json OUT] [--device cuda]
     python benchmarks/floors.py imports [--json OUT]
     python benchmarks/floors.py hold BYTES
 
@@ -21,6 +21,10 @@ RSS baseline of any conversion process.
 ``hold``: a process that touches BYTES of memory, says ``ready`` and keeps them until its stdin
 closes: it stands in for a second rank's memory beside a write floor (the page-cache write speed
 of this machine drops as more memory is in use).
+
+``--device cuda``: the read floor reads every tensor into GPU memory (``get_tensor(name).to(device)``,
+what an import into GPU parameters must do at least), the write floor writes tensors that are in GPU
+memory (each shard copied to the host, ``save_file``, fsync).
 
 The parent passes the spawn time in ``BENCH_T0`` so "start+imports" covers interpreter start.
 """
@@ -49,7 +53,19 @@ def _names_by_shard(ckpt: Path) -> dict[str, list[str]]:
     return {"model.safetensors": None}
 
 
-def read_floor(ckpt: Path, phases: Phases) -> dict:
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize()
+
+
+def _load(t, device: str):
+    """``t`` (a view of the mapped file) copied into process memory, or onto ``device``."""
+    return t.clone() if device == "cpu" else t.to(device)
+
+
+def read_floor(ckpt: Path, phases: Phases, device: str = "cpu") -> dict:
     from safetensors import safe_open
 
     phases.startup()
@@ -58,11 +74,12 @@ def read_floor(ckpt: Path, phases: Phases) -> dict:
         for f, names in _names_by_shard(ckpt).items():
             with safe_open(str(ckpt / f), framework="pt") as st:
                 for name in names or st.keys():
-                    kept.append(st.get_tensor(name).clone())
+                    kept.append(_load(st.get_tensor(name), device))
+        _sync(device)
     return {"tensors": len(kept), "bytes": sum(t.numel() * t.element_size() for t in kept)}
 
 
-def write_floor(ckpt: Path, out: Path, phases: Phases) -> dict:
+def write_floor(ckpt: Path, out: Path, phases: Phases, device: str = "cpu") -> dict:
     from safetensors import safe_open
     from safetensors.torch import save_file
 
@@ -75,7 +92,8 @@ def write_floor(ckpt: Path, out: Path, phases: Phases) -> dict:
         for f, names in _names_by_shard(ckpt).items():
             with safe_open(str(ckpt / f), framework="pt") as st:
                 for name in names or st.keys():
-                    tensors[name] = st.get_tensor(name).clone()  # in process memory
+                    tensors[name] = _load(st.get_tensor(name), device)  # in process memory
+        _sync(device)
     order = sorted(tensors, key=_order)
     batches, size = [[]], 0
     for name in order:
@@ -90,7 +108,7 @@ def write_floor(ckpt: Path, out: Path, phases: Phases) -> dict:
     with phases("write"):
         for i, batch in enumerate(batches, 1):
             path = out / f"model-{i:05d}.safetensors"
-            save_file({n: tensors[n] for n in batch}, str(path), metadata={"format": "pt"})
+            save_file({n: tensors[n].cpu() for n in batch}, str(path), metadata={"format": "pt"})
             t = time.perf_counter()
             fd = os.open(path, os.O_RDONLY)
             os.fsync(fd)
@@ -124,6 +142,7 @@ def main() -> None:
     ap.add_argument("mode", choices=["read", "write", "imports", "hold"])
     ap.add_argument("paths", nargs="*")
     ap.add_argument("--json")
+    ap.add_argument("--device", default="cpu", help="cpu, or cuda: read into / write from GPU memory")
     a = ap.parse_args()
     if a.mode == "hold":
         return hold(int(a.paths[0]))
@@ -131,12 +150,12 @@ def main() -> None:
 
     phases = Phases(T0)
     if a.mode == "read":
-        extra = read_floor(Path(a.paths[0]), phases)
+        extra = read_floor(Path(a.paths[0]), phases, a.device)
     elif a.mode == "write":
-        extra = write_floor(Path(a.paths[0]), Path(a.paths[1]), phases)
+        extra = write_floor(Path(a.paths[0]), Path(a.paths[1]), phases, a.device)
     else:
         extra = imports_only(phases)
-    emit(a.json, phases.result(mode=a.mode, threads=torch.get_num_threads(), **extra))
+    emit(a.json, phases.result(mode=a.mode, threads=torch.get_num_threads(), device=a.device, **extra))
 
 
 if __name__ == "__main__":

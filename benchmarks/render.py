@@ -188,6 +188,9 @@ def render(results: dict, machine: str, versions: str) -> str:
                      f"{_g(rk['budget'])} | {_g(rk['peak'])} ({_ok(rk['ok'])}) | "
                      + " | ".join(cells) + " |")
     L += [""]
+    from render_cli import cli_section
+
+    L += cli_section(results, _short)
     L += _suite_table(results)
     L += _analysis(results)
     return "\n".join(L) + "\n"

@@ -5,6 +5,8 @@ Writes docs/performance.md.
     .venv/bin/python benchmarks/run.py            # median of 3, all models, profiles, suites
     .venv/bin/python benchmarks/run.py --quick    # 1 run, Llama-3.2-1B only, no profile,
                                                   # the llama bridge's suite only
+    python benchmarks/run.py --gpu --models qwen3-8b-full --out-dir DIR   # on a CUDA machine:
+                                                  # benchmarks/gpu.py (JSON results in DIR)
 
 Every figure is a whole process started afresh (``subprocess``): TP1 is one process, TP2 and EP2
 two gloo ranks (RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT), each running
@@ -31,18 +33,21 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 sys.path.insert(0, str(BENCH))
 
+from endtoend import clean_env  # noqa: E402,F401
 from make_checkpoint import load_config, make_checkpoint  # noqa: E402
 
-# key: (fixture config, layers kept (None: all), label, layouts)
+# key: (fixture config, layers kept (None: all), label, layouts, layouts of the whole CLI)
 MODELS = {
     "llama": ("meta-llama/Llama-3.2-1B", None, "Llama-3.2-1B (whole model, tied embeddings)",
-              ("tp1", "tp2")),
+              ("tp1", "tp2"), ("tp1", "tp2", "pp2")),
     "qwen": ("Qwen/Qwen3-8B", 4, "Qwen3-8B, first 4 of 36 layers (untied lm_head)",
-             ("tp1", "tp2")),
+             ("tp1", "tp2"), ()),
     "qwen-moe": ("Qwen/Qwen3-30B-A3B", 2, "Qwen3-30B-A3B, first 2 of 48 layers, all 128 experts "
-                 "per layer (per-expert tensors)", ("tp1", "tp2", "ep2")),
+                 "per layer (per-expert tensors)", ("tp1", "tp2", "ep2"), ("tp1", "ep2")),
 }
 LAYOUTS = {"tp1": (1, 1), "tp2": (2, 1), "ep2": (1, 2)}  # name: (TP, EP); world = TP x EP
+CLI_LAYOUTS = {"tp1": (1, 1, 1), "tp2": (2, 1, 1), "pp2": (1, 2, 1), "ep2": (1, 1, 2)}  # TP, PP, EP
+CLI_TARGET = 1.5
 GiB, MiB = 2**30, 2**20
 IMPORT_TARGET = EXPORT_TARGET = 1.5
 
@@ -159,6 +164,10 @@ def max_over_ranks(run: dict, name: str, key: str = "wall_s") -> float:
 
 # -- main -------------------------------------------------------------------------------------
 def main() -> None:
+    if "--gpu" in sys.argv[1:]:  # the CUDA benchmark: benchmarks/gpu.py, its own options
+        import gpu
+
+        return gpu.main(sys.argv[1:])
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="one run, Llama-3.2-1B only, no profile, the llama suite only")
@@ -210,7 +219,7 @@ def main() -> None:
               flush=True)
         for key in models:
             results["models"][key] = _bench_model(key, tmp, work, runs, results["baseline_rss"],
-                                                  profile)
+                                                  profile, a.quick)
         results["suites"] = _suites(suites, tmp, runs)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -251,10 +260,13 @@ def _convert(ckpt: Path, out: Path, work: Path, tag: str, layout: str,
                  work, tag, world=tp * ep)
 
 
-def _bench_model(key: str, tmp: Path, work: Path, runs: int, base: float, profile: str) -> dict:
+def _bench_model(key: str, tmp: Path, work: Path, runs: int, base: float, profile: str,
+                 quick: bool = False) -> dict:
     """Floors and the conversion at each layout of one model, ``runs`` times; profiles
     (``auto``: one run of the last layout that misses a target; ``always``: every layout)."""
-    model, layers, label, layouts = MODELS[key]
+    model, layers, label, layouts, cli_layouts = MODELS[key]
+    if quick:  # the whole CLI at TP1 only
+        cli_layouts = cli_layouts[:1]
     cfg = load_config(model, layers)
     ckpt = tmp / key
     info = make_checkpoint(cfg, ckpt)
@@ -262,7 +274,9 @@ def _bench_model(key: str, tmp: Path, work: Path, runs: int, base: float, profil
           f"made in {info['seconds']:.0f} s", flush=True)
     out = tmp / "out"
     res = {"model": model, "layers": layers, "label": label, "config": cfg, "ckpt": info,
-           "read": [], "write": [], "runs": {lay: [] for lay in layouts}}
+           "read": [], "write": [], "runs": {lay: [] for lay in layouts},
+           "bare": [], "cli": {lay: [] for lay in cli_layouts},
+           "cli_share": {lay: _cli_share(ckpt, work, f"{key}-share-{lay}", lay) for lay in cli_layouts}}
     for i in range(runs):
         res["read"].append(spawn("floors.py", ["read", str(ckpt)], work, f"{key}-read{i}"))
         res["write"].append(spawn("floors.py", ["write", str(ckpt), str(out)], work,
@@ -281,6 +295,16 @@ def _bench_model(key: str, tmp: Path, work: Path, runs: int, base: float, profil
                   f"{max_over_ranks(run, 'export'):.1f} s, peak RSS "
                   f"{max(r['peak_rss'] for r in run['ranks']) / GiB:.2f} GiB "
                   f"(other processes: {run['foreign_cpu_s']:.0f} CPU-s)", flush=True)
+        if cli_layouts:
+            res["bare"].append(_bare())
+        for lay in cli_layouts:
+            res["cli"][lay].append(_cli(ckpt, tmp, lay))
+            c = res["cli"][lay][-1]
+            print(f"[bench] {key} run {i + 1}/{runs} mbridge convert {lay.upper()}: import "
+                  f"{c['import']['wall_s']:.1f} s, export {c['export']['wall_s']:.1f} s (bare imports "
+                  f"{res['bare'][-1]['wall_s']:.1f} s); peak RSS GiB " + ", ".join(
+                      f"{k} {v / GiB:.2f}" for k, v in sorted(c['import']['peak_rss'].items())),
+                  flush=True)
     two = [lay for lay in layouts if LAYOUTS[lay] != (1, 1)]
     if two:  # the write floor again, beside a process holding a second rank's memory
         held = int(max(med(x["ranks"][1]["phases"]["export"]["peak_rss"] for x in res["runs"][lay])
@@ -292,11 +316,59 @@ def _bench_model(key: str, tmp: Path, work: Path, runs: int, base: float, profil
         print(f"[bench] {key} write floor beside {held / GiB:.2f} GiB held: " + ", ".join(
             f"{phase(r, 0, 'write'):.2f} s" for r in res["write_beside"]["runs"]), flush=True)
     res["t"] = _targets(res, base)
+    res["t"]["cli"] = _cli_targets(res, base)
+    missed_cli = [lay for lay, v in res["t"]["cli"].items() if not (v["import"]["ok"] and v["export"]["ok"])]
+    if "tp1" in res["cli"] and (profile == "always" or (profile == "auto" and missed_cli)):
+        res["cli_profile"] = _cli_profile(ckpt, tmp, work, key)
     missed = [lay for lay, v in res["t"]["layouts"].items() if not v["ok"]]
     todo = list(layouts) if profile == "always" else missed[-1:] if profile == "auto" else []
     res["profile"] = {lay: _profile(key, ckpt, tmp, work, lay) for lay in todo}
     shutil.rmtree(ckpt, ignore_errors=True)
     return res
+
+
+def _cli_share(ckpt: Path, work: Path, tag: str, layout: str) -> list[int]:
+    """Each rank's parameter bytes at a layout of the whole CLI (the model built, nothing read)."""
+    tp, pp, ep = CLI_LAYOUTS[layout]
+    run = spawn("convert.py", [str(ckpt), "-", "--tp", str(tp), "--pp", str(pp), "--ep", str(ep),
+                               "--build-only"], work, tag, world=tp * pp * ep)
+    return [r["share_bytes"] for r in run["ranks"]]
+
+
+def _bare() -> dict:
+    """``python -c "import torch, megatron.core, transformers"``, interpreter start to exit."""
+    from endtoend import bare_imports
+
+    os.sync()
+    with Meter() as m:
+        out = bare_imports()
+    return {**out, "foreign_cpu_s": m.foreign, "load_before": m.load}
+
+
+def _cli(ckpt: Path, tmp: Path, layout: str) -> dict:
+    """``mbridge convert import`` of the HF checkpoint, then ``mbridge convert export`` of the
+    result, at ``layout``; each command timed from its start to its exit."""
+    from endtoend import run_cli
+
+    tp, pp, ep = CLI_LAYOUTS[layout]
+    flags = ["--tp", str(tp), "--pp", str(pp), "--ep", str(ep)]
+    mg, hf = tmp / "cli-megatron", tmp / "cli-hf"
+    out = {}
+    for direction, src, dst in (("import", ["--hf", str(ckpt)], mg),
+                                ("export", ["--megatron", str(mg)], hf)):
+        shutil.rmtree(dst, ignore_errors=True)
+        os.sync()  # no dirty pages of earlier writes flushed on its time
+        with Meter() as m:
+            r = run_cli(["convert", direction, *src, "--out", str(dst), *flags])
+        if r["rc"] != 0:
+            raise RuntimeError(f"mbridge convert {direction} {' '.join(flags)}: exit status "
+                               f"{r['rc']}:\n{r['output']}")
+        out[direction] = {**r, "foreign_cpu_s": m.foreign, "load_before": m.load}
+    written = sum(p.stat().st_size for p in hf.glob("*.safetensors"))
+    shutil.rmtree(mg, ignore_errors=True)
+    shutil.rmtree(hf, ignore_errors=True)
+    out["written_bytes"] = written
+    return out
 
 
 def _write_beside(ckpt: Path, out: Path, work: Path, tag: str, nbytes: int) -> dict:
@@ -353,6 +425,65 @@ def _targets(res: dict, base: float) -> dict:
         v["ok"] = v["import_ok"] and v["export_ok"] and all(r["ok"] for r in ranks)
         t["layouts"][lay] = v
     return t
+
+
+def _cli_profile(ckpt: Path, tmp: Path, work: Path, key: str) -> dict:
+    """``mbridge convert import`` then ``export`` at TP1 (one process each) under cProfile: the
+    functions with the most time of their own, and where the time goes by callee."""
+    import pstats
+
+    from endtoend import clean_env
+
+    mg, hf = tmp / "cli-megatron", tmp / "cli-hf"
+    out = {}
+    for direction, src, dst in (("import", ["--hf", str(ckpt)], mg),
+                                ("export", ["--megatron", str(mg)], hf)):
+        prof = work / f"{key}-cli-{direction}.prof"
+        shutil.rmtree(dst, ignore_errors=True)
+        t = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "cProfile", "-o", str(prof), "-m", "bridges.cli",
+                        "convert", direction, *src, "--out", str(dst)], env=clean_env(), cwd=ROOT,
+                       check=True, capture_output=True, timeout=900)
+        wall = time.perf_counter() - t
+        st = pstats.Stats(str(prof))
+        rows = [{"fn": _where(file, line, fn), "calls": nc, "tottime": tt, "cumtime": ct}
+                for (file, line, fn), (_cc, nc, tt, ct, _callers) in st.stats.items()]
+        out[direction] = {"wall": wall, "total": st.total_tt,
+                          "self": sorted(rows, key=lambda x: -x["tottime"])[:10]}
+        print(f"[bench] {key} mbridge convert {direction} TP1 profiled: {wall:.1f} s", flush=True)
+    shutil.rmtree(mg, ignore_errors=True)
+    shutil.rmtree(hf, ignore_errors=True)
+    return out
+
+
+def _cli_targets(res: dict, base: float) -> dict:
+    """The whole commands: (wall - bare imports) against read floor + write floor, medians;
+    peak RSS per rank against baseline + share + 2 x largest tensor."""
+    out = {}
+    if not res["cli"]:
+        return out
+    floor = med(phase(r, 0, "read") for r in res["read"]) + med(phase(r, 0, "write") for r in res["write"])
+    bare = med(b["wall_s"] for b in res["bare"])
+    largest = res["ckpt"]["largest_bytes"]
+    for lay, rs in res["cli"].items():
+        share = res["cli_share"][lay]
+        v = {"floor": floor, "bare": bare, "ranks": {}}
+        for d in ("import", "export"):
+            wall = med(x[d]["wall_s"] for x in rs)
+            per_run = [(x[d]["wall_s"] - b["wall_s"]) / ((phase(rr, 0, "read") + phase(w, 0, "write")))
+                       for x, b, rr, w in zip(rs, res["bare"], res["read"], res["write"])]
+            v[d] = {"wall": wall, "net": wall - bare, "ratio": (wall - bare) / floor,
+                    "ok": (wall - bare) / floor <= CLI_TARGET, "per_run": per_run,
+                    "foreign": max(x[d]["foreign_cpu_s"] / x[d]["wall_s"] for x in rs)}
+        for r, sh in enumerate(share):
+            budget = base + sh + 2 * largest
+            peaks = {d: med(x[d]["peak_rss"].get(f"rank{r}") for x in rs) for d in ("import", "export")}
+            v["ranks"][r] = {"share": sh, "budget": budget, **peaks,
+                             "ok": max(peaks.values()) <= budget}
+        v["launcher"] = med(x["import"]["peak_rss"].get("launcher") for x in rs)
+        v["ok"] = v["import"]["ok"] and v["export"]["ok"] and all(x["ok"] for x in v["ranks"].values())
+        out[lay] = v
+    return out
 
 
 def _profile(key: str, ckpt: Path, tmp: Path, work: Path, layout: str) -> dict:

@@ -64,16 +64,17 @@ def add_arguments(parser) -> None:
 def run(args) -> int:
     if args.direction == "compare":
         return _compare(args.a, args.b)
+    from bridges.core.layout import Layout
     from bridges.core.outdir import check_target
-    from bridges.core.parallel import Layout
 
     # experts are saved sequential: Megatron's distributed checkpoint is the same for grouped GEMM
     layout = Layout(tp=args.tp, pp=args.pp, vpp=args.vpp, ep=args.ep, etp=args.etp)
     check_target(args.out, args.overwrite)  # before any work; checked again under the lock
     if "RANK" not in os.environ and layout.world_size > 1:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
+        # the launcher imports no torch (the ranks do): unless a caller in this process already
+        # set up torch.distributed, relaunch
+        dist = sys.modules.get("torch.distributed")
+        if dist is None or not dist.is_initialized():
             from bridges.launch import relaunch
 
             return relaunch(args.argv, layout.world_size, args.debug)
@@ -139,7 +140,8 @@ def _import(args, layout) -> int:
                 "dtype": str(provider.params_dtype).replace("torch.", "")}
         from bridges.megatron_lm import checkpoint_args
 
-        save_megatron(chunks, args.out, meta, overwrite=args.overwrite, args=checkpoint_args(bridge, provider))
+        save_megatron(chunks, args.out, meta, overwrite=args.overwrite, args=checkpoint_args(bridge, provider),
+                      last_use=True)
     _say(f"wrote {args.out}")
     return 0
 

@@ -13,8 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from bridges.core.bridge import unwrap
@@ -37,12 +39,14 @@ def iteration_dir(root: Path, iteration: int) -> Path:
 
 
 def save_megatron(chunks, out_dir: str | Path, meta: dict, iteration: int = 0,
-                  overwrite: bool = False, args=None) -> Path:
+                  overwrite: bool = False, args=None, last_use: bool = False) -> Path:
     """Save this rank's chunks (collective: every rank calls it). ``out_dir`` must be absent or
     empty, or with ``overwrite`` an earlier output of this project holding nothing else: a
     training run's checkpoint root with other iterations is refused, never touched
     (``bridges.core.outdir``). ``args``: Megatron-LM's argument namespace for the model, saved
-    as its trainer saves it (``--use-checkpoint-args`` reads it)."""
+    as its trainer saves it (``--use-checkpoint-args`` reads it). ``last_use``: the model is not
+    used after this save (the CLI's import), so parameters saved in pieces give up their memory
+    to those pieces (``_pieces_own_memory``)."""
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
@@ -56,10 +60,13 @@ def save_megatron(chunks, out_dir: str | Path, meta: dict, iteration: int = 0,
             it.mkdir()
         dist.barrier()
         state = {**_state_dict(chunks), "checkpoint_version": 3.0, "iteration": iteration}
+        if last_use:
+            _pieces_own_memory(state, chunks)
         if args is not None:
             state["args"] = args
         try:
-            dist_checkpointing.save(state, str(it))
+            with _results_in_process():
+                dist_checkpointing.save(state, str(it), sharded_strategy=_save_strategy())
         except (Exception, CheckpointException) as e:  # noqa: BLE001 - the writer's errors arrive wrapped
             lines = [ln for ln in str(e).splitlines() if ln.strip()]
             raise OSError(f"{type(e).__name__}: {lines[-1] if lines else ''}") from e
@@ -69,6 +76,58 @@ def save_megatron(chunks, out_dir: str | Path, meta: dict, iteration: int = 0,
             (it.parent / SIDECAR).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     dist.barrier()  # the rename is done before any rank returns
     return out
+
+
+def _pieces_own_memory(state: dict, chunks) -> None:
+    """A parameter saved in pieces (SwiGLU's fused fc1: its gate and up halves) is given to the
+    writer as views, which megatron-core's writer copies, all of them before it writes anything:
+    a third of the model on top of the model. Here each piece is copied, then its parameter
+    dropped, one parameter at a time; the writer then copies nothing. Same bytes saved."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
+
+    apply_factories(state)
+    pieces: dict[int, list] = {}
+    for sh in _leaves(state):
+        t = getattr(sh, "data", None) if isinstance(sh, ShardedTensor) else None
+        if t is not None and t.device.type == "cpu" and t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            pieces.setdefault(t.untyped_storage().data_ptr(), []).append(sh)
+    owners = {p.untyped_storage().data_ptr(): p for c in chunks for p in unwrap(c).parameters()}
+    for ptr, shs in pieces.items():
+        owner = owners.get(ptr)
+        if owner is None:  # not a parameter's memory: left to the writer
+            continue
+        for sh in shs:
+            sh.data = sh.data.clone()
+        owner.data = torch.empty(0, dtype=owner.dtype, device=owner.device)
+
+
+def _save_strategy():
+    """torch_dist, the format Megatron-LM's ``--ckpt-format torch_dist`` loads, with one writer
+    thread (and file) per core this rank has: a plain page-cache write is CPU-bound in the kernel."""
+    from megatron.core.dist_checkpointing.strategies.torch import TorchDistSaveShardedStrategy
+
+    per_rank = max(1, (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
+    return TorchDistSaveShardedStrategy(thread_count=min(per_rank, int(os.environ.get("MBRIDGE_SAVE_THREADS", "8"))))
+
+
+@contextlib.contextmanager
+def _results_in_process():
+    """A synchronous save hands its write results back through a queue that megatron-core makes
+    a ``multiprocessing.Manager`` queue (a spawned server process, for its async saver): seconds
+    to start beside the writing, and to stop at exit. The save here is synchronous and in this
+    process, so an in-process queue carries them."""
+    import queue
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async as fa
+
+    if getattr(fa, "_results_queue", ...) is not None:  # set already, or another megatron-core
+        yield
+        return
+    fa._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        fa._results_queue = None
 
 
 def read_meta(ckpt_dir: str | Path) -> dict:
@@ -91,8 +150,10 @@ def load_megatron(chunks, ckpt_dir: str | Path) -> None:
     it = _iteration(Path(ckpt_dir))
     state = _state_dict(chunks)
     _check_shapes(it, _read_metadata(it), state)
+    _merge_in_place(state)
     try:
-        loaded = dist_checkpointing.load(state, str(it))
+        with _direct_reads():
+            loaded = dist_checkpointing.load(state, str(it))
     except Exception as e:  # noqa: BLE001 - whatever the reader hit, name the checkpoint
         raise CheckpointError(f"{it}: cannot be loaded ({type(e).__name__}: {e})") from e
     for i, chunk in enumerate(unwrap(c) for c in chunks):
@@ -103,6 +164,68 @@ def load_megatron(chunks, ckpt_dir: str | Path) -> None:
         missing = [k for k in missing if not k.endswith("_extra_state")]
         if missing:
             raise CheckpointError(f"{it}: parameters missing from the checkpoint: {missing[:8]}")
+
+
+@contextlib.contextmanager
+def _direct_reads():
+    """megatron-core's torch_dist loader reads through ``FileSystemReader``: while loading,
+    ``bridges.core.dist_read.DirectReader`` stands in for it (the same bytes into the same
+    tensors, in one copy instead of three). Left alone where megatron-core has no such name."""
+    from megatron.core.dist_checkpointing.strategies import torch as strategy
+
+    from bridges.core.dist_read import DirectReader
+
+    if getattr(strategy, "FileSystemReader", None) is not DirectReader.__mro__[1] or \
+            os.environ.get("MBRIDGE_DIRECT_READS", "1") == "0":
+        yield
+        return
+    strategy.FileSystemReader = DirectReader
+    try:
+        yield
+    finally:
+        strategy.FileSystemReader = DirectReader.__mro__[1]
+
+
+def _merge_in_place(state: dict) -> None:
+    """A factory's pieces (SwiGLU's fused fc1: gate and up halves) load into views of the
+    parameter, then megatron-core concatenates them into a new tensor that ``load_state_dict``
+    copies back. Where the pieces are the parameter's memory, in order, that concatenation is
+    the parameter itself: it is returned as is (two copies of a third of the model fewer)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+    from megatron.core.transformer.utils import cat_with_oom_fallback
+
+    def visit(obj):
+        if isinstance(obj, ShardedTensorFactory) and obj.merge_fn is cat_with_oom_fallback:
+            obj.merge_fn = _cat_or_self(obj.data)
+        elif isinstance(obj, dict):
+            for v in obj.values():
+                visit(v)
+        elif isinstance(obj, (list, tuple)):
+            for v in obj:
+                visit(v)
+
+    visit(state)
+
+
+def _cat_or_self(whole):
+    from megatron.core.transformer.utils import cat_with_oom_fallback
+
+    def merge(parts):
+        at = whole.data_ptr()
+        if whole.is_contiguous() and isinstance(parts, (list, tuple)) and all(
+                isinstance(p, torch.Tensor) and p.is_contiguous() and p.dtype == whole.dtype
+                and p.device == whole.device for p in parts):
+            for p in parts:
+                if p.data_ptr() != at:
+                    break
+                at += p.numel() * p.element_size()
+            else:
+                if at == whole.data_ptr() + whole.numel() * whole.element_size() \
+                        and tuple(torch.Size((sum(p.shape[0] for p in parts), *parts[0].shape[1:]))) == tuple(whole.shape):
+                    return whole
+        return cat_with_oom_fallback(parts)
+
+    return merge
 
 
 def stored_dtype(ckpt_dir: str | Path):

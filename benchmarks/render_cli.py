@@ -1,0 +1,77 @@
+"""The docs/performance.md section on the whole `mbridge convert` commands (called by render.py)."""
+from __future__ import annotations
+
+GiB = 2**30
+TARGET = 1.5
+
+
+def _g(b) -> str:
+    return "n/a" if b is None else f"{b / GiB:.2f}"
+
+
+def _ok(flag: bool) -> str:
+    return "met" if flag else "**missed**"
+
+
+def cli_section(results: dict, short) -> list[str]:
+    """``short(res)``: a model's short name. Empty when no model ran the CLI."""
+    rows = [(res, lay, v) for res in results["models"].values()
+            for lay, v in res["t"].get("cli", {}).items()]
+    if not rows:
+        return []
+    runs = results["runs"]
+    L = ["## End to end: `mbridge convert import` and `export`", "",
+         "The real command line (`python -m bridges.cli convert ...`, what the `mbridge` script "
+         "runs; benchmarks/endtoend.py), started as one process as a user would: for TP2, PP2 "
+         "and EP2 it relaunches itself as two local ranks (bridges/launch.py). `import` reads the "
+         "HF checkpoint and writes the Megatron distributed checkpoint (torch_dist, as "
+         "Megatron-LM's `--ckpt-format torch_dist` loads it); `export` reads that back at the "
+         "same layout and writes the HF checkpoint. Each is timed from its start to its exit; "
+         "**bare** is a process that only runs `import torch, megatron.core, transformers`, "
+         "timed the same way in the same repetition. **floor** = read floor + write floor "
+         "(the tables above): what moving the same bytes in and out with safetensors costs. "
+         f"Target: (command - bare) / floor <= {TARGET}. Peak RSS per rank: the `VmHWM` of "
+         "every process under the command, sampled every 20 ms, against baseline + the rank's "
+         "parameters (the model built at that layout) + 2 x the largest HF tensor; the "
+         "launcher (no model; it only waits for its ranks) is listed apart.", "",
+         "| model | layout | bare (s) | floor (s) | import (s) | (import - bare) / floor | "
+         "export (s) | (export - bare) / floor | peak RSS import / export, worst rank (GiB) | "
+         "budget (GiB) | launcher (GiB) |",
+         "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for res, lay, v in rows:
+        worst = max(v["ranks"].values(), key=lambda r: max(r["import"] or 0, r["export"] or 0)
+                    - r["budget"])
+        rss_ok = all(r["ok"] for r in v["ranks"].values())
+        L.append(f"| {short(res)} | {lay.upper()} | {v['bare']:.2f} | {v['floor']:.2f} | "
+                 f"{v['import']['wall']:.2f} | {v['import']['ratio']:.2f} ({_ok(v['import']['ok'])}) | "
+                 f"{v['export']['wall']:.2f} | {v['export']['ratio']:.2f} ({_ok(v['export']['ok'])}) | "
+                 f"{_g(worst['import'])} / {_g(worst['export'])} ({_ok(rss_ok)}) | "
+                 f"{_g(worst['budget'])} | {_g(v['launcher']) if v['launcher'] else '-'} |")
+    if runs > 1:
+        L += ["", "Run by run, each against the floors and bare imports of the same repetition:", "",
+              "| model | layout | (import - bare) / floor, per run | (export - bare) / floor, per run | "
+              "other processes (cores) |", "|---|---|---|---|---|"]
+        for res, lay, v in rows:
+            L.append(f"| {short(res)} | {lay.upper()} | "
+                     + " / ".join(f"{x:.2f}" for x in v["import"]["per_run"]) + " | "
+                     + " / ".join(f"{x:.2f}" for x in v["export"]["per_run"]) + " | "
+                     f"{max(v['import']['foreign'], v['export']['foreign']):.2f} |")
+    L += ["", "Peak RSS per rank (GiB), import / export, against the budget:", "",
+          "| model | layout | rank | share | budget | import | export |", "|---|---|---|---|---|---|---|"]
+    for res, lay, v in rows:
+        for r, x in sorted(v["ranks"].items()):
+            L.append(f"| {short(res)} | {lay.upper()} | {r} | {_g(x['share'])} | {_g(x['budget'])} | "
+                     f"{_g(x['import'])} | {_g(x['export'])} ({_ok(x['ok'])}) |")
+    L += [""]
+    for res in results["models"].values():
+        prof = res.get("cli_profile")
+        if not prof:
+            continue
+        L += [f"### Profile: `mbridge convert` of {short(res)}, TP1 (cProfile, one extra run)", ""]
+        for d, p in prof.items():
+            L += [f"`{d}`: {p['wall']:.2f} s under the profiler (own time of the main thread; "
+                  "the writer threads' time shows as their waits). Functions by own time:", "",
+                  "| function | calls | own (s) |", "|---|---|---|"]
+            L += [f"| `{x['fn']}` | {x['calls']} | {x['tottime']:.2f} |" for x in p["self"]]
+            L += [""]
+    return L
