@@ -194,14 +194,14 @@ def _mutant_rows(m: dict) -> tuple[str, str, str, str, str]:
     return join(failed["float32"]), join(failed["bfloat16"]), named.replace("|", "/"), fig32, fig16
 
 
-def _mutant_section(path: str) -> list[str]:
+def _mutant_section(path: str, note: str = "") -> list[str]:
     d = json.loads(Path(path).read_text())
     rows = d["mutants"]
     env = next((m["environment"] for m in rows if m["environment"]), {})
     gpus = env.get("gpus", ["?"])
     caught = [m for m in rows if m["exit"] == 1 and any(not r["passed"] for r in m["results"] if "check" in r)
               or m["failures"]]
-    out = ["## Mutants under --run-gpu", "",
+    out = ["## Mutants under --run-gpu" + (f" ({note})" if note else ""), "",
            f"{len(gpus)} x {gpus[0]}; torch {env.get('torch')}, megatron-core {env.get('megatron-core')}, "
            f"transformers {env.get('transformers')}. Each deliberately broken bridge (scripts/gpu_mutants.py: "
            "the mutants of tests/mutants.py and of the family mutant files that the CPU "
@@ -226,10 +226,11 @@ def _mutant_section(path: str) -> list[str]:
     return out + [""]
 
 
-def render(reports: list[str], mutants_report: str | None, notes: list[str], to_stdout: bool = False) -> None:
+def render(reports: list[str], mutants_reports: list[str], notes: list[str], to_stdout: bool = False,
+           mutants_notes: list[str] = ()) -> None:
     out = list(HEAD) + [""]
-    if mutants_report:
-        out += _mutant_section(mutants_report)
+    for i, path in enumerate(mutants_reports):
+        out += _mutant_section(path, mutants_notes[i] if i < len(mutants_notes) else "")
     for i, path in enumerate(reports):
         out += _section(json.loads(Path(path).read_text()), notes[i] if i < len(notes) else "")
     if to_stdout:  # `summary`: the figures in the log too, should the files not come back
@@ -253,7 +254,8 @@ def main() -> None:
     m.add_argument("--merge", default=None, help="an earlier mutants report whose other rows are kept")
     d = sub.add_parser("render")
     d.add_argument("reports", nargs="*")
-    d.add_argument("--mutants", default=None, help="a `mutants` report: adds the mutants section")
+    d.add_argument("--mutants", action="append", default=[], help="a `mutants` report: adds a mutants section (repeatable)")
+    d.add_argument("--mutants-note", action="append", default=[], help="a note for each mutants section's heading, in order")
     d.add_argument("--note", action="append", default=[], help="a note for each report's heading, in order")
     d.add_argument("--stdout", action="store_true", help="print the document instead of writing it")
     args, extra = ap.parse_known_args()
@@ -262,7 +264,7 @@ def main() -> None:
     if args.cmd == "mutants":
         sys.exit(mutants(args.out, args.jobs, args.timeout, extra, gpu=not args.cpu, only=args.only,
                          merge=args.merge))
-    render(args.reports, args.mutants, args.note, to_stdout=args.stdout)
+    render(args.reports, args.mutants, args.note, to_stdout=args.stdout, mutants_notes=args.mutants_note)
 
 
 if __name__ == "__main__":

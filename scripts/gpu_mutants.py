@@ -66,7 +66,8 @@ def descriptions() -> dict[str, str]:
 
     for module in ("tests.gemma_mutants", "tests.gemma3_vl_mutants", "tests.qwen2_5_vl_mutants",
                    "tests.qwen3_vl_mutants", "tests.qwen3_vl_moe_mutants", "tests.mistral3_mutants",
-                   "tests.gpt_oss_mutants"):
+                   "tests.gpt_oss_mutants", "tests.minimax_m2_mutants", "tests.nemotron_h_mutants",
+                   "tests.qwen3_next_mutants"):
         for name, cls in inspect.getmembers(importlib.import_module(module), inspect.isclass):
             if cls.__module__ == module and not name.startswith("_"):  # by bridge ref: names repeat
                 out[f"{module}:{name}"] = " ".join((cls.__doc__ or name).split())
