@@ -229,13 +229,16 @@ FROM_CHECKPOINT = frozenset("""
     use_rotary_position_embeddings""".split())
 
 
-def _pairs(flags: list[str]) -> list[tuple[str, str | None]]:
-    """(flag, its value or None) in order."""
+def _pairs(flags: list[str]) -> list[tuple[str, Any]]:
+    """(flag, its value, its values as a tuple (``--spec module name``), or None) in order."""
     out, i = [], 0
     while i < len(flags):
-        value = flags[i + 1] if i + 1 < len(flags) and not flags[i + 1].startswith("--") else None
-        out.append((flags[i], value))
-        i += 1 if value is None else 2
+        j = i + 1
+        while j < len(flags) and not flags[j].startswith("--"):
+            j += 1
+        values = tuple(flags[i + 1:j])
+        out.append((flags[i], None if not values else values[0] if len(values) == 1 else values))
+        i = j
     return out
 
 
@@ -254,7 +257,8 @@ def beside_checkpoint_args(flags: list[str]) -> list[str]:
 
 def _flags(pairs: list[tuple[str, str | None]]) -> list[str]:
     """``_pairs``' inverse."""
-    return [x for flag, value in pairs for x in ((flag,) if value is None else (flag, value))]
+    return [x for flag, value in pairs
+            for x in ((flag,) if value is None else (flag, *value) if isinstance(value, tuple) else (flag, value))]
 
 
 def _typed(text: str):
@@ -280,7 +284,9 @@ def args_namespace(flags: list[str], **extra):
     ns = argparse.Namespace(**BOOL_DEFAULTS)
     for flag, value in _pairs(flags):
         dest = _dest(flag)
-        if value is not None:
+        if isinstance(value, tuple):  # nargs='*' (--spec): a list of strings
+            setattr(ns, dest, list(value))
+        elif value is not None:
             setattr(ns, dest, _typed(value))
         else:
             setattr(ns, dest, DESTS[flag][1] if flag in DESTS else not flag.startswith("--no-"))
@@ -295,6 +301,12 @@ def checkpoint_args(bridge, provider):
     local GPT layers cannot build."""
     if getattr(bridge, "megatron_lm", None):
         return None
+    try:
+        model = model_args(provider)
+    except ConfigError:  # a field no flag reaches: the trainer cannot build this model either
+        return None
     run = set(PORTABLE) | {"--transformer-impl", "--ckpt-format"}  # the run's, not the model's
-    flags = _flags([(f, v) for f, v in _pairs(model_args(provider)) if f not in run])
-    return args_namespace(flags, padded_vocab_size=provider.padded_vocab_size, ckpt_format="torch_dist")
+    flags = _flags([(f, v) for f, v in _pairs(model) if f not in run])
+    spec = getattr(bridge, "megatron_lm_spec", None)  # --use-checkpoint-args restores it
+    return args_namespace(flags, padded_vocab_size=provider.padded_vocab_size, ckpt_format="torch_dist",
+                          **({"spec": list(spec)} if spec else {}))

@@ -53,16 +53,30 @@ def _bridge(model: str):
     return AutoBridge.from_hf_config(resolve(model).config)
 
 
-def training(model: str):
-    """The SFT recipe the conversion layout follows, or None when pretrain_gpt.py cannot build
-    the model (its reason is ``bridge.megatron_lm``)."""
+def untrained(model: str) -> str | None:
+    """Why the example has no training scripts (pretrain_gpt.py cannot build the model, or no SFT
+    recipe is stored for it), or None."""
     from bridges import recipes as R
+    from bridges.core.config import ConfigError
+    from bridges.megatron_lm import megatron_lm_args
 
     b = _bridge(model)
-    if b.megatron_lm:
+    try:
+        megatron_lm_args(b)
+    except ConfigError as e:
+        return str(e).split("cannot build this model: ")[-1]
+    if not any(r.mode == "sft" for r in R.recipes(b, model)):
+        return f"no SFT recipe for {model} in {R.recipe_file(b).parent.name}/recipes.toml"
+    return None
+
+
+def training(model: str):
+    """The SFT recipe the conversion layout follows, or None (``untrained`` says why)."""
+    from bridges import recipes as R
+
+    if untrained(model):
         return None
-    sft = [r for r in R.recipes(b, model) if r.mode == "sft"]
-    return sft[0] if sft else None
+    return next(r for r in R.recipes(_bridge(model), model) if r.mode == "sft")
 
 
 def layout(model: str) -> dict[str, int]:
@@ -128,7 +142,7 @@ def folder(model: str) -> dict[str, str]:
                  "(docs/recipes.md) |"]
         limits = []
     else:
-        limits = [f"No training scripts: {b.megatron_lm}"]
+        limits = [f"No training scripts: {untrained(model)}"]
     if quant:
         limits.append(f"The published weights are {quant} quantized: import dequantizes them; the example's export "
                       "writes them back in the same layout with `--fp8` (without it: dequantized values).")

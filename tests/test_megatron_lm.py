@@ -219,3 +219,20 @@ def test_beside_checkpoint_args_are_the_flags_megatron_lm_does_not_restore():
     assert not {"--num-layers", "--hidden-size", "--swiglu", "--rotary-base"} & set(beside)
     kept = {f for f, _ in _pairs(beside)}
     assert all((_dest(f) in FROM_CHECKPOINT) != (f in kept) for f, _ in _pairs(flags))
+
+
+def test_spec_flag_travels_in_the_checkpoint_args():
+    """`--spec module name` (two values) is kept whole: in the args namespace as the list Megatron-LM
+    parses (nargs='*'), restored by --use-checkpoint-args, so not printed beside it."""
+    from bridges.megatron_lm import _flags, _pairs, args_namespace, beside_checkpoint_args, checkpoint_args
+
+    bridge = AutoBridge.from_hf_config(resolve("deepseek-ai/DeepSeek-V2-Lite").config)
+    flags = megatron_lm_args(bridge)
+    assert flags[-3:] == ["--spec", "bridges.models.deepseek.megatron_lm_spec", "layer"]
+    assert _flags(_pairs(flags)) == flags
+    assert args_namespace(flags).spec == ["bridges.models.deepseek.megatron_lm_spec", "layer"]
+    assert "--spec" not in beside_checkpoint_args(flags) and "layer" not in beside_checkpoint_args(flags)
+    ns = checkpoint_args(bridge, bridge.to_megatron_provider().finalize())
+    assert ns.spec == ["bridges.models.deepseek.megatron_lm_spec", "layer"] and ns.multi_latent_attention
+    kimi = AutoBridge.from_hf_config(resolve("moonshotai/Kimi-K2-Instruct").config)
+    assert checkpoint_args(kimi, kimi.to_megatron_provider().finalize()) is None  # beta_fast: no flag
