@@ -233,7 +233,8 @@ def _name_score(names: set[str], ref: set[str]) -> float:
 def _tensor_names(config: dict, ckpt: Path | None) -> tuple[set[str] | None, str | None]:
     """The model's tensor names: from the checkpoint's index or safetensors headers when there
     are weights; else from transformers' own class for the model type, built on the meta device
-    (no memory, no download, never remote code); None when neither is possible."""
+    (no memory, no download, never remote code; bridges/inspect_index.json holds the answer for
+    the shipped configs, so that inspect of those imports no torch); None when neither is possible."""
     if ckpt is not None:
         index = ckpt / "model.safetensors.index.json"
         if index.exists():
