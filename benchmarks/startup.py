@@ -7,8 +7,8 @@ and ``import torch, megatron.core, transformers``.
     .venv/bin/python benchmarks/startup.py -n 15 --json out.json
 
 Every figure is a new process (``subprocess``), this checkout's code first on PYTHONPATH. The
-cases run round-robin (run i of every case, then run i + 1), so a change in the machine's load
-falls on all of them alike; one warm-up round is discarded (page cache, __pycache__). CPU is the
+cases run round-robin (run i of every case, then run i + 1, every other round in reverse
+order), so a change in the machine's load falls on all of them alike; one warm-up round is discarded (page cache, __pycache__). CPU is the
 child's user + system time: on a shared machine the wall time also holds the waiting.
 """
 from __future__ import annotations
@@ -82,7 +82,7 @@ def measure(n: int, warmup: int = 1) -> dict:
         todo = cases(Path(d))
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name in todo}
         for i in range(warmup + n):
-            for name, (argv, cwd) in todo.items():
+            for name, (argv, cwd) in list(todo.items())[::-1 if i % 2 else 1]:
                 result = _once(argv, cwd, env)
                 if i >= warmup:
                     runs[name].append(result)
@@ -97,10 +97,9 @@ def measure(n: int, warmup: int = 1) -> dict:
                               "median_s": round(statistics.median(walls), 3),
                               "min_s": round(min(walls), 3), "max_s": round(max(walls), 3),
                               "cpu_median_s": round(statistics.median(c for _, c in results), 3)}
-    # the plugin's cost: median of the differences of runs taken one after the other
-    pairs = list(zip(runs["pytest, 1 trivial test, plugin loaded"], runs["pytest, 1 trivial test, -p no:mbridge"]))
-    out["plugin_overhead_s"] = {"wall": round(statistics.median(a[0] - b[0] for a, b in pairs), 3),
-                                "cpu": round(statistics.median(a[1] - b[1] for a, b in pairs), 3)}
+    with_, without = (runs[f"pytest, 1 trivial test, {k}"] for k in ("plugin loaded", "-p no:mbridge"))
+    out["plugin_overhead_s"] = {k: round(statistics.median(r[i] for r in with_) - statistics.median(r[i] for r in without), 3)
+                                for i, k in enumerate(("wall", "cpu"))}
     return out
 
 
@@ -110,7 +109,7 @@ def table(result: dict) -> str:
         lines.append(f"| {name} | {c['median_s']:.2f} | {c['min_s']:.2f} | {c['max_s']:.2f} | {c['cpu_median_s']:.2f} |")
     lines.append("")
     over = result["plugin_overhead_s"]
-    lines.append(f"Plugin overhead (median of paired differences, with - without): wall {over['wall']:+.3f} s, "
+    lines.append(f"Plugin overhead (median with - median without): wall {over['wall']:+.3f} s, "
                  f"CPU {over['cpu']:+.3f} s. "
                  f"{result['runs']} runs each, {result['machine']}, Python {result['python']}, "
                  f"load average {result['load_before'][0]:.2f} before, {result['load_after'][0]:.2f} after.")
