@@ -8,8 +8,9 @@ Rebuild after changing a bridge, a fixture config or transformers::
     python -m bridges.inspect_index
 
 tests/test_startup.py fails while the file differs from what the code gives. Where the index does
-not stand for the code at hand (a family or fixture it does not list, a bridge registered in this
-process, another transformers version), inspect asks the live code instead: slower, same answer.
+not stand for the code at hand (a family or fixture it does not list, other bridges registered in
+this process, another transformers version), inspect asks the live code instead: slower, same
+answer.
 """
 from __future__ import annotations
 
@@ -37,14 +38,17 @@ def families() -> list[str]:
 
 
 def load() -> dict | None:
-    """The index, when it stands for the bridges and fixtures here and no bridge was registered
-    in this process (then the live registry answers: user bridges, tests that patch it)."""
+    """The index, when it stands for the bridges and fixtures here: the families and fixtures it
+    lists, and in this process either no bridge registered yet or exactly the index's (else the
+    live registry answers: a user's bridge, a test that patches the registry)."""
     from bridges.core import registry
     from conformance.models import fixture_names
 
     index = _read()
-    if index is None or registry._BY_TYPE or index["families"] != families() \
-            or index["fixtures"] != fixture_names():
+    if index is None or index["families"] != families() or index["fixtures"] != fixture_names():
+        return None
+    live = {mt: cls.__name__ for mt, cls in registry._BY_TYPE.items()}
+    if live and live != {mt: b["class"] for mt, b in index["bridges"].items()}:
         return None
     return index
 

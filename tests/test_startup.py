@@ -90,10 +90,14 @@ def test_the_inspect_index_is_current():
 
 
 def test_the_index_gives_way_to_the_live_registry(monkeypatch):
-    """A bridge registered in this process, or a family the index does not list: the live code."""
+    """Other bridges registered in this process, or a family the index does not list: the live code."""
     from bridges import inspect_index
     from bridges.core import registry
 
+    registry.load_families()
+    assert inspect_index.load() is not None  # the registry holds the index's bridges
+    monkeypatch.delitem(registry._BY_TYPE, "phi3")
+    assert inspect_index.load() is None
     monkeypatch.setattr(registry, "_BY_TYPE", {})
     assert inspect_index.load() is not None
     monkeypatch.setattr(registry, "_BY_TYPE", {"x": object})
