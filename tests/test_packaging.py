@@ -69,3 +69,16 @@ def test_code_from_the_wheel_finds_its_fixtures(wheel, tmp_path):
     assert Path(snapshots) == site / "conformance" / "fixtures" / "snapshots"
     assert sorted(p.name for p in Path(snapshots).glob("*.ambr")) == \
         [f.name for f in _shipped("snapshots", "*.ambr")]
+
+
+def test_inspect_from_the_wheel_reads_its_index(wheel, tmp_path):
+    """The wheel ships bridges/inspect_index.json and inspect there stays off torch (#20)."""
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    probe = ("import contextlib, io, sys; from bridges.cli import main\n"
+             "with contextlib.redirect_stdout(io.StringIO()):\n    assert main(['inspect', 'Qwen/Qwen3-8B']) == 0\n"
+             "print(sorted(m for m in ('torch', 'megatron', 'transformers') if m in sys.modules))")
+    res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == "[]"

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from bridges import inspect_index
+
 HELP = "describe a model's config: family, blocks, quantization, bridge, unknown fields"
 
 MARKERS = {
@@ -44,7 +46,7 @@ def _load(model: str) -> tuple[dict, Path | None]:
 
 
 def _quantization(config: dict, ckpt: Path | None) -> dict:
-    from bridges.core.hf_io import read_header
+    from bridges.core.st_header import read_header
 
     out: dict = {}
     qc = config.get("quantization_config")
@@ -78,7 +80,6 @@ def _sections(config: dict) -> dict[str, dict]:
 def inspect_config(config: dict, ckpt: Path | None = None, modality: str | None = None) -> dict:
     """What ``mbridge inspect`` prints, as a dict; ``modality``: the closest bridge among the
     bridges of that kind only (``mbridge new`` looks for a VLM's language bridge with "text")."""
-    from bridges.core.registry import UnknownModelError, lookup, registered
     from conformance.models import fixture_names, resolve
 
     sections = _sections(config)
@@ -90,13 +91,12 @@ def inspect_config(config: dict, ckpt: Path | None = None, modality: str | None 
         "fields_at": {name: sorted(fields) for name, fields in sections.items()},
         "blocks": kinds or ["dense"], "quantization": _quantization(config, ckpt),
     }
-    try:
-        cls = lookup(config)
-        info["bridge"] = cls.__name__
-    except UnknownModelError:
-        cls, info["bridge"] = None, None
+    bridges, by_arch = _registry()
+    found = bridges.get(config.get("model_type")) or next(
+        (by_arch[a] for a in config.get("architectures") or () if a in by_arch), None)
+    info["bridge"] = found["class"] if found else None
     if info["kind"] == "vlm":
-        info["vision_encoder"] = vision_pattern(config, cls)
+        info["vision_encoder"] = vision_pattern(config, found and found["vision_pattern"])
     layers = hybrid_layers(text)
     if layers:
         info["layers"] = layers
@@ -105,12 +105,11 @@ def inspect_config(config: dict, ckpt: Path | None = None, modality: str | None 
     for name in fixture_names():
         c = resolve(name).config
         by_type.setdefault(c["model_type"], set()).update(c)
-    handles = {mt: set(NEUTRAL) | {f.hf.split(".")[-1] for f in cls.config_fields} | by_type.get(mt, set())
-               for mt, cls in registered().items()}
+    handles = {mt: set(NEUTRAL) | set(b["fields"]) | by_type.get(mt, set()) for mt, b in bridges.items()}
     known = set().union(*handles.values()) if handles else set(NEUTRAL)
     keys = set(text) - {k for k in text if isinstance(text[k], dict) and k not in ("rope_scaling", "rope_parameters")}
-    scores = {mt: len(keys & fields) / len(keys | fields) for mt, fields in by_type.items() if mt in registered()
-              and (modality is None or getattr(registered()[mt], "modality", "text") == modality)}
+    scores = {mt: len(keys & fields) / len(keys | fields) for mt, fields in by_type.items() if mt in bridges
+              and (modality is None or bridges[mt]["modality"] == modality)}
     names, info["tensor_names_from"] = _tensor_names(config, ckpt)
     if names:  # the blocks as the tensors show them weigh more than the config's spelling
         info["tensor_blocks"] = sorted(k for k, v in _blocks(names).items() if v)
@@ -182,11 +181,11 @@ MEGATRON_TOWER_FIELDS = ("fullatt_block_indexes", "spatial_merge_size", "deepsta
                          "temporal_patch_size")
 
 
-def vision_pattern(config: dict, bridge=None) -> str:
-    """Which VLM pattern a config calls for: its registered bridge's, else from its vision
-    config (towers transformers ships as plain modules vs. Qwen-VL style towers)."""
+def vision_pattern(config: dict, kind: str | None = None) -> str:
+    """Which VLM pattern a config calls for: ``kind``, its registered bridge's ("hf" or
+    "megatron"), else from its vision config (towers transformers ships as plain modules vs.
+    Qwen-VL style towers)."""
     v = config.get("vision_config") or {}
-    kind = getattr(bridge, "vision_pattern", None)
     if kind is None:
         kind = "megatron" if any(f in v for f in MEGATRON_TOWER_FIELDS) else \
             "hf" if v.get("model_type") in HF_TOWERS else None
@@ -234,17 +233,25 @@ def _name_score(names: set[str], ref: set[str]) -> float:
 def _tensor_names(config: dict, ckpt: Path | None) -> tuple[set[str] | None, str | None]:
     """The model's tensor names: from the checkpoint's index or safetensors headers when there
     are weights; else from transformers' own class for the model type, built on the meta device
-    (no memory, no download, never remote code); None when neither is possible."""
+    (no memory, no download, never remote code; bridges/inspect_index.json holds the answer for
+    the shipped configs, so that inspect of those imports no torch); None when neither is possible."""
     if ckpt is not None:
         index = ckpt / "model.safetensors.index.json"
         if index.exists():
             return _normalise(json.loads(index.read_text()).get("weight_map", {})), index.name
         files = sorted(ckpt.glob("*.safetensors"))
         if files:
-            from bridges.core.hf_io import read_header
+            from bridges.core.st_header import read_header
 
             names = [n for f in files for n in read_header(f) if n != "__metadata__"]
             return _normalise(names), "safetensors headers"
+    known = inspect_index.tensor_names(config)
+    if known is not None:
+        return known
+    return _transformers_names(config)
+
+
+def _transformers_names(config: dict) -> tuple[set[str] | None, str | None]:
     try:
         import torch
         from transformers import AutoConfig
@@ -262,8 +269,39 @@ def _tensor_names(config: dict, ckpt: Path | None) -> tuple[set[str] | None, str
         return None, None
 
 
+def _registry() -> tuple[dict[str, dict], dict[str, dict]]:
+    """What inspect reads of the registered bridges, per model type (see ``_bridge_facts``),
+    and per registered architecture: from the index (no torch) when it stands for this code,
+    else from the live registry."""
+    index = inspect_index.load()
+    if index is not None:
+        bridges = index["bridges"]
+        return bridges, {a: bridges[mt] for a, mt in index["architectures"].items()}
+    return _live_registry()
+
+
+def _bridge_facts(cls) -> dict:
+    return {"class": cls.__name__, "modality": getattr(cls, "modality", "text"),
+            "vision_pattern": getattr(cls, "vision_pattern", None),
+            "fields": sorted({f.hf.split(".")[-1] for f in cls.config_fields})}
+
+
+def _live_registry() -> tuple[dict[str, dict], dict[str, dict]]:
+    from bridges.core import registry
+
+    bridges = {mt: _bridge_facts(cls) for mt, cls in registry.registered().items()}
+    return bridges, {a: _bridge_facts(cls) for a, cls in registry._BY_ARCH.items()}
+
+
 def _reference_names() -> dict[str, list[set[str]]]:
     """HF tensor names of every registered bridge's table, once per shipped config."""
+    index = inspect_index.load()
+    if index is not None:
+        return {mt: [set(n) for n in names] for mt, names in index["reference_names"].items()}
+    return _live_reference_names()
+
+
+def _live_reference_names() -> dict[str, list[set[str]]]:
     from bridges.core.auto import AutoBridge
     from conformance.models import fixture_names, resolve
 

@@ -35,8 +35,8 @@ from typing import Iterable, Iterator
 import torch
 from safetensors.torch import save_file
 
-from bridges.core.errors import MBridgeError
 from bridges.core.outdir import writing
+from bridges.core.st_header import CheckpointError, _read_header, read_header  # noqa: F401 - re-exported
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -53,54 +53,8 @@ _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
-class CheckpointError(MBridgeError, ValueError):
-    """A checkpoint file is missing, malformed or inconsistent; the message names the file."""
-
-
 class PickleRefusedError(CheckpointError):
     """A pickle checkpoint was found and ``allow_pickle`` was not given; names the file."""
-
-
-def read_header(path: Path) -> dict:
-    """Parse and validate a safetensors header without reading tensor data."""
-    return _read_header(path)[0]
-
-
-def _read_header(path: Path) -> tuple[dict, int]:
-    """``read_header``, and the file offset where the tensor data starts."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", raw)
-        if n > size - 8:
-            raise CheckpointError(f"{path}: truncated safetensors file (header says {n} bytes, "
-                                  f"file has {size})")
-        try:
-            header = json.loads(f.read(n))
-        except ValueError as e:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({e})") from None
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
-    header.pop("__metadata__", None)
-    end = 0
-    for name, info in header.items():
-        try:
-            dtype, shape = info["dtype"], [int(s) for s in info["shape"]]
-            a, b = (int(x) for x in info["data_offsets"])
-        except (TypeError, KeyError, ValueError):
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for tensor {name}: "
-                                  f"{info!r}") from None
-        need = math.prod(shape) * _DTYPES[dtype].itemsize if dtype in _DTYPES else b - a
-        if b - a != need or a > b:
-            raise CheckpointError(f"{path}: tensor {name}: data_offsets [{a}, {b}] hold {b - a} "
-                                  f"bytes, shape {shape} {dtype} needs {need}")
-        end = max(end, b)
-    if 8 + n + end > size:
-        raise CheckpointError(f"{path}: truncated safetensors file: tensors need {8 + n + end} "
-                              f"bytes, file has {size}")
-    return header, 8 + n
 
 
 def _map(path: Path, start: int, end: int, dtype: torch.dtype) -> torch.Tensor:
