@@ -185,6 +185,8 @@ def _gpt_model_args(a: dict[str, Any]) -> list[str]:
                 raise ConfigError(f"seq_len_interpolation_factor={factor}: Megatron-LM's "
                                   f"--rotary-seq-len-interpolation-factor takes integers only")
             out += ["--rotary-seq-len-interpolation-factor", str(int(factor))]
+    if a.get("hybrid_layer_pattern"):  # pretrain_hybrid.py: the layers (and PP stages, '|') by kind
+        out += ["--hybrid-layer-pattern", a["hybrid_layer_pattern"]]
     if not a["share_embeddings_and_output_weights"]:
         out.append("--untie-embeddings-and-output-weights")
     return out

@@ -67,8 +67,14 @@ def pattern_of(cfg: Any) -> str:
 class NemotronHBridge(Bridge):
     config_fields = FIELDS
     ported_remote_code = ("configuration_nemotron_h.NemotronHConfig", "modeling_nemotron_h.NemotronHForCausalLM")
-    megatron_lm = ("a hybrid Mamba-2 model: Megatron-LM builds it with pretrain_hybrid.py (HybridModel), "
-                   "not pretrain_gpt.py")
+    megatron_lm_script = "pretrain_hybrid.py"  # HybridModel; the stack through --spec
+    megatron_lm_spec = ("bridges.models.nemotron_h.megatron_lm_spec", "stack")
+
+    @property
+    def megatron_lm(self) -> str | None:
+        kernel = self.megatron_attrs().get("mamba_conv_kernel", 4)
+        return None if kernel == 4 else (f"conv_kernel={kernel}: the spec module builds the published "
+                                         "Mamba-2 conv kernel of 4")
 
     @classmethod
     def toy_config(cls, config: dict[str, Any]) -> dict[str, Any]:
