@@ -6,6 +6,7 @@ import torch
 
 from bridges.models.qwen3_5.modeling_qwen3_5 import SplitGDNInProj
 from bridges.models.qwen3_5.qwen3_5_bridge import Qwen35Bridge, Qwen35TextBridge
+from bridges.models.qwen3_5_moe.qwen3_5_moe_bridge import Qwen35MoeBridge, Qwen35MoeTextBridge
 from tests.qwen3_vl_mutants import _GridTransposed
 
 
@@ -86,3 +87,14 @@ class PositionGridTransposed(Qwen35Bridge):
     def vision_mappings(self, attrs):
         return [_GridTransposed(m.megatron, m.hf) if m.megatron.endswith("pos_embed.weight") else m
                 for m in super().vision_mappings(attrs)]
+
+
+class _NotRenormalised(Qwen35MoeTextBridge):
+    def megatron_attrs(self):
+        return {**super().megatron_attrs(), "moe_router_pre_softmax": True}
+
+
+class TopKNotRenormalised(Qwen35MoeBridge):
+    """Qwen3.5-MoE's router: softmax over all experts, the top-k kept as they are (HF renormalises)."""
+
+    language_bridge = _NotRenormalised
