@@ -40,6 +40,8 @@ FLAGSHIPS = {
     "mistralai/Devstral-Small-2-24B-Instruct-2512": {"layout": {"tp": 4}, "quantized": "static"},
     "nvidia/Nemotron-H-56B-Base-8K": {"layout": {"tp": 4}},
     "Qwen/Qwen3-Next-80B-A3B-Instruct": {"layout": {"ep": 8, "etp": 1}},
+    "Qwen/Qwen3.5-9B-transformers-defaults": {"layout": {"tp": 2}},
+    "Qwen/Qwen3.5-35B-A3B-transformers-defaults": {"layout": {"ep": 8, "etp": 1}},
 }
 # families with a shipped config but no example yet, and why
 WITHOUT = {"minimax_m2": "the published config declares three MTP modules, which the bridge refuses "

@@ -92,13 +92,20 @@ def _global_name(chunk, local_name: str) -> str:
 
 def prefixed(table: list[Mapping], megatron: str = "", hf=None) -> list[Mapping]:
     """``table`` for a model held under a prefix: ``megatron`` before every Megatron name,
-    ``hf(name)`` for every HF name (e.g. a VLM's language table is its text table, prefixed)."""
-    import dataclasses
+    ``hf(name)`` for every HF name (e.g. a VLM's language table is its text table, prefixed).
+    A copy of each mapping, renamed: the attributes a mapping sets beside its fields (a
+    segmented or gated-delta-net projection's sizes) stay."""
+    import copy
 
     rename = hf or (lambda n: n)
-    return [dataclasses.replace(m, megatron=megatron + m.megatron,
-                                hf={r: rename(n) for r, n in m.hf.items()} if isinstance(m.hf, dict)
-                                else rename(m.hf)) for m in table]
+    out = []
+    for m in table:
+        m = copy.copy(m)
+        object.__setattr__(m, "megatron", megatron + m.megatron)
+        object.__setattr__(m, "hf", {r: rename(n) for r, n in m.hf.items()} if isinstance(m.hf, dict)
+                           else rename(m.hf))
+        out.append(m)
+    return out
 
 
 def is_expert(name: str) -> bool:

@@ -77,12 +77,18 @@ class GDNInProj(Mapping):
             raise MappingError(f"{self.megatron}: sections {[s.shape[0] for s in secs]} do not divide by TP={tp_size}")
         return torch.cat([s.chunk(tp_size)[tp_rank] for s in secs])
 
-    def to_hf(self, shards, shapes):
+    def _unshard(self, shards) -> list[torch.Tensor]:
+        """The whole sections q, k, v, z, beta, alpha from the TP shards of in_proj."""
         nk, nv, dk, dv = self.dims
-        r, tp = nv // nk, len(shards)
+        tp = len(shards)
         sizes = [nk * dk // tp, nk * dk // tp, nv * dv // tp, nv * dv // tp, nv // tp, nv // tp]
         parts = [s.split(sizes) for s in shards]
-        q, k, v, z, b, a = (torch.cat([p[i] for p in parts]) for i in range(6))
+        return [torch.cat([p[i] for p in parts]) for i in range(6)]
+
+    def to_hf(self, shards, shapes):
+        nk, nv, dk, dv = self.dims
+        r = nv // nk
+        q, k, v, z, b, a = self._unshard(shards)
         h = q.shape[-1]
         qkvz = torch.cat([q.view(nk, dk, h), k.view(nk, dk, h), v.view(nk, r * dv, h), z.view(nk, r * dv, h)], 1)
         ba = torch.cat([b.view(nk, r, h), a.view(nk, r, h)], 1)

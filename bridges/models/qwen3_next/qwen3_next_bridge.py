@@ -44,7 +44,8 @@ FIELDS = (
 
 def layer_kinds(cfg: Any) -> list[tuple[str, str]]:
     """(mixer, MLP) symbols per HF layer: full attention every ``full_attention_interval``-th
-    layer (or as ``layer_types`` says), MoE unless in ``mlp_only_layers`` / off the sparse step."""
+    layer (or as ``layer_types`` says), MoE unless in ``mlp_only_layers`` / off the sparse step
+    (a config without experts: every MLP dense, as Qwen3.5's)."""
     n = get_path(cfg, "num_hidden_layers")
     types = get_path(cfg, "layer_types", None)
     every = get_path(cfg, "full_attention_interval", 4)
@@ -53,7 +54,7 @@ def layer_kinds(cfg: Any) -> list[tuple[str, str]]:
     out = []
     for i in range(n):
         full = types[i] == "full_attention" if types else (i + 1) % every == 0
-        moe = i not in dense and (i + 1) % step == 0
+        moe = bool(get_path(cfg, "num_experts", None)) and i not in dense and (i + 1) % step == 0
         out.append(("*" if full else "G", "E" if moe else "-"))
     return out
 
@@ -108,20 +109,25 @@ class Qwen3NextBridge(Bridge):
         install_torch_gdn()
         p = provider
         spec = local_hybrid_stack_spec(ZeroCenteredRMSNorm, qk_norm=ZeroCenteredRMSNorm, gdn_norm=PlainRMSNorm,
-                                       num_experts=p.num_moe_experts, grouped=bool(p.moe_grouped_gemm))
+                                       num_experts=p.num_moe_experts if self.mixture_of_experts else None,
+                                       grouped=self.mixture_of_experts and bool(p.moe_grouped_gemm))
         return hybrid_model(p, spec, pre_process, post_process, vp_stage, position_embedding_type="rope",
                             rotary_percent=p.rotary_percent, rotary_base=p.rotary_base)
 
     def layout_constraints(self, provider) -> list[tuple[str, int, int, str]]:
         p, lay = provider, provider.layout
-        return [("num_attention_heads", p.num_attention_heads, lay.tp, "TP"),
-                ("num_query_groups", p.num_query_groups, lay.tp, "TP"),
-                ("linear_num_key_heads", p.linear_num_key_heads, lay.tp, "TP"),
-                ("linear_num_value_heads", p.linear_num_value_heads, p.linear_num_key_heads, "linear_num_key_heads"),
-                ("num_moe_experts", p.num_moe_experts, lay.ep, "EP"),
-                ("moe_ffn_hidden_size", p.moe_ffn_hidden_size, lay.expert_tp, "expert TP"),
-                ("moe_shared_expert_intermediate_size", p.moe_shared_expert_intermediate_size, lay.tp, "TP"),
-                ("num_layers", p.num_layers, 2 * lay.pp * (lay.vpp or 1), "2 x PP x VPP (whole HF layers per stage)")]
+        out = [("num_attention_heads", p.num_attention_heads, lay.tp, "TP"),
+               ("num_query_groups", p.num_query_groups, lay.tp, "TP"),
+               ("linear_num_key_heads", p.linear_num_key_heads, lay.tp, "TP"),
+               ("linear_num_value_heads", p.linear_num_value_heads, p.linear_num_key_heads, "linear_num_key_heads"),
+               ("num_layers", p.num_layers, 2 * lay.pp * (lay.vpp or 1), "2 x PP x VPP (whole HF layers per stage)")]
+        if self.mixture_of_experts:  # a subclass without experts (Qwen3.5) has no MoE fields
+            out += [("num_moe_experts", p.num_moe_experts, lay.ep, "EP"),
+                    ("moe_ffn_hidden_size", p.moe_ffn_hidden_size, lay.expert_tp, "expert TP"),
+                    ("moe_shared_expert_intermediate_size", p.moe_shared_expert_intermediate_size, lay.tp, "TP")]
+        else:
+            out.append(("ffn_hidden_size", p.ffn_hidden_size, lay.tp, "TP"))
+        return out
 
     # -- weights --------------------------------------------------------------------------
     def _stacked_experts(self, attrs: dict[str, Any]) -> bool:

@@ -20,6 +20,7 @@ from bridges.core.vlm import VLMChunk
 from bridges.models.qwen2_5_vl.modeling_qwen2_5_vl import (PatchEmbed, PatchMerger, axial_angles, axial_inv_freq,
                                                            frames, mrope_positions, patch_positions,
                                                            vision_configs, vision_layer_spec)
+from bridges.models.qwen3_vl.qwen3_vl_bridge import deepstack_indexes
 
 
 def learned_positions(table: torch.Tensor, grid_thw: torch.Tensor, merge: int) -> torch.Tensor:
@@ -76,7 +77,7 @@ class VisionEncoder(MegatronModule):
         layers, merger = vision_configs(provider, vision, normalization="LayerNorm", gated=False)
         super().__init__(config=layers)
         self.merge = vision.spatial_merge_size
-        self.deepstack = list(vision.deepstack_visual_indexes)
+        self.deepstack = deepstack_indexes(vision)
         units = self.merge ** 2
         self.patch_embed = PatchEmbed(vision, bias=True)
         self.pos_embed = torch.nn.Embedding(vision.num_position_embeddings, vision.hidden_size)
@@ -116,7 +117,7 @@ class Qwen3VLModel(VLMChunk):
         self.vision_model = VisionEncoder(provider, vision) if with_vision else None
         if getattr(language_model, "rotary_pos_emb", None) is not None:
             language_model.rotary_pos_emb = InterleavedMRoPE(provider.kv_channels, provider.rotary_base)
-        n = len(vision.deepstack_visual_indexes)
+        n = len(deepstack_indexes(vision))
         self._deep = None
         for layer in language_model.decoder.layers:
             i = layer.layer_number - 1

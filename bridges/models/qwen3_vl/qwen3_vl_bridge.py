@@ -19,6 +19,12 @@ from bridges.models.qwen2_5_vl.qwen2_5_vl_bridge import V, VH, MRoPEText, Qwen25
 from bridges.models.qwen3.qwen3_bridge import Qwen3Bridge
 
 
+def deepstack_indexes(vision) -> list[int]:
+    """The tower layers whose outputs feed the language model (none where the config has no
+    ``deepstack_visual_indexes``, as Qwen3.5's tower)."""
+    return list(getattr(vision, "deepstack_visual_indexes", None) or ())
+
+
 class InterleavedMRoPEText(MRoPEText):
     """Mixin for a Qwen3-VL text bridge: interleaved M-RoPE (HF interleaves always;
     ``mrope_interleaved`` is written back true)."""
@@ -42,7 +48,7 @@ class Qwen3VLBridge(Qwen25VLBridge):
 
     def vision_mappings(self, attrs: dict[str, Any]) -> list[Mapping]:
         v = self.vision()
-        layers, deep = tuple(range(v.depth)), tuple(range(len(v.deepstack_visual_indexes)))
+        layers, deep = tuple(range(v.depth)), tuple(range(len(deepstack_indexes(v))))
         b = "blocks.*."
         table: list[Mapping] = [Replicated(V + "pos_embed.weight", VH + "pos_embed.weight")]
         for suffix in ("weight", "bias"):
@@ -56,8 +62,10 @@ class Qwen3VLBridge(Qwen25VLBridge):
                 Replicated(f"{V}{_L}input_layernorm.{suffix}", f"{VH}{b}norm1.{suffix}", layers),
                 Replicated(f"{V}{_L}pre_mlp_layernorm.{suffix}", f"{VH}{b}norm2.{suffix}", layers),
             ]
-            for meg, hf, idx in ((V + "merger.", VH + "merger.", None),
-                                 (V + "deepstack_merger_list.*.", VH + "deepstack_merger_list.*.", deep)):
+            mergers = [(V + "merger.", VH + "merger.", None)]
+            if deep:
+                mergers.append((V + "deepstack_merger_list.*.", VH + "deepstack_merger_list.*.", deep))
+            for meg, hf, idx in mergers:
                 table += [Replicated(f"{meg}norm.{suffix}", f"{hf}norm.{suffix}", idx),
                           ColumnParallel(f"{meg}mlp.linear_fc1.{suffix}", f"{hf}linear_fc1.{suffix}", idx),
                           row(f"{meg}mlp.linear_fc2.{suffix}", f"{hf}linear_fc2.{suffix}", idx)]

@@ -1,0 +1,128 @@
+"""Qwen3.5 (dense and MoE): the fixture configs as a HybridModel pattern with M-RoPE, parameters
+against transformers' model, the split GDN projection and the M-RoPE angles against
+transformers', the tower's FLOPs, and the suite catching each bug of the family."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from bridges.core.auto import AutoBridge
+from tests.mutant_case import assert_caught
+
+DENSE, MOE = "Qwen/Qwen3.5-9B-transformers-defaults", "Qwen/Qwen3.5-35B-A3B-transformers-defaults"
+
+
+def _config(name):
+    return json.loads((Path(__file__).resolve().parents[1] / f"fixtures/configs/{name}/config.json").read_text())
+
+
+def test_dense_config():
+    b = AutoBridge.from_hf_config(_config(DENSE))
+    a = b.megatron_attrs()
+    assert a["num_layers"] == 64 and a["hybrid_layer_pattern"] == "G-G-G-*-" * 8
+    assert (a["attention_output_gate"], a["qk_layernorm"], a["layernorm_zero_centered_gamma"]) == (True, True, True)
+    assert (a["rotary_percent"], a["kv_channels"], a["mrope_section"]) == (0.25, 256, [11, 11, 10])
+    assert (a["linear_num_key_heads"], a["linear_num_value_heads"], a["ffn_hidden_size"]) == (16, 32, 12288)
+    assert not any(k.startswith("moe_") for k in a) and not type(b.language).mixture_of_experts
+    assert "pretrain_gpt.py" in b.megatron_lm
+
+
+def test_moe_config():
+    a = AutoBridge.from_hf_config(_config(MOE)).megatron_attrs()
+    assert a["num_layers"] == 80 and a["hybrid_layer_pattern"] == "GEGEGE*E" * 10
+    assert (a["num_moe_experts"], a["moe_router_topk"], a["moe_ffn_hidden_size"]) == (256, 8, 512)
+    assert (a["moe_shared_expert_intermediate_size"], a["moe_shared_expert_gate"]) == (512, True)
+    assert a["moe_router_pre_softmax"] is False  # HF renormalises the top-k always
+
+
+@pytest.mark.parametrize("name,total", [(DENSE, 9_409_813_744), (MOE, 35_107_181_936)])
+def test_parameters_match_transformers(name, total):
+    from bridges.core.vlm import meta_model
+    from bridges.flops import parameter_counts
+
+    cfg = _config(name)
+    hf = meta_model(cfg)
+    b = AutoBridge.from_hf_config(cfg)
+    assert parameter_counts(b).total == sum(p.numel() for p in hf.parameters()) == total
+    if name == DENSE:  # the MoE table names experts per expert (as saved), transformers stacks them
+        assert set(b.expected_hf_names()) == {n for n, _ in hf.named_parameters()}
+
+
+def test_split_in_proj_round_trips_at_tp2():
+    from bridges.core.mappings import Shapes
+    from bridges.models.qwen3_5.modeling_qwen3_5 import SplitGDNInProj
+
+    m = SplitGDNInProj("x", {k: k for k in ("qkv", "z", "b", "a")}, dims=(4, 8, 3, 2))
+    hf = {"qkv": torch.randn(2 * 12 + 16, 5), "z": torch.randn(16, 5), "b": torch.randn(8, 5), "a": torch.randn(8, 5)}
+    shards = [m.to_megatron(hf, r, 2, Shapes(1, 1, 1)) for r in range(2)]
+    assert torch.equal(shards[0][:6], hf["qkv"][:6]) and torch.equal(shards[1][6:12], hf["qkv"][18:24])
+    back = m.to_hf(shards, Shapes(1, 1, 1))
+    assert all(torch.equal(back[k], hf[k]) for k in hf)
+
+
+def test_mrope_matches_transformers_at_the_published_width():
+    """head_dim 256, partial rotary 0.25, default sections [11, 11, 10] (h and w's last pair cut off)."""
+    from transformers import Qwen3_5Config
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5TextRotaryEmbedding
+
+    from bridges.models.qwen3_5.modeling_qwen3_5 import PositionedMRoPE
+
+    cfg = Qwen3_5Config().text_config
+    pos = torch.randint(0, 500, (3, 2, 9))
+    cos, _ = Qwen3_5TextRotaryEmbedding(cfg)(torch.zeros(1, dtype=torch.float32), pos)
+    rotary = PositionedMRoPE(64, cfg.rope_parameters["rope_theta"], [11, 11, 10])
+    rotary.positions = pos
+    torch.testing.assert_close(rotary(9)[:, :, 0].transpose(0, 1).cos(), cos)
+
+
+@pytest.mark.parametrize("section", [[12, 12, 12], [4, 14, 14]], ids=["sum", "interleave"])
+def test_sections_that_do_not_fit_are_refused(section):
+    """32 rotary pairs: the sections must add up to them, h and w each on every third pair."""
+    from bridges.core.config import ConfigError
+
+    cfg = _config(DENSE)
+    cfg["text_config"]["rope_parameters"] = {**cfg["text_config"]["rope_parameters"], "mrope_section": section}
+    with pytest.raises(ConfigError, match="mrope_section"):
+        AutoBridge.from_hf_config(cfg).megatron_attrs()
+
+
+def test_vision_flops_equal_torch_flop_counter_on_the_hf_tower():
+    from torch.utils.flop_counter import FlopCounterMode
+    from transformers import AutoConfig
+    from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionModel
+
+    from bridges.flops import _vision
+
+    cfg = AutoConfig.for_model("qwen3_5", vision_config=dict(
+        depth=2, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, spatial_merge_size=2,
+        temporal_patch_size=2, num_position_embeddings=16, out_hidden_size=40))
+    cfg.vision_config._attn_implementation = "eager"
+    tower = Qwen3_5VisionModel._from_config(cfg.vision_config)
+    gh, gw = 6, 10
+    with FlopCounterMode(display=False) as counter:
+        tower(torch.randn(gh * gw, 3 * 2 * 16), grid_thw=torch.tensor([[1, gh, gw]]))
+    v = _vision({"vision_config": cfg.vision_config.to_dict()}, (gh * 4, gw * 4))
+    assert counter.get_total_flops() == v["vision_tower"][1] + v["projector"][1]
+    assert sum(p.numel() for p in tower.parameters()) == v["vision_tower"][0] + v["projector"][0]
+
+
+# -- the suite catches each bug ------------------------------------------------------------------
+# where: the logits check's first divergence (the text layers of a hybrid stack are not paired
+# one to one, so only the vision side and the final norm localise)
+MUTANTS = [
+    ("GDNQKSwapped", {"logits", "generation"}, None),
+    ("GDNValueGateSwapped", {"logits", "generation"}, None),
+    ("AttentionIntervalOffByOne", {"coverage"}, None),
+    ("MRopeNotInterleaved", {"logits"}, "final norm"),  # two attention layers in eight: greedy tokens hold
+    ("PositionGridTransposed", {"logits", "generation"}, "vision block 0"),
+]
+
+
+@pytest.mark.parametrize("mutant,expect,where", MUTANTS, ids=[m[0] for m in MUTANTS])
+def test_mutant_is_caught(conformance, mutant, expect, where):
+    assert_caught(conformance, DENSE, f"tests.qwen3_5_mutants:{mutant}", expect, where)
+
+
+def test_moe_mutant_is_caught(conformance):
+    assert_caught(conformance, MOE, "tests.qwen3_5_mutants:TopKNotRenormalised", {"logits", "generation"}, None)
