@@ -3,7 +3,7 @@
 # first with every wheel in .whl/ (transformers as on the CPU machine), else with megatron-core
 # and syrupy only (the GPU machine's transformers); a one-model smoke run decides and its tail is
 # printed. Then `gpu_conformance.py run` on MODELS and the mutants of ONLY (a bridge-ref substring).
-#   MODELS="a/b c/d" ONLY=nemotron_h bash scripts/device_rows.sh
+#   MODELS="a/b c/d" ONLY=nemotron_h bash scripts/device_rows.sh    (MODELS=ALL: every fixture model)
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 PYTHONWARNINGS=ignore TOKENIZERS_PARALLELISM=false
 W=$PWD/.whl; R=/tmp/res; mkdir -p $R /tmp/mb /tmp/empty
@@ -15,8 +15,8 @@ smoke() { cd /tmp/empty && PYTHONPATH=$1:/tmp/mb timeout 150 python3 -m pytest -
 SITE=/tmp/siteA; smoke /tmp/siteA || { SITE=/tmp/siteB; smoke /tmp/siteB; }
 echo "environment: $SITE"; cd /tmp/mb; export PYTHONPATH=$SITE:/tmp/mb
 python3 -c 'import torch,transformers;print(torch.__version__,transformers.__version__)' | tee $R/env.txt
-args=(); for m in ${MODELS:-}; do args+=("--mbridge-model=$m"); done
-[ ${#args[@]} -gt 0 ] && timeout ${ROWS_TIMEOUT:-240} python3 scripts/gpu_conformance.py run --out $R/report-rows.json "${args[@]}" > $R/rows.log 2>&1
+args=(); for m in ${MODELS:-}; do [ "$m" != ALL ] && args+=("--mbridge-model=$m"); done  # ALL: the registry
+[ -n "${MODELS:-}" ] && timeout ${ROWS_TIMEOUT:-240} python3 scripts/gpu_conformance.py run --out $R/report-rows.json "${args[@]}" > $R/rows.log 2>&1
 echo "rows: exit $?"; tail -5 $R/rows.log
 [ -n "${ONLY:-}" ] && timeout ${MUTANTS_TIMEOUT:-150} python3 scripts/gpu_conformance.py mutants --out $R/mutants-rows.json -j 10 --timeout 140 --only "$ONLY" > $R/mutants.log 2>&1
 echo "mutants: exit $?"; tail -20 $R/mutants.log

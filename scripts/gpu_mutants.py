@@ -67,7 +67,7 @@ def descriptions() -> dict[str, str]:
     for module in ("tests.gemma_mutants", "tests.gemma3_vl_mutants", "tests.qwen2_5_vl_mutants",
                    "tests.qwen3_vl_mutants", "tests.qwen3_vl_moe_mutants", "tests.mistral3_mutants",
                    "tests.gpt_oss_mutants", "tests.minimax_m2_mutants", "tests.nemotron_h_mutants",
-                   "tests.qwen3_next_mutants"):
+                   "tests.qwen3_next_mutants", "tests.qwen3_5_mutants"):
         for name, cls in inspect.getmembers(importlib.import_module(module), inspect.isclass):
             if cls.__module__ == module and not name.startswith("_"):  # by bridge ref: names repeat
                 out[f"{module}:{name}"] = " ".join((cls.__doc__ or name).split())
@@ -90,6 +90,9 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
     from tests.test_nemotron_h import MUTANTS as NH
     from tests.test_qwen3_next import MODEL as QWEN3_NEXT
     from tests.test_qwen3_next import MUTANTS as Q3N
+    from tests.test_qwen3_5 import DENSE as QWEN3_5
+    from tests.test_qwen3_5 import MOE as QWEN3_5_MOE
+    from tests.test_qwen3_5 import MUTANTS as Q35
     from tests.test_qwen2_5_vl import MODEL as QWEN_VL
     from tests.test_qwen2_5_vl import MUTANTS as QVLM
     from tests.test_qwen3_vl import MODEL as QWEN3_VL
@@ -109,7 +112,9 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
                                   *((f"{m}_mutants", [(n, model, {"tp1pp1": e}) for n, e in table])
                                     for m, model, table in (("gpt_oss", GPT_OSS, OSS), ("minimax_m2", MINIMAX, MM2),
                                                             ("nemotron_h", NEMOTRON_H, NH),
-                                                            ("qwen3_next", QWEN3_NEXT, Q3N))))
+                                                            ("qwen3_next", QWEN3_NEXT, Q3N))),
+                                  ("qwen3_5_mutants", [(n, QWEN3_5, {"tp1pp1": e}) for n, e, _ in Q35]
+                                   + [("TopKNotRenormalised", QWEN3_5_MOE, {"tp1pp1": {"logits", "generation"}})]))
             for n, model, expect in table if expect.get("tp1pp1") and "/" in model]  # a fixture's name
     rows.append(("OneHeadSwapped", "scripts.gpu_mutants:OneHeadSwapped", "Qwen/Qwen3-8B", {"logits", "generation"}))
     return sorted(rows, key=lambda r: (r[0] not in SUBTLE, SUBTLE.index(r[0]) if r[0] in SUBTLE else 0))

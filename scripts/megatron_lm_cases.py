@@ -32,6 +32,7 @@ def mbridge(*argv: str) -> str:
 def prepare(pairs: list[str], memory: str, memory_mode: str) -> None:
     sys.path.insert(0, str(ROOT))
     from conformance.models import resolve
+    from bridges.core.auto import AutoBridge
     from conformance.toy import make_toy_checkpoint, shrink_config
 
     for pair in pairs:
@@ -39,12 +40,15 @@ def prepare(pairs: list[str], memory: str, memory_mode: str) -> None:
         case = CASES / name
         shutil.rmtree(case, ignore_errors=True)
         case.mkdir(parents=True)
-        toy = make_toy_checkpoint(shrink_config(resolve(model).config), case / "toys")
+        config = json.loads(json.dumps(resolve(model).config),  # transformers 5's tagged infinity
+                            object_hook=lambda o: float(o["__float__"]) if set(o) == {"__float__"} else o)
+        toy = make_toy_checkpoint(shrink_config(config), case / "toys")
         shutil.move(str(toy), case / "hf")
         shutil.rmtree(case / "toys")
         mbridge("convert", "import", "--hf", str(case / "hf"), "--out", str(case / "meg"), "--tp", "1")
         (case / "model.args").write_text(mbridge("megatron-args", str(case / "hf"), "--one-line"))
         (case / "model.txt").write_text(model + "\n")
+        (case / "script").write_text(AutoBridge.from_hf_config(resolve(model).config).megatron_lm_script + "\n")
         print(f"{name}: {model}, {sum(f.stat().st_size for f in case.rglob('*') if f.is_file()) >> 10} KiB")
     if memory:
         case = CASES.parent / "memory"

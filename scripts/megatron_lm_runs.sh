@@ -19,7 +19,8 @@ port=29600
 for c in $T/cases/*/; do
   n=$(basename $c); mkdir -p $R/$n; port=$((port + 1))
   eval "A=($(cat $c/model.args) $(cat $c/extra.args 2>/dev/null))"  # extra.args: the case's own run flags
-  ( t0=$SECONDS; timeout ${CASE_TIMEOUT:-240} torchrun --nproc-per-node 1 --master-port $port pretrain_gpt.py "${A[@]}" \
+  S=$(cat $c/script 2>/dev/null || echo pretrain_gpt.py)  # pretrain_hybrid.py for a hybrid stack
+  ( t0=$SECONDS; timeout ${CASE_TIMEOUT:-240} torchrun --nproc-per-node 1 --master-port $port $S "${A[@]}" \
       --load $c/meg --no-load-optim --no-load-rng --dist-ckpt-strictness raise_all $RUN \
       --micro-batch-size 2 --global-batch-size 2 --seq-length 32 --train-iters 3 --lr 0.0 --min-lr 0.0 \
       --lr-decay-style constant --weight-decay 0.0 --save $R/$n/saved --save-interval 3 ${SAVE_ARGS:-} > $R/$n/train.log 2>&1

@@ -66,3 +66,36 @@ def backward(toy_dir: str, layout: str, plain: bool = False) -> float:
     logits.float().square().mean().backward()
     grads = [p.grad for n, p in model.named_parameters() if "experts" in n and n.endswith("linear_fc2.bias")]
     return float(torch.stack([g.norm() for g in grads if g is not None]).sum()) if grads else -1.0
+
+
+def trainer_hybrid_model(toy_dir: str, layout: str) -> dict:
+    """As ``trainer_spec_model`` for a hybrid family: the HybridModel pretrain_hybrid.py builds
+    from the family's ``--spec`` stack beside the bridge's own, both loaded from the toy."""
+    import importlib
+
+    import torch
+
+    from bridges.core.bridge import _global_name, unwrap
+    from bridges.core import hybrid
+    from conformance.job import layout_provider, make_bridge
+
+    bridge = make_bridge(toy_dir)
+    module, name = bridge.megatron_lm_spec
+    stack = getattr(importlib.import_module(module), name)
+    ours = layout_provider(bridge, layout, torch.float32).provide_distributed_model()
+    bridge.load_hf_weights(ours)
+    build = hybrid.local_hybrid_stack_spec
+    hybrid.local_hybrid_stack_spec = lambda *a, **k: stack  # what hybrid_builders.py passes HybridModel
+    try:
+        theirs = layout_provider(bridge, layout, torch.float32).provide_distributed_model()
+    finally:
+        hybrid.local_hybrid_stack_spec = build
+    bridge.load_hf_weights(theirs)
+    a, b = ({_global_name(unwrap(c), n): p for c in m for n, p in unwrap(c).named_parameters()} for m in (ours, theirs))
+    out = {"names": sorted(a) == sorted(b), "values": all(torch.equal(a[n], b[n]) for n in a if n in b)}
+    if len(ours) == 1 and unwrap(ours[0]).pre_process and unwrap(ours[0]).post_process:
+        ids = torch.randint(0, 100, (1, 12))
+        with torch.no_grad():
+            x, y = (unwrap(c[0]).eval()(ids, torch.arange(12)[None], None) for c in (ours, theirs))
+        out["max_diff"] = float((x - y).abs().max())
+    return out

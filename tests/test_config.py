@@ -483,3 +483,17 @@ def test_finalize_rejects_other_bad_layouts():
     assert "vocab_size=128257" in str(e.value) and "layout tp2" in str(e.value)
     p.vocab_size = 128256  # even: fine without padding
     p.finalize()
+
+
+def test_a_config_path_with_transformers_tagged_infinity_reads(tmp_path):
+    """transformers 5 writes an infinite float as {"__float__": "Infinity"} (Nemotron-H's
+    time_step_limit); a directory's config.json is read as such, as a checkpoint's is."""
+    import json
+
+    from bridges.core.auto import AutoBridge
+    from conformance.models import resolve
+
+    cfg = {**resolve("nvidia/Nemotron-H-56B-Base-8K").config, "time_step_limit": [0.0, {"__float__": "Infinity"}]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    bridge = AutoBridge.from_hf_config(tmp_path)
+    assert bridge.megatron_attrs()["hybrid_layer_pattern"]

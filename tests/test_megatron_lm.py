@@ -27,6 +27,11 @@ def _read_back(flags: list[str], fields: dict) -> dict:
         if flag == "--swiglu":
             out.update(activation_func=F.silu, gated_linear_unit=True)
             continue
+        if flag == "--squared-relu":
+            from megatron.core.activations import squared_relu
+
+            out.update(activation_func=squared_relu)
+            continue
         if flag == "--quick-geglu":
             from megatron.core.fusions.fused_bias_geglu import quick_gelu
 
@@ -107,7 +112,10 @@ def test_every_model_field_reaches_megatron_lm(model):
     # GPTModel's own arguments
     a = provider.as_dict()
     assert flags[flags.index("--vocab-size") + 1] == str(a["vocab_size"])
-    assert int(flags[flags.index("--rotary-base") + 1]) == a["rotary_base"]
+    if a["position_embedding_type"] in ("rope", "yarn"):
+        assert int(flags[flags.index("--rotary-base") + 1]) == a["rotary_base"]
+    if a.get("hybrid_layer_pattern"):  # pretrain_hybrid.py's layers
+        assert flags[flags.index("--hybrid-layer-pattern") + 1] == a["hybrid_layer_pattern"]
     assert ("--untie-embeddings-and-output-weights" in flags) == (not a["share_embeddings_and_output_weights"])
     assert flags[flags.index("--tensor-model-parallel-size") + 1] == "2"
     if a.get("num_moe_experts"):  # the list form: the integer form lays the MoE keys out differently

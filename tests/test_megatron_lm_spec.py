@@ -12,13 +12,24 @@ from conformance.models import resolve
 MODELS = ["deepseek-ai/DeepSeek-V2-Lite", "allenai/OLMoE-1B-7B-0924", "openai/gpt-oss-20b"]
 
 
-@pytest.mark.parametrize("module", [f"bridges.models.{f}.megatron_lm_spec" for f in ("deepseek", "olmoe", "gpt_oss")])
-def test_spec_module_imports_before_parallel_state(module):
+@pytest.mark.parametrize("module,name", [*((f"bridges.models.{f}.megatron_lm_spec", "layer")
+                                           for f in ("deepseek", "olmoe", "gpt_oss")),
+                                         ("bridges.models.nemotron_h.megatron_lm_spec", "stack")])
+def test_spec_module_imports_before_parallel_state(module, name):
     code = (f"import {module} as m; from megatron.core import parallel_state as ps; "
             "import torch.distributed as dist; "
-            "assert not dist.is_initialized() and not ps.model_parallel_is_initialized(); print(type(m.layer).__name__)")
+            f"assert not dist.is_initialized() and not ps.model_parallel_is_initialized(); print(type(m.{name}).__name__)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "ModuleSpec", out.stderr[-2000:]
+
+
+def test_hybrid_trainer_model_is_the_bridges(conformance):
+    """pretrain_hybrid.py's HybridModel from Nemotron-H's --spec stack: the bridge's parameters,
+    values and logits (the torch Mamba-2 path: the SSD chunk length does not change the sums)."""
+    toy = conformance.checkpoint(resolve("nvidia/Nemotron-H-56B-Base-8K"))
+    for layout in ("tp1pp1", "tp2", "pp2"):
+        for r in conformance.pool.run("tests.spec_tasks:trainer_hybrid_model", toy_dir=toy, layout=layout):
+            assert r["names"] and r["values"] and r.get("max_diff", 0.0) < 1e-6, (layout, r)
 
 
 @pytest.mark.parametrize("model", MODELS)

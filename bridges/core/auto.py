@@ -143,7 +143,7 @@ class AutoBridge:
             p = Path(config)
             p = p / "config.json" if p.is_dir() else p
             try:
-                config = json.loads(p.read_text())
+                config = HFCheckpoint.parse_config(p.read_text())
             except (OSError, ValueError) as e:
                 raise ConfigError(f"{p}: cannot read config ({e})") from None
             source = str(p)

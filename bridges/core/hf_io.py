@@ -209,12 +209,17 @@ class HFCheckpoint:
         return self.read_config(self.path)
 
     @staticmethod
+    def parse_config(text: str) -> object:
+        """config.json's JSON; transformers 5 writes an infinite float as {"__float__": "Infinity"}."""
+        return json.loads(text, object_hook=lambda o: float(o["__float__"]) if set(o) == {"__float__"} else o)
+
+    @staticmethod
     def read_config(path: str | os.PathLike) -> dict:
         p = Path(path) / "config.json"
         if not p.exists():
             raise CheckpointError(f"{path}: no config.json")
-        try:  # transformers 5 writes an infinite float as {"__float__": "Infinity"}
-            cfg = json.loads(p.read_text(), object_hook=lambda o: float(o["__float__"]) if set(o) == {"__float__"} else o)
+        try:
+            cfg = HFCheckpoint.parse_config(p.read_text())
         except ValueError as e:
             raise CheckpointError(f"{p}: invalid JSON ({e})") from None
         if not isinstance(cfg, dict):
