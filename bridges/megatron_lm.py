@@ -27,7 +27,8 @@ from bridges.core.config import ConfigError
 
 # TransformerConfig fields whose generated flag has another name
 ARG_NAMES = {"layernorm_epsilon": "--norm-epsilon", "layernorm_zero_centered_gamma": "--apply-layernorm-1p",
-             "add_bias_linear": "--disable-bias-linear", "num_moe_experts": "--num-experts"}
+             "add_bias_linear": "--disable-bias-linear", "num_moe_experts": "--num-experts",
+             "use_mamba_mem_eff_path": "--disable-mamba-mem-eff-path"}
 
 # Fields that describe the run, not the model: the layout (its own flags below), dtypes (--bf16),
 # fusions and initialisation (the provider sets them for a portable, loaded model)
@@ -208,6 +209,7 @@ def megatron_lm_args(bridge, tp: int = 1, pp: int = 1, vpp: int | None = None, e
 
 # Flags whose destination in Megatron-LM's parser is not the flag's own name
 DESTS = {"--disable-bias-linear": ("add_bias_linear", False),
+         "--disable-mamba-mem-eff-path": ("use_mamba_mem_eff_path", False),
          "--num-virtual-stages-per-pipeline-rank": ("virtual_pipeline_model_parallel_size", None)}
 
 # The booleans Megatron-LM's load_args_from_checkpoint copies from a checkpoint (forced), at the
