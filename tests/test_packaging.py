@@ -51,17 +51,23 @@ def test_the_wheel_holds_every_fixture_config_and_snapshot(wheel):
     assert not [n for n in names if n.startswith("fixtures/")]  # no top-level package named fixtures
 
 
-def test_code_from_the_wheel_finds_its_fixtures(wheel, tmp_path):
+def _from_wheel(wheel, tmp_path, probe: str):
+    """``probe`` run in a fresh interpreter on the unpacked wheel alone: (its stdout, the site)."""
     site = tmp_path / "site"
     zipfile.ZipFile(wheel).extractall(site)
-    probe = ("import json, conformance.models as m, pytest_mbridge.snapshots as s; "
-             "print(json.dumps([m.__file__, m.fixture_names(), m.resolve('Qwen/Qwen3-8B').source, "
-             "s.ShippedSnapshot.directory]))")
     res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
                          env={"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
     assert res.returncode == 0, res.stderr
+    return res.stdout, site
 
-    module, names, source, snapshots = json.loads(res.stdout.splitlines()[-1])
+
+def test_code_from_the_wheel_finds_its_fixtures(wheel, tmp_path):
+    out, site = _from_wheel(wheel, tmp_path, (
+        "import json, conformance.models as m, pytest_mbridge.snapshots as s; "
+        "print(json.dumps([m.__file__, m.fixture_names(), m.resolve('Qwen/Qwen3-8B').source, "
+        "s.ShippedSnapshot.directory]))"))
+
+    module, names, source, snapshots = json.loads(out.splitlines()[-1])
     assert Path(module).is_relative_to(site), module  # the wheel's code, not the checkout's
     assert names == [str(f.parent.relative_to(ROOT / "fixtures/configs"))
                      for f in _shipped("configs", "*/*/config.json")]
@@ -73,12 +79,8 @@ def test_code_from_the_wheel_finds_its_fixtures(wheel, tmp_path):
 
 def test_inspect_from_the_wheel_reads_its_index(wheel, tmp_path):
     """The wheel ships bridges/inspect_index.json and inspect there stays off torch (#20)."""
-    site = tmp_path / "site"
-    zipfile.ZipFile(wheel).extractall(site)
-    probe = ("import contextlib, io, sys; from bridges.cli import main\n"
-             "with contextlib.redirect_stdout(io.StringIO()):\n    assert main(['inspect', 'Qwen/Qwen3-8B']) == 0\n"
-             "print(sorted(m for m in ('torch', 'megatron', 'transformers') if m in sys.modules))")
-    res = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
-                         env={"PYTHONPATH": str(site), "HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
-    assert res.returncode == 0, res.stderr
-    assert res.stdout.strip() == "[]"
+    out, _ = _from_wheel(wheel, tmp_path, (
+        "import contextlib, io, sys; from bridges.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n    assert main(['inspect', 'Qwen/Qwen3-8B']) == 0\n"
+        "print(sorted(m for m in ('torch', 'megatron', 'transformers') if m in sys.modules))"))
+    assert out.strip() == "[]"

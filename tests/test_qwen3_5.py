@@ -88,23 +88,11 @@ def test_sections_that_do_not_fit_are_refused(section):
 
 
 def test_vision_flops_equal_torch_flop_counter_on_the_hf_tower():
-    from torch.utils.flop_counter import FlopCounterMode
-    from transformers import AutoConfig
     from transformers.models.qwen3_5.modeling_qwen3_5 import Qwen3_5VisionModel
 
-    from bridges.flops import _vision
+    from tests.test_qwen3_vl import assert_tower_flops
 
-    cfg = AutoConfig.for_model("qwen3_5", vision_config=dict(
-        depth=2, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, spatial_merge_size=2,
-        temporal_patch_size=2, num_position_embeddings=16, out_hidden_size=40))
-    cfg.vision_config._attn_implementation = "eager"
-    tower = Qwen3_5VisionModel._from_config(cfg.vision_config)
-    gh, gw = 6, 10
-    with FlopCounterMode(display=False) as counter:
-        tower(torch.randn(gh * gw, 3 * 2 * 16), grid_thw=torch.tensor([[1, gh, gw]]))
-    v = _vision({"vision_config": cfg.vision_config.to_dict()}, (gh * 4, gw * 4))
-    assert counter.get_total_flops() == v["vision_tower"][1] + v["projector"][1]
-    assert sum(p.numel() for p in tower.parameters()) == v["vision_tower"][0] + v["projector"][0]
+    assert_tower_flops("qwen3_5", Qwen3_5VisionModel, depth=2)
 
 
 # -- the suite catches each bug ------------------------------------------------------------------

@@ -77,24 +77,32 @@ def test_parameter_count_is_the_published_models():
     assert set(b.expected_hf_names()) == {n for n, _ in hf.named_parameters()}
 
 
-def test_vision_flops_equal_torch_flop_counter_on_the_hf_tower():
+def assert_tower_flops(model_type: str, tower_cls, **vision) -> None:
+    """The FLOPs calculator's vision tower and projector (flops, parameters) equal torch's flop
+    counter and parameter count on transformers' own tower built from ``vision``."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoConfig
-    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
 
     from bridges.flops import _vision
 
-    cfg = AutoConfig.for_model("qwen3_vl", vision_config=dict(
-        depth=3, hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, spatial_merge_size=2,
-        temporal_patch_size=2, num_position_embeddings=16, deepstack_visual_indexes=[0, 2], out_hidden_size=40))
+    cfg = AutoConfig.for_model(model_type, vision_config=dict(
+        hidden_size=32, intermediate_size=48, num_heads=2, patch_size=4, spatial_merge_size=2,
+        temporal_patch_size=2, num_position_embeddings=16, out_hidden_size=40, **vision))
     cfg.vision_config._attn_implementation = "eager"
-    tower = Qwen3VLVisionModel._from_config(cfg.vision_config)
+    tower = tower_cls._from_config(cfg.vision_config)
     gh, gw = 6, 10
     with FlopCounterMode(display=False) as counter:
         tower(torch.randn(gh * gw, 3 * 2 * 16), grid_thw=torch.tensor([[1, gh, gw]]))
     v = _vision({"vision_config": cfg.vision_config.to_dict()}, (gh * 4, gw * 4))
     assert counter.get_total_flops() == v["vision_tower"][1] + v["projector"][1]
     assert sum(p.numel() for p in tower.parameters()) == v["vision_tower"][0] + v["projector"][0]
+
+
+def test_vision_flops_equal_torch_flop_counter_on_the_hf_tower():
+    from transformers.models.qwen3_vl.modeling_qwen3_vl import Qwen3VLVisionModel
+
+    assert_tower_flops("qwen3_vl", Qwen3VLVisionModel, depth=3, deepstack_visual_indexes=[0, 2])
 
 
 # -- the suite catches each bug ------------------------------------------------------------------
