@@ -25,7 +25,8 @@ def test_published_config():
     assert a["activation_func"].__name__ == "squared_relu" and not a["gated_linear_unit"]
     back = b.hf_config_dict()
     assert back["hybrid_override_pattern"] == PUBLISHED["hybrid_override_pattern"] and back["n_groups"] == 8
-    assert b.megatron_lm and "pretrain_hybrid.py" in b.megatron_lm
+    assert not b.megatron_lm and b.megatron_lm_script == "pretrain_hybrid.py"  # with its --spec stack
+    assert "conv kernel of 4" in AutoBridge.from_hf_config({**PUBLISHED, "conv_kernel": 3}).megatron_lm
 
 
 def test_transformers5_pattern_spelling_and_refusals():
