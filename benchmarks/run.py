@@ -480,7 +480,8 @@ def _cli_targets(res: dict, base: float) -> dict:
             peaks = {d: med(x[d]["peak_rss"].get(f"rank{r}") for x in rs) for d in ("import", "export")}
             v["ranks"][r] = {"share": sh, "budget": budget, **peaks,
                              "ok": max(peaks.values()) <= budget}
-        v["launcher"] = med(x["import"]["peak_rss"].get("launcher") for x in rs)
+        launcher = [x["import"]["peak_rss"].get("launcher") for x in rs]
+        v["launcher"] = med(launcher) if any(launcher) else None
         v["ok"] = v["import"]["ok"] and v["export"]["ok"] and all(x["ok"] for x in v["ranks"].values())
         out[lay] = v
     return out
