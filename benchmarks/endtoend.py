@@ -82,12 +82,13 @@ def _rank(pid: int) -> str | None:
 
 
 def run_cli(args: list[str], env: dict | None = None, timeout: float = 600.0,
-            interval: float = 0.02) -> dict:
-    """Run ``mbridge ARGS``; return ``{wall_s, rc, peak_rss: {"launcher" or "rank<N>": bytes},
-    stderr}`` (``rc`` None when it ran past ``timeout`` and was killed)."""
+            interval: float = 0.02, root: Path = ROOT) -> dict:
+    """Run ``mbridge ARGS`` from the checkout ``root`` (its code comes first on the path: ``-m``
+    puts the working directory first); return ``{wall_s, rc, peak_rss: {"launcher" or
+    "rank<N>": bytes}, output}`` (``rc`` None when it ran past ``timeout`` and was killed)."""
     cmd = [sys.executable, "-m", "bridges.cli", *args]
     t0 = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env or clean_env(), cwd=ROOT, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, env=env or clean_env(), cwd=root, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, start_new_session=True)
     peaks: dict[int, int] = {}
     names: dict[int, str] = {}

@@ -26,7 +26,8 @@ def _writer(path):
         return FileSystemWriter(str(path))
 
 
-def test_direct_reader_loads_the_same_bytes_and_falls_back_where_it_must(tmp_path, monkeypatch):
+@pytest.mark.parametrize("staged", [False, True], ids=["into-place", "through-host-buffer"])
+def test_direct_reader_loads_the_same_bytes_and_falls_back_where_it_must(tmp_path, monkeypatch, staged):
     g = torch.Generator().manual_seed(0)
     saved = {"a": torch.randn(64, 48, generator=g).to(torch.bfloat16),
              "b": torch.randn(32, 16, generator=g).t(),  # saved with its strides: read the usual way
@@ -38,7 +39,9 @@ def test_direct_reader_loads_the_same_bytes_and_falls_back_where_it_must(tmp_pat
     monkeypatch.setattr(dist_read, "_pread_into", lambda fd, t, at, n: (direct.append(t.shape), real(fd, t, at, n)))
     into = {"a": torch.zeros(64, 48, dtype=torch.bfloat16), "b": torch.zeros(16, 32),
             "c": torch.zeros(10, dtype=torch.int64), "n": {"x": 0, "s": ""}}
-    dcp.load(into, storage_reader=DirectReader(str(tmp_path)), no_dist=True)
+    reader = DirectReader(str(tmp_path))
+    reader.stage_cpu = staged  # the path a GPU destination takes
+    dcp.load(into, storage_reader=reader, no_dist=True)
     for k in ("a", "b", "c"):
         assert torch.equal(into[k], saved[k]), k
     assert into["n"] == saved["n"]

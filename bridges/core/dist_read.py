@@ -5,10 +5,10 @@ archive at an offset of a ``.distcp`` file) into a buffer, unpickles it into a n
 copies the part it needs into the destination: three passes over every byte. ``DirectReader``
 does one where it can: it reads the archive's directory and its small pickle (shape, strides,
 dtype, storage offset), and ``pread``s the bytes of the part it needs into the destination's
-memory. It does so only for a stored record (no compression, no transform), a contiguous
-saved tensor whose needed part is one contiguous range, and a contiguous CPU destination of the
-same dtype; every other item (a byte object, a GPU destination, a slice across rows) goes
-through ``FileSystemReader`` unchanged. Same bytes into the same places: only fewer copies.
+memory (a GPU destination: into a reused pinned host buffer, then copied over). It does so
+only for a stored record (no compression, no transform), a contiguous saved tensor whose needed
+part is one contiguous range, and a contiguous destination of the same dtype; every other item
+(a byte object, a slice across rows) goes through ``FileSystemReader`` unchanged. Same bytes into the same places: only fewer copies.
 """
 from __future__ import annotations
 
@@ -170,7 +170,7 @@ class DirectReader(FileSystemReader):
         if getattr(info, "transform_descriptors", None):
             return False
         target = planner.resolve_tensor(req).detach()
-        if target.device.type != "cpu" or not target.is_contiguous():
+        if not target.is_contiguous():
             return False
         path = str(self.fs.concat_path(self.path, info.relative_path))
         if path not in fds:
@@ -189,6 +189,20 @@ class DirectReader(FileSystemReader):
         where = _byte_range(saved, tuple(req.storage_offsets), tuple(req.lengths))
         if where is None or where[0] + where[1] > info.offset + info.length:
             return False
-        _pread_into(fd, target, *where)
+        if target.device.type == "cpu" and not self.stage_cpu:
+            _pread_into(fd, target, *where)
+        else:  # a GPU destination: through a (pinned) host buffer, reused
+            host = self._staging(where[1]).view(target.dtype)[:target.numel()].view(target.shape)
+            _pread_into(fd, host, *where)
+            target.copy_(host)
         planner.commit_tensor(req, target)
         return True
+
+    stage_cpu = False  # tests: CPU destinations through the host buffer too
+    _stage: torch.Tensor | None = None
+
+    def _staging(self, nbytes: int) -> torch.Tensor:
+        if self._stage is None or self._stage.numel() < nbytes:
+            self._stage = None
+            self._stage = torch.empty(nbytes, dtype=torch.uint8, pin_memory=torch.cuda.is_available())
+        return self._stage[:nbytes]
