@@ -102,7 +102,8 @@ def cli_section(results: dict, short) -> list[str]:
           "(benchmarks/gpu.py) measures the same in GB/s: import straight into GPU parameters, "
           "export from them, and the whole commands, against that machine's read and write floors "
           "(`--models qwen3-30b-a3b-full` for EP2/EP4 where there are several GPUs; `--device cpu "
-          "--models tiny` checks the script without one). Its results are JSON in DIR, not this page.", ""]
+          "--models tiny` checks the script without one). Its results are JSON in DIR, not this page; "
+          "the run on 1 x H200 of 2026-12-04 is docs/performance-gpu.md.", ""]
     for res in results["models"].values():
         prof = res.get("cli_profile")
         if not prof:
