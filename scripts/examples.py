@@ -135,9 +135,10 @@ def folder(model: str) -> dict[str, str]:
             files[f"slurm_{mode}.sh"] = _wrapper(
                 model, "slurm_train.sh", f"{mode.upper()} with Megatron-LM on {r.gpus} x {r.gpu_memory:g} GiB "
                 f"({rr.layout_name}, `mbridge recipe {model} --mode {mode}`)",
-                {"MODEL": model, "MODE": mode, "GPUS": f"${{GPUS:-{r.gpus}}}", "GPU_MEMORY": f"${{GPU_MEMORY:-{r.gpu_memory:g}}}"},
+                {"MODEL": model, "MODE": mode, "GPUS": f"${{GPUS:-{r.gpus}}}", "GPU_MEMORY": f"${{GPU_MEMORY:-{r.gpu_memory:g}}}",
+                 **({"SCRIPT": b.megatron_lm_script} if b.megatron_lm_script != "pretrain_gpt.py" else {})},
                 head.replace("MODE", mode))
-        text += [f"| `slurm_sft.sh` | Megatron-LM `pretrain_gpt.py --sft` on the converted checkpoint ({r.gpus} x "
+        text += [f"| `slurm_sft.sh` | Megatron-LM `{b.megatron_lm_script} --sft` on the converted checkpoint ({r.gpus} x "
                  f"{r.gpu_memory:g} GiB, {r.layout_name}) with `mbridge recipe`'s flags; `sbatch` it with `MEGATRON_LM`, "
                  "`CKPT` (the conversion's `work/.../megatron`) and `DATA_PATH` (a jsonl of `messages`) |",
                  "| `slurm_peft.sh` | prints the LoRA recipe and stops: `pretrain_gpt.py` has no LoRA path "

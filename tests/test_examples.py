@@ -117,7 +117,8 @@ def test_every_example_script_runs_on_a_toy(model, conformance, pool_socket, tmp
     cmd = shlex.split(sft.stdout)
     assert cmd[0] == "torchrun" and cmd[cmd.index("--nproc-per-node") + 1] == str(min(EX.training(model).gpus, 8)) \
         or EX.training(model).gpus > 8
-    ns = args_namespace([a for a in cmd[cmd.index("/path/to/Megatron-LM/pretrain_gpt.py") + 1:]])
+    script = f"/path/to/Megatron-LM/{EX._bridge(model).megatron_lm_script}"  # pretrain_hybrid.py for a hybrid
+    ns = args_namespace([a for a in cmd[cmd.index(script) + 1:]])
     r = EX.training(model)
     assert (ns.tensor_model_parallel_size, ns.pipeline_model_parallel_size, ns.sft) == (r.tp, r.pp, True)
     assert ns.load == "/path/to/ckpt" and ns.tokenizer_model == str(toy) and ns.tokenizer_type == "SFTTokenizer"

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Megatron-LM pretrain_gpt.py on a converted checkpoint with the model's recipe: `mbridge recipe`
+# Megatron-LM's trainer (SCRIPT: pretrain_gpt.py, or pretrain_hybrid.py for a hybrid stack) on a converted checkpoint with the model's recipe: `mbridge recipe`
 # gives the model flags for the recipe's layout and the training flags (docs/recipes.md). Called
 # by examples/models/<org>/<model>/slurm_sft.sh (and slurm_peft.sh), which set MODEL, MODE, GPUS
 # and GPU_MEMORY; run it with sbatch (one task per node), or with bash on one node.
@@ -11,6 +11,7 @@
 #   MBRIDGE_EXAMPLE_DRY_RUN=1  print the launch command instead of running it (CI)
 set -euo pipefail
 SRC=${MBRIDGE_EXAMPLE_MODEL:-$MODEL}
+SCRIPT=${SCRIPT:-pretrain_gpt.py}
 MBRIDGE=${MBRIDGE:-mbridge}
 if [ "$MODE" = peft ]; then
   # the LoRA settings are the recipe's, but pretrain_gpt.py has no adapter path to give them to
@@ -36,7 +37,7 @@ else
 fi
 # shellcheck disable=SC2086  # FLAGS is a list of flags
 CMD=(torchrun --nnodes "$NODES" --nproc-per-node "$((GPUS / NODES))" --rdzv-backend c10d
-     --rdzv-endpoint "$MASTER:29500" "$MEGATRON_LM/pretrain_gpt.py" $FLAGS "${DATA[@]}" --data-path "$DATA_PATH"
+     --rdzv-endpoint "$MASTER:29500" "$MEGATRON_LM/$SCRIPT" $FLAGS "${DATA[@]}" --data-path "$DATA_PATH"
      --load "$CKPT" --finetune --no-load-optim --no-load-rng --save "$SAVE" --save-interval 500
      --eval-interval 500 --eval-iters 10 --log-interval 10)
 if [ -n "$DRY" ]; then printf '%q ' "${CMD[@]}"; echo; exit 0; fi
