@@ -55,6 +55,21 @@ class GroupedLinear(torch.nn.Module):
         pass
 
 
+def submodules_of(spec):
+    """The submodules of a spec: a ModuleSpec's, or a ``partial(cls, submodules=...)``'s (how
+    Megatron-Core writes its MoE layer and experts), or None."""
+    kw = getattr(spec, "keywords", None)
+    return kw.get("submodules") if kw is not None else getattr(spec, "submodules", None)
+
+
+def with_submodules(spec, sub):
+    """``spec`` (a ModuleSpec or a partial) with ``sub`` as its submodules."""
+    kw = getattr(spec, "keywords", None)
+    if kw is not None:
+        return type(spec)(spec.func, *spec.args, **{**kw, "submodules": sub})
+    return dataclasses.replace(spec, submodules=sub)
+
+
 def block_spec(provider, vp_stage: int | None = None, layer_hook: Callable | None = None):
     """The decoder block spec for this pipeline stage: dense and MoE layers as
     ``moe_layer_freq`` says, local modules, grouped experts when ``moe_grouped_gemm``.
@@ -68,14 +83,13 @@ def block_spec(provider, vp_stage: int | None = None, layer_hook: Callable | Non
     layers = []
     for layer in spec.layer_specs:
         mlp = layer.submodules.mlp  # a partial(MoELayer, submodules=...) for MoE layers
-        sub = getattr(mlp, "keywords", {}).get("submodules")
+        sub = submodules_of(mlp)
         is_moe = hasattr(sub, "experts")
         if is_moe and provider.moe_grouped_gemm:
             grouped = partial(TEGroupedMLP, submodules=GroupedMLPSubmodules(
                 linear_fc1=partial(GroupedLinear, parallel="column"),
                 linear_fc2=partial(GroupedLinear, parallel="row")))
-            mlp = partial(mlp.func, *mlp.args,
-                          **{**mlp.keywords, "submodules": dataclasses.replace(sub, experts=grouped)})
+            mlp = with_submodules(mlp, dataclasses.replace(sub, experts=grouped))
             layer = dataclasses.replace(layer, submodules=dataclasses.replace(layer.submodules, mlp=mlp))
         layers.append(layer_hook(layer, is_moe) if layer_hook else layer)
     return dataclasses.replace(spec, layer_specs=layers)

@@ -71,9 +71,6 @@ def _spec(module_or_spec, cls):
 def _with_submodules(mlp, **changes):
     """The MLP spec (a ModuleSpec or a functools.partial carrying ``submodules``) with some of
     its submodules replaced."""
-    import functools
+    from bridges.core.experts import submodules_of, with_submodules
 
-    if isinstance(mlp, functools.partial):
-        sub = dataclasses.replace(mlp.keywords["submodules"], **changes)
-        return functools.partial(mlp.func, *mlp.args, **{**mlp.keywords, "submodules": sub})
-    return dataclasses.replace(mlp, submodules=dataclasses.replace(mlp.submodules, **changes))
+    return with_submodules(mlp, dataclasses.replace(submodules_of(mlp), **changes))

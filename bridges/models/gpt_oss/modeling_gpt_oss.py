@@ -14,6 +14,8 @@ import dataclasses
 
 from megatron.core.tensor_parallel.layers import RowParallelLinear
 
+from bridges.core.experts import submodules_of, with_submodules
+
 
 class ExpertRowParallelLinear(RowParallelLinear):
     """RowParallelLinear whose output may be changed in place (one copy of the expert output)."""
@@ -23,29 +25,16 @@ class ExpertRowParallelLinear(RowParallelLinear):
         return out.clone(), bias
 
 
-def _sub(spec):
-    """The submodules of a spec: a ModuleSpec's, or a ``partial(cls, submodules=...)``'s."""
-    kw = getattr(spec, "keywords", None)
-    return kw.get("submodules") if kw is not None else getattr(spec, "submodules", None)
-
-
-def _with_sub(spec, sub):
-    kw = getattr(spec, "keywords", None)
-    if kw is not None:
-        return type(spec)(spec.func, *spec.args, **{**kw, "submodules": sub})
-    return dataclasses.replace(spec, submodules=sub)
-
-
 def expert_output_copy(layer_spec, is_moe: bool = True):
     """The layer spec with ``ExpertRowParallelLinear`` as the routed experts' ``linear_fc2``
     (SequentialMLP's experts; grouped experts and dense layers are left as they are). Megatron-Core
     writes the MoE MLP and its experts as ``partial(cls, submodules=...)`` or as ModuleSpecs."""
     mlp = layer_spec.submodules.mlp
-    moe = _sub(mlp)
+    moe = submodules_of(mlp)
     experts = getattr(moe, "experts", None)
-    mlp_sub = _sub(experts)
+    mlp_sub = submodules_of(experts)
     if getattr(mlp_sub, "linear_fc2", None) is not RowParallelLinear:
         return layer_spec
-    experts = _with_sub(experts, dataclasses.replace(mlp_sub, linear_fc2=ExpertRowParallelLinear))
-    mlp = _with_sub(mlp, dataclasses.replace(moe, experts=experts))
+    experts = with_submodules(experts, dataclasses.replace(mlp_sub, linear_fc2=ExpertRowParallelLinear))
+    mlp = with_submodules(mlp, dataclasses.replace(moe, experts=experts))
     return dataclasses.replace(layer_spec, submodules=dataclasses.replace(layer_spec.submodules, mlp=mlp))
