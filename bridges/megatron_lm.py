@@ -133,7 +133,11 @@ def model_args(provider) -> list[str]:
     out += _gpt_model_args(attrs)
     lay = provider.layout
     out += ["--tensor-model-parallel-size", str(lay.tp), "--pipeline-model-parallel-size", str(lay.pp)]
-    if lay.vpp:
+    if attrs.get("hybrid_layer_pattern"):  # pretrain_hybrid.py: the layers by kind, stages cut by '|'
+        from bridges.core.hybrid import stage_pattern
+
+        out += ["--hybrid-layer-pattern", stage_pattern(attrs["hybrid_layer_pattern"], lay.pp, lay.vpp)]
+    elif lay.vpp:  # a hybrid pattern's segments give the virtual stages (the flag is refused with it)
         out += ["--num-virtual-stages-per-pipeline-rank", str(lay.vpp)]
     if attrs.get("num_moe_experts"):
         out += ["--expert-model-parallel-size", str(lay.ep),
@@ -186,8 +190,6 @@ def _gpt_model_args(a: dict[str, Any]) -> list[str]:
                 raise ConfigError(f"seq_len_interpolation_factor={factor}: Megatron-LM's "
                                   f"--rotary-seq-len-interpolation-factor takes integers only")
             out += ["--rotary-seq-len-interpolation-factor", str(int(factor))]
-    if a.get("hybrid_layer_pattern"):  # pretrain_hybrid.py: the layers (and PP stages, '|') by kind
-        out += ["--hybrid-layer-pattern", a["hybrid_layer_pattern"]]
     if not a["share_embeddings_and_output_weights"]:
         out.append("--untie-embeddings-and-output-weights")
     return out

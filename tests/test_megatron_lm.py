@@ -244,3 +244,18 @@ def test_spec_flag_travels_in_the_checkpoint_args():
     assert ns.spec == ["bridges.models.deepseek.megatron_lm_spec", "layer"] and ns.multi_latent_attention
     kimi = AutoBridge.from_hf_config(resolve("moonshotai/Kimi-K2-Instruct").config)
     assert checkpoint_args(kimi, kimi.to_megatron_provider().finalize()) is None  # beta_fast: no flag
+
+
+def test_hybrid_pattern_carries_the_pipeline_stages():
+    """pretrain_hybrid.py takes the stage layout from '|' in --hybrid-layer-pattern (the virtual
+    stages too, and refuses --num-virtual-stages-per-pipeline-rank beside it): the same cut as the
+    bridge's HybridModel (bridges/core/hybrid.stage_pattern)."""
+    cfg = {**resolve("nvidia/Nemotron-H-56B-Base-8K").config, "hybrid_override_pattern": "M*M-M*M-"}
+    cfg["num_hidden_layers"] = 8
+    bridge = AutoBridge.from_hf_config(cfg)
+    flags = megatron_lm_args(bridge, pp=2, vpp=2)
+    assert flags[flags.index("--hybrid-layer-pattern") + 1] == "M*|M-|M*|M-"
+    assert "--num-virtual-stages-per-pipeline-rank" not in flags
+    assert megatron_lm_args(bridge)[megatron_lm_args(bridge).index("--hybrid-layer-pattern") + 1] == "M*M-M*M-"
+    qwen = megatron_lm_args(AutoBridge.from_hf_config(resolve("Qwen/Qwen3-8B").config), pp=2, vpp=2)
+    assert qwen[qwen.index("--num-virtual-stages-per-pipeline-rank") + 1] == "2"

@@ -81,6 +81,15 @@ def local_hybrid_stack_spec(norm, d_conv: int = 4, chunk_size: int = 128, qk_nor
     ))
 
 
+def stage_pattern(pattern: str, pp: int, vpp: int | None = None) -> str:
+    """The layer pattern cut into equal "|"-separated segments, one per pipeline (and virtual
+    pipeline) stage: how Megatron-Core's HybridModel, and Megatron-LM's --hybrid-layer-pattern,
+    give the stage layout."""
+    stages = pp * (vpp or 1)
+    n = len(pattern) // stages
+    return "|".join(pattern[i * n:(i + 1) * n] for i in range(stages))
+
+
 def hybrid_model(provider, spec, pre_process: bool, post_process: bool, vp_stage: int | None = None, **extra):
     """One HybridModel chunk of ``provider``'s ``hybrid_layer_pattern``, split into equal
     "|"-separated segments per pipeline (and virtual pipeline) stage, as Megatron-Core asks;
@@ -88,9 +97,8 @@ def hybrid_model(provider, spec, pre_process: bool, post_process: bool, vp_stage
     from megatron.core.models.hybrid.hybrid_model import HybridModel
 
     p = provider
-    stages = p.pipeline_model_parallel_size * (p.virtual_pipeline_model_parallel_size or 1)
-    n = len(p.hybrid_layer_pattern) // stages
-    pattern = "|".join(p.hybrid_layer_pattern[i * n:(i + 1) * n] for i in range(stages))
+    pattern = stage_pattern(p.hybrid_layer_pattern, p.pipeline_model_parallel_size,
+                            p.virtual_pipeline_model_parallel_size)
     return HybridModel(config=p.transformer_config(), hybrid_stack_spec=spec, vocab_size=p.padded_vocab_size,
                        max_sequence_length=p.max_sequence_length, hybrid_layer_pattern=pattern,
                        pre_process=pre_process, post_process=post_process, parallel_output=p.parallel_output,
