@@ -33,6 +33,7 @@ def prepare(pairs: list[str], memory: str, memory_mode: str) -> None:
     sys.path.insert(0, str(ROOT))
     from conformance.models import resolve
     from bridges.core.auto import AutoBridge
+    from bridges.core.hf_io import HFCheckpoint
     from conformance.toy import make_toy_checkpoint, shrink_config
 
     for pair in pairs:
@@ -40,8 +41,7 @@ def prepare(pairs: list[str], memory: str, memory_mode: str) -> None:
         case = CASES / name
         shutil.rmtree(case, ignore_errors=True)
         case.mkdir(parents=True)
-        config = json.loads(json.dumps(resolve(model).config),  # transformers 5's tagged infinity
-                            object_hook=lambda o: float(o["__float__"]) if set(o) == {"__float__"} else o)
+        config = HFCheckpoint.parse_config(json.dumps(resolve(model).config))  # tagged infinity decoded
         toy = make_toy_checkpoint(shrink_config(config), case / "toys")
         shutil.move(str(toy), case / "hf")
         shutil.rmtree(case / "toys")

@@ -10,7 +10,6 @@ def trainer_spec_model(toy_dir: str, layout: str, spec: str | None = None) -> di
 
     import torch
 
-    from bridges.core.bridge import _global_name, unwrap
     from conformance.job import layout_provider, make_bridge
 
     torch.manual_seed(0)
@@ -23,17 +22,23 @@ def trainer_spec_model(toy_dir: str, layout: str, spec: str | None = None) -> di
     theirs = layout_provider(bridge, layout, torch.float32).provide_distributed_model()
     bridge.load_hf_weights(theirs)
 
-    def params(chunks):
-        return {_global_name(unwrap(c), n): p for c in chunks for n, p in unwrap(c).named_parameters()}
+    return _compare(ours, theirs)
 
-    a, b = params(ours), params(theirs)
+
+def _compare(ours: list, theirs: list) -> dict:
+    """Two models' chunks of this rank: parameter names and shapes equal, values equal, and (a
+    model of one stage) the largest logit difference on the same tokens."""
+    import torch
+
+    from bridges.core.bridge import _global_name, unwrap
+
+    a, b = ({_global_name(unwrap(c), n): p for c in m for n, p in unwrap(c).named_parameters()} for m in (ours, theirs))
     out = {"names": sorted(a) == sorted(b), "shapes": all(a[n].shape == b[n].shape for n in a if n in b),
            "values": all(torch.equal(a[n], b[n]) for n in a if n in b and a[n].shape == b[n].shape)}
     if len(ours) == 1 and unwrap(ours[0]).pre_process and unwrap(ours[0]).post_process:
         ids = torch.randint(0, 100, (1, 12))
-        pos = torch.arange(12)[None]
         with torch.no_grad():
-            x, y = (unwrap(c[0]).eval()(ids, pos, None) for c in (ours, theirs))
+            x, y = (unwrap(c[0]).eval()(ids, torch.arange(12)[None], None) for c in (ours, theirs))
         out["max_diff"] = float((x - y).abs().max())
     return out
 
@@ -75,7 +80,6 @@ def trainer_hybrid_model(toy_dir: str, layout: str) -> dict:
 
     import torch
 
-    from bridges.core.bridge import _global_name, unwrap
     from bridges.core import hybrid
     from conformance.job import layout_provider, make_bridge
 
@@ -91,11 +95,4 @@ def trainer_hybrid_model(toy_dir: str, layout: str) -> dict:
     finally:
         hybrid.local_hybrid_stack_spec = build
     bridge.load_hf_weights(theirs)
-    a, b = ({_global_name(unwrap(c), n): p for c in m for n, p in unwrap(c).named_parameters()} for m in (ours, theirs))
-    out = {"names": sorted(a) == sorted(b), "values": all(torch.equal(a[n], b[n]) for n in a if n in b)}
-    if len(ours) == 1 and unwrap(ours[0]).pre_process and unwrap(ours[0]).post_process:
-        ids = torch.randint(0, 100, (1, 12))
-        with torch.no_grad():
-            x, y = (unwrap(c[0]).eval()(ids, torch.arange(12)[None], None) for c in (ours, theirs))
-        out["max_diff"] = float((x - y).abs().max())
-    return out
+    return _compare(ours, theirs)
