@@ -38,6 +38,10 @@ class TextCausalLM:
         """Token ids for this model: the session's shared ids folded into its vocabulary."""
         return base % int(config["vocab_size"])
 
+    def text_inputs(self, config: dict[str, Any], base: torch.Tensor):
+        """``inputs`` without images (a VLM's): what the MTP check feeds, as MTP embeds token ids alone."""
+        return self.inputs(config, base)
+
     # -- forwards -------------------------------------------------------------------------
     def hf_logits(self, model, ids: torch.Tensor) -> torch.Tensor:
         return forward.hf_logits(model, ids)
@@ -87,6 +91,15 @@ class ImageTextToText(TextCausalLM):
         fam = toy._family(config)
         inputs = fam.image_inputs(config, base % int(config["text_config"]["vocab_size"]))
         return {**inputs, BANNED: tuple(fam.banned_tokens(config))}
+
+    def text_inputs(self, config: dict[str, Any], base: torch.Tensor) -> dict[str, Any]:
+        """Text alone: the shared ids, image placeholders replaced by the next free ids."""
+        vocab, banned = int(config["text_config"]["vocab_size"]), set(toy._family(config).banned_tokens(config))
+        ids = base % vocab
+        for b in sorted(banned):
+            free = next(x % vocab for x in range(b + 1, b + 1 + vocab) if x % vocab not in banned)
+            ids[ids == b] = free
+        return {"input_ids": ids, BANNED: tuple(sorted(banned))}
 
     @staticmethod
     def _rest(inputs: dict[str, Any]):

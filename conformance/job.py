@@ -242,6 +242,7 @@ def megatron_mtp(toy_dir: str, layout: str, ids: torch.Tensor,
         out["error"] = str(e)
         return out
     last = unwrap(chunks[-1])
+    last = getattr(last, "language_model", last) if getattr(last, "mtp", None) is None else last  # a VLM's
     caught: list = []
     mtp = getattr(last, "mtp", None)
     handle = mtp.register_forward_hook(lambda _m, _i, o: caught.append(o)) if mtp is not None else None
@@ -267,6 +268,7 @@ def hf_mtp_reference(toy_dir: str, ids: torch.Tensor, baseline_seed: int = 12345
     bridge = make_bridge(toy_dir)
     ad = adapter_for(bridge=bridge)
     config = _read_config(Path(toy_dir))
+    ids = ids["input_ids"] if isinstance(ids, dict) else ids  # a VLM's text-only inputs
     out = {}
     for key, model in (("logits", ad.load_hf(toy_dir, torch.float32)),
                        ("baseline", ad.build_hf({**config, "dtype": "float32"}, seed=baseline_seed))):

@@ -266,8 +266,11 @@ class Conformance:
         the registered bridge's reference MTP head (``mtp_reference_logits``) on the same toy, in
         fp32. The last position has no next token (Megatron rolls one in) and is not compared."""
         def run():
+            import json
+
             ckpt = self.checkpoint(spec, "float32")
-            ids = self._ids(ckpt)
+            config = json.loads((Path(ckpt) / "config.json").read_text())
+            ids = adapter_for(config).text_inputs(config, self.ids)
             ref = self._memo(("mtp-ref", ckpt), lambda: self.pool.run(
                 "conformance.job:hf_mtp_reference", ranks=[0], timeout=self.timeout, toy_dir=ckpt,
                 ids=ids)[0])

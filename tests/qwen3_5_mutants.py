@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from bridges.core.hybrid import split_pattern
 from bridges.models.qwen3_5.modeling_qwen3_5 import SplitGDNInProj
 from bridges.models.qwen3_5.qwen3_5_bridge import Qwen35Bridge, Qwen35TextBridge
 from bridges.models.qwen3_5_moe.qwen3_5_moe_bridge import Qwen35MoeBridge, Qwen35MoeTextBridge
@@ -57,7 +58,8 @@ class _LateAttention(Qwen35TextBridge):
     def megatron_attrs(self):
         a = super().megatron_attrs()
         p = a["hybrid_layer_pattern"]
-        return {**a, "hybrid_layer_pattern": p[-2:] + p[:-2]}
+        main = split_pattern(p)[0]
+        return {**a, "hybrid_layer_pattern": main[-2:] + main[:-2] + p[len(main):]}
 
 
 class AttentionIntervalOffByOne(Qwen35Bridge):
@@ -98,3 +100,22 @@ class TopKNotRenormalised(Qwen35MoeBridge):
     """Qwen3.5-MoE's router: softmax over all experts, the top-k kept as they are (HF renormalises)."""
 
     language_bridge = _NotRenormalised
+
+
+class _MTPReadsLastLayer(Qwen35TextBridge):
+    """The MTP depth's layer and the last decoder layer (both full attention, dense MLP) read
+    from each other's tensors."""
+
+    def mappings(self, attrs):
+        from tests.qwen3_next_mutants import _renamed
+
+        last = f"model.language_model.layers.{attrs['num_layers'] // 2 - 1}."  # names after the VLM's prefix
+        swap = lambda n: n.replace(last, "mtp.layers.0.") if n.startswith(last) else \
+            n.replace("mtp.layers.0.", last) if n.startswith("mtp.layers.0.") else n  # noqa: E731
+        return [_renamed(m, swap) for m in super().mappings(attrs)]
+
+
+class MTPReadsLastLayer(Qwen35Bridge):
+    """Qwen3.5's MTP block, under the VLM's prefixes, read in the last decoder layer's place."""
+
+    language_bridge = _MTPReadsLastLayer

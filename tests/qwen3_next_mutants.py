@@ -2,8 +2,11 @@
 kind hybrid conversions get wrong (the HF config and tensors stay right)."""
 from __future__ import annotations
 
+import copy
+
 import torch
 
+from bridges.core.hybrid import split_pattern
 from bridges.models.qwen3_next.modeling_qwen3_next import GatedQKV, GDNInProj
 from bridges.models.qwen3_next.qwen3_next_bridge import Qwen3NextBridge
 
@@ -59,4 +62,62 @@ class AttentionIntervalOffByOne(Qwen3NextBridge):
     def megatron_attrs(self):
         a = super().megatron_attrs()
         p = a["hybrid_layer_pattern"]
-        return {**a, "hybrid_layer_pattern": p[2:] + p[:2]}
+        main = split_pattern(p)[0]
+        return {**a, "hybrid_layer_pattern": main[2:] + main[:2] + p[len(main):]}
+
+
+# -- the multi-token-prediction block ------------------------------------------------------------
+def _renamed(m, rename):
+    """``m`` with every HF name it yields passed through ``rename`` (import and export alike)."""
+    class Renamed(type(m)):
+        def hf_names(self, captures):
+            return {r: rename(n) for r, n in super().hf_names(captures).items()}
+
+    out = copy.copy(m)
+    object.__setattr__(out, "__class__", Renamed)
+    return out
+
+
+class MTPReadsLastLayer(Qwen3NextBridge):
+    """The MTP depth's layer read from the last decoder layer (HF layer N-1, full attention and
+    MoE as the MTP layer is) and that layer from the MTP's: every tensor still used once."""
+
+    def mappings(self, attrs):
+        last = f"model.layers.{attrs['num_layers'] // 2 - 1}."
+        swap = lambda n: n.replace(last, "mtp.layers.0.") if n.startswith(last) else \
+            n.replace("mtp.layers.0.", last) if n.startswith("mtp.layers.0.") else n  # noqa: E731
+        return [_renamed(m, swap) for m in super().mappings(attrs)]
+
+
+class MTPNormsSwapped(Qwen3NextBridge):
+    """The MTP's embedding and hidden-state norms read in each other's place."""
+
+    def mappings(self, attrs):
+        names = {"mtp.pre_fc_norm_embedding.weight": "mtp.pre_fc_norm_hidden.weight",
+                 "mtp.pre_fc_norm_hidden.weight": "mtp.pre_fc_norm_embedding.weight"}
+        return [_renamed(m, lambda n: names.get(n, n)) for m in super().mappings(attrs)]
+
+
+class _HalvesSwapped:
+    """A [out, 2 x h] projection read as [second half | first half] of its inputs (and written
+    back so)."""
+
+    def _merge(self, hf, shapes):
+        return torch.cat(super()._merge(hf, shapes).chunk(2, dim=1)[::-1], dim=1)
+
+    def _unmerge(self, full, shapes):
+        return super()._unmerge(torch.cat(full.chunk(2, dim=1)[::-1], dim=1), shapes)
+
+
+class MTPProjectionInputsSwapped(Qwen3NextBridge):
+    """mtp.fc's input halves exchanged: the hidden state first, then the embedding (the other
+    concatenation order)."""
+
+    def mappings(self, attrs):
+        out = []
+        for m in super().mappings(attrs):
+            if m.megatron.endswith("eh_proj.weight"):
+                m = copy.copy(m)
+                object.__setattr__(m, "__class__", type("Swapped", (_HalvesSwapped, type(m)), {}))
+            out.append(m)
+        return out

@@ -20,7 +20,7 @@ def _config(name):
 def test_dense_config():
     b = AutoBridge.from_hf_config(_config(DENSE))
     a = b.megatron_attrs()
-    assert a["num_layers"] == 64 and a["hybrid_layer_pattern"] == "G-G-G-*-" * 8
+    assert a["num_layers"] == 64 and a["hybrid_layer_pattern"] == "G-G-G-*-" * 8 + "/*-"  # the MTP depth
     assert (a["attention_output_gate"], a["qk_layernorm"], a["layernorm_zero_centered_gamma"]) == (True, True, True)
     assert (a["rotary_percent"], a["kv_channels"], a["mrope_section"]) == (0.25, 256, [11, 11, 10])
     assert (a["linear_num_key_heads"], a["linear_num_value_heads"], a["ffn_hidden_size"]) == (16, 32, 12288)
@@ -30,7 +30,7 @@ def test_dense_config():
 
 def test_moe_config():
     a = AutoBridge.from_hf_config(_config(MOE)).megatron_attrs()
-    assert a["num_layers"] == 80 and a["hybrid_layer_pattern"] == "GEGEGE*E" * 10
+    assert a["num_layers"] == 80 and a["hybrid_layer_pattern"] == "GEGEGE*E" * 10 + "/*E"
     assert (a["num_moe_experts"], a["moe_router_topk"], a["moe_ffn_hidden_size"]) == (256, 8, 512)
     assert (a["moe_shared_expert_intermediate_size"], a["moe_shared_expert_gate"]) == (512, True)
     assert a["moe_router_pre_softmax"] is False  # HF renormalises the top-k always
@@ -44,9 +44,13 @@ def test_parameters_match_transformers(name, total):
     cfg = _config(name)
     hf = meta_model(cfg)
     b = AutoBridge.from_hf_config(cfg)
-    assert parameter_counts(b).total == sum(p.numel() for p in hf.parameters()) == total
+    counts = parameter_counts(b)
+    assert counts.main == sum(p.numel() for p in hf.parameters()) == total  # transformers builds no MTP
+    assert counts.total > counts.main
     if name == DENSE:  # the MoE table names experts per expert (as saved), transformers stacks them
-        assert set(b.expected_hf_names()) == {n for n, _ in hf.named_parameters()}
+        names = set(b.expected_hf_names())
+        assert {n for n in names if not n.startswith("mtp.")} == {n for n, _ in hf.named_parameters()}
+        assert {"mtp.fc.weight", "mtp.layers.0.mlp.down_proj.weight", "mtp.layers.0.self_attn.q_proj.weight"} <= names
 
 
 def test_split_in_proj_round_trips_at_tp2():
@@ -104,12 +108,13 @@ MUTANTS = [
     ("AttentionIntervalOffByOne", {"coverage"}, None),
     ("MRopeNotInterleaved", {"logits"}, "final norm"),  # two attention layers in eight: greedy tokens hold
     ("PositionGridTransposed", {"logits", "generation"}, "vision block 0"),
+    ("MTPReadsLastLayer", {"logits", "generation", "mtp"}, None),
 ]
 
 
 @pytest.mark.parametrize("mutant,expect,where", MUTANTS, ids=[m[0] for m in MUTANTS])
 def test_mutant_is_caught(conformance, mutant, expect, where):
-    assert_caught(conformance, DENSE, f"tests.qwen3_5_mutants:{mutant}", expect, where)
+    assert_caught(conformance, DENSE, f"tests.qwen3_5_mutants:{mutant}", expect, where, mtp=mutant.startswith("MTP"))
 
 
 def test_moe_mutant_is_caught(conformance):

@@ -20,12 +20,13 @@ def _local_stack(final_norm):
 
 
 def local_hybrid_stack_spec(norm, d_conv: int = 4, chunk_size: int = 128, qk_norm=None, gdn_norm=None,
-                            num_experts: int | None = None, grouped: bool = False):
+                            num_experts: int | None = None, grouped: bool = False, mtp: bool = False):
     """HybridStack of Mamba-2, gated-delta-net, attention, MLP and MoE layers from Megatron-Core's
     local modules (column / row parallel linears, DotProductAttention), each layer behind
     ``norm`` (the final norm too); the Mamba-2 mixer's conv kernel and SSD chunk length as given; ``qk_norm``: the
     attention's q/k norm (None: none); ``gdn_norm``: the gated delta net's output norm;
-    ``num_experts``: MoE layers' experts (sequential, or grouped GEMM)."""
+    ``num_experts``: MoE layers' experts (sequential, or grouped GEMM); ``mtp``: with the
+    multi-token-prediction block the pattern's "/" depths need (its norms ``norm``)."""
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
     from megatron.core.models.hybrid.hybrid_block import HybridStackSubmodules
     from megatron.core.ssm.mamba_layer import MambaLayer, MambaLayerSubmodules
@@ -56,6 +57,8 @@ def local_hybrid_stack_spec(norm, d_conv: int = 4, chunk_size: int = 128, qk_nor
             pre_mlp_layernorm=norm, mlp=get_moe_module_spec(use_te=False, num_experts=num_experts,
                                                             moe_grouped_gemm=grouped),
             mlp_bda=get_bias_dropout_add))
+    if mtp:
+        extra["mtp_block_spec"] = _mtp_block_spec(norm)
 
     return ModuleSpec(module=_local_stack(norm), submodules=HybridStackSubmodules(
         mamba_layer=ModuleSpec(module=MambaLayer, submodules=MambaLayerSubmodules(
@@ -81,13 +84,68 @@ def local_hybrid_stack_spec(norm, d_conv: int = 4, chunk_size: int = 128, qk_nor
     ))
 
 
+def _mtp_block_spec(norm):
+    """Megatron-Core's MTP block for a hybrid stack: per depth, ``norm`` on the embedding
+    (enorm) and on the hidden state (hnorm), the column-parallel projection of both (eh_proj),
+    and the final norm; the depth's layers are a HybridStack of the pattern's MTP part, built by
+    HybridModel from the stack's own layer specs."""
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer.multi_token_prediction import (
+        MultiTokenPredictionBlock, MultiTokenPredictionBlockSubmodules, MultiTokenPredictionLayer,
+        MultiTokenPredictionLayerSubmodules)
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    layer = ModuleSpec(module=MultiTokenPredictionLayer, submodules=MultiTokenPredictionLayerSubmodules(
+        enorm=norm, hnorm=norm, layer_norm=norm, eh_proj=ColumnParallelLinear))
+    return ModuleSpec(module=MultiTokenPredictionBlock,
+                      submodules=MultiTokenPredictionBlockSubmodules(layer_specs=[layer]))
+
+
+def split_pattern(pattern: str) -> tuple[str, str, int]:
+    """(the main layers, one MTP depth's layers, MTP depths) of a unified hybrid pattern, as
+    Megatron-Core writes it: ``"G*GE/*E"`` is four main layers and one MTP depth of two."""
+    main, *mtp = pattern.split("/")
+    if len(set(mtp)) > 1 or "" in mtp:
+        raise ValueError(f"hybrid pattern {pattern!r}: every MTP depth after '/' must be the same, non-empty")
+    return main, (mtp[0] if mtp else ""), len(mtp)
+
+
 def stage_pattern(pattern: str, pp: int, vpp: int | None = None) -> str:
-    """The layer pattern cut into equal "|"-separated segments, one per pipeline (and virtual
-    pipeline) stage: how Megatron-Core's HybridModel, and Megatron-LM's --hybrid-layer-pattern,
-    give the stage layout."""
+    """The layer pattern's main layers cut into equal "|"-separated segments, one per pipeline
+    (and virtual pipeline) stage, its MTP depths after them: how Megatron-Core's HybridModel,
+    and Megatron-LM's --hybrid-layer-pattern, give the stage layout (MTP on the last stage)."""
+    main, mtp, depths = split_pattern(pattern)
     stages = pp * (vpp or 1)
-    n = len(pattern) // stages
-    return "|".join(pattern[i * n:(i + 1) * n] for i in range(stages))
+    n = len(main) // stages
+    return "|".join(main[i * n:(i + 1) * n] for i in range(stages)) + f"/{mtp}" * depths
+
+
+def mtp_mappings(table: list, pattern: str, decoder: tuple[str, str], mtp_hf: str = "mtp.layers.*.") -> list:
+    """The MTP depths' layer mappings of a hybrid model, moved from its decoder's: MTP layer
+    ``j`` of every depth (symbol ``x`` of the pattern's MTP part) takes the decoder mappings of
+    the main layers of that symbol (the ones whose ``layers`` include such a layer, or all),
+    under Megatron's ``mtp.layers.<depth>.mtp_model_layer.layers.<j>.`` and HF's ``mtp_hf``
+    (its ``*``: the depth) in place of ``decoder`` = (Megatron, HF) layer prefixes."""
+    import copy
+
+    main, inner, depths = split_pattern(pattern)
+    meg, hf = decoder
+    out = []
+    for j, sym in enumerate(inner):
+        kind = {i for i, x in enumerate(main) if x == sym}
+        if not kind:
+            raise ValueError(f"hybrid pattern {pattern!r}: MTP layer symbol {sym!r} is in no main layer")
+        for m in table:
+            if not m.megatron.startswith(meg) or (m.layers is not None and not kind & set(m.layers)):
+                continue
+            m = copy.copy(m)
+            move = lambda n: mtp_hf + n[len(hf):] if n.startswith(hf) else n  # noqa: E731
+            object.__setattr__(m, "megatron", f"mtp.layers.*.mtp_model_layer.layers.{j}." + m.megatron[len(meg):])
+            object.__setattr__(m, "hf", {r: move(n) for r, n in m.hf.items()} if isinstance(m.hf, dict) else move(m.hf))
+            object.__setattr__(m, "layers", tuple(range(depths)))
+            object.__setattr__(m, "layer_stride", 1)
+            out.append(m)
+    return out
 
 
 def hybrid_model(provider, spec, pre_process: bool, post_process: bool, vp_stage: int | None = None, **extra):

@@ -10,20 +10,22 @@ zero-centred norms, partial rotary) with a dense MLP in every layer; the tower i
   ``mrope_section`` defaults to HF's [11, 11, 10]); HybridModel has no M-RoPE, the chunk hands
   its rotary module the positions (``modeling_qwen3_5.py``);
 - names: ``model.language_model.``, ``model.visual.``, ``lm_head.`` (transformers' in-memory
-  names). Not mapped: the published checkpoints' multi-token-prediction layer (``mtp.*``),
-  which transformers does not load either.
+  names), and the published checkpoints' multi-token-prediction block ``mtp.*`` (Qwen3-Next's
+  layout, ``bridges/models/qwen3_next/mtp.py``; transformers neither builds nor loads it),
+  its depth count from ``text_config.mtp_num_hidden_layers`` or the checkpoint.
 """
 from __future__ import annotations
 
 from typing import Any
 
 from bridges.core.config import ConfigError, rope_parameters
+from bridges.core.hybrid import split_pattern
 from bridges.core.mappings import Mapping
 from bridges.core.provider import ModelProvider
 from bridges.core.registry import register_bridge
 from bridges.flops import vision_flops
 from bridges.models.qwen3_next.modeling_qwen3_next import GDNInProj
-from bridges.models.qwen3_next.qwen3_next_bridge import FIELDS, Qwen3NextBridge
+from bridges.models.qwen3_next.qwen3_next_bridge import FIELDS, Qwen3NextBridge, mtp_reference
 from bridges.models.qwen3_vl.qwen3_vl_bridge import Qwen3VLBridge, qwen3_vision_flops
 
 MROPE_SECTION = [11, 11, 10]  # HF's default when rope_parameters has none
@@ -35,6 +37,7 @@ class Qwen35TextBridge(Qwen3NextBridge):
 
     config_fields = tuple(f for f in FIELDS if not f.megatron.startswith(("moe_", "num_moe")))
     mixture_of_experts = False
+    hf_modeling = "qwen3_5"
 
     def rope(self) -> dict[str, Any]:
         p = rope_parameters(self.hf_config)
@@ -67,7 +70,7 @@ class Qwen35TextBridge(Qwen3NextBridge):
             rope["mrope_interleaved"] = source["mrope_interleaved"]
         out["rope_parameters"] = rope
         out["layer_types"] = ["full_attention" if m == "*" else "linear_attention"
-                              for m in attrs["hybrid_layer_pattern"][::2]]
+                              for m in split_pattern(attrs["hybrid_layer_pattern"])[0][::2]]
         return out
 
     def mappings(self, attrs: dict[str, Any]) -> list[Mapping]:
@@ -95,6 +98,11 @@ class Qwen35Bridge(Qwen3VLBridge):
 
         return Qwen35Model(language_model, provider, self.vision(), provider.image_token_id, with_vision=pre_process)
 
+    def mtp_reference_logits(self, ids, hidden):
+        """HF-side logits of the MTP depth (``qwen3_next/mtp.py``) from this checkpoint."""
+        return mtp_reference(self.language.hf_config, self.language_bridge.hf_modeling, self.checkpoint, ids, hidden,
+                             self.hf_name("model.language_model.embed_tokens.weight"), self.hf_name("lm_head.weight"))
+
     # -- conformance hooks ----------------------------------------------------------------
     @classmethod
     def toy_config(cls, config: dict[str, Any]) -> dict[str, Any]:
@@ -113,8 +121,8 @@ class Qwen35Bridge(Qwen3VLBridge):
 
     @classmethod
     def toy_model(cls, model, randomize) -> None:
-        """Qwen3-Next's zero-centred toy norms, on the language model only (the tower's
-        LayerNorms keep the generator's draw); and a milder decay in the gated delta net:
+        """The published checkpoints' MTP block; Qwen3-Next's zero-centred toy norms, on the
+        language model and the MTP only (the tower's LayerNorms keep the generator's draw); and a milder decay in the gated delta net:
         A = exp(A_log) drawn in [0.05, 0.5], not the generator's [1.6, 4.5]. With the strong
         decay the chunked delta rule subtracts cumulative log-decays of a few hundred, and fp32
         keeps too few digits of their differences: HF's own fp32 logits were 1e-4 from its
@@ -122,8 +130,12 @@ class Qwen35Bridge(Qwen3VLBridge):
         both toy changes 3.7e-6."""
         import torch
 
+        from bridges.models.qwen3_next.mtp import add_toy_mtp
+
         lm = model.model.language_model
-        cls.language_bridge.toy_model(lm, randomize)
+        add_toy_mtp(model, model.config.text_config, cls.language_bridge.hf_modeling, randomize)
+        cls.language_bridge.toy_norms(lm)
+        cls.language_bridge.toy_norms(model.mtp)
         g = torch.Generator().manual_seed(11)
         with torch.no_grad():
             for name, p in sorted(lm.named_parameters()):

@@ -24,6 +24,7 @@ class Qwen35MoeTextBridge(Qwen35TextBridge):
     # no dense MLP (no ``intermediate_size``), no ``norm_topk_prob``
     config_fields = tuple(f for f in FIELDS if f.hf not in ("norm_topk_prob", "intermediate_size"))
     mixture_of_experts = True
+    hf_modeling = "qwen3_5_moe"
 
     def megatron_attrs(self) -> dict[str, Any]:
         attrs = super().megatron_attrs()

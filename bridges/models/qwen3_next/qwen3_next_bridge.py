@@ -5,15 +5,27 @@ behind a sigmoid gate), so Megatron layer ``j`` reads HF layer ``j // 2`` (``lay
 
 Attention: an output gate (HF q_proj's second half per head), q/k RMSNorm, partial rotary.
 Norms are zero-centred ((1 + w), as Gemma's) except the gated delta net's output norm.
+
+The published checkpoints' multi-token-prediction block (``mtp.*``: two pre-projection norms,
+``fc``, one full-attention decoder layer, a final norm; ``mtp.py``) is Megatron's MTP depth on
+the pattern's ``/*E`` part (``/*-`` without experts). Its depth count: ``mtp_num_hidden_layers``
+where the config has it (Qwen3.5's do), else what the checkpoint holds (Qwen3-Next's config
+says nothing; its published checkpoints hold one, and a config alone is read as theirs);
+transformers-saved checkpoints hold none.
 """
 from __future__ import annotations
 
 from typing import Any
 
+import warnings
+
+import torch
 import torch.nn.functional as F
 
 from bridges.core.bridge import Bridge
-from bridges.core.config import Field, get_path, params_dtype, rope_parameters, rope_to_megatron, translate
+from bridges.core.config import (ConfigError, Field, get_path, params_dtype, rope_parameters, rope_to_megatron,
+                                 translate)
+from bridges.core.hybrid import mtp_mappings, split_pattern
 from bridges.core.mappings import (ColumnParallel, GatedMLP, Mapping, Replicated, RowParallel, Segmented,
                                    StackedGatedMLP, TiedOutput, VocabParallel)
 from bridges.core.moe import MOE_PORTABLE, moe_fields
@@ -21,6 +33,7 @@ from bridges.core.registry import register_bridge
 from bridges.models.qwen3_next.modeling_qwen3_next import GatedQKV, GDNInProj
 
 L, H = "decoder.layers.*.", "model.layers.*."
+PREFIX = "mtp."  # the checkpoints' multi-token-prediction block (mtp.py)
 
 FIELDS = (
     Field("hidden_size", "hidden_size"),
@@ -39,6 +52,7 @@ FIELDS = (
     Field("linear_value_head_dim", "linear_value_head_dim"),
     Field("linear_conv_kernel_dim", "linear_conv_kernel_dim", 4),
     Field("shared_expert_intermediate_size", "moe_shared_expert_intermediate_size"),
+    Field("mtp_num_hidden_layers", "mtp_num_layers", None, None, lambda v: v or 0),
 ) + moe_fields()
 
 
@@ -59,10 +73,17 @@ def layer_kinds(cfg: Any) -> list[tuple[str, str]]:
     return out
 
 
+def mtp_kinds(cfg: Any) -> str:
+    """The symbols of one MTP depth: full attention, and the MLP HF builds for a layer 0."""
+    moe = bool(get_path(cfg, "num_experts", None)) and 0 not in set(get_path(cfg, "mlp_only_layers", None) or ())
+    return "*" + ("E" if moe and get_path(cfg, "decoder_sparse_step", 1) == 1 else "-")
+
+
 @register_bridge(model_type="qwen3_next", architectures=["Qwen3NextForCausalLM"])
 class Qwen3NextBridge(Bridge):
     config_fields = FIELDS
     mixture_of_experts = True
+    hf_modeling = "qwen3_next"  # transformers' module whose decoder layer the MTP block reuses
     megatron_lm = ("a hybrid of gated delta net and gated attention layers: Megatron-LM builds it with "
                    "pretrain_hybrid.py (HybridModel), not pretrain_gpt.py")
 
@@ -75,27 +96,52 @@ class Qwen3NextBridge(Bridge):
 
     @classmethod
     def toy_model(cls, model, randomize) -> None:
+        """The published checkpoints' MTP block (``mtp.py``); zero-centred norms (``toy_norms``)."""
+        from bridges.models.qwen3_next.mtp import add_toy_mtp
+
+        add_toy_mtp(model, model.config, cls.hf_modeling, randomize)
+        cls.toy_norms(model)
+
+    @staticmethod
+    def toy_norms(model) -> None:
         """Zero-centred norms at the generator's realistic scale: (1 + w) in [0.5, 1.5] (w drawn
         in [-0.5, 0.5]), not 1 + [0.5, 1.5], which doubles every layer's scale and makes the toy's
         delta rule amplify float noise past the logits bar."""
-        import torch
-
         g = torch.Generator().manual_seed(7)
         with torch.no_grad():
             for name, p in sorted(model.named_parameters()):
                 if p.dim() == 1 and name.endswith("norm.weight") and "linear_attn" not in name:
                     p.copy_(torch.rand(p.shape, generator=g) - 0.5)
 
+    def _mtp_depths(self, declared: int | None) -> int:
+        """MTP depths: the config's ``mtp_num_hidden_layers``, else the checkpoint's, else (a
+        config alone) the published checkpoints' one; a declared block the checkpoint lacks is
+        dropped with a warning."""
+        ckpt = self.checkpoint
+        stored = ckpt is not None and f"{PREFIX}fc.weight" in ckpt
+        if declared is None:
+            declared = 1 if stored or ckpt is None else 0
+        elif declared and ckpt is not None and not stored:
+            warnings.warn(f"{ckpt.path}: mtp_num_hidden_layers={declared}, but the checkpoint holds no MTP "
+                          f"block ({PREFIX}fc.weight): converting without it", stacklevel=3)
+            return 0
+        if declared > 1:
+            raise ConfigError(f"mtp_num_hidden_layers={declared}: the checkpoints share one mtp.fc and its "
+                              f"norms across depths, Megatron-Core's MTP depths each have their own; one supported")
+        return declared
+
     def megatron_attrs(self) -> dict[str, Any]:
         cfg = self.hf_config
         attrs = translate(cfg, self.config_fields)
         attrs.update(rope_to_megatron(rope_parameters(cfg)))
-        pattern = "".join(m + f for m, f in layer_kinds(cfg))
-        attrs.update(MOE_PORTABLE, num_layers=len(pattern), hybrid_layer_pattern=pattern, is_hybrid_model=True,
+        main = "".join(m + f for m, f in layer_kinds(cfg))
+        depths = self._mtp_depths(attrs.get("mtp_num_layers"))
+        pattern = main + f"/{mtp_kinds(cfg)}" * depths
+        attrs.update(MOE_PORTABLE, num_layers=len(main), hybrid_layer_pattern=pattern, is_hybrid_model=True,
                      position_embedding_type="rope", gated_linear_unit=True, activation_func=F.silu,
                      add_bias_linear=False, add_qkv_bias=False, qk_layernorm=True, attention_output_gate=True,
                      layernorm_zero_centered_gamma=True, normalization="RMSNorm", deterministic_mode=True,
-                     moe_shared_expert_gate=True, params_dtype=params_dtype(cfg))
+                     moe_shared_expert_gate=True, params_dtype=params_dtype(cfg), mtp_num_layers=depths or None)
         if attrs.get("moe_aux_loss_coeff", 0.0) == 0.0:
             attrs["moe_router_load_balancing_type"] = "none"
         return attrs
@@ -110,7 +156,8 @@ class Qwen3NextBridge(Bridge):
         p = provider
         spec = local_hybrid_stack_spec(ZeroCenteredRMSNorm, qk_norm=ZeroCenteredRMSNorm, gdn_norm=PlainRMSNorm,
                                        num_experts=p.num_moe_experts if self.mixture_of_experts else None,
-                                       grouped=self.mixture_of_experts and bool(p.moe_grouped_gemm))
+                                       grouped=self.mixture_of_experts and bool(p.moe_grouped_gemm),
+                                       mtp=bool(p.mtp_num_layers))
         return hybrid_model(p, spec, pre_process, post_process, vp_stage, position_embedding_type="rope",
                             rotary_percent=p.rotary_percent, rotary_base=p.rotary_base)
 
@@ -130,13 +177,24 @@ class Qwen3NextBridge(Bridge):
         return out
 
     # -- weights --------------------------------------------------------------------------
-    def _stacked_experts(self, attrs: dict[str, Any]) -> bool:
+    def _stacked_experts(self, attrs: dict[str, Any], mtp: bool = False) -> bool:
+        """Whether the checkpoint stores the experts stacked (the MTP block's may differ)."""
         ckpt = self.checkpoint
+        if mtp:
+            return ckpt is not None and f"{PREFIX}layers.0.mlp.experts.gate_up_proj" in ckpt
         return ckpt is not None and any(f"model.layers.{i // 2}.mlp.experts.gate_up_proj" in ckpt
                                         for i, x in enumerate(attrs["hybrid_layer_pattern"]) if x == "E")
 
     def mappings(self, attrs: dict[str, Any]) -> list[Mapping]:
-        pattern = attrs["hybrid_layer_pattern"]
+        table = self._decoder_table(attrs, self._stacked_experts(attrs))
+        if attrs.get("mtp_num_layers"):
+            stacked = self._stacked_experts(attrs, mtp=True)
+            table += self.mtp_mappings(self._decoder_table(attrs, stacked), attrs)
+        return table
+
+    def _decoder_table(self, attrs: dict[str, Any], stacked: bool) -> list[Mapping]:
+        """The main model's mappings, experts stacked or per expert."""
+        pattern = split_pattern(attrs["hybrid_layer_pattern"])[0]
         at = {k: tuple(i for i, x in enumerate(pattern) if x == k) for k in "G*E-"}
         nk, nv = attrs["linear_num_key_heads"], attrs["linear_num_value_heads"]
         dk, dv = attrs["linear_key_head_dim"], attrs["linear_value_head_dim"]
@@ -174,7 +232,7 @@ class Qwen3NextBridge(Bridge):
                       RowParallel(L + "mlp.linear_fc2.weight", H + "mlp.down_proj.weight", layers=d, **s)]
         if e:
             X = H + "mlp."
-            if self._stacked_experts(attrs):  # transformers' in-memory layout, in some checkpoints
+            if stacked:  # transformers' in-memory layout, in some checkpoints
                 fc1 = lambda meg, alt: StackedGatedMLP(meg, {"gate_up": X + "experts.gate_up_proj[*]"},  # noqa: E731
                                                        layers=e, alternate=alt, **s)
                 fc2 = lambda meg, alt: RowParallel(meg, X + "experts.down_proj[*]", layers=e, alternate=alt, **s)  # noqa: E731
@@ -201,3 +259,32 @@ class Qwen3NextBridge(Bridge):
         else:
             table.append(VocabParallel("output_layer.weight", "lm_head.weight"))
         return table
+
+    def mtp_mappings(self, table: list[Mapping], attrs: dict[str, Any]) -> list[Mapping]:
+        """The MTP depth: its layers as the decoder's of the same kind, under ``mtp.layers.0.``;
+        its two norms, projection and final norm (one copy in the checkpoint)."""
+        M, one = "mtp.layers.*.", dict(layers=(0,))
+        return mtp_mappings(table, attrs["hybrid_layer_pattern"], (L, H)) + [
+            Replicated(M + "enorm.weight", PREFIX + "pre_fc_norm_embedding.weight", **one),
+            Replicated(M + "hnorm.weight", PREFIX + "pre_fc_norm_hidden.weight", **one),
+            ColumnParallel(M + "eh_proj.weight", PREFIX + "fc.weight", **one),
+            Replicated(M + "final_layernorm.weight", PREFIX + "norm.weight", **one)]
+
+    # -- the suite's MTP check ---------------------------------------------------------------
+    def mtp_reference_logits(self, ids: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+        """HF-side logits of the MTP depth (``mtp.mtp_reference_logits``) from this bridge's
+        checkpoint, on the main model's final hidden state ``hidden``."""
+        return mtp_reference(self.hf_config, self.hf_modeling, self.checkpoint, ids, hidden,
+                             "model.embed_tokens.weight", "lm_head.weight")
+
+
+def mtp_reference(text_config, model_type: str, ckpt, ids, hidden, embed: str, head: str) -> torch.Tensor:
+    """``mtp.mtp_reference_logits`` from ``ckpt``'s ``mtp.*``, main embedding ``embed`` and
+    output head ``head`` (the embedding where the head is tied or absent)."""
+    from bridges.models.qwen3_next.mtp import load_hf_mtp_module, mtp_reference_logits
+
+    tensors = {n: ckpt.get(n) for n in ckpt.names() if n.startswith(PREFIX)}
+    mtp = load_hf_mtp_module(text_config, model_type, tensors)
+    out_w = ckpt.get(head) if head in ckpt else ckpt.get(embed)
+    with torch.no_grad():
+        return mtp_reference_logits(mtp, text_config, model_type, ckpt.get(embed), out_w, ids, hidden.float())
