@@ -85,3 +85,43 @@ class PatternShifted(NemotronHBridge):
         a = super().megatron_attrs()
         p = a["hybrid_layer_pattern"]
         return {**a, "hybrid_layer_pattern": p[-1] + p[:-1]}
+
+
+# -- MoE layers (Nemotron 3: tests/test_nemotron_h.py, on NVIDIA-Nemotron-3-Nano-30B-A3B) ----------
+class RoutedScalingDropped(NemotronHBridge):
+    """routed_scaling_factor not carried over: the routed experts' weights at 1.0, not 2.5."""
+
+    def megatron_attrs(self):
+        a = super().megatron_attrs()
+        return {**a, "moe_router_topk_scaling_factor": 1.0}
+
+
+class ExpertBiasIgnored(NemotronHBridge):
+    """The router's score-correction bias skipped (its tensor ignored, Megatron routing without
+    an expert bias): the experts are chosen by the bare scores."""
+
+    ignored_hf = NemotronHBridge.ignored_hf + (r".*\.gate\.e_score_correction_bias",)
+
+    def megatron_attrs(self):
+        return {**super().megatron_attrs(), "moe_router_enable_expert_bias": False}
+
+    def mappings(self, attrs):
+        return [m for m in super().mappings(attrs) if not m.megatron.endswith("router.expert_bias")]
+
+
+class ExpertsRotated(NemotronHBridge):
+    """Megatron's expert e reads HF's expert e + 1 (and is written back there): every tensor used
+    once, every shape right."""
+
+    def mappings(self, attrs):
+        n = attrs["num_moe_experts"]
+        out = []
+        for m in super().mappings(attrs):
+            if ".experts." in m.megatron and ".shared_experts." not in m.megatron:
+                class Rotated(type(m)):
+                    def hf_names(self, captures):
+                        return super().hf_names((captures[0], str((int(captures[1]) + 1) % n), *captures[2:]))
+
+                m = Rotated(m.megatron, m.hf, layers=m.layers, alternate=m.alternate)
+            out.append(m)
+        return out

@@ -35,8 +35,11 @@ def test_transformers5_pattern_spelling_and_refusals():
     cfg["layers_block_type"] = [kinds[x] for x in PUBLISHED["hybrid_override_pattern"]]
     a = AutoBridge.from_hf_config(cfg).megatron_attrs()
     assert a["hybrid_layer_pattern"] == PUBLISHED["hybrid_override_pattern"]
-    for change, says in ((dict(layers_block_type=["linear_attention", "moe"]), r"\['E'\] are not mapped .* MoE and MTP layers not yet"),
-                         (dict(mlp_hidden_act="silu"), "mlp_hidden_act='silu'"),
+    from bridges.models.nemotron_h.nemotron_h_bridge import pattern_of
+
+    with pytest.raises(ConfigError, match=r"\['D'\] are not mapped .* MLP and MoE layers are"):
+        pattern_of({"hybrid_override_pattern": "M*D-"})  # transformers itself refuses unknown layers_block_type
+    for change, says in ((dict(mlp_hidden_act="silu"), "mlp_hidden_act='silu'"),
                          (dict(use_bias=True), "use_bias=True")):
         with pytest.raises(ConfigError, match=says):
             AutoBridge.from_hf_config({**cfg, **change}).megatron_attrs()
@@ -84,6 +87,63 @@ def test_torch_mamba_ops_equal_transformers_torch_path():
         norm.weight.copy_(mixer.norm.weight)
         ours = mixer.out_proj(norm(y.reshape(2, 13, di), z))
     assert (ours - ref).abs().max() < 1e-5, (ours - ref).abs().max()
+
+
+# -- MoE layers: Nemotron 3 ------------------------------------------------------------------------
+NANO = "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B"
+NANO_CONFIG = resolve(NANO).config
+
+
+def test_nano_published_config():
+    b = AutoBridge.from_hf_config(NANO_CONFIG)
+    a = b.megatron_attrs()
+    assert a["hybrid_layer_pattern"] == NANO_CONFIG["hybrid_override_pattern"] and a["num_layers"] == 52
+    assert (a["num_moe_experts"], a["moe_router_topk"], a["moe_ffn_hidden_size"], a["moe_shared_expert_intermediate_size"]) \
+        == (128, 6, 1856, 3712)
+    assert (a["moe_router_score_function"], a["moe_router_enable_expert_bias"], a["moe_router_topk_scaling_factor"],
+            a["moe_router_num_groups"]) == ("sigmoid", True, 2.5, None)
+    assert "MoE layers" in b.megatron_lm  # the trainer's spec module builds no MoE layer yet
+    back = b.hf_config_dict()
+    assert (back["n_routed_experts"], back["routed_scaling_factor"]) == (128, 2.5)
+    dense = AutoBridge.from_hf_config(PUBLISHED).megatron_attrs()
+    assert not any(k.startswith("moe_") or k == "num_moe_experts" for k in dense)  # a dense model has none
+
+
+@pytest.mark.parametrize("change,says", [
+    (dict(moe_latent_size=1024), "moe_latent_size=1024"),
+    (dict(num_nextn_predict_layers=1), "num_nextn_predict_layers=1: MTP layers"),
+    (dict(norm_topk_prob=False), "norm_topk_prob=False"),
+    (dict(n_group=4, topk_group=2), "n_group=4, topk_group=2"),
+])
+def test_nano_refusals_name_the_field(change, says):
+    with pytest.raises(ConfigError, match=says):
+        AutoBridge.from_hf_config({**NANO_CONFIG, **change}).megatron_attrs()
+
+
+def test_nano_parameters_match_transformers():
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from bridges.flops import training_flops
+
+    cfg = {k: v for k, v in NANO_CONFIG.items() if k != "auto_map"}
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
+    r = training_flops(AutoBridge.from_hf_config(NANO_CONFIG), seq_len=4096)
+    assert r.params.total == sum(p.numel() for p in model.parameters()) == 31_577_937_344
+    assert r.params.active == 3_580_073_408  # "3.5B active"
+    assert r.term("routed_experts").forward > r.term("shared_experts").forward > 0
+
+
+NANO_MUTANTS = [
+    ("RoutedScalingDropped", {"logits", "generation"}),
+    ("ExpertBiasIgnored", {"coverage", "roundtrip", "logits", "generation"}),  # its tensor is not exported
+    ("ExpertsRotated", {"logits", "generation"}),
+]
+
+
+@pytest.mark.parametrize("mutant,expect", NANO_MUTANTS, ids=[m[0] for m in NANO_MUTANTS])
+def test_nano_mutant_is_caught(conformance, mutant, expect):
+    assert_caught(conformance, NANO, f"tests.nemotron_h_mutants:{mutant}", expect, None)
 
 
 MUTANTS = [

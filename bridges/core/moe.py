@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, ClassVar
 
-from bridges.core.config import Field, get_path
+from bridges.core.config import ConfigError, Field, get_path
 from bridges.core.experts import block_spec
 from bridges.core.gpt import GPTBridge, H, L
 from bridges.core.mappings import GatedMLP, Mapping, Replicated, RowParallel, StackedGatedMLP
@@ -41,6 +41,23 @@ def moe_fields(experts: str = "num_experts", ffn: str = "moe_intermediate_size",
     # HF norm_topk_prob=False: softmax over all experts, then top-k (Megatron pre-softmax)
     return fields + ((Field("norm_topk_prob", "moe_router_pre_softmax", True, lambda v: not v,
                             lambda v: not v),) if norm_topk else ())
+
+
+def sigmoid_bias_routing(groups: int, group_topk: int, topk: int, experts: int) -> dict[str, Any]:
+    """HF's sigmoid router with a score-correction bias for the choice and group-limited top-k,
+    renormalised (DeepSeek-V3's ``noaux_tc``, Nemotron-H's MoE) as Megatron-Core router fields.
+    HF scores a group by the sum of its top-2 experts, Megatron-Core by its top
+    ``topk // group_topk``: grouped configs must make those the same."""
+    if groups > 1 and (experts % groups or group_topk > groups or topk // group_topk != 2):
+        raise ConfigError(f"n_group={groups}, topk_group={group_topk}, num_experts_per_tok={topk}, "
+                          f"n_routed_experts={experts}: group-limited routing needs experts divisible "
+                          f"by n_group and num_experts_per_tok // topk_group == 2 (HF scores a "
+                          f"group by its top-2 experts, Megatron-Core by its top "
+                          f"num_experts_per_tok // topk_group)")
+    return dict(moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
+                moe_router_enable_expert_bias=True,
+                moe_router_num_groups=groups if groups > 1 else None,
+                moe_router_group_topk=group_topk if groups > 1 else None)
 
 
 # Megatron settings a converted MoE needs everywhere: the allgather dispatcher (the alltoall

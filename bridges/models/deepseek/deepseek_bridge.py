@@ -18,7 +18,7 @@ from bridges.core.config import GPT_FIELDS, ConfigError, Field, get_path, rope_p
 from bridges.core.gpt import H, L
 from bridges.core.mappings import (ColumnParallel, Mapping, MappingError, Replicated, RowParallel,
                                    VocabParallel)
-from bridges.core.moe import MoEBridge
+from bridges.core.moe import MoEBridge, sigmoid_bias_routing
 from bridges.core.provider import ModelProvider
 from bridges.core.registry import register_bridge
 from bridges.models.deepseek.modeling_deepseek import localize_mla_layer
@@ -306,18 +306,8 @@ class DeepseekV3Bridge(DeepseekV2Bridge):
             if attrs[attr] != want:
                 raise ConfigError(f"{field}={attrs[attr]!r}: transformers' DeepSeek-V3 model and "
                                   f"Megatron-Core agree only on {field}={want!r}")
-        groups, gtopk, k, e = attrs["n_group"], attrs["topk_group"], attrs["moe_router_topk"], attrs["num_moe_experts"]
-        if groups > 1 and (e % groups or gtopk > groups or k // gtopk != 2):
-            # HF scores a group by the sum of its top-2 experts, Megatron by its top k // topk_group
-            raise ConfigError(f"n_group={groups}, topk_group={gtopk}, num_experts_per_tok={k}, "
-                              f"n_routed_experts={e}: group-limited routing needs experts divisible "
-                              f"by n_group and num_experts_per_tok // topk_group == 2 (HF scores a "
-                              f"group by its top-2 experts, Megatron-Core by its top "
-                              f"num_experts_per_tok // topk_group)")
-        return dict(moe_router_score_function="sigmoid", moe_router_pre_softmax=False,
-                    moe_router_enable_expert_bias=True,
-                    moe_router_num_groups=groups if groups > 1 else None,
-                    moe_router_group_topk=gtopk if groups > 1 else None)
+        return sigmoid_bias_routing(attrs["n_group"], attrs["topk_group"], attrs["moe_router_topk"],
+                                    attrs["num_moe_experts"])
 
     def megatron_attrs(self) -> dict[str, Any]:
         attrs = super().megatron_attrs()
