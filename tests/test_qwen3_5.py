@@ -100,13 +100,12 @@ def test_vision_flops_equal_torch_flop_counter_on_the_hf_tower():
 
 
 # -- the suite catches each bug ------------------------------------------------------------------
-# where: the logits check's first divergence (the text layers of a hybrid stack are not paired
-# one to one, so only the vision side and the final norm localise)
+# where: the logits check's first divergence (HF layer i pairs with Megatron's mixer 2i and MLP 2i + 1)
 MUTANTS = [
-    ("GDNQKSwapped", {"logits", "generation"}, None),
+    ("GDNQKSwapped", {"logits", "generation"}, "layer 0 attention"),
     ("GDNValueGateSwapped", {"logits", "generation"}, None),
     ("AttentionIntervalOffByOne", {"coverage"}, None),
-    ("MRopeNotInterleaved", {"logits"}, "final norm"),  # two attention layers in eight: greedy tokens hold
+    ("MRopeNotInterleaved", {"logits"}, "layer 3 attention"),  # the first full-attention layer  # two attention layers in eight: greedy tokens hold
     ("PositionGridTransposed", {"logits", "generation"}, "vision block 0"),
     ("MTPReadsLastLayer", {"logits", "generation", "mtp"}, None),
 ]
