@@ -118,3 +118,25 @@ def test_mutant_is_caught(conformance, mutant, expect, where):
 
 def test_moe_mutant_is_caught(conformance):
     assert_caught(conformance, MOE, "tests.qwen3_5_mutants:TopKNotRenormalised", {"logits", "generation"}, None)
+
+
+# -- text-only checkpoints (Qwen3_5ForCausalLM, Qwen3_5MoeForCausalLM) -------------------------
+@pytest.mark.parametrize("name,model_type,arch,mtp", [
+    (DENSE, "qwen3_5_text", "Qwen3_5ForCausalLM", "/*-"),
+    (MOE, "qwen3_5_moe_text", "Qwen3_5MoeForCausalLM", "/*E")])
+def test_text_only_checkpoint_converts(conformance, tmp_path, name, model_type, arch, mtp):
+    """The VLM's language model alone: its own bridge, every check and the MTP item at TP2."""
+    from conformance.models import resolve
+
+    cfg = _config(name)
+    text = {**cfg["text_config"], "model_type": model_type, "architectures": [arch],
+            "tie_word_embeddings": cfg.get("tie_word_embeddings", False), "dtype": "bfloat16"}
+    bridge = AutoBridge.from_hf_config(text)
+    assert type(bridge).__name__.endswith("ForCausalLMBridge")
+    assert bridge.megatron_attrs()["hybrid_layer_pattern"].endswith(mtp)
+    d = tmp_path / model_type
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(text))
+    spec = resolve(str(d))
+    results = {**conformance.case(spec, "tp2"), "mtp": conformance.mtp_case(spec, "tp2")}
+    assert all(r.passed for r in results.values()), "\n".join(str(r) for r in results.values() if not r.passed)

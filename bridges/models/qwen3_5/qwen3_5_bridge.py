@@ -86,6 +86,50 @@ class Qwen35TextBridge(Qwen3NextBridge):
         return out
 
 
+@register_bridge(model_type="qwen3_5_text", architectures=["Qwen3_5ForCausalLM"])
+class Qwen35ForCausalLMBridge(Qwen35TextBridge):
+    """A text-only Qwen3.5 checkpoint (``Qwen3_5ForCausalLM``: ``model.``, ``lm_head.``, ``mtp.``):
+    the VLM's language model alone. Its text positions are M-RoPE's with t = h = w, which is plain
+    rope over the rotated part: HybridModel's own rotary module serves."""
+
+    @classmethod
+    def toy_config(cls, config: dict[str, Any]) -> dict[str, Any]:
+        return text_toy_config(super().toy_config(config), sections=True)
+
+    @classmethod
+    def toy_model(cls, model, randomize) -> None:
+        super().toy_model(model, randomize)  # MTP block, zero-centred norms
+        mild_decay(model)
+
+
+def text_toy_config(text: dict[str, Any], sections: bool = False) -> dict[str, Any]:
+    """Qwen3.5's text toy over Qwen3-Next's: head_dim 64 so the published rotary share (0.25)
+    is 8 pairs, sectioned (4, 2, 2) as Qwen3-VL's toy; full attention every 4th layer; linear key
+    heads of 32, not 8: the delta rule l2-normalises q and k per head, and over 8 channels a
+    near-zero vector is common enough that each GDN layer doubled the float noise (HF's own fp32
+    logits 1e-5 from its fp64 ones; 3e-6 with 32). ``sections``: the M-RoPE sections set here
+    (a text-only model; a VLM's toy sets them with its tower's)."""
+    out = {**text, "head_dim": 64, "full_attention_interval": 4, "linear_key_head_dim": 32}
+    if sections:
+        out["rope_parameters"] = {**rope_parameters(text), "mrope_section": [4, 2, 2], "mrope_interleaved": True}
+    return out
+
+
+def mild_decay(model) -> None:
+    """A milder decay in the toy's gated delta net: A = exp(A_log) drawn in [0.05, 0.5], not the
+    generator's [1.6, 4.5]. With the strong decay the chunked delta rule subtracts cumulative
+    log-decays of a few hundred, and fp32 keeps too few digits of their differences: HF's own fp32
+    logits were 1e-4 from its fp64 ones, and Megatron's torch path (another summation order) 3e-4
+    from HF's; with the toy's norms and this decay 3.7e-6."""
+    import torch
+
+    g = torch.Generator().manual_seed(11)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if name.endswith("linear_attn.A_log"):
+                p.copy_((torch.rand(p.shape, generator=g) * 0.45 + 0.05).log())
+
+
 @register_bridge(model_type="qwen3_5", architectures=["Qwen3_5ForConditionalGeneration"])
 class Qwen35Bridge(Qwen3VLBridge):
     language_bridge = Qwen35TextBridge
@@ -106,15 +150,9 @@ class Qwen35Bridge(Qwen3VLBridge):
     # -- conformance hooks ----------------------------------------------------------------
     @classmethod
     def toy_config(cls, config: dict[str, Any]) -> dict[str, Any]:
-        """Qwen3-VL's toy without deepstack; the text part Qwen3-Next's toy (small linear heads)
-        over 8 layers, full attention every 4th; head_dim 64 so the published rotary share
-        (0.25) is 8 pairs, sectioned (4, 2, 2) as Qwen3-VL's toy; linear key heads of 32, not 8:
-        the delta rule l2-normalises q and k per head, and over 8 channels a near-zero vector
-        is common enough that each GDN layer doubled the float noise (HF's own fp32 logits 1e-5
-        from its fp64 ones; 3e-6 with 32)."""
-        text = cls.language_bridge.toy_config(config["text_config"])
-        text.update(head_dim=64, full_attention_interval=4, linear_key_head_dim=32)
-        config["text_config"] = text
+        """Qwen3-VL's toy without deepstack; the text part Qwen3.5's text toy (``text_toy_config``)
+        over 8 layers."""
+        config["text_config"] = text_toy_config(cls.language_bridge.toy_config(config["text_config"]))
         config = super().toy_config(config)
         config["vision_config"].pop("deepstack_visual_indexes", None)
         return config
@@ -122,25 +160,15 @@ class Qwen35Bridge(Qwen3VLBridge):
     @classmethod
     def toy_model(cls, model, randomize) -> None:
         """The published checkpoints' MTP block; Qwen3-Next's zero-centred toy norms, on the
-        language model and the MTP only (the tower's LayerNorms keep the generator's draw); and a milder decay in the gated delta net:
-        A = exp(A_log) drawn in [0.05, 0.5], not the generator's [1.6, 4.5]. With the strong
-        decay the chunked delta rule subtracts cumulative log-decays of a few hundred, and fp32
-        keeps too few digits of their differences: HF's own fp32 logits were 1e-4 from its
-        fp64 ones, and Megatron's torch path (another summation order) 3e-4 from HF's; with
-        both toy changes 3.7e-6."""
-        import torch
-
+        language model and the MTP only (the tower's LayerNorms keep the generator's draw); the
+        milder toy decay (``mild_decay``)."""
         from bridges.models.qwen3_next.mtp import add_toy_mtp
 
         lm = model.model.language_model
         add_toy_mtp(model, model.config.text_config, cls.language_bridge.hf_modeling, randomize)
         cls.language_bridge.toy_norms(lm)
         cls.language_bridge.toy_norms(model.mtp)
-        g = torch.Generator().manual_seed(11)
-        with torch.no_grad():
-            for name, p in sorted(lm.named_parameters()):
-                if name.endswith("linear_attn.A_log"):
-                    p.copy_((torch.rand(p.shape, generator=g) * 0.45 + 0.05).log())
+        mild_decay(lm)
 
 
 vision_flops("qwen3_5_vision", "qwen3_5")(qwen3_vision_flops)
