@@ -23,11 +23,14 @@ def test_spec_module_imports_before_parallel_state(module, name):
     assert out.returncode == 0 and out.stdout.strip() == "ModuleSpec", out.stderr[-2000:]
 
 
-def test_hybrid_trainer_model_is_the_bridges(conformance):
+@pytest.mark.parametrize("model,layouts", [("nvidia/Nemotron-H-56B-Base-8K", ("tp1pp1", "tp2", "pp2")),
+                                           ("nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B", ("tp1pp1", "ep2", "tp2pp2"))])
+def test_hybrid_trainer_model_is_the_bridges(conformance, model, layouts):
     """pretrain_hybrid.py's HybridModel from Nemotron-H's --spec stack: the bridge's parameters,
-    values and logits (the torch Mamba-2 path: the SSD chunk length does not change the sums)."""
-    toy = conformance.checkpoint(resolve("nvidia/Nemotron-H-56B-Base-8K"))
-    for layout in ("tp1pp1", "tp2", "pp2"):
+    values and logits (the torch Mamba-2 path: the SSD chunk length does not change the sums);
+    Nemotron 3's MoE layers from the same stack (sequential experts, any count)."""
+    toy = conformance.checkpoint(resolve(model))
+    for layout in layouts:
         for r in conformance.pool.run("tests.spec_tasks:trainer_hybrid_model", toy_dir=toy, layout=layout):
             assert r["names"] and r["values"] and r.get("max_diff", 0.0) < 1e-6, (layout, r)
 

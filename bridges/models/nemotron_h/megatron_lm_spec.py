@@ -2,7 +2,9 @@
 the HybridStack of local modules the bridge builds (bridges/core/hybrid.py), with the torch Mamba-2
 scan and gated norm where mamba_ssm is not installed (``PATH`` says which). Built at import,
 before parallel state exists: the spec holds classes only. The conv kernel is the published 4
-(``mbridge megatron-args`` refuses another); the SSD chunk length only orders the scan's sums."""
+(``mbridge megatron-args`` refuses another); the SSD chunk length only orders the scan's sums.
+MoE layers (Nemotron 3) are sequential experts: the spec names the module, not the expert count
+(Megatron-Core only asks that one is given), which --num-experts sets."""
 from megatron.core.transformer.torch_norm import WrappedTorchNorm
 
 from bridges.core.hybrid import local_hybrid_stack_spec
@@ -10,4 +12,4 @@ from bridges.models.nemotron_h.modeling_nemotron_h import install_torch_mamba
 
 CONV_KERNEL, CHUNK = 4, 128
 PATH = install_torch_mamba()
-stack = local_hybrid_stack_spec(WrappedTorchNorm, d_conv=CONV_KERNEL, chunk_size=CHUNK)
+stack = local_hybrid_stack_spec(WrappedTorchNorm, d_conv=CONV_KERNEL, chunk_size=CHUNK, num_experts=1)

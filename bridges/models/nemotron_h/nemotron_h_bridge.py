@@ -90,10 +90,7 @@ class NemotronHBridge(Bridge):
 
     @property
     def megatron_lm(self) -> str | None:
-        attrs = self.megatron_attrs()
-        if attrs.get("num_moe_experts"):
-            return "MoE layers: the spec module builds the Mamba-2, attention and MLP layers only"
-        kernel = attrs.get("mamba_conv_kernel", 4)
+        kernel = self.megatron_attrs().get("mamba_conv_kernel", 4)
         return None if kernel == 4 else (f"conv_kernel={kernel}: the spec module builds the published "
                                          "Mamba-2 conv kernel of 4")
 
