@@ -16,7 +16,7 @@ SITE=/tmp/siteA; smoke /tmp/siteA || { SITE=/tmp/siteB; smoke /tmp/siteB; }
 echo "environment: $SITE"; cd /tmp/mb; export PYTHONPATH=$SITE:/tmp/mb
 python3 -c 'import torch,transformers;print(torch.__version__,transformers.__version__)' | tee $R/env.txt
 python3 -c 'from bridges.models.qwen3_next.modeling_qwen3_next import gdn_path; from bridges.models.nemotron_h.modeling_nemotron_h import mamba_path as m
-from transformers.utils.import_utils import is_flash_linear_attention_available as f; print("gated delta net:", gdn_path(), "(HF fla:", f(), ") mamba-2:", m())' 2>&1 | tail -1 | tee -a $R/env.txt
+from transformers.utils.import_utils import is_flash_linear_attention_available as f; print("fla installed:", gdn_path() == "fla", "(HF uses it:", f(), "); Megatron gated delta rule: torch (deterministic mode); mamba-2:", m())' 2>&1 | tail -1 | tee -a $R/env.txt
 args=(); for m in ${MODELS:-}; do [ "$m" != ALL ] && args+=("--mbridge-model=$m"); done  # ALL: the registry
 [ -n "${MODELS:-}" ] && timeout ${ROWS_TIMEOUT:-240} python3 scripts/gpu_conformance.py run --out $R/report-rows.json "${args[@]}" > $R/rows.log 2>&1
 echo "rows: exit $?"; tail -5 $R/rows.log

@@ -1,11 +1,11 @@
 """Qwen3-Next's pieces on Megatron-Core: the gated delta net without flash-linear-attention, its
 plain output norm, and the two fused projections whose HF layout groups rows by head.
 
-- ``install_torch_gdn()``: without flash-linear-attention (CPU; a GPU without it) Megatron-Core's
-  GatedDeltaNet, in ``deterministic_mode``, runs torch's conv and its own torch chunked delta
-  rule; only fla's ``l2norm`` (and the import check) stand in here. Where fla is installed the
-  bridge builds it out of deterministic mode: fla's conv and chunked delta rule kernels.
-  ``gdn_path()`` says which runs.
+- ``install_torch_gdn()``: Megatron-Core's GatedDeltaNet with ``deterministic_mode`` runs torch's
+  conv and its own torch chunked delta rule; only fla's ``l2norm`` (and the import check) stand
+  in here. ``gdn_path()`` says whether fla is installed; the bridge keeps deterministic mode
+  (the torch delta rule) either way: on an H200 with fla 0.6.0 its Triton kernels did not get
+  through one toy case of the suite in 240 s (compiling), and the torch path is the checked one.
 - ``GDNInProj``: HF ``in_proj_qkvz`` holds, per key head, [q, k, v x ratio, z x ratio] rows and
   ``in_proj_ba`` [b x ratio, a x ratio]; Megatron's in_proj is the sections q, k, v, z, beta,
   alpha, each split over TP on its own.

@@ -152,9 +152,8 @@ class Qwen3NextBridge(Bridge):
         from bridges.models.gemma.modeling_gemma import ZeroCenteredRMSNorm
         from bridges.models.qwen3_next.modeling_qwen3_next import PlainRMSNorm, install_torch_gdn
 
+        install_torch_gdn()
         p = provider
-        # fla's kernels where installed; Megatron-Core runs its torch delta rule in deterministic mode
-        p.deterministic_mode = install_torch_gdn() == "torch"
         spec = local_hybrid_stack_spec(ZeroCenteredRMSNorm, qk_norm=ZeroCenteredRMSNorm, gdn_norm=PlainRMSNorm,
                                        num_experts=p.num_moe_experts if self.mixture_of_experts else None,
                                        grouped=self.mixture_of_experts and bool(p.moe_grouped_gemm),
