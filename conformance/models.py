@@ -70,11 +70,22 @@ def resolve(name: str) -> ModelSpec:
 
 def covered_model_types(spec: ModelSpec) -> set[str]:
     """The registered model types a model's suite checks: its own, and for a VLM its language
-    model's (Ministral-3 runs inside Devstral-2)."""
+    model's (Ministral-3 runs inside Devstral-2), and the text-only registrations of that language
+    model: subclasses that only add toy hooks (Qwen3.5's ``Qwen3_5ForCausalLM``, run through the
+    checks by its family's tests)."""
     from bridges.core.auto import AutoBridge
-    from bridges.core.registry import lookup
+    from bridges.core.registry import lookup, registered
 
     out = {spec.model_type}
     if getattr(lookup(spec.config), "modality", "text") == "vision":
-        out.add(AutoBridge.from_hf_config(spec.config).language.model_type)
+        lang = type(AutoBridge.from_hf_config(spec.config).language)
+        out.add(lang.model_type)
+        out |= {t for t, cls in registered().items() if issubclass(cls, lang) and _toy_hooks_only(cls, lang)}
     return out
+
+
+def _toy_hooks_only(cls: type, base: type) -> bool:
+    """``cls`` differs from ``base`` in its toy hooks alone (and its registration)."""
+    own = {k for c in cls.__mro__[:cls.__mro__.index(base)] for k in vars(c)}
+    return own <= {"toy_config", "toy_model", "model_type", "architectures", "__module__", "__doc__",
+                   "__qualname__", "__firstlineno__", "__static_attributes__", "__dict__", "__weakref__"}
