@@ -45,16 +45,21 @@ def test_transformers5_pattern_spelling_and_refusals():
             AutoBridge.from_hf_config({**cfg, **change}).megatron_attrs()
 
 
-def test_parameters_match_transformers():
+def _params(config) -> tuple[int, "object"]:
+    """(transformers' parameter count, the bridge's FLOPs report at sequence 4096) of a config."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from bridges.flops import training_flops
 
-    cfg = {k: v for k, v in PUBLISHED.items() if k != "auto_map"}
+    cfg = {k: v for k, v in config.items() if k != "auto_map"}
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
-    params = training_flops(AutoBridge.from_hf_config(PUBLISHED), seq_len=1).params
-    assert params.total == sum(p.numel() for p in model.parameters()) == 56_324_350_464
+    return sum(p.numel() for p in model.parameters()), training_flops(AutoBridge.from_hf_config(config), seq_len=4096)
+
+
+def test_parameters_match_transformers():
+    hf, r = _params(PUBLISHED)
+    assert r.params.total == hf == 56_324_350_464
 
 
 def test_torch_mamba_ops_equal_transformers_torch_path():
@@ -121,15 +126,8 @@ def test_nano_refusals_name_the_field(change, says):
 
 
 def test_nano_parameters_match_transformers():
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from bridges.flops import training_flops
-
-    cfg = {k: v for k, v in NANO_CONFIG.items() if k != "auto_map"}
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg))
-    r = training_flops(AutoBridge.from_hf_config(NANO_CONFIG), seq_len=4096)
-    assert r.params.total == sum(p.numel() for p in model.parameters()) == 31_577_937_344
+    hf, r = _params(NANO_CONFIG)
+    assert r.params.total == hf == 31_577_937_344
     assert r.params.active == 3_580_073_408  # "3.5B active"
     assert r.term("routed_experts").forward > r.term("shared_experts").forward > 0
 

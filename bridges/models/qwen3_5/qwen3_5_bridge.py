@@ -86,11 +86,9 @@ class Qwen35TextBridge(Qwen3NextBridge):
         return out
 
 
-@register_bridge(model_type="qwen3_5_text", architectures=["Qwen3_5ForCausalLM"])
-class Qwen35ForCausalLMBridge(Qwen35TextBridge):
-    """A text-only Qwen3.5 checkpoint (``Qwen3_5ForCausalLM``: ``model.``, ``lm_head.``, ``mtp.``):
-    the VLM's language model alone. Its text positions are M-RoPE's with t = h = w, which is plain
-    rope over the rotated part: HybridModel's own rotary module serves."""
+class TextOnlyToy:
+    """Toy hooks of a text-only Qwen3.5 checkpoint: Qwen3.5's text toy with its M-RoPE sections,
+    the MTP block and zero-centred norms (the text bridge's), the milder decay."""
 
     @classmethod
     def toy_config(cls, config: dict[str, Any]) -> dict[str, Any]:
@@ -98,8 +96,15 @@ class Qwen35ForCausalLMBridge(Qwen35TextBridge):
 
     @classmethod
     def toy_model(cls, model, randomize) -> None:
-        super().toy_model(model, randomize)  # MTP block, zero-centred norms
+        super().toy_model(model, randomize)
         mild_decay(model)
+
+
+@register_bridge(model_type="qwen3_5_text", architectures=["Qwen3_5ForCausalLM"])
+class Qwen35ForCausalLMBridge(TextOnlyToy, Qwen35TextBridge):
+    """A text-only Qwen3.5 checkpoint (``Qwen3_5ForCausalLM``: ``model.``, ``lm_head.``, ``mtp.``):
+    the VLM's language model alone. Its text positions are M-RoPE's with t = h = w, which is plain
+    rope over the rotated part: HybridModel's own rotary module serves."""
 
 
 def text_toy_config(text: dict[str, Any], sections: bool = False) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from typing import Any
 
 from bridges.core.registry import register_bridge
 from bridges.flops import vision_flops
-from bridges.models.qwen3_5.qwen3_5_bridge import Qwen35Bridge, Qwen35TextBridge, mild_decay, text_toy_config
+from bridges.models.qwen3_5.qwen3_5_bridge import Qwen35Bridge, Qwen35TextBridge, TextOnlyToy
 from bridges.models.qwen3_next.qwen3_next_bridge import FIELDS
 from bridges.models.qwen3_vl.qwen3_vl_bridge import qwen3_vision_flops
 
@@ -34,17 +34,8 @@ class Qwen35MoeTextBridge(Qwen35TextBridge):
 
 
 @register_bridge(model_type="qwen3_5_moe_text", architectures=["Qwen3_5MoeForCausalLM"])
-class Qwen35MoeForCausalLMBridge(Qwen35MoeTextBridge):
+class Qwen35MoeForCausalLMBridge(TextOnlyToy, Qwen35MoeTextBridge):
     """A text-only Qwen3.5-MoE checkpoint (``Qwen3_5MoeForCausalLM``): the VLM's language model alone."""
-
-    @classmethod
-    def toy_config(cls, config: dict[str, Any]) -> dict[str, Any]:
-        return text_toy_config(super().toy_config(config), sections=True)
-
-    @classmethod
-    def toy_model(cls, model, randomize) -> None:
-        super().toy_model(model, randomize)  # MTP block, zero-centred norms
-        mild_decay(model)
 
 
 @register_bridge(model_type="qwen3_5_moe", architectures=["Qwen3_5MoeForConditionalGeneration"])
