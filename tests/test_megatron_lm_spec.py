@@ -14,7 +14,8 @@ MODELS = ["deepseek-ai/DeepSeek-V2-Lite", "allenai/OLMoE-1B-7B-0924", "openai/gp
 
 @pytest.mark.parametrize("module,name", [*((f"bridges.models.{f}.megatron_lm_spec", "layer")
                                            for f in ("deepseek", "olmoe", "gpt_oss")),
-                                         ("bridges.models.nemotron_h.megatron_lm_spec", "stack")])
+                                         ("bridges.models.nemotron_h.megatron_lm_spec", "stack"),
+                                         ("bridges.models.qwen3_next.megatron_lm_spec", "stack")])
 def test_spec_module_imports_before_parallel_state(module, name):
     code = (f"import {module} as m; from megatron.core import parallel_state as ps; "
             "import torch.distributed as dist; "
@@ -24,11 +25,13 @@ def test_spec_module_imports_before_parallel_state(module, name):
 
 
 @pytest.mark.parametrize("model,layouts", [("nvidia/Nemotron-H-56B-Base-8K", ("tp1pp1", "tp2", "pp2")),
-                                           ("nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B", ("tp1pp1", "ep2", "tp2pp2"))])
+                                           ("nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B", ("tp1pp1", "ep2", "tp2pp2")),
+                                           ("Qwen/Qwen3-Next-80B-A3B-Instruct", ("tp1pp1", "tp2", "pp2"))])
 def test_hybrid_trainer_model_is_the_bridges(conformance, model, layouts):
     """pretrain_hybrid.py's HybridModel from Nemotron-H's --spec stack: the bridge's parameters,
     values and logits (the torch Mamba-2 path: the SSD chunk length does not change the sums);
-    Nemotron 3's MoE layers from the same stack (sequential experts, any count)."""
+    Nemotron 3's MoE layers from the same stack (sequential experts, any count); Qwen3-Next's
+    gated delta net, gated attention, MoE and MTP depth from its own."""
     toy = conformance.checkpoint(resolve(model))
     for layout in layouts:
         for r in conformance.pool.run("tests.spec_tasks:trainer_hybrid_model", toy_dir=toy, layout=layout):

@@ -84,8 +84,8 @@ class Qwen3NextBridge(Bridge):
     config_fields = FIELDS
     mixture_of_experts = True
     hf_modeling = "qwen3_next"  # transformers' module whose decoder layer the MTP block reuses
-    megatron_lm = ("a hybrid of gated delta net and gated attention layers: Megatron-LM builds it with "
-                   "pretrain_hybrid.py (HybridModel), not pretrain_gpt.py")
+    megatron_lm_script = "pretrain_hybrid.py"  # HybridModel; the stack through --spec
+    megatron_lm_spec = ("bridges.models.qwen3_next.megatron_lm_spec", "stack")
 
     @classmethod
     def toy_config(cls, config: dict[str, Any]) -> dict[str, Any]:
