@@ -30,3 +30,19 @@ def trainer_layer_spec(customize: Callable):
                              vp_stage=vp_stage, **kw)
 
     return ModuleSpec(module=BridgeLayer, submodules=TransformerLayerSubmodules())
+
+
+def mtp_without_te() -> bool:
+    """Let Megatron-LM's own core build MTP layers without TransformerEngine: at d98e8a64dd its
+    MultiTokenPredictionLayer asks ``is_inference_column_parallel_linear(eh_proj)``, an isinstance
+    over TE-derived classes that are not types without TE (a TypeError at build). Without TE no
+    layer is such a linear: the answer is False. Returns whether the stand-in was installed (a
+    core without the check, e.g. the 0.19.2 wheel, or one with TE, is left as it is)."""
+    import importlib.util
+
+    from megatron.core.transformer import multi_token_prediction as mtp
+
+    if importlib.util.find_spec("transformer_engine") or not hasattr(mtp, "is_inference_column_parallel_linear"):
+        return False
+    mtp.is_inference_column_parallel_linear = lambda module: False
+    return True
