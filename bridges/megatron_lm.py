@@ -74,6 +74,8 @@ def _flag(name: str, value, default) -> list[str]:
         if name in ARG_NAMES:
             return [ARG_NAMES[name]]
         return [f"--{name.replace('_', '-')}"] if value else [f"--no-{name.replace('_', '-')}"]
+    if isinstance(value, (list, tuple)):  # a list field is one nargs="+" flag: its items as words
+        return [ARG_NAMES.get(name, f"--{name.replace('_', '-')}"), *(str(x) for x in value)]
     return [ARG_NAMES.get(name, f"--{name.replace('_', '-')}"), _value(value)]
 
 
@@ -290,8 +292,8 @@ def args_namespace(flags: list[str], **extra):
     ns = argparse.Namespace(**BOOL_DEFAULTS)
     for flag, value in _pairs(flags):
         dest = _dest(flag)
-        if isinstance(value, tuple):  # nargs='*' (--spec): a list of strings
-            setattr(ns, dest, list(value))
+        if isinstance(value, tuple):  # nargs (--spec, --mrope-section): a list, each item typed
+            setattr(ns, dest, [_typed(x) for x in value])
         elif value is not None:
             setattr(ns, dest, _typed(value))
         else:

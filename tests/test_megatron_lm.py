@@ -259,3 +259,16 @@ def test_hybrid_pattern_carries_the_pipeline_stages():
     assert megatron_lm_args(bridge)[megatron_lm_args(bridge).index("--hybrid-layer-pattern") + 1] == "M*M-M*M-"
     qwen = megatron_lm_args(AutoBridge.from_hf_config(resolve("Qwen/Qwen3-8B").config), pp=2, vpp=2)
     assert qwen[qwen.index("--num-virtual-stages-per-pipeline-rank") + 1] == "2"
+
+
+def test_a_list_field_is_one_flag_with_its_items_as_words():
+    """Megatron-LM parses a list field (--mrope-section) as nargs='+' ints: a text-only Qwen3.5's
+    trainer run stopped at '[4,2,2]' (invalid int value) before the items went as words."""
+    from bridges.megatron_lm import args_namespace
+
+    cfg = resolve("Qwen/Qwen3.5-9B-transformers-defaults").config
+    text = {**cfg["text_config"], "model_type": "qwen3_5_text", "architectures": ["Qwen3_5ForCausalLM"]}
+    flags = megatron_lm_args(AutoBridge.from_hf_config(text))
+    i = flags.index("--mrope-section")
+    assert flags[i + 1:i + 4] == ["11", "11", "10"] and flags[i + 4].startswith("--")
+    assert args_namespace(flags).mrope_section == [11, 11, 10]
