@@ -55,6 +55,18 @@ class GroupedLinear(torch.nn.Module):
         pass
 
 
+def stack_hf_experts(sd: dict[str, torch.Tensor], prefix: str, n: int) -> None:
+    """Per-expert HF tensors in ``sd`` (``<prefix><e>.{gate,up,down}_proj.weight``) replaced, in
+    place, by transformers' in-memory stacked ones (``<prefix>gate_up_proj`` [E, 2I, H] and
+    ``<prefix>down_proj``); ``sd`` already stacked is left as it is."""
+    if prefix + "gate_up_proj" in sd:
+        return
+    e = prefix + "{}.{}_proj.weight"
+    sd[prefix + "gate_up_proj"] = torch.stack(
+        [torch.cat((sd.pop(e.format(x, "gate")), sd.pop(e.format(x, "up")))) for x in range(n)])
+    sd[prefix + "down_proj"] = torch.stack([sd.pop(e.format(x, "down")) for x in range(n)])
+
+
 def submodules_of(spec):
     """The submodules of a spec: a ModuleSpec's, or a ``partial(cls, submodules=...)``'s (how
     Megatron-Core writes its MoE layer and experts), or None."""

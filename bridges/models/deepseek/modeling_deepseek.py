@@ -90,6 +90,8 @@ from typing import Any
 
 import torch
 
+from bridges.core.experts import stack_hf_experts
+
 
 # -- core attention ---------------------------------------------------------------------------
 class MLACoreAttention(torch.nn.Module):
@@ -303,11 +305,7 @@ def load_hf_mtp_layer(hf_config, tensors: dict[str, torch.Tensor], layer_idx: in
     layer = hf_mtp_layer(hf_config, layer_idx)
     experts = getattr(layer.mlp, "experts", None)
     if experts is not None:
-        e = "mlp.experts.{}.{}_proj.weight"
-        n = experts.gate_up_proj.shape[0]
-        sd["mlp.experts.gate_up_proj"] = torch.stack(
-            [torch.cat((sd.pop(e.format(i, "gate")), sd.pop(e.format(i, "up")))) for i in range(n)])
-        sd["mlp.experts.down_proj"] = torch.stack([sd.pop(e.format(i, "down")) for i in range(n)])
+        stack_hf_experts(sd, "mlp.experts.", experts.gate_up_proj.shape[0])
     layer.load_state_dict(sd, strict=True)
     return layer.float().eval()
 

@@ -17,15 +17,18 @@ import importlib
 import torch
 from torch import nn
 
+from bridges.core.experts import stack_hf_experts
+
 PREFIX = "mtp."
 
 
-def _classes(model_type: str, text: str = ""):
-    """(decoder layer, RMSNorm, rotary embedding) classes of transformers' ``model_type`` model;
-    ``text``: the infix of the text model's rotary class (Qwen3.5's ``Text``)."""
+def _classes(model_type: str):
+    """(decoder layer, RMSNorm, rotary embedding) classes of transformers' ``model_type`` model
+    (the text model's rotary class where a VLM has one of its own: Qwen3.5's ``...TextRotaryEmbedding``)."""
     mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     stem = next(n[:-len("DecoderLayer")] for n in dir(mod) if n.endswith("DecoderLayer") and "Vision" not in n)
-    return getattr(mod, stem + "DecoderLayer"), getattr(mod, stem + "RMSNorm"), getattr(mod, f"{stem}{text}RotaryEmbedding")
+    rotary = getattr(mod, stem + "TextRotaryEmbedding", None) or getattr(mod, stem + "RotaryEmbedding")
+    return getattr(mod, stem + "DecoderLayer"), getattr(mod, stem + "RMSNorm"), rotary
 
 
 def _layer_config(text_config):
@@ -38,7 +41,7 @@ def _layer_config(text_config):
 
 def hf_mtp_module(text_config, model_type: str, depths: int = 1) -> nn.Module:
     """``mtp.*`` as HF modules: its ``state_dict`` keys are the checkpoint's names without ``mtp.``."""
-    layer_cls, norm_cls, _ = _classes(model_type, "Text" if model_type.startswith("qwen3_5") else "")
+    layer_cls, norm_cls, _ = _classes(model_type)
     h, eps = text_config.hidden_size, text_config.rms_norm_eps
     mtp = nn.Module()
     mtp.pre_fc_norm_embedding = norm_cls(h, eps=eps)
@@ -56,13 +59,8 @@ def load_hf_mtp_module(text_config, model_type: str, tensors: dict[str, torch.Te
     mtp = hf_mtp_module(text_config, model_type)
     for i, layer in enumerate(mtp.layers):
         experts = getattr(layer.mlp, "experts", None)
-        key = f"layers.{i}.mlp.experts."
-        if experts is not None and key + "gate_up_proj" not in sd:
-            e = key + "{}.{}_proj.weight"
-            n = experts.gate_up_proj.shape[0]
-            sd[key + "gate_up_proj"] = torch.stack(
-                [torch.cat((sd.pop(e.format(x, "gate")), sd.pop(e.format(x, "up")))) for x in range(n)])
-            sd[key + "down_proj"] = torch.stack([sd.pop(e.format(x, "down")) for x in range(n)])
+        if experts is not None:
+            stack_hf_experts(sd, f"layers.{i}.mlp.experts.", experts.gate_up_proj.shape[0])
     mtp.load_state_dict(sd, strict=True)
     return mtp.float().eval()
 
@@ -72,7 +70,7 @@ def mtp_reference_logits(mtp: nn.Module, text_config, model_type: str, embed: to
     """The first MTP depth on top of the main model: ``main_hidden`` is its final hidden state
     after the final norm, [b, s, h]; ``embed`` / ``head`` the main embedding and output head.
     Returns [b, s - 1, vocab]: the logits predicting token i + 2 at position i."""
-    _, _, rotary_cls = _classes(model_type, "Text" if model_type.startswith("qwen3_5") else "")
+    _, _, rotary_cls = _classes(model_type)
     b, s = input_ids.shape
     e = torch.nn.functional.embedding(input_ids[:, 1:], embed.float())
     x = mtp.fc(torch.cat((mtp.pre_fc_norm_embedding(e), mtp.pre_fc_norm_hidden(main_hidden[:, :-1])), dim=-1))
