@@ -192,6 +192,7 @@ def render(results: dict, machine: str, versions: str) -> str:
 
     L += cli_section(results, _short)
     L += _suite_table(results)
+    L += _registry_table(results)
     L += _analysis(results)
     return "\n".join(L) + "\n"
 
@@ -221,6 +222,33 @@ def _suite_table(results: dict) -> list[str]:
         L.append(f"| {s['bridge']} | {s['fixture']} | {statistics.median(walls):.1f} | "
                  f"{' / '.join(f'{w:.1f}' for w in walls)} | {res} |")
     L += ["", f"Sum of the medians: {total:.0f} s.", ""]
+    return L
+
+
+REGISTRY_TARGET_S = 120.0
+
+
+def _registry_table(results: dict) -> list[str]:
+    reg = results.get("registry")
+    if not reg:
+        return []
+    bridges = reg["bridges"]
+    checks = sum(b["checks"] for b in bridges.values())
+    models = sum(len(b["models"]) for b in bridges.values())
+    met = "met" if reg["wall_s"] <= REGISTRY_TARGET_S and reg["rc"] == 0 else "**missed**"
+    L = ["## The whole registry in one run", "",
+         "`pytest --mbridge -p no:cacheprovider -q` from an empty directory: every fixture model, "
+         "every check and layout, one pool of 4 gloo ranks for the session; whole process, 1 run. "
+         f"Result: {reg['summary']} (exit {reg['rc']}); other processes used "
+         f"{reg['foreign_cpu_s'] / max(reg['wall_s'], 1e-9):.2f} cores meanwhile.", "",
+         f"**{reg['wall_s']:.0f} s** for {models} models and {checks} checks "
+         f"({reg['wall_s'] / max(checks, 1):.2f} s a check); target {REGISTRY_TARGET_S:.0f} s: {met}.", "",
+         "Per bridge: its fixture models, checks, and the summed durations of their items "
+         "(conversions, forwards, references; the start of the pool and of pytest is not in any).", "",
+         "| bridge | models | checks | failed | items (s) |", "|---|---|---|---|---|"]
+    for name, b in sorted(bridges.items(), key=lambda kv: -kv[1]["items_s"]):
+        L.append(f"| {name} | {len(b['models'])} | {b['checks']} | {b['failed']} | {b['items_s']:.1f} |")
+    L += [""]
     return L
 
 

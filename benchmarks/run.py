@@ -223,6 +223,8 @@ def main() -> None:
             results["models"][key] = _bench_model(key, tmp, work, runs, results["baseline_rss"],
                                                   profile, a.quick)
         results["suites"] = _suites(suites, tmp, runs)
+        if suites == "all":
+            results["registry"] = _registry(tmp)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     results["load_end"] = os.getloadavg()
@@ -557,6 +559,39 @@ def _suites(which: str, tmp: Path, runs: int) -> list[dict]:
                   f"rc {proc.returncode}: {last}", flush=True)
         out.append({"bridge": bridge, "fixture": fixture, "runs": rows})
     return out
+
+
+def _registry(tmp: Path) -> dict:
+    """``pytest --mbridge`` (every fixture model, one rank pool) from an empty directory, whole
+    process, once; per bridge the summed durations of its models' items (from the report)."""
+    empty = tmp / "registry-cwd"
+    shutil.rmtree(empty, ignore_errors=True)
+    empty.mkdir()
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env.update(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
+    report = empty / "report.json"
+    os.sync()
+    with Meter() as m:
+        proc = subprocess.run([sys.executable, "-m", "pytest", "--mbridge", "-p", "no:cacheprovider", "-q",
+                               f"--mbridge-report={report}"], cwd=empty, env=env, capture_output=True,
+                              text=True, timeout=3600)
+    last = (proc.stdout.strip().splitlines() or [""])[-1].strip("= ")
+    rows = json.loads(report.read_text())["results"] if report.exists() else []
+    per: dict[str, dict] = {}
+    for r in rows:
+        if "check" not in r:
+            continue
+        bridge = _bridge_of(r["model"])
+        b = per.setdefault(bridge, {"models": set(), "checks": 0, "failed": 0, "items_s": 0.0})
+        b["models"].add(r["model"])
+        b["checks"] += 1
+        b["failed"] += not r["passed"]
+        b["items_s"] += r.get("duration_s", 0.0)
+    for b in per.values():
+        b["models"] = sorted(b["models"])
+    print(f"[bench] registry: {m.wall:.1f} s, rc {proc.returncode}: {last}", flush=True)
+    return {"wall_s": m.wall, "rc": proc.returncode, "summary": last, "foreign_cpu_s": m.foreign,
+            "bridges": per}
 
 
 def _where(file: str, line: int, fn: str) -> str:

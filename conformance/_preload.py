@@ -17,6 +17,12 @@ from bridges.core import registry  # noqa: E402
 
 registry.load_families()
 
+# What was imported lives as long as the ranks: out of the collector's way (a full collection
+# would otherwise walk millions of these objects again and again while the ranks build models)
+import gc  # noqa: E402
+
+gc.freeze()
+
 
 def _in_forkserver() -> bool:
     from multiprocessing import forkserver

@@ -52,8 +52,9 @@ class TextCausalLM:
     def hf_generate(self, model, ids: torch.Tensor, steps: int, margins: list | None = None) -> torch.Tensor:
         return forward.hf_generate(model, ids, steps, margins)
 
-    def megatron_generate(self, chunks, ids: torch.Tensor, steps: int, vocab_size: int) -> torch.Tensor:
-        return forward.megatron_generate(chunks, ids, steps, vocab_size)
+    def megatron_generate(self, chunks, ids: torch.Tensor, steps: int, vocab_size: int,
+                          draft: torch.Tensor | None = None) -> torch.Tensor:
+        return forward.megatron_generate(chunks, ids, steps, vocab_size, draft=draft)
 
     # -- activations ------------------------------------------------------------------------
     def capture_hf(self, model, store: dict) -> contextlib.AbstractContextManager:
@@ -124,9 +125,10 @@ class ImageTextToText(TextCausalLM):
     def hf_generate(self, model, inputs: dict[str, Any], steps: int, margins: list | None = None) -> torch.Tensor:
         return forward.hf_generate(model, inputs["input_ids"], steps, margins, self._rest(inputs), inputs[BANNED])
 
-    def megatron_generate(self, chunks, inputs: dict[str, Any], steps: int, vocab_size: int) -> torch.Tensor:
+    def megatron_generate(self, chunks, inputs: dict[str, Any], steps: int, vocab_size: int,
+                          draft: torch.Tensor | None = None) -> torch.Tensor:
         return forward.megatron_generate(chunks, inputs["input_ids"], steps, vocab_size, self._rest(inputs),
-                                         inputs[BANNED])
+                                         inputs[BANNED], draft=draft)
 
     # the vision stages the family's bridge declares (``vision_parts``), both sides
     def capture_hf(self, model, store: dict) -> contextlib.AbstractContextManager:

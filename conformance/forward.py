@@ -171,12 +171,15 @@ def megatron_logits(chunks, ids: torch.Tensor, vocab_size: int, extra: dict | No
 
 
 def megatron_generate(chunks, ids: torch.Tensor, steps: int, vocab_size: int, inputs_for=None,
-                      banned: tuple[int, ...] = (), choose=None, stop: tuple[int, ...] = ()) -> torch.Tensor:
+                      banned: tuple[int, ...] = (), choose=None, stop: tuple[int, ...] = (),
+                      draft: torch.Tensor | None = None) -> torch.Tensor:
     """Decoding by repeated full forwards; the tokens are known on every rank.
     ``inputs_for(ids)``: the other inputs for the ids so far; ``banned``: tokens never chosen;
     ``choose(last_logits)``: the next token per row (default greedy; it runs on the last
     pipeline stage, where every TP rank holds the same logits); ``stop``: tokens that end a row
-    (decoding ends when every row has ended)."""
+    (decoding ends when every row has ended). ``draft`` ([batch, n], greedy only): a guessed
+    continuation (the reference model's), verified in one forward (``_verify_draft``); decoding
+    goes on step by step from where the guess parts from the model's own choice."""
     from megatron.core import parallel_state as ps
 
     ids = ids.clone()
@@ -184,6 +187,10 @@ def megatron_generate(chunks, ids: torch.Tensor, steps: int, vocab_size: int, in
     src = dist.get_global_rank(group, ps.get_pipeline_model_parallel_world_size() - 1)
     dev = next(chunks[0].parameters()).device
     ended = torch.zeros(ids.shape[0], dtype=torch.bool)
+    if draft is not None and choose is None and not stop and steps > 0:
+        prompt = ids.shape[1]
+        ids = _verify_draft(chunks, ids, draft[:, :steps], vocab_size, inputs_for, banned, group, src, dev)
+        steps -= ids.shape[1] - prompt
     for _ in range(steps):
         logits = megatron_logits(chunks, ids, vocab_size, inputs_for(ids) if inputs_for else None)
         if logits is not None:
@@ -200,6 +207,32 @@ def megatron_generate(chunks, ids: torch.Tensor, steps: int, vocab_size: int, in
             if bool(ended.all()):
                 break
     return ids
+
+
+def _verify_draft(chunks, ids: torch.Tensor, draft: torch.Tensor, vocab_size: int, inputs_for, banned,
+                  group, src: int, dev) -> torch.Tensor:
+    """``ids`` grown by the greedy tokens one forward over ``ids + draft`` proves: the model's
+    top-1 at each draft position, up to and including the first position where it differs from
+    the draft in any row. Each accepted token's prefix is the model's own greedy output (every
+    earlier draft token was its own choice), and a causal model's logits at a position depend on
+    that prefix alone, so these are the tokens step-by-step decoding gives (up to the rounding of
+    a longer forward: near-ties are the checks' business, as they are for HF)."""
+    from megatron.core import parallel_state as ps
+
+    n = draft.shape[1]
+    full = torch.cat([ids, draft.to(ids.dtype)], dim=1)
+    logits = megatron_logits(chunks, full, vocab_size, inputs_for(full) if inputs_for else None)
+    # [batch, n] proven tokens, then how many of them
+    got = torch.zeros(ids.shape[0], n + 1, dtype=torch.long, device=dev)
+    if logits is not None:
+        pred = _ban(logits[:, ids.shape[1] - 1:-1], banned).argmax(-1).to(dev)
+        same = (pred == draft.to(dev)).all(0)
+        accepted = n if bool(same.all()) else int((~same).int().argmax()) + 1
+        got[:, :n], got[:, n] = pred, accepted
+    if ps.get_pipeline_model_parallel_world_size() > 1:
+        dist.broadcast(got, src=src, group=group)
+    accepted = int(got[0, n])
+    return torch.cat([ids, got[:, :accepted].cpu()], dim=1)
 
 
 def hf_logits(model, ids: torch.Tensor, extra: dict | None = None) -> torch.Tensor:

@@ -94,9 +94,12 @@ def layout_provider(bridge, layout: str, dtype: torch.dtype):
 
 
 def megatron_case(toy_dir: str, layout: str, ids: torch.Tensor, steps: int,
-                  dtype: str = "float32", bridge_ref: str | None = None) -> dict[str, Any]:
+                  dtype: str = "float32", bridge_ref: str | None = None,
+                  draft: torch.Tensor | None = None) -> dict[str, Any]:
     """Import the toy checkpoint under ``layout``, run it, export it. Every rank returns a
-    dict; data that exists on one rank only is None elsewhere."""
+    dict; data that exists on one rank only is None elsewhere. ``draft``: HF's greedy
+    continuation, which decoding verifies in one forward where it can
+    (``forward.megatron_generate``)."""
     from megatron.core import parallel_state as ps
 
     from bridges.core.ledger import CoverageError
@@ -121,10 +124,11 @@ def megatron_case(toy_dir: str, layout: str, ids: torch.Tensor, steps: int,
         logits = ad.megatron_logits(chunks, ids, vocab)
     out["logits"] = logits.cpu() if logits is not None and primary else None
     out["acts"] = acts if primary else {}
-    gen = ad.megatron_generate(chunks, ids, steps, vocab)
+    gen = ad.megatron_generate(chunks, ids, steps, vocab, draft=draft)
     out["generation"] = gen if dist.get_rank() == 0 else None
     try:
-        exported = list(bridge.export_hf_weights(chunks, cpu=True, strict=False))
+        # gathered to rank 0 alone, as save_hf_pretrained exports
+        exported = list(bridge.export_hf_weights(chunks, cpu=True, strict=False, tp_rank0_only=True))
     except CoverageError as e:
         out["export_error"] = str(e)
         exported = []
@@ -133,7 +137,7 @@ def megatron_case(toy_dir: str, layout: str, ids: torch.Tensor, steps: int,
 
     ckpt = bridge.checkpoint
     if any(ckpt.dtype(n) in quant.FP8 or n.endswith("_blocks") for n in ckpt.names()):
-        requant = list(bridge.export_hf_weights(chunks, cpu=True, quantized=True))
+        requant = list(bridge.export_hf_weights(chunks, cpu=True, quantized=True, tp_rank0_only=True))
         out["requantized"] = requant if dist.get_rank() == 0 else None
     return out
 

@@ -131,8 +131,13 @@ def _worker(rank: int, world: int, port: int, inbox, outbox, path: list[str], en
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import torch
+    import torch._dynamo
 
     torch.set_num_threads(1)
+    # Models run eagerly: Megatron-Core's jit_fuser is torch.compile, which would compile the
+    # fused element-wise helpers (gated attention's output gate, the gated delta net's gating)
+    # once per rank and input shape: seconds each on a CPU, and nothing the checks look at.
+    torch._dynamo.config.disable = True
     try:
         from bridges.core.parallel import init_distributed
 

@@ -164,7 +164,8 @@ class Conformance:
         ref = self.reference(spec, dtype)  # of the default toy: the same weights as ``ckpt``
         ckpt = ckpt or self.checkpoint(spec, dtype)
         ranks = self._ranks(CASE_CHECKS, "conformance.job:megatron_case", toy_dir=ckpt, layout=layout,
-                            ids=self._ids(ckpt), steps=self.steps, dtype=dtype, bridge_ref=bridge_ref)
+                            ids=self._ids(ckpt), steps=self.steps, dtype=dtype, bridge_ref=bridge_ref,
+                            draft=ref["generation"][:, self.ids.shape[1]:])
         if isinstance(ranks, dict):
             return ranks
         r0 = ranks[0]
