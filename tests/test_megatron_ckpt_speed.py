@@ -103,6 +103,34 @@ def test_save_strategy_threads_and_in_process_queue(monkeypatch):
     assert fa._results_queue is None
 
 
+def test_writer_stages_each_tensor_on_the_host_as_it_writes_it():
+    """No tensor goes to host memory before the writer reaches it (a GPU model is not staged
+    whole in host memory); megatron-core's own staging is back after the save."""
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync as W
+
+    from bridges.core.megatron_ckpt import _host_copies_as_written, _OnHost
+
+    moved = []
+
+    class OnDevice:  # stands for a GPU tensor
+        def __init__(self, t):
+            self.t = t
+
+        def to(self, device):
+            moved.append(device)
+            return self.t
+
+    bucket = ("f.distcp", "key", ([("bytes", b"x")], [("a", OnDevice(torch.ones(2))), ("b", OnDevice(torch.zeros(3)))]))
+    saved = W.__dict__["preload_tensors"]
+    with _host_copies_as_written():
+        (name, key, (data, tensors)), = W.preload_tensors([bucket], True)
+    assert W.__dict__["preload_tensors"] is saved
+    assert isinstance(tensors, _OnHost) and moved == [] and data == [("bytes", b"x")]
+    for i, (item, t) in enumerate(tensors):
+        assert moved == ["cpu"] * (i + 1) and isinstance(t, torch.Tensor)
+    assert [item for item, _ in tensors] == ["a", "b"]
+
+
 def test_save_starts_no_helper_process_and_last_use_saves_the_same(tmp_path):
     """A whole save in a fresh process: no multiprocessing child is left or started; with
     ``last_use`` the fused fc1 gives up its memory and the checkpoint loads the same weights."""
