@@ -60,7 +60,21 @@ def tied_pp2_worker(exclude: list[str]) -> tuple[int, torch.Tensor]:
 
 
 def dist_ckpt_worker(exclude: list[str], out: str) -> bool:
-    """Save a TP=2 toy with megatron.core.dist_checkpointing, ``exclude`` patches off."""
+    """Save a TP=2 toy with megatron.core.dist_checkpointing, ``exclude`` patches off, through
+    megatron-core's own staging of the tensors (``preload_tensors``, which synchronises CUDA), as
+    a save outside ``save_megatron`` goes (``save_megatron`` stages each tensor as it writes it)."""
+    import contextlib
+
+    from bridges.core import megatron_ckpt
+
+    own_staging, megatron_ckpt._host_copies_as_written = megatron_ckpt._host_copies_as_written, contextlib.nullcontext
+    try:
+        return _save_toy(exclude, out)
+    finally:
+        megatron_ckpt._host_copies_as_written = own_staging
+
+
+def _save_toy(exclude: list[str], out: str) -> bool:
     from bridges.core.megatron_ckpt import save_megatron
     from bridges.core.parallel import init_model_parallel
 
