@@ -1,4 +1,4 @@
-"""Rank tasks for tests/test_draft.py: greedy decoding with and without a draft to verify."""
+"""Rank tasks for tests/test_draft.py: greedy decoding with and without a draft to verify; process groups kept across layouts."""
 import torch
 import torch.distributed as dist
 
@@ -24,3 +24,20 @@ def decode(toy_dir: str, layout: str, ids: torch.Tensor, steps: int) -> dict | N
     out = {name: megatron_generate(chunks, ids, steps, vocab, draft=d)
            for name, d in (("right", right), ("late", late), ("early", early), ("short", right[:, :3]))}
     return {"plain": plain, **out} if dist.get_rank() == 0 else None
+
+
+def groups_kept() -> list[bool]:
+    """Whether a layout met again gets the process groups made for it the first time, working."""
+    import torch
+    from megatron.core import parallel_state as ps
+
+    from bridges.core.parallel import Layout, init_model_parallel
+
+    init_model_parallel(Layout.parse("tp2"))
+    first = ps.get_tensor_model_parallel_group()
+    init_model_parallel(Layout.parse("pp2"))
+    init_model_parallel(Layout.parse("tp2"))
+    again = ps.get_tensor_model_parallel_group()
+    t = torch.ones(1)
+    torch.distributed.all_reduce(t, group=again)
+    return [again is first, float(t) == 2.0]

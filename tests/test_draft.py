@@ -13,3 +13,9 @@ def test_draft_gives_step_by_step_tokens(conformance, toy, layout):
     assert plain.shape == (3, 22)
     for name, got in out.items():
         assert torch.equal(got, plain), name
+
+
+def test_a_layout_met_again_reuses_its_process_groups(conformance):
+    """The rank pool switches layouts per case; each process group is made once (new gloo groups
+    for every case were most of the suite's time) and still works when met again."""
+    assert conformance.pool.run("tests.draft_tasks:groups_kept") == [[True, True]] * 4

@@ -5,9 +5,11 @@ conformance runner's workers, and as one plain process (world size 1).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 from datetime import timedelta
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -52,20 +54,51 @@ def init_model_parallel(layout: Layout, seed: int = 1234) -> None:
     if ps.model_parallel_is_initialized():
         destroy_model_parallel()
     cpu_compat.ensure()
-    ps.initialize_model_parallel(
-        tensor_model_parallel_size=layout.tp,
-        pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp,
-        expert_model_parallel_size=layout.ep,
-        expert_tensor_parallel_size=layout.expert_tp,
-        # On CPU every group is gloo already; the extra gloo copies only cost threads.
-        create_gloo_process_groups=torch.cuda.is_available(),
-    )
+    with _groups_kept():
+        ps.initialize_model_parallel(
+            tensor_model_parallel_size=layout.tp,
+            pipeline_model_parallel_size=layout.pp,
+            virtual_pipeline_model_parallel_size=layout.vpp,
+            expert_model_parallel_size=layout.ep,
+            expert_tensor_parallel_size=layout.expert_tp,
+            # On CPU every group is gloo already; the extra gloo copies only cost threads.
+            create_gloo_process_groups=torch.cuda.is_available(),
+        )
     torch.manual_seed(seed)
     if torch.cuda.is_available():
         from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
         model_parallel_cuda_manual_seed(seed)
+
+
+# Process groups by (ranks, backend, description), kept for the process's life: a process that
+# switches layouts (the suite's rank pool) builds each group once, not once per model and layout.
+_GROUPS: dict[tuple, Any] = {}
+
+
+@contextlib.contextmanager
+def _groups_kept():
+    """While Megatron-Core initialises its parallel state, a group it asks for again is the one
+    made before. ``new_group`` is collective over the world: every rank asks for the same groups
+    in the same order, so every rank finds (or makes) each one alike."""
+    from megatron.core import parallel_state as ps
+
+    make = ps.create_group
+
+    def create_group(ranks=None, timeout=None, backend=None, pg_options=None,
+                     use_local_synchronization=False, group_desc=None):
+        key = (tuple(ranks) if ranks is not None else None, backend, group_desc,
+               repr(pg_options), use_local_synchronization)
+        if key not in _GROUPS:
+            _GROUPS[key] = make(ranks=ranks, timeout=timeout, backend=backend, pg_options=pg_options,
+                                use_local_synchronization=use_local_synchronization, group_desc=group_desc)
+        return _GROUPS[key]
+
+    ps.create_group = create_group
+    try:
+        yield
+    finally:
+        ps.create_group = make
 
 
 def destroy_model_parallel() -> None:
@@ -83,13 +116,17 @@ def destroy_model_parallel() -> None:
     ps.destroy_model_parallel()
     seen = set()
     for g in groups:
-        if id(g) in seen or g is dist.GroupMember.WORLD or g == dist.group.WORLD:
+        if id(g) in seen or g is dist.GroupMember.WORLD or g == dist.group.WORLD or _kept(g):
             continue
         seen.add(id(g))
         try:
             dist.destroy_process_group(g)
         except (ValueError, RuntimeError):
             pass  # not a live group of this rank
+
+
+def _kept(group) -> bool:
+    return any(group is g for g in _GROUPS.values())
 
 
 def current_layout() -> Layout:
