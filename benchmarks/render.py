@@ -251,14 +251,16 @@ def _registry_table(results: dict) -> list[str]:
                  f"{reg['wall_s']:.0f} | {reg['wall_s'] / max(checks, 1):.2f} | {target} |")
     whole = runs[0]["bridges"]
     L += ["", "What was taken out of the suite's way (measured on this machine, 2026-12-04, quiet, the "
-          "16 models: 217 s at commit c6e0c4f, 98 s after; with `-n 2`, two pools of 4 ranks on the "
-          "2 cores, 129 s): Megatron's greedy generation verifies HF's 16 tokens as a draft in one "
+          "16 models: 217 s at commit c6e0c4f, 98 s with the first four changes below (with `-n 2`, two "
+          "pools of 4 ranks on the 2 cores, 129 s), 42 s with the fifth): Megatron's greedy generation verifies HF's 16 tokens as a draft in one "
           "forward instead of 16 (docs/conformance.md); the export is gathered to rank 0 as "
           "`save_hf_pretrained` does, not broadcast tensor by tensor to every rank; the ranks run "
           "eagerly (Megatron-Core's `jit_fuser` is `torch.compile`: inductor compiled the gated "
           "delta net's and gated attention's helpers in every rank, about half of a Qwen3.5-MoE suite's "
-          "CPU time); the forkserver's imported heap is frozen out of the garbage collector's way. "
-          "What is left per case: the model build and process groups of each layout, the import, "
+          "CPU time); the forkserver's imported heap is frozen out of the garbage collector's way; "
+          "each rank makes a Megatron process group once and reuses it whenever a later case meets "
+          "the same layout (new gloo groups for every case were most of what was left). "
+          "What is left per case: the model build, the import, "
           "two forwards (logits, draft), the export; per model the toy and HF's reference (16 "
           "greedy steps, full forwards: the reference is not sped up by anything it is checked "
           "against).", "",
