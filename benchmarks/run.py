@@ -543,16 +543,7 @@ def _suites(which: str, tmp: Path, runs: int) -> list[dict]:
             continue
         rows = []
         for i in range(runs):
-            shutil.rmtree(empty, ignore_errors=True)
-            empty.mkdir()
-            env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
-            env.update(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-            os.sync()
-            with Meter() as m:
-                proc = subprocess.run([sys.executable, "-m", "pytest", f"--mbridge-model={fixture}",
-                                       "-p", "no:cacheprovider", "-q"], cwd=empty, env=env,
-                                      capture_output=True, text=True, timeout=1800)
-            last = (proc.stdout.strip().splitlines() or [""])[-1].strip("= ")
+            m, proc, last = _pytest(empty, [f"--mbridge-model={fixture}"], 1800)
             rows.append({"wall_s": m.wall, "rc": proc.returncode, "summary": last,
                          "foreign_cpu_s": m.foreign})
             print(f"[bench] suite {bridge} ({fixture}) run {i + 1}/{runs}: {m.wall:.1f} s, "
@@ -573,26 +564,31 @@ TARGET_MODELS = (
 def _registry(tmp: Path) -> list[dict]:
     """The whole registry (``pytest --mbridge``) and the 16 models of the target, each one
     pytest process from an empty directory, once."""
-    return [_registry_run(tmp, "every fixture model", ["--mbridge"]),
+    return [_registry_run(tmp, "every fixture model", ["--mbridge"], target=False),
             _registry_run(tmp, "the 16 fixture models of the target",
-                          [f"--mbridge-model={m}" for m in TARGET_MODELS])]
+                          [f"--mbridge-model={m}" for m in TARGET_MODELS], target=True)]
 
 
-def _registry_run(tmp: Path, what: str, args: list[str]) -> dict:
-    """One pytest process (one rank pool) over ``args``, whole process; per bridge the summed
-    durations of its models' items (from the report)."""
-    empty = tmp / "registry-cwd"
-    shutil.rmtree(empty, ignore_errors=True)
-    empty.mkdir()
+def _pytest(cwd: Path, args: list[str], timeout: float):
+    """``python -m pytest ARGS -p no:cacheprovider -q`` from the empty directory ``cwd`` (made
+    afresh), timed whole: (Meter, completed process, its last output line)."""
+    shutil.rmtree(cwd, ignore_errors=True)
+    cwd.mkdir()
     env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
     env.update(HF_HUB_OFFLINE="1", PYTHONWARNINGS="ignore")
-    report = empty / "report.json"
     os.sync()
     with Meter() as m:
-        proc = subprocess.run([sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider", "-q",
-                               f"--mbridge-report={report}"], cwd=empty, env=env, capture_output=True,
-                              text=True, timeout=3600)
-    last = (proc.stdout.strip().splitlines() or [""])[-1].strip("= ")
+        proc = subprocess.run([sys.executable, "-m", "pytest", *args, "-p", "no:cacheprovider", "-q"],
+                              cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return m, proc, (proc.stdout.strip().splitlines() or [""])[-1].strip("= ")
+
+
+def _registry_run(tmp: Path, what: str, args: list[str], target: bool) -> dict:
+    """One pytest process (one rank pool) over ``args``, whole process; per bridge the summed
+    durations of its models' items (from the report). ``target``: the run the target is set on."""
+    report = tmp / "registry-report.json"
+    report.unlink(missing_ok=True)
+    m, proc, last = _pytest(tmp / "registry-cwd", [*args, f"--mbridge-report={report}"], 3600)
     rows = json.loads(report.read_text())["results"] if report.exists() else []
     per: dict[str, dict] = {}
     for r in rows:
@@ -607,7 +603,7 @@ def _registry_run(tmp: Path, what: str, args: list[str]) -> dict:
     for b in per.values():
         b["models"] = sorted(b["models"])
     print(f"[bench] registry, {what}: {m.wall:.1f} s, rc {proc.returncode}: {last}", flush=True)
-    return {"what": what, "wall_s": m.wall, "rc": proc.returncode, "summary": last, "foreign_cpu_s": m.foreign,
+    return {"what": what, "target": target, "wall_s": m.wall, "rc": proc.returncode, "summary": last, "foreign_cpu_s": m.foreign,
             "bridges": per}
 
 

@@ -87,8 +87,10 @@ def _groups_kept():
 
     def create_group(ranks=None, timeout=None, backend=None, pg_options=None,
                      use_local_synchronization=False, group_desc=None):
-        key = (tuple(ranks) if ranks is not None else None, backend, group_desc,
-               repr(pg_options), use_local_synchronization)
+        if pg_options is not None:  # options are objects without a value to compare: not kept
+            return make(ranks=ranks, timeout=timeout, backend=backend, pg_options=pg_options,
+                        use_local_synchronization=use_local_synchronization, group_desc=group_desc)
+        key = (tuple(ranks) if ranks is not None else None, backend, group_desc, use_local_synchronization)
         if key not in _GROUPS:
             _GROUPS[key] = make(ranks=ranks, timeout=timeout, backend=backend, pg_options=pg_options,
                                 use_local_synchronization=use_local_synchronization, group_desc=group_desc)
@@ -102,10 +104,11 @@ def _groups_kept():
 
 
 def destroy_model_parallel() -> None:
-    """Tear down Megatron's parallel state *and* its process groups.
+    """Tear down Megatron's parallel state *and* the process groups not kept for reuse.
 
     Megatron only forgets its groups; each gloo group keeps its threads (about 60 per rank for
-    one layout), so a long-lived process that switches layouts must destroy them itself.
+    one layout), so a long-lived process that switches layouts must destroy them itself, except
+    those ``init_model_parallel`` keeps (``_GROUPS``: each layout's groups made once).
     """
     from megatron.core import parallel_state as ps
 
@@ -126,7 +129,7 @@ def destroy_model_parallel() -> None:
 
 
 def _kept(group) -> bool:
-    return any(group is g for g in _GROUPS.values())
+    return id(group) in {id(g) for g in _GROUPS.values()}
 
 
 def current_layout() -> Layout:
