@@ -45,7 +45,9 @@ Megatron-Core fields (``num_moe_experts``, ``moe_router_topk``, ``moe_ffn_hidden
 give through ``megatron_attrs``; ``attrs_from_hf_config`` takes an HF config through its bridge
 (one config translator for conversion and FLOPs). They add the
 components ``router`` (router logits H x E, and Qwen2-MoE's H x 1 shared-expert gate),
-``routed_experts`` (top-k experts per token), ``shared_experts`` and ``mtp`` (per MTP layer:
+``routed_experts`` (top-k experts per token; at ``moe_latent_size`` where set),
+``latent_projections`` (a latent MoE's H -> latent -> H around its routed experts),
+``shared_experts`` and ``mtp`` (per MTP layer:
 eh_proj 2H -> H, one transformer layer, the shared output head's logits), each only for models
 that have it, so a dense model's report is unchanged.
 
@@ -78,8 +80,8 @@ COMPONENTS = ("embedding", "qkv_projection", "core_attention", "attention_output
 ALL_COMPONENTS = ("vision_tower", "projector", "embedding", "qkv_projection", "attention_output_gate", "core_attention",
                   "attention_output_projection", "mamba_in_projection", "mamba_conv", "mamba_scan",
                   "mamba_out_projection", "gdn_in_projection", "gdn_conv", "gdn_recurrence", "gdn_out_projection",
-                  "mlp", "router", "routed_experts", "shared_experts", "logits", "mtp")
-_MOE_COMPONENTS = ("router", "routed_experts", "shared_experts")
+                  "mlp", "router", "latent_projections", "routed_experts", "shared_experts", "logits", "mtp")
+_MOE_COMPONENTS = ("router", "latent_projections", "routed_experts", "shared_experts")
 RECOMPUTE = (None, "selective", "full")
 
 
@@ -101,7 +103,6 @@ UNSUPPORTED: tuple[tuple[str, str, Any], ...] = (
     ("n_routed_experts", "mixture of experts" + _HF, _set),
     ("num_nextn_predict_layers", "multi-token prediction heads (MTP)" + _HF, _set),
     ("moe_pad_expert_input_to_capacity", "MoE expert inputs padded to capacity", _set),
-    ("moe_latent_size", "MoE latent projection", _set),
     ("experimental_attention_variant", "linear / sparse attention (e.g. gated delta net, DSA)", _set),
     ("linear_attention_freq", "linear attention layers (e.g. gated delta net)", _set),
     ("hybrid_override_pattern", "a hybrid layer pattern under Megatron-LM's old name (give it as "
@@ -195,6 +196,7 @@ class _MoE:
     ffn: int  # one routed expert's FFN width
     shared_ffn: int  # all shared experts together (0: none)
     shared_gate: bool  # Qwen2-MoE: sigmoid(x W), W of H x 1, scales the shared experts
+    latent: int = 0  # Nemotron 3 Super: the routed experts' width in and out (0: the hidden size)
 
 
 @dataclass(frozen=True)
@@ -251,7 +253,7 @@ def _moe(a: Mapping[str, Any], num_layers: int, ffn: int) -> tuple[_MoE | None, 
     experts = a.get("num_moe_experts")
     if not experts:
         for name in ("moe_ffn_hidden_size", "moe_shared_expert_intermediate_size",
-                     "moe_shared_expert_gate"):
+                     "moe_shared_expert_gate", "moe_latent_size"):
             if _set(a.get(name)):
                 raise FlopsError(f"config field {name}={a[name]!r} is set but num_moe_experts is "
                                  f"not: no MoE layer would use it")
@@ -272,7 +274,8 @@ def _moe(a: Mapping[str, Any], num_layers: int, ffn: int) -> tuple[_MoE | None, 
     else:
         raise FlopsError(f"moe_layer_freq={freq!r}: expected an int >= 1 or a list of {num_layers} "
                          f"0/1 entries (a string pattern is not evaluated)")
-    return _MoE(experts, topk, int(a.get("moe_ffn_hidden_size") or ffn), shared, gate), pattern
+    latent = int(a.get("moe_latent_size") or 0)
+    return _MoE(experts, topk, int(a.get("moe_ffn_hidden_size") or ffn), shared, gate, latent), pattern
 
 
 def _mla(a: Mapping[str, Any], has_q_lora_field: bool) -> _MLA | None:
@@ -532,8 +535,11 @@ def _layer_forward(a: _Arch, layer: _Layer, b: _Batch) -> dict[str, int]:
         m = a.moe
         # router logits h -> E for every token; Qwen2-MoE's shared-expert gate h -> 1
         out["router"] = 2 * t * a.hidden * (m.experts + (1 if m.shared_gate else 0))
-        # every token runs through top-k experts (no token dropped, no padding to capacity)
-        out["routed_experts"] = 2 * t * m.topk * _mlp_weights(a.hidden, m.ffn, a.gated)
+        # every token runs through top-k experts (no token dropped, no padding to capacity), at
+        # the latent width behind a latent MoE's down- and up-projection (once per token)
+        if m.latent:
+            out["latent_projections"] = 2 * t * 2 * a.hidden * m.latent
+        out["routed_experts"] = 2 * t * m.topk * _mlp_weights(m.latent or a.hidden, m.ffn, a.gated)
         if m.shared_ffn:
             out["shared_experts"] = 2 * t * _mlp_weights(a.hidden, m.shared_ffn, a.gated)
     return out
@@ -672,7 +678,8 @@ def training_flops(model: Any, seq_len: int | Sequence[int] = 4096, batch_size: 
         for name, flops in _layer_forward(a, layer, batch).items():
             fwd[name] = fwd.get(name, 0) + flops
     if a.moe:
-        fwd.update({n: fwd.get(n, 0) for n in _MOE_COMPONENTS if n != "shared_experts" or a.moe.shared_ffn})
+        has = {"shared_experts": a.moe.shared_ffn, "latent_projections": a.moe.latent}
+        fwd.update({n: fwd.get(n, 0) for n in _MOE_COMPONENTS if has.get(n, True)})
     if a.mtp_layers:
         fwd["mtp"] = 0  # counted below
     names = [n for n in ALL_COMPONENTS if n in fwd]
@@ -775,9 +782,9 @@ def _layer_params(a: _Arch, layer: _Layer) -> tuple[dict[str, int], int]:
         out["attention"] = attn
         out["norms"] += qk_norms
 
-    def mlp(f: int) -> int:
+    def mlp(f: int, width: int = h) -> int:
         f_in = f * (2 if a.gated else 1)
-        return _mlp_weights(h, f, a.gated) + ((f_in + h) if a.linear_bias else 0)
+        return _mlp_weights(width, f, a.gated) + ((f_in + width) if a.linear_bias else 0)
 
     if layer.mlp == "dense":
         out["mlp"] = mlp(a.ffn)
@@ -785,10 +792,13 @@ def _layer_params(a: _Arch, layer: _Layer) -> tuple[dict[str, int], int]:
         return out, 0
     m = a.moe
     out["router"] = h * m.experts + (h if m.shared_gate else 0) + (m.experts if a.linear_bias else 0)
-    out["routed_experts"] = m.experts * mlp(m.ffn)
+    width = m.latent or h
+    if m.latent:  # fc1_latent_proj and fc2_latent_proj
+        out["latent_projections"] = 2 * h * m.latent + ((m.latent + h) if a.linear_bias else 0)
+    out["routed_experts"] = m.experts * mlp(m.ffn, width)
     if m.shared_ffn:
         out["shared_experts"] = mlp(m.shared_ffn)
-    return out, (m.experts - m.topk) * mlp(m.ffn)
+    return out, (m.experts - m.topk) * mlp(m.ffn, width)
 
 
 def _params(a: _Arch, vision: dict[str, tuple[int, int]] | None = None) -> Params:

@@ -42,7 +42,7 @@ def is_moe(config: dict) -> bool:
     """Whether the registered bridge for this config is a mixture-of-experts bridge (a VLM's:
     its language bridge)."""
     cls = _text_bridge(config)
-    return cls is not None and getattr(cls, "mixture_of_experts", False)
+    return cls is not None and cls.has_experts(config)
 
 
 def whole_experts(config: dict) -> bool:

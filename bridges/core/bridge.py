@@ -137,6 +137,12 @@ class Bridge:
     # Routed experts: the suite's expert layouts (EP, grouped GEMM) apply (MoEBridge sets it; a
     # family with experts on another base, e.g. a hybrid stack, too)
     mixture_of_experts: ClassVar[bool] = False
+
+    @classmethod
+    def has_experts(cls, config: Any) -> bool:
+        """Whether the model of this HF config has routed experts (the suite's expert layouts
+        apply): ``mixture_of_experts``, unless the family has experts in some models only."""
+        return cls.mixture_of_experts
     # Export dtype of tensors that were quantized in the source (unless re-quantized).
     dequantized_dtype: ClassVar[torch.dtype] = torch.bfloat16
     # Export dtype of every floating-point tensor, instead of the source's (None: the source's);
