@@ -125,3 +125,45 @@ class ExpertsRotated(NemotronHBridge):
                 m = Rotated(m.megatron, m.hf, layers=m.layers, alternate=m.alternate)
             out.append(m)
         return out
+
+
+# -- Nemotron 3 Super: latent MoE and MTP (tests/test_nemotron_h.py) -----------------------------
+class MtpIndexNotFlattened(NemotronHBridge):
+    """The MTP blocks read HF's ``mtp.layers.<depth>`` (the nested index), not the flattened
+    ``<depth * len(pattern) + j>``: every block of the depth reads block 0."""
+
+    def mtp_mappings(self, table, attrs):
+        out = super().mtp_mappings(table, attrs)
+        for m in out:
+            object.__setattr__(m, "flat", (1, 0))
+        return out
+
+
+class MtpNormsSwapped(NemotronHBridge):
+    """The MTP's enorm reads HF's hnorm and the other way round (both [h]; the same swap on
+    export: the roundtrip holds, the main model is untouched)."""
+
+    def mtp_mappings(self, table, attrs):
+        out = super().mtp_mappings(table, attrs)
+        swap = {"enorm.weight": "hnorm.weight", "hnorm.weight": "enorm.weight"}
+        for m in out:
+            for a, b in swap.items():
+                if m.megatron.endswith("." + a):
+                    object.__setattr__(m, "hf", m.hf[:-len(a)] + b)
+        return out
+
+
+class LatentFromMtp(NemotronHBridge):
+    """The first MoE layer's latent projections read from the MTP's MoE block, and the MTP's from
+    that layer's: every tensor used once, every shape right."""
+
+    def mappings(self, attrs):
+        out = super().mappings(attrs)
+        latent = [m for m in out if "latent_proj" in m.megatron]
+        for a in (m for m in latent if m.megatron.startswith("decoder.")):
+            b = next(m for m in latent if m.megatron.startswith("mtp.") and m.megatron[-20:] == a.megatron[-20:])
+            here, there = a.hf.replace("*", str(a.layers[0]), 1), b.hf_names(("0",))[""]
+            object.__setattr__(a, "hf", there)
+            object.__setattr__(a, "layers", a.layers[:1])
+            object.__setattr__(b, "hf", here)
+        return out

@@ -26,11 +26,13 @@ def test_spec_module_imports_before_parallel_state(module, name):
 
 @pytest.mark.parametrize("model,layouts", [("nvidia/Nemotron-H-56B-Base-8K", ("tp1pp1", "tp2", "pp2")),
                                            ("nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B", ("tp1pp1", "ep2", "tp2pp2")),
+                                           ("nvidia/NVIDIA-Nemotron-3-Super-120B-A12B", ("tp1pp1", "tp2ep2", "pp2")),
                                            ("Qwen/Qwen3-Next-80B-A3B-Instruct", ("tp1pp1", "tp2", "pp2"))])
 def test_hybrid_trainer_model_is_the_bridges(conformance, model, layouts):
     """pretrain_hybrid.py's HybridModel from Nemotron-H's --spec stack: the bridge's parameters,
     values and logits (the torch Mamba-2 path: the SSD chunk length does not change the sums);
-    Nemotron 3's MoE layers from the same stack (sequential experts, any count); Qwen3-Next's
+    Nemotron 3's MoE layers from the same stack (sequential experts, any count; Super's latent
+    projections and MTP depth); Qwen3-Next's
     gated delta net, gated attention, MoE and MTP depth from its own."""
     toy = conformance.checkpoint(resolve(model))
     for layout in layouts:

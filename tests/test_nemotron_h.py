@@ -115,8 +115,8 @@ def test_nano_published_config():
 
 
 @pytest.mark.parametrize("change,says", [
-    (dict(moe_latent_size=1024), "moe_latent_size=1024"),
-    (dict(num_nextn_predict_layers=1), "num_nextn_predict_layers=1: MTP layers"),
+    (dict(num_nextn_predict_layers=2, mtp_hybrid_override_pattern="*E"), "num_nextn_predict_layers=2: one MTP depth"),
+    (dict(num_nextn_predict_layers=1, mtp_hybrid_override_pattern="*X"), "mtp_hybrid_override_pattern: block type"),
     (dict(norm_topk_prob=False), "norm_topk_prob=False"),
     (dict(n_group=4, topk_group=2), "n_group=4, topk_group=2"),
 ])
@@ -167,3 +167,78 @@ def test_conv_split_whole_is_caught_at_tp2(conformance, spec):
     assert all(r.passed for r in conformance.case(spec(MODEL), "tp1pp1", bridge_ref=ref).values())
     bad = conformance.case(spec(MODEL), "tp2", bridge_ref=ref)
     assert not bad["logits"].passed and bad["roundtrip"].passed, bad["logits"].details
+
+
+# -- latent MoE and MTP: Nemotron 3 Super ------------------------------------------------------------
+SUPER = "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B"
+SUPER_CONFIG = resolve(SUPER).config
+
+
+def test_super_published_config():
+    b = AutoBridge.from_hf_config(SUPER_CONFIG)
+    a = b.megatron_attrs()
+    assert a["hybrid_layer_pattern"] == SUPER_CONFIG["hybrid_override_pattern"] + "/*E" and a["num_layers"] == 88
+    assert (a["mtp_num_layers"], a["moe_latent_size"], a["num_moe_experts"], a["moe_router_topk"]) == (1, 1024, 512, 22)
+    assert {"mtp", "experts"} <= b.capabilities()
+    back = b.hf_config_dict()
+    assert (back["hybrid_override_pattern"], back["mtp_hybrid_override_pattern"], back["num_nextn_predict_layers"],
+            back["moe_latent_size"]) == (SUPER_CONFIG["hybrid_override_pattern"], "*E", 1, 1024)
+    # transformers 5's spelling of the same config (its lists) is read, and written back as lists
+    hf5 = {k: v for k, v in SUPER_CONFIG.items() if k not in ("hybrid_override_pattern", "mtp_hybrid_override_pattern")}
+    hf5.update(layers_block_type=["mamba" if x == "M" else "moe" if x == "E" else "attention"
+                                  for x in SUPER_CONFIG["hybrid_override_pattern"]],
+               mtp_layers_block_type=["attention", "moe"])
+    assert AutoBridge.from_hf_config(hf5).megatron_attrs()["hybrid_layer_pattern"] == a["hybrid_layer_pattern"]
+
+
+def test_super_mtp_index_is_flattened():
+    """HF's mtp.layers.<depth * 2 + j>: block j of a depth, its norms and projection on block 0, its
+    final norm on the last block (the published layout; vLLM and Megatron-Bridge read it so)."""
+    from bridges.core.mappings import match
+
+    b = AutoBridge.from_hf_config(SUPER_CONFIG)
+    table = b.table(b.megatron_attrs())
+    for name, hf in [("mtp.layers.0.mtp_model_layer.layers.1.mlp.fc2_latent_proj.weight",
+                      "mtp.layers.1.mixer.fc2_latent_proj.weight"),
+                     ("mtp.layers.0.mtp_model_layer.layers.0.self_attention.linear_proj.weight",
+                      "mtp.layers.0.mixer.o_proj.weight"),
+                     ("mtp.layers.0.mtp_model_layer.layers.1.mlp.experts.local_experts.5.linear_fc1.weight",
+                      "mtp.layers.1.mixer.experts.5.up_proj.weight"),
+                     ("mtp.layers.0.eh_proj.weight", "mtp.layers.0.eh_proj.weight"),
+                     ("mtp.layers.0.final_layernorm.weight", "mtp.layers.1.final_layernorm.weight")]:
+        m, captures = match(table, name)
+        assert list(m.hf_names(captures).values())[0] == hf, name
+    m, captures = match(table, "mtp.layers.0.enorm.weight")
+    assert m.hf_names(("1",))[""] == "mtp.layers.2.enorm.weight"  # a second depth starts at block 2
+
+
+def test_super_parameters_match_transformers():
+    hf, r = _params(SUPER_CONFIG)
+    assert r.params.main == hf == 120_668_687_360  # transformers builds no MTP layers
+    assert r.params.main_active == 12_770_216_960  # "A12B"
+    assert r.params.by_component["mtp"] == 2_942_324_736
+    t = 4096
+    assert r.term("latent_projections").forward == 40 * 2 * t * 2 * 4096 * 1024
+    assert r.term("routed_experts").forward == 40 * 2 * t * 22 * 2 * 1024 * 2688  # at the latent width
+
+
+def test_latent_width_changes_the_expert_flops():
+    from bridges.flops import training_flops
+
+    a = AutoBridge.from_hf_config(SUPER_CONFIG).megatron_attrs()
+    wide = training_flops({**a, "moe_latent_size": None}, 4096)
+    narrow = training_flops(a, 4096)
+    assert wide.term("routed_experts").forward == 4 * narrow.term("routed_experts").forward  # 4096 / 1024
+    assert "latent_projections" not in wide.as_dict()["forward"]
+
+
+SUPER_MUTANTS = [
+    ("MtpIndexNotFlattened", {"coverage"}),  # blocks of the wrong kind: the import stops, naming them
+    ("MtpNormsSwapped", {"mtp"}),
+    ("LatentFromMtp", {"logits", "generation", "mtp"}),
+]
+
+
+@pytest.mark.parametrize("mutant,expect", SUPER_MUTANTS, ids=[m[0] for m in SUPER_MUTANTS])
+def test_super_mutant_is_caught(conformance, mutant, expect):
+    assert_caught(conformance, SUPER, f"tests.nemotron_h_mutants:{mutant}", expect, None, mtp=True)

@@ -56,6 +56,7 @@ def _block_config(config, pattern: str):
     cfg = copy.deepcopy(config)
     cfg.layers_block_type = [KINDS[x] for x in pattern]
     cfg._attn_implementation = "eager"
+    cfg._experts_implementation = "eager"
     return cfg
 
 
