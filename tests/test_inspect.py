@@ -110,3 +110,11 @@ def test_hybrid_layer_patterns_are_read_and_unknown_block_types_named(capsys):
     assert hybrid_layers({"num_hidden_layers": 2}) is None
     assert main(["inspect", str(nemo_cfg)]) == 0
     assert "118 HF layers (hybrid_override_pattern): 54 Mamba-2, 54 MLP, 10 attention" in capsys.readouterr().out
+
+
+def test_latent_moe_and_mtp_are_named(capsys):
+    """Nemotron 3 Super: latent MoE, MTP and the hybrid pattern, every field read by its bridge."""
+    assert main(["inspect", "nvidia/NVIDIA-Nemotron-3-Super-120B-A12B", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert {"moe", "latent_moe", "mtp", "hybrid"} <= set(info["blocks"]) and info["bridge"] == "NemotronHBridge"
+    assert info["unknown_fields"] == []

@@ -17,6 +17,7 @@ HELP = "describe a model's config: family, blocks, quantization, bridge, unknown
 MARKERS = {
     "moe": ("num_experts", "num_local_experts", "n_routed_experts", "moe_intermediate_size",
             "num_experts_per_tok", "n_shared_experts", "shared_expert_intermediate_size"),
+    "latent_moe": ("moe_latent_size",),
     "mla": ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim"),
     "mtp": ("num_nextn_predict_layers", "mtp_num_layers"),
     "hybrid": ("hybrid_override_pattern", "mamba_num_heads", "ssm_state_size", "linear_num_key_heads",
