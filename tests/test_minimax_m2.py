@@ -37,6 +37,32 @@ def test_mtp_modules_are_refused_by_name():
         AutoBridge.from_hf_config({**PUBLISHED, "num_mtp_modules": 3}).megatron_attrs()
 
 
+def test_declared_mtp_without_its_tensors_converts_the_main_model(conformance, tmp_path):
+    """The published config declares MTP modules: a checkpoint holding none of their tensors
+    converts (with a warning), one holding them is refused, naming a tensor."""
+    import json
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from bridges.core.config import ConfigError
+    from conformance.models import resolve
+
+    toy = tmp_path / "toy"
+    shutil.copytree(conformance.checkpoint(resolve(MODEL)), toy)
+    cfg = json.loads((toy / "config.json").read_text())
+    (toy / "config.json").write_text(json.dumps({**cfg, "use_mtp": True, "num_mtp_modules": 3}))
+    n = cfg["num_hidden_layers"]
+    with pytest.warns(UserWarning, match=f"holds no layer past model.layers.{n - 1}: converting the main model"):
+        attrs = AutoBridge.from_hf_pretrained(toy).megatron_attrs()
+    assert not attrs.get("mtp_num_layers")
+    (shard,) = toy.glob("*.safetensors")
+    save_file({**load_file(str(shard)), f"model.layers.{n}.eh_proj.weight": torch.zeros(2, 2)}, str(shard))
+    with pytest.raises(ConfigError, match=f"holds 1 such tensors .model.layers.{n}.eh_proj.weight"):
+        AutoBridge.from_hf_pretrained(toy).megatron_attrs()
+
+
 @pytest.mark.parametrize("field,value", [("scoring_func", "softmax"), ("use_routing_bias", False),
                                          ("qk_norm_type", "per_head"), ("shared_intermediate_size", 512),
                                          ("attn_type_list", [0, 1] * 31)])

@@ -11,10 +11,12 @@ or a module another family already brought:
   top-k renormalised, no shared expert, no group limit.
 
 The published weights are FP8 in 128 x 128 blocks (``weight_scale_inv``), read by the codec.
-Multi-token-prediction modules are not mapped (transformers' class has none to check them
-against).
+Multi-token-prediction modules are not mapped (no reference describes them; a checkpoint without their
+tensors converts its main model with a warning).
 """
 from __future__ import annotations
+
+import warnings
 
 from typing import Any
 
@@ -38,11 +40,28 @@ class MiniMaxM2Bridge(FullProjectionQKNorm, MixtralBridge):
     def router_bias_hf(self) -> str:
         return ("mlp" if self.stacked_experts() else "block_sparse_moe") + ".e_score_correction_bias"
 
+    def _check_mtp(self) -> None:
+        """The published config declares MTP modules (``use_mtp``, ``num_mtp_modules``), which no
+        reference here describes: unmapped. A checkpoint that holds none of their tensors (layers
+        past ``num_hidden_layers``) converts its main model, with a warning; one that holds them,
+        or a config alone, is refused, naming what is missing."""
+        declared = {f: get_path(self.hf_config, f, None) for f in ("use_mtp", "num_mtp_modules")}
+        declared = {f: v for f, v in declared.items() if v}
+        if not declared:
+            return
+        what = ", ".join(f"{f}={v}" for f, v in declared.items())
+        ckpt, n = self.checkpoint, get_path(self.hf_config, "num_hidden_layers")
+        extra = [] if ckpt is None else sorted(
+            name for name in ckpt.names() if name.startswith("model.layers.") and int(name.split(".")[2]) >= n)
+        if ckpt is None or extra:
+            held = f"; the checkpoint holds {len(extra)} such tensors ({extra[0]}, ...)" if extra else ""
+            raise ConfigError(f"{what}: MiniMax-M2's multi-token prediction modules are not mapped by the "
+                              f"minimax_m2 bridge (no reference describes their layout){held}")
+        warnings.warn(f"{ckpt.path}: {what}, but the checkpoint holds no layer past model.layers.{n - 1}: "
+                      f"converting the main model without MTP modules", stacklevel=3)
+
     def megatron_attrs(self) -> dict[str, Any]:
-        for field in ("use_mtp", "num_mtp_modules"):
-            if get_path(self.hf_config, field, None):
-                raise ConfigError(f"{field}={get_path(self.hf_config, field)}: MiniMax-M2's multi-token "
-                                  f"prediction modules are not mapped by the minimax_m2 bridge")
+        self._check_mtp()
         for field, want in RELEASED.items():
             have = get_path(self.hf_config, field, want)
             if have != want:
