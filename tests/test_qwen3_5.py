@@ -140,3 +140,41 @@ def test_text_only_checkpoint_converts(conformance, tmp_path, name, model_type, 
     spec = resolve(str(d))
     results = {**conformance.case(spec, "tp2"), "mtp": conformance.mtp_case(spec, "tp2")}
     assert all(r.passed for r in results.values()), "\n".join(str(r) for r in results.values() if not r.passed)
+
+
+def _published_moe_text(**change):
+    """The MoE fixture with the text values Qwen/Qwen3.5-35B-A3B publishes where transformers'
+    defaults differ (field by field from an inventory of the published snapshot ec2d4ece: rope
+    theta 1e7, interleaved M-RoPE [11, 11, 10], one MTP depth, and two switches transformers does
+    not read)."""
+    cfg = _config(MOE)
+    t = cfg["text_config"]
+    t["rope_parameters"] = {"rope_type": "default", "rope_theta": 10000000, "partial_rotary_factor": 0.25,
+                            "mrope_interleaved": True, "mrope_section": [11, 11, 10]}
+    t.update({"mtp_num_hidden_layers": 1, "mtp_use_dedicated_embeddings": False, "attn_output_gate": True,
+              "eos_token_id": 248044, **change})
+    return cfg
+
+
+def test_published_text_values():
+    from bridges.commands.inspect import inspect_config
+
+    cfg = _published_moe_text()
+    b = AutoBridge.from_hf_config(cfg)
+    a = b.megatron_attrs()
+    assert (a["rotary_base"], a["mrope_section"], a["mtp_num_layers"]) == (1e7, [11, 11, 10], 1)
+    assert a["hybrid_layer_pattern"] == "GEGEGE*E" * 10 + "/*E" and a["attention_output_gate"]
+    back = b.hf_config_dict()["text_config"]
+    assert (back["attn_output_gate"], back["mtp_use_dedicated_embeddings"]) == (True, False)
+    assert back["rope_parameters"]["mrope_section"] == [11, 11, 10] and back["rope_parameters"]["mrope_interleaved"]
+    assert inspect_config(cfg, None)["unknown_fields"] == []  # every published field is read
+
+
+@pytest.mark.parametrize("change", [dict(attn_output_gate=False), dict(mtp_use_dedicated_embeddings=True)],
+                         ids=["no-output-gate", "dedicated-mtp-embeddings"])
+def test_published_switches_other_than_published_are_refused(change):
+    from bridges.core.config import ConfigError
+
+    (field, value), = change.items()
+    with pytest.raises(ConfigError, match=f"{field}={value!r}: the qwen3_5 bridge maps Qwen3.5 as published"):
+        AutoBridge.from_hf_config(_published_moe_text(**change)).megatron_attrs()

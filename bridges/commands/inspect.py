@@ -284,7 +284,8 @@ def _registry() -> tuple[dict[str, dict], dict[str, dict]]:
 def _bridge_facts(cls) -> dict:
     return {"class": cls.__name__, "modality": getattr(cls, "modality", "text"),
             "vision_pattern": getattr(cls, "vision_pattern", None),
-            "fields": sorted({f.hf.split(".")[-1] for f in cls.config_fields})}
+            "fields": sorted({f.hf.split(".")[-1] for f in cls.config_fields}
+                             | {f for f, _ in getattr(getattr(cls, "language_bridge", cls), "checked_fields", ())})}
 
 
 def _live_registry() -> tuple[dict[str, dict], dict[str, dict]]:

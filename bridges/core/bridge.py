@@ -137,6 +137,9 @@ class Bridge:
     # Routed experts: the suite's expert layouts (EP, grouped GEMM) apply (MoEBridge sets it; a
     # family with experts on another base, e.g. a hybrid stack, too)
     mixture_of_experts: ClassVar[bool] = False
+    # HF config fields the family checks outside its table (field, the one value it maps): what
+    # ``mbridge inspect`` counts as read.
+    checked_fields: ClassVar[tuple[tuple[str, Any], ...]] = ()
 
     @classmethod
     def has_experts(cls, config: Any) -> bool:

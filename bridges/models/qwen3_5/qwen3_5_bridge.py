@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bridges.core.config import ConfigError, rope_parameters
+from bridges.core.config import ConfigError, get_path, rope_parameters
 from bridges.core.hybrid import split_pattern
 from bridges.core.mappings import Mapping
 from bridges.core.provider import ModelProvider
@@ -44,7 +44,17 @@ class Qwen35TextBridge(Qwen3NextBridge):
         p.setdefault("mrope_section", list(MROPE_SECTION))
         return p
 
+    # The published configs' own switches (transformers reads neither: it always gates the
+    # attention output and shares the main embedding with the MTP block): their values as
+    # published are accepted, another is refused by name.
+    checked_fields = (("attn_output_gate", True), ("mtp_use_dedicated_embeddings", False))
+
     def megatron_attrs(self) -> dict[str, Any]:
+        for field, want in self.checked_fields:
+            have = get_path(self.hf_config, field, want)
+            if have != want:
+                raise ConfigError(f"{field}={have!r}: the qwen3_5 bridge maps Qwen3.5 as published ({field}="
+                                  f"{want!r}); transformers' Qwen3.5 implements no other, so there is no reference")
         attrs = super().megatron_attrs()
         if not self.mixture_of_experts:  # Qwen3-Next's MoE settings, for a model without experts
             attrs = {k: v for k, v in attrs.items() if not k.startswith("moe_")}
@@ -69,6 +79,8 @@ class Qwen35TextBridge(Qwen3NextBridge):
         if "mrope_interleaved" in source:  # HF interleaves whatever it says
             rope["mrope_interleaved"] = source["mrope_interleaved"]
         out["rope_parameters"] = rope
+        out.update({f: get_path(self.hf_config, f) for f, _ in self.checked_fields
+                    if get_path(self.hf_config, f, None) is not None})
         out["layer_types"] = ["full_attention" if m == "*" else "linear_attention"
                               for m in split_pattern(attrs["hybrid_layer_pattern"])[0][::2]]
         return out
