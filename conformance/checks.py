@@ -251,12 +251,15 @@ def check_quant(dequantized: dict[str, torch.Tensor], imported: list[tuple[str, 
     (a) every imported weight equals the dequantized reference; (b) the std of every imported
     weight is within [0.5, 2] x that of the unquantized model (raw FP8 codes sit orders of
     magnitude away); (c) FP8 re-export gives back the source's quantized tensors and scales.
+    FP8, MXFP4 (``_blocks``) and NVFP4 (uint8 codes beside a ``_scale``) weights alike.
     """
     from bridges.core import quant
 
     bad = []
     got = dict(imported)
-    quantized = [n for n, t in source.items() if t.dtype in quant.FP8] + \
+    nvfp4 = [n for n, t in source.items() if t.dtype == torch.uint8 and f"{n}_scale" in source]  # codes
+    scales = {f"{n}_scale" for n in nvfp4}  # NVFP4's float8 block scales are not weights
+    quantized = [n for n, t in source.items() if t.dtype in quant.FP8 and n not in scales] + nvfp4 + \
         [n[: -len("_blocks")] for n in source if n.endswith("_blocks")]  # MXFP4, by value name
     for n in quantized:
         w = got.get(n)

@@ -222,14 +222,18 @@ class Conformance:
         return self._memo(("describe", spec.name, bridge_ref), run)
 
     def quantized_checkpoint(self, spec: ModelSpec, kind: str) -> tuple[str, str, str]:
-        """(a toy in the published quantized layout ``kind``: block / tensor / static FP8 or
-        MXFP4 experts, its dequantized twin, the toy it was made from), made once per session."""
+        """(a toy in the published quantized layout ``kind``: block / tensor / static FP8,
+        MXFP4 experts or NVFP4, its dequantized twin, the toy it was made from), made once per
+        session."""
         def make():
             toy, root = self.checkpoint(spec), str(self.workdir / "toys")
             if kind == "mxfp4":  # experts of a stacked MoE toy, as gpt-oss ships them
                 toy = self.pool.run("conformance.toy:make_stacked_checkpoint", ranks=[0],
                                     timeout=self.timeout, src=toy, root=root)[0]
                 return (*self.pool.run("conformance.toy:make_mxfp4_checkpoint", ranks=[0],
+                                       timeout=self.timeout, src=toy, root=root)[0], toy)
+            if kind == "nvfp4":  # ModelOpt's layout: every linear weight
+                return (*self.pool.run("conformance.toy:make_nvfp4_checkpoint", ranks=[0],
                                        timeout=self.timeout, src=toy, root=root)[0], toy)
             return (*self.pool.run("conformance.toy:make_fp8_checkpoint", ranks=[0],
                                    timeout=self.timeout, src=toy, root=root, kind=kind)[0], toy)

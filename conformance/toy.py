@@ -375,6 +375,60 @@ def make_mxfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tu
     return str(out), str(deq)
 
 
+def make_nvfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tuple[str, str]:
+    """NVFP4 copy of a toy checkpoint as NVIDIA ModelOpt writes one (every linear weight whose
+    rows split into 16-value blocks; embeddings, output heads, routers and norms stay as they
+    are) and its dequantized twin, the HF reference. Per tensor ``weight_scale_2`` = amax / (6 x
+    448); per 16 values a float8 ``weight_scale`` = block amax / 6 / weight_scale_2; values to the
+    nearest FP4 code; a calibrated ``input_scale`` beside each weight."""
+    from bridges.core import quant
+    from bridges.core.hf_io import HFCheckpoint
+
+    src = Path(src)
+    out, deq = Path(root) / f"{src.name}-nvfp4", Path(root) / f"{src.name}-nvfp4-dequantized"
+    Path(root).mkdir(parents=True, exist_ok=True)
+    if (out / "config.json").exists() and (deq / "config.json").exists():
+        return str(out), str(deq)
+    ckpt = HFCheckpoint(src)
+    config = _read_config(src)
+    vocab = (config.get("text_config") or config).get("vocab_size")
+    qt, dt, kept = {}, {}, set()
+    for name in ckpt.names():
+        w = ckpt.get(name)
+        linear = (w.dim() == 2 and name.endswith(".weight") and w.shape[1] % quant.NV_BLOCK == 0
+                  and "embed" not in name and "lm_head" not in name and w.shape[0] != vocab
+                  and not name.endswith((".gate.weight", ".router.weight")))
+        if not linear:
+            qt[name] = dt[name] = w
+            kept.add(name.rsplit(".", 1)[0])
+            continue
+        codes, scale, scale2 = _round_nvfp4(w.float())
+        qt[name], qt[f"{name}_scale"], qt[f"{name}_scale_2"] = codes, scale, scale2
+        qt[name[:-len("weight")] + "input_scale"] = torch.tensor(0.01 * (1 + len(qt) % 7))
+        dt[name] = quant.nvfp4_dequantize(codes, scale, scale2, torch.float32).to(w.dtype)
+    qc = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": quant.NV_BLOCK,
+          "exclude_modules": sorted(kept)}
+    _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
+    return str(out), str(deq)
+
+
+def _round_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``w`` [R, C] as NVFP4: (codes uint8 [R, C/2], float8 block scales [R, C/16], float32
+    tensor scale), values to the nearest FP4 code of their block (ties to the smaller)."""
+    from bridges.core import quant
+
+    R, C = w.shape
+    scale2 = (w.abs().max() / (6 * 448)).clamp(min=torch.finfo(torch.float32).tiny).reshape(())
+    blocks = w.reshape(R, C // quant.NV_BLOCK, quant.NV_BLOCK)
+    scale = (blocks.abs().amax(-1) / 6 / scale2).to(torch.float8_e4m3fn)
+    step = (scale.float() * scale2)[..., None]
+    mags = torch.tensor(quant.FP4_VALUES[:8])
+    q = torch.where(step > 0, blocks.abs() / step.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
+    idx = torch.bucketize(q, (mags[1:] + mags[:-1]) / 2)  # the nearest magnitude
+    code = (idx | (blocks.signbit().long() << 3)).to(torch.uint8).reshape(R, C)
+    return code[:, 0::2] | (code[:, 1::2] << 4), scale, scale2.float()
+
+
 def _save_pair(out: Path, qt: dict, qcfg: dict, deq: Path, dt: dict, cfg: dict, root) -> None:
     """Write a quantized toy and its dequantized twin, each by atomic rename (a loser of a race
     between processes drops its copy)."""

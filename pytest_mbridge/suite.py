@@ -113,12 +113,12 @@ def test_stacked_experts(request, mbridge_model, mbridge_expert_layout, mbridge_
 
 
 def test_quant_sanity(request, mbridge_model, mbridge_format, mbridge_conformance, mbridge_spec):
-    """A quantized (FP8 or MXFP4) toy checkpoint imports to its dequantized values (never raw
+    """A quantized (FP8, MXFP4 or NVFP4) toy checkpoint imports to its dequantized values (never raw
     codes), runs like HF on those values, and re-exports to the source's quantized tensors and
     scales bit-exactly."""
     results = mbridge_conformance.quant_case(mbridge_spec, mbridge_format, request.config.getoption("mbridge_bridge"))
     for r in results.values():
-        r.check = f"{r.check} ({mbridge_format}{'' if mbridge_format == 'mxfp4' else ' fp8'})"
+        r.check = f"{r.check} ({mbridge_format}{'' if mbridge_format in ('mxfp4', 'nvfp4') else ' fp8'})"
     bad = [r for r in results.values() if not r.passed]
     for r in results.values():
         if r.passed or r is bad[0]:

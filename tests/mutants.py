@@ -435,3 +435,39 @@ class HeadDimFromHidden(Qwen3Bridge):
         attrs = super().megatron_attrs()
         attrs["kv_channels"] = attrs["hidden_size"] // attrs["num_attention_heads"]
         return attrs
+
+
+# 22. NVFP4 (ModelOpt) read wrongly: each a converter bug with a plausible story ---------------
+from bridges.models.llama.llama_bridge import LlamaBridge  # noqa: E402
+
+
+class _NVFP4Misread(LlamaBridge):
+    """NVFP4 weights decoded by ``decode(codes, scale, scale_2)`` instead of the codec's."""
+
+    def _read(self, ckpt, name):
+        from bridges.core import quant
+
+        parts = quant.nvfp4_parts(name, ckpt)
+        if not parts:
+            return super()._read(ckpt, name)
+        return self.decode(*(ckpt.get(p) for p in parts[:3])).to(self.dequantized_dtype)
+
+
+class NVFP4HighNibbleFirst(_NVFP4Misread):
+    """The two codes of a byte taken high nibble first (the other packing convention)."""
+
+    @staticmethod
+    def decode(codes, scale, scale2):
+        from bridges.core import quant
+
+        return quant.nvfp4_dequantize((codes >> 4) | (codes << 4), scale, scale2, torch.float32)
+
+
+class NVFP4TensorScaleDropped(_NVFP4Misread):
+    """``weight_scale_2`` ignored: the block scales alone (values off by the per-tensor factor)."""
+
+    @staticmethod
+    def decode(codes, scale, scale2):
+        from bridges.core import quant
+
+        return quant.nvfp4_dequantize(codes, scale, torch.ones(()), torch.float32)

@@ -9,12 +9,14 @@ A mapping names *logical* tensors (``model.layers.0.mlp.experts.gate_up_proj``, 
   ``<name>_scale_inv`` without a block size), and a static ``activation_scale`` where stored.
 - ``MXFP4``: ``<name>_blocks`` (uint8, two e2m1 codes a byte) and ``<name>_scales`` (uint8
   exponents), as gpt-oss ships its experts.
+- ``NVFP4``: ``<name>`` itself uint8 (two e2m1 codes a byte) with ``<name>_scale`` (float8, one a
+  16 values), ``<name>_scale_2`` (per tensor) and an ``input_scale``, as NVIDIA ModelOpt ships.
 
 ``CheckpointView`` finds the codec of a name and reads it as values (``read``), says which
 stored tensors that consumed (``used``: the coverage ledger counts them), and encodes an
 exported tensor back (``encode``): as values in the source's dtype, or, with ``quantized``,
-in the source's format with the source's scales, bit-exactly. A new stored format (NVFP4, say)
-is one more codec in ``CODECS``; the bridge and the mappings do not change.
+in the source's format with the source's scales, bit-exactly. A new stored format is one more
+codec in ``CODECS``; the bridge and the mappings do not change.
 """
 from __future__ import annotations
 
@@ -113,7 +115,25 @@ class MXFP4(Codec):
         return [(parts[0], quant.mxfp4_quantize(t, sc)), (parts[1], sc)]
 
 
-CODECS: tuple[Codec, ...] = (MXFP4(), FP8(), Plain())
+class NVFP4(Codec):
+    def parts(self, ckpt, name):
+        try:
+            return quant.nvfp4_parts(name, ckpt)
+        except quant.QuantError as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
+
+    def decode(self, ckpt, parts, row, dtype):
+        if row is not None:
+            raise CheckpointError(f"{ckpt.path}: {parts[0]} is NVFP4 and stacked: no dequantization path")
+        return quant.nvfp4_dequantize(ckpt.get(parts[0]), ckpt.get(parts[1]), ckpt.get(parts[2]), dtype)
+
+    def encode(self, ckpt, parts, t):
+        codes = quant.nvfp4_quantize(t, ckpt.get(parts[1]), ckpt.get(parts[2]))
+        # the scales and the calibrated input scale are the source's (the model holds values)
+        return [(parts[0], codes)] + [(p, ckpt.get(p)) for p in parts[1:]]
+
+
+CODECS: tuple[Codec, ...] = (MXFP4(), NVFP4(), FP8(), Plain())
 
 
 class CheckpointView:
@@ -189,6 +209,10 @@ class CheckpointView:
             return set(names)
         out = set(names)
         for n in names:
+            nv = quant.nvfp4_parts(n, self.ckpt) if n in self.ckpt else None
+            if nv:
+                out -= set(nv[1:])
+                continue
             comp = quant.companion(n, self.ckpt)
             if comp:
                 out.discard(comp[0])

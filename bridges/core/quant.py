@@ -15,6 +15,12 @@ Formats (shared by several families, so they live here):
   a block) + ``<w>_scales`` uint8 [E, rows, G] (E8M0 exponents, bias 127); value =
   FP4[code] * 2**(scale - 127), laid out [E, G*32, rows] (transformers' dequantized layout).
 
+- NVFP4 (NVIDIA ModelOpt, ``quant_algo: NVFP4``: Nemotron 3 Super, Llama / Qwen3 / DeepSeek FP4
+  releases): ``<w>`` uint8 [rows, cols/2] (two E2M1 codes a byte, low nibble first), ``<w>_scale``
+  float8_e4m3fn [rows, cols/16] (one scale per 16 values of a row), ``<w>_scale_2`` float32
+  (per tensor), and a calibrated ``<w minus 'weight'>input_scale``; value = FP4[code] * scale *
+  scale_2 (the last product rounded once, in float32, then to the model dtype).
+
 Import dequantizes on the fly; a float8 tensor without a companion is an error naming it.
 Export writes the model dtype by default, or re-quantizes to the source's layout (reusing the
 source scales, so an FP8 checkpoint goes HF -> Megatron -> HF bit-exactly; ``mxfp4_quantize``
@@ -193,3 +199,71 @@ def mxfp4_quantize(values: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
                                  f"{int(bad.sum())} such value(s) in rows {r0}:{r0 + len(v)}")
             blocks[e, r0:r0 + step] = (code[..., 0::2] | (code[..., 1::2] << 4)).reshape(-1, G, MX_BLOCK // 2)
     return blocks
+
+
+# -- NVFP4 (ModelOpt) -------------------------------------------------------------------------
+NV_BLOCK = 16
+
+
+def nvfp4_parts(name: str, ckpt) -> tuple[str, ...] | None:
+    """(codes, block scales, tensor scale[, input scale]) of ``name`` stored as ModelOpt NVFP4:
+    a uint8 ``name`` beside a ``<name>_scale``; None when it is not; a missing or misshapen
+    companion raises QuantError naming it."""
+    if name not in ckpt or ckpt.dtype(name) != torch.uint8 or f"{name}_scale" not in ckpt:
+        return None
+    scale, scale2 = f"{name}_scale", f"{name}_scale_2"
+    if scale2 not in ckpt:
+        raise QuantError(f"{name} is NVFP4 ({scale}) without its per-tensor {scale2}")
+    rows, half = ckpt.shape(name)
+    want = (rows, 2 * half // NV_BLOCK)
+    if (2 * half) % NV_BLOCK or tuple(ckpt.shape(scale)) != want or ckpt.dtype(scale) not in (torch.float8_e4m3fn,
+                                                                                             torch.uint8):
+        raise QuantError(f"{scale} is {ckpt.dtype(scale)} {tuple(ckpt.shape(scale))}: NVFP4 {name} "
+                         f"[{rows}, {half}] (two codes a byte) needs float8_e4m3fn {want}, a scale per "
+                         f"{NV_BLOCK} values")
+    if math.prod(ckpt.shape(scale2)) != 1:
+        raise QuantError(f"{scale2} has shape {tuple(ckpt.shape(scale2))}: one per-tensor scale expected")
+    act = name[:-len("weight")] + "input_scale" if name.endswith("weight") else None
+    return (name, scale, scale2) + ((act,) if act and act in ckpt else ())
+
+
+def _nv_scales(scale: torch.Tensor, scale2: torch.Tensor) -> torch.Tensor:
+    """float32 [rows, cols/16] block scale x tensor scale (the fp8 scales may be stored as bytes)."""
+    if scale.dtype == torch.uint8:
+        scale = scale.view(torch.float8_e4m3fn)
+    return scale.float() * scale2.float().reshape(())
+
+
+def nvfp4_dequantize(codes: torch.Tensor, scale: torch.Tensor, scale2: torch.Tensor,
+                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """Values [rows, cols] of NVFP4 ``codes`` [rows, cols/2]: value[r, 2k + h] = FP4[nibble h of
+    codes[r, k]] * scale[r, (2k + h) // 16] * scale2, h = 0 the low nibble; in float32, rounded
+    once to ``dtype``."""
+    rows, half = codes.shape
+    lut = torch.tensor(FP4_VALUES, device=codes.device)
+    v = torch.stack((lut[(codes & 15).int()], lut[(codes >> 4).int()]), -1).reshape(rows, -1, NV_BLOCK)
+    return (v * _nv_scales(scale, scale2)[..., None]).reshape(rows, 2 * half).to(dtype)
+
+
+def nvfp4_quantize(values: torch.Tensor, scale: torch.Tensor, scale2: torch.Tensor) -> torch.Tensor:
+    """NVFP4 codes of ``values`` [rows, cols] with the given scales: the exact inverse of
+    ``nvfp4_dequantize`` (a value decodes from the code whose dequantized value, in the values'
+    dtype, equals it, -0.0 included). A value no code gives raises QuantError naming it."""
+    rows, cols = values.shape
+    if cols % NV_BLOCK or tuple(scale.shape) != (rows, cols // NV_BLOCK):
+        raise QuantError(f"values {tuple(values.shape)} do not match NVFP4 scales {tuple(scale.shape)}")
+    lut, scales = torch.tensor(FP4_VALUES, device=values.device), _nv_scales(scale, scale2)
+    out = torch.empty(rows, cols // 2, dtype=torch.uint8, device=values.device)
+    step = max(1, CHUNK // (cols * 16))
+    for r0 in range(0, rows, step):
+        # what each code decodes to, per block of these rows, in the values' dtype: [r, blocks, 16]
+        table = (lut * scales[r0:r0 + step, :, None]).to(values.dtype).float()
+        v = values[r0:r0 + step].float().reshape(len(table), -1, NV_BLOCK, 1)
+        hit = (table[:, :, None, :] == v) & (table.signbit()[:, :, None, :] == v.signbit())
+        if not hit.any(-1).all():
+            r, b, k = (int(i) for i in (~hit.any(-1)).nonzero()[0])
+            raise QuantError(f"value {v[r, b, k, 0].item()!r} at [{r0 + r}, {b * NV_BLOCK + k}] is not "
+                             f"representable in NVFP4 with block scale {float(scales[r0 + r, b])!r}")
+        code = hit.float().argmax(-1).to(torch.uint8).reshape(len(table), cols)
+        out[r0:r0 + step] = code[:, 0::2] | (code[:, 1::2] << 4)
+    return out

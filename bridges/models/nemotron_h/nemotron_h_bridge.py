@@ -96,6 +96,7 @@ def pattern_of(cfg: Any, mtp_part: bool = False) -> str:
 @register_bridge(model_type="nemotron_h", architectures=["NemotronHForCausalLM"])
 class NemotronHBridge(Bridge):
     config_fields = FIELDS + MOE_FIELDS
+    quantized_formats = ("nvfp4",)  # Nemotron 3 Super's NVFP4 release (ModelOpt)
     ported_remote_code = ("configuration_nemotron_h.NemotronHConfig", "modeling_nemotron_h.NemotronHForCausalLM")
     megatron_lm_script = "pretrain_hybrid.py"  # HybridModel; the stack through --spec
     megatron_lm_spec = ("bridges.models.nemotron_h.megatron_lm_spec", "stack")

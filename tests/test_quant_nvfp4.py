@@ -1,0 +1,111 @@
+"""NVFP4 (NVIDIA ModelOpt): dequantization against the format's definition, bit-exact
+re-encoding, refusals naming the tensor, and the suite's quant item catching misreads."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from bridges.core import quant
+from bridges.core.codecs import CheckpointView
+from bridges.core.hf_io import CheckpointError, HFCheckpoint
+
+
+def nvfp4(rows=6, cols=48, seed=0):
+    """Codes holding every byte (every low / high code pair, -0.0 included), float8 block scales
+    from tiny to large, a float32 tensor scale that is not a power of two."""
+    g = torch.Generator().manual_seed(seed)
+    n = rows * cols // 2
+    b = torch.cat([torch.arange(256), torch.randint(0, 256, (n,), generator=g)])[:n]
+    codes = b[torch.randperm(n, generator=g)].to(torch.uint8).reshape(rows, cols // 2)
+    scale = (torch.rand(rows, cols // 16, generator=g) * 400 + 0.01).to(torch.float8_e4m3fn)
+    return codes, scale, torch.tensor(0.0123)
+
+
+def by_definition(codes, scale, scale2):
+    """value[r, 2k + h] = FP4[nibble h of codes[r, k]] * scale[r, (2k + h) // 16] * scale2, h = 0 low."""
+    rows, half = codes.shape
+    out = torch.empty(rows, 2 * half)
+    for r in range(rows):
+        for k in range(half):
+            for h, nib in enumerate((int(codes[r, k]) & 15, int(codes[r, k]) >> 4)):
+                c = 2 * k + h
+                out[r, c] = quant.FP4_VALUES[nib] * float(scale[r, c // 16].float()) * float(scale2)
+    return out
+
+
+def test_dequantize_is_the_definition():
+    codes, scale, scale2 = nvfp4()
+    got = quant.nvfp4_dequantize(codes, scale, scale2, torch.float32)
+    want = by_definition(codes, scale, scale2)
+    assert torch.equal(got, want) and torch.equal(got.signbit(), want.signbit())  # -0.0 kept
+    # block scales stored as bytes (some exporters) read the same
+    assert torch.equal(quant.nvfp4_dequantize(codes, scale.view(torch.uint8), scale2, torch.float32), got)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_inverts_dequantize_bit_exactly(dtype, monkeypatch):
+    monkeypatch.setattr(quant, "CHUNK", 2 * 48 * 16)  # several row chunks, the last ragged
+    codes, scale, scale2 = nvfp4(rows=7)
+    values = quant.nvfp4_dequantize(codes, scale, scale2, dtype)
+    assert torch.equal(quant.nvfp4_quantize(values, scale, scale2), codes)
+
+
+def test_a_value_off_the_grid_is_named():
+    codes, scale, scale2 = nvfp4()
+    values = quant.nvfp4_dequantize(codes, scale, scale2, torch.float32)
+    values[2, 17] = values[2, 17] * 1.01 + 1e-3
+    with pytest.raises(quant.QuantError, match=r"at \[2, 17\] is not representable in NVFP4"):
+        quant.nvfp4_quantize(values, scale, scale2)
+
+
+def _ckpt(tmp_path, **drop_or_change):
+    codes, scale, scale2 = nvfp4()
+    t = {"l.weight": codes, "l.weight_scale": scale, "l.weight_scale_2": scale2, "l.input_scale": torch.tensor(0.5)}
+    for k, v in drop_or_change.items():
+        t.pop(k) if v is None else t.__setitem__(k, v)
+    save_file(t, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    return HFCheckpoint(tmp_path)
+
+
+def test_the_codec_reads_values_and_reencodes_the_source(tmp_path):
+    view = CheckpointView(_ckpt(tmp_path), torch.float32)
+    ckpt = view.ckpt
+    w = view.read("l.weight")
+    assert torch.equal(w, quant.nvfp4_dequantize(ckpt.get("l.weight"), ckpt.get("l.weight_scale"),
+                                                 ckpt.get("l.weight_scale_2"), torch.float32))
+    assert view.used("l.weight") == ["l.weight", "l.weight_scale", "l.weight_scale_2", "l.input_scale"]
+    back = dict(view.encode("l.weight", w, quantized=True))
+    assert all(torch.equal(back[n].view(torch.uint8) if back[n].dtype == torch.float8_e4m3fn else back[n],
+                           ckpt.get(n).view(torch.uint8) if ckpt.dtype(n) == torch.float8_e4m3fn else ckpt.get(n))
+               for n in ckpt.names())
+    assert view.output_names(set(ckpt.names()), quantized=False) == {"l.weight"}  # values, no scales
+    assert dict(view.encode("l.weight", w, quantized=False))["l.weight"].dtype == torch.float32  # the view's
+
+
+@pytest.mark.parametrize("change,says", [
+    (dict(**{"l.weight_scale_2": None}), "l.weight is NVFP4 .l.weight_scale. without its per-tensor l.weight_scale_2"),
+    (dict(**{"l.weight_scale": torch.ones(6, 2, dtype=torch.float8_e4m3fn)}), r"l.weight_scale is .* needs float8_e4m3fn \(6, 3\)"),
+    (dict(**{"l.weight_scale_2": torch.ones(2)}), "l.weight_scale_2 has shape .2,.: one per-tensor scale"),
+])
+def test_broken_companions_are_named(tmp_path, change, says):
+    view = CheckpointView(_ckpt(tmp_path, **change), torch.float32)
+    with pytest.raises(CheckpointError, match=says):
+        view.read("l.weight")
+
+
+MODEL = "meta-llama/Llama-3.2-1B"
+
+
+def test_the_suite_passes_a_right_bridge(conformance, spec):
+    res = conformance.quant_case(spec(MODEL), "nvfp4")
+    assert res["quant"].passed and res["logits"].passed, res["quant"].details
+
+
+@pytest.mark.parametrize("mutant", ["NVFP4HighNibbleFirst", "NVFP4TensorScaleDropped"])
+def test_misreads_are_caught(conformance, spec, mutant):
+    """Caught on import (values differ from the reference) or, where the misread values fit no
+    code, when the export re-encodes them: either way the quant item fails."""
+    res = conformance.quant_case(spec(MODEL), "nvfp4", bridge_ref=f"tests.mutants:{mutant}")
+    assert not res["quant"].passed
+    assert ("differ from the dequantized reference" in res["quant"].details
+            or "not representable in NVFP4" in res["quant"].details), res["quant"].details
