@@ -109,3 +109,11 @@ def test_misreads_are_caught(conformance, spec, mutant):
     assert not res["quant"].passed
     assert ("differ from the dequantized reference" in res["quant"].details
             or "not representable in NVFP4" in res["quant"].details), res["quant"].details
+
+
+def test_values_imported_in_bf16_and_held_wider_reencode():
+    """The usual path: import dequantizes to bf16, the model (or a float32 export) holds those
+    values; the re-encode still finds each code."""
+    codes, scale, scale2 = nvfp4(rows=5)
+    held = quant.nvfp4_dequantize(codes, scale, scale2, torch.bfloat16).float()
+    assert torch.equal(quant.nvfp4_quantize(held, scale, scale2), codes)

@@ -35,7 +35,8 @@ def add_arguments(parser) -> None:
     exp.add_argument("--megatron", required=True, help="Megatron checkpoint directory")
     exp.add_argument("--hf-source", help="the HF checkpoint it came from (default: recorded at import)")
     exp.add_argument("--fp8", action="store_true",
-                     help="re-quantize tensors that were FP8 in the source to its layout and scales")
+                     help="re-quantize tensors that were quantized in the source (FP8, MXFP4, NVFP4) "
+                          "to its layout and scales")
     cmp = sub.add_parser("compare", help="two HF checkpoints, tensor by tensor, bit for bit")
     cmp.add_argument("a", help="HF checkpoint directory (e.g. the source)")
     cmp.add_argument("b", help="HF checkpoint directory (e.g. an export of it)")

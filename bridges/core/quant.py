@@ -247,8 +247,9 @@ def nvfp4_dequantize(codes: torch.Tensor, scale: torch.Tensor, scale2: torch.Ten
 
 def nvfp4_quantize(values: torch.Tensor, scale: torch.Tensor, scale2: torch.Tensor) -> torch.Tensor:
     """NVFP4 codes of ``values`` [rows, cols] with the given scales: the exact inverse of
-    ``nvfp4_dequantize`` (a value decodes from the code whose dequantized value, in the values'
-    dtype, equals it, -0.0 included). A value no code gives raises QuantError naming it."""
+    ``nvfp4_dequantize`` (a value decodes from the code whose dequantized value equals it, in
+    float32, the values' dtype or bfloat16, -0.0 included: FP4 magnitudes lie >= 1.33x apart,
+    so no rounding merges two codes). A value no code gives raises QuantError naming it."""
     rows, cols = values.shape
     if cols % NV_BLOCK or tuple(scale.shape) != (rows, cols // NV_BLOCK):
         raise QuantError(f"values {tuple(values.shape)} do not match NVFP4 scales {tuple(scale.shape)}")
@@ -256,14 +257,18 @@ def nvfp4_quantize(values: torch.Tensor, scale: torch.Tensor, scale2: torch.Tens
     out = torch.empty(rows, cols // 2, dtype=torch.uint8, device=values.device)
     step = max(1, CHUNK // (cols * 16))
     for r0 in range(0, rows, step):
-        # what each code decodes to, per block of these rows, in the values' dtype: [r, blocks, 16]
-        table = (lut * scales[r0:r0 + step, :, None]).to(values.dtype).float()
-        v = values[r0:r0 + step].float().reshape(len(table), -1, NV_BLOCK, 1)
-        hit = (table[:, :, None, :] == v) & (table.signbit()[:, :, None, :] == v.signbit())
+        # what each code decodes to, per block of these rows: [r, blocks, 16] in float32, and as
+        # rounded on import to bfloat16 (values held in a wider dtype than they were read in)
+        exact = lut * scales[r0:r0 + step, :, None]
+        v = values[r0:r0 + step].float().reshape(len(exact), -1, NV_BLOCK, 1)
+        hit = torch.zeros(*v.shape[:-1], NV_BLOCK, dtype=torch.bool, device=v.device)
+        for dtype in dict.fromkeys((values.dtype, torch.float32, torch.bfloat16)):
+            table = exact.to(dtype).float()
+            hit |= (table[:, :, None, :] == v) & (table.signbit()[:, :, None, :] == v.signbit())
         if not hit.any(-1).all():
             r, b, k = (int(i) for i in (~hit.any(-1)).nonzero()[0])
             raise QuantError(f"value {v[r, b, k, 0].item()!r} at [{r0 + r}, {b * NV_BLOCK + k}] is not "
                              f"representable in NVFP4 with block scale {float(scales[r0 + r, b])!r}")
-        code = hit.float().argmax(-1).to(torch.uint8).reshape(len(table), cols)
+        code = hit.float().argmax(-1).to(torch.uint8).reshape(len(exact), cols)
         out[r0:r0 + step] = code[:, 0::2] | (code[:, 1::2] << 4)
     return out
