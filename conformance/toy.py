@@ -277,11 +277,8 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
     from bridges.core import quant
     from bridges.core.hf_io import HFCheckpoint
 
-    src = Path(src)
-    Path(root).mkdir(parents=True, exist_ok=True)
-    out = Path(root) / f"{src.name}-fp8{kind}"
-    deq = Path(root) / f"{src.name}-fp8{kind}-dequantized"
-    if (out / "config.json").exists() and (deq / "config.json").exists():
+    src, (out, deq, made) = Path(src), _pair_dirs(src, root, f"fp8{kind}")
+    if made:
         return str(out), str(deq)
     ckpt = HFCheckpoint(src)
     config = _read_config(src)
@@ -353,10 +350,8 @@ def make_mxfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tu
     from bridges.core import quant
     from bridges.core.hf_io import HFCheckpoint
 
-    src = Path(src)
-    out, deq = Path(root) / f"{src.name}-mxfp4", Path(root) / f"{src.name}-mxfp4-dequantized"
-    Path(root).mkdir(parents=True, exist_ok=True)
-    if (out / "config.json").exists() and (deq / "config.json").exists():
+    src, (out, deq, made) = Path(src), _pair_dirs(src, root, "mxfp4")
+    if made:
         return str(out), str(deq)
     ckpt = HFCheckpoint(src)
     qt, dt = {}, {}
@@ -384,10 +379,8 @@ def make_nvfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tu
     from bridges.core import quant
     from bridges.core.hf_io import HFCheckpoint
 
-    src = Path(src)
-    out, deq = Path(root) / f"{src.name}-nvfp4", Path(root) / f"{src.name}-nvfp4-dequantized"
-    Path(root).mkdir(parents=True, exist_ok=True)
-    if (out / "config.json").exists() and (deq / "config.json").exists():
+    src, (out, deq, made) = Path(src), _pair_dirs(src, root, "nvfp4")
+    if made:
         return str(out), str(deq)
     ckpt = HFCheckpoint(src)
     config = _read_config(src)
@@ -427,6 +420,15 @@ def _round_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     idx = torch.bucketize(q, (mags[1:] + mags[:-1]) / 2)  # the nearest magnitude
     code = (idx | (blocks.signbit().long() << 3)).to(torch.uint8).reshape(R, C)
     return code[:, 0::2] | (code[:, 1::2] << 4), scale, scale2.float()
+
+
+def _pair_dirs(src, root, tag: str) -> tuple[Path, Path, bool]:
+    """(the ``tag`` copy of toy ``src`` under ``root``, its dequantized twin, whether both are
+    made already); ``root`` created."""
+    name = Path(src).name
+    Path(root).mkdir(parents=True, exist_ok=True)
+    out, deq = Path(root) / f"{name}-{tag}", Path(root) / f"{name}-{tag}-dequantized"
+    return out, deq, (out / "config.json").exists() and (deq / "config.json").exists()
 
 
 def _save_pair(out: Path, qt: dict, qcfg: dict, deq: Path, dt: dict, cfg: dict, root) -> None:
