@@ -274,7 +274,8 @@ class DeepseekV3Bridge(DeepseekV2Bridge):
         Field("num_nextn_predict_layers", "mtp_num_layers", 0, lambda v: v or None, lambda v: v or 0),
     )
     router_bias_hf = "mlp.gate.e_score_correction_bias"
-    quantized_formats = ("block",)  # published FP8: 128 x 128 blocks with weight_scale_inv
+    # published FP8: 128 x 128 blocks with weight_scale_inv; NVIDIA's ModelOpt FP4 (DeepSeek-R1-FP4)
+    quantized_formats = ("block", "nvfp4")
     ported_remote_code = ("configuration_deepseek.DeepseekV3Config", "modeling_deepseek.DeepseekV3Model",
                           "modeling_deepseek.DeepseekV3ForCausalLM")
 

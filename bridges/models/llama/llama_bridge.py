@@ -5,4 +5,4 @@ from bridges.core.registry import register_bridge
 
 @register_bridge(model_type="llama", architectures=["LlamaForCausalLM"])
 class LlamaBridge(GPTBridge):
-    quantized_formats = ("nvfp4",)  # NVIDIA's ModelOpt FP4 releases (e.g. Llama-3.1-8B-Instruct-FP4)
+    quantized_formats = ("nvfp4",)  # NVIDIA's ModelOpt NVFP4 releases of Llama models

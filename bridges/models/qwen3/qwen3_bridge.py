@@ -7,4 +7,5 @@ from bridges.core.registry import register_bridge
 @register_bridge(model_type="qwen3", architectures=["Qwen3ForCausalLM"])
 class Qwen3Bridge(GPTBridge):
     qk_norm = True
-    quantized_formats = ("block",)  # Qwen3-*-FP8: 128 x 128 blocks with weight_scale_inv
+    # Qwen3-*-FP8: 128 x 128 blocks with weight_scale_inv; NVIDIA's ModelOpt NVFP4 releases
+    quantized_formats = ("block", "nvfp4")
