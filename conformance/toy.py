@@ -268,8 +268,9 @@ def make_toy_checkpoint(config: dict[str, Any], root: str | os.PathLike, seed: i
 def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: str = "block",
                         block: tuple[int, int] = (32, 32)) -> tuple[str, str]:
     """FP8 copy of a toy checkpoint (every 2-D weight but embeddings / lm_head quantized, in
-    ``kind`` 'block', 'tensor' or 'static' layout) and its dequantized fp32 twin, the HF
-    reference. Small blocks so that toy weights span several tiles, ragged edges included.
+    ``kind`` 'block', 'tensor', 'static' or 'modelopt' layout) and its dequantized fp32 twin,
+    the HF reference. Small blocks so that toy weights span several tiles, ragged edges included.
+    'modelopt' is NVIDIA ModelOpt's FP8: per-tensor ``weight_scale`` and a static ``input_scale``.
     'static' is transformers' fine-grained FP8 without blocks, as Ministral-3 / Devstral-2 ship:
     a per-tensor ``weight_scale_inv`` and a static ``activation_scale`` per weight, the vision
     side and lm_head left unquantized (``modules_to_not_convert``)."""
@@ -285,7 +286,7 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
     vocab = (config.get("text_config") or config).get("vocab_size")
     tensors = {n: ckpt.get(n) for n in ckpt.names()}
     vlm = any("language_model." in n for n in tensors)
-    qkind = "tensor" if kind == "static" else kind  # static: per-tensor scales, named _scale_inv
+    qkind = "tensor" if kind in ("static", "modelopt") else kind  # static: per-tensor, named _scale_inv
     qt, dt, kept = {}, {}, {"lm_head"}
     for name, w in tensors.items():
         # embeddings and output heads (vocab rows, whatever their name: DeepSeek-V3's MTP
@@ -298,9 +299,10 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
         if w.dim() == 2 and "embed" not in name and "lm_head" not in name and w.shape[0] != vocab and not vision:
             q, s = quant.quantize(w, None, qkind, block)
             qt[name] = q
-            qt[f"{name}_scale" if kind == "tensor" else f"{name}_scale_inv"] = s.float()
-            if kind == "static":  # a calibrated input amax / 448, as the published files store
-                qt[f"{name[:-len('weight')]}activation_scale"] = torch.tensor(0.01 * (1 + len(qt) % 7))
+            qt[f"{name}_scale" if kind in ("tensor", "modelopt") else f"{name}_scale_inv"] = s.float()
+            if kind in ("static", "modelopt"):  # a calibrated input amax / 448, as published files store
+                act = "input_scale" if kind == "modelopt" else "activation_scale"
+                qt[f"{name[:-len('weight')]}{act}"] = torch.tensor(0.01 * (1 + len(qt) % 7))
             dt[name] = quant.dequantize(q, s, qkind, block)
         else:
             qt[name] = dt[name] = w
@@ -310,6 +312,8 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
     if kind == "static":
         qc = {"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": None,
               "dequantize": False, "modules_to_not_convert": sorted(kept)}
+    if kind == "modelopt":
+        qc = {"quant_method": "modelopt", "quant_algo": "FP8", "exclude_modules": ["lm_head"]}
     _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
     return str(out), str(deq)
 

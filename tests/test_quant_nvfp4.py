@@ -117,3 +117,16 @@ def test_values_imported_in_bf16_and_held_wider_reencode():
     codes, scale, scale2 = nvfp4(rows=5)
     held = quant.nvfp4_dequantize(codes, scale, scale2, torch.bfloat16).float()
     assert torch.equal(quant.nvfp4_quantize(held, scale, scale2), codes)
+
+
+def test_modelopt_fp8_input_scale_is_the_static_activation_scale():
+    """NVIDIA ModelOpt's FP8 names the calibrated input scale ``input_scale`` (transformers'
+    static FP8: ``activation_scale``): read as used, written back on a quantized export."""
+    assert quant.activation_scale("l.weight", {"l.weight", "l.weight_scale", "l.input_scale"}) == "l.input_scale"
+    assert quant.activation_scale("l.weight", {"l.weight", "l.activation_scale"}) == "l.activation_scale"
+    assert quant.activation_scale("l.weight", {"l.weight", "l.weight_scale"}) is None
+
+
+def test_modelopt_fp8_through_the_suite(conformance, spec):
+    res = conformance.quant_case(spec(MODEL), "modelopt")
+    assert res["quant"].passed and res["logits"].passed, res["quant"].details

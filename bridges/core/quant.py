@@ -9,7 +9,9 @@ Formats (shared by several families, so they live here):
   blocks (Ministral-3 / Devstral-2: ``weight_block_size`` null) names the per-tensor scale
   ``<w>_scale_inv`` (same formula), and with ``activation_scheme: static`` stores a calibrated
   input scale ``<w minus 'weight'>activation_scale`` beside each weight: the Megatron model
-  (dequantized weights) does not use it; a quantized export writes the source's back;
+  (dequantized weights) does not use it; a quantized export writes the source's back. NVIDIA
+  ModelOpt's FP8 (``quant_algo: FP8``) is the per-tensor form with ``weight_scale`` and a static
+  ``input_scale``, read the same way;
 - MXFP4 (gpt-oss experts, ``quant_method: mxfp4``): the logical ``<w>`` is absent, stored as
   ``<w>_blocks`` uint8 [E, rows, G, 16] (two FP4 E2M1 codes a byte, low nibble first, 32 values
   a block) + ``<w>_scales`` uint8 [E, rows, G] (E8M0 exponents, bias 127); value =
@@ -63,9 +65,12 @@ def companion(name: str, names) -> tuple[str, str] | None:
 
 
 def activation_scale(name: str, names) -> str | None:
-    """The static input scale stored beside FP8 weight ``name``, if any."""
-    act = f"{name[:-len('weight')]}activation_scale" if name.endswith("weight") else None
-    return act if act is not None and act in names else None
+    """The static input scale stored beside FP8 weight ``name``, if any: transformers'
+    ``activation_scale``, or NVIDIA ModelOpt's ``input_scale``."""
+    if not name.endswith("weight"):
+        return None
+    stem = name[:-len("weight")]
+    return next((a for a in (f"{stem}activation_scale", f"{stem}input_scale") if a in names), None)
 
 
 def expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
