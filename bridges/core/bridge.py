@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Iterator
 import torch
 import torch.distributed as dist
 
-from bridges.core.config import Field, translate, untranslate
+from bridges.core.config import ConfigError, Field, get_path, translate, untranslate
 from bridges.core.codecs import CheckpointView
 from bridges.core.hf_io import CheckpointError, HFCheckpoint, save_hf_checkpoint
 from bridges.core.outdir import claim_checked
@@ -138,8 +138,16 @@ class Bridge:
     # family with experts on another base, e.g. a hybrid stack, too)
     mixture_of_experts: ClassVar[bool] = False
     # HF config fields the family checks outside its table (field, the one value it maps): what
-    # ``mbridge inspect`` counts as read.
+    # ``refuse_other_values`` enforces and ``mbridge inspect`` counts as read.
     checked_fields: ClassVar[tuple[tuple[str, Any], ...]] = ()
+
+    def refuse_other_values(self, maps: str, why: str = "") -> None:
+        """Each of ``checked_fields`` absent or at the one value the family maps; another is a
+        ConfigError naming the field: "<field>=<value>: <maps> (<field>=<mapped>)<why>"."""
+        for field, want in self.checked_fields:
+            have = get_path(self.hf_config, field, want)
+            if have != want:
+                raise ConfigError(f"{field}={have!r}: {maps} ({field}={want!r}){why}")
 
     @classmethod
     def has_experts(cls, config: Any) -> bool:

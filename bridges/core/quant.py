@@ -228,8 +228,8 @@ def nvfp4_parts(name: str, ckpt) -> tuple[str, ...] | None:
                          f"{NV_BLOCK} values")
     if math.prod(ckpt.shape(scale2)) != 1:
         raise QuantError(f"{scale2} has shape {tuple(ckpt.shape(scale2))}: one per-tensor scale expected")
-    act = name[:-len("weight")] + "input_scale" if name.endswith("weight") else None
-    return (name, scale, scale2) + ((act,) if act and act in ckpt else ())
+    act = activation_scale(name, ckpt)
+    return (name, scale, scale2) + ((act,) if act else ())
 
 
 def _nv_scales(scale: torch.Tensor, scale2: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,6 @@ tensors converts its main model with a warning).
 from __future__ import annotations
 
 import warnings
-
 from typing import Any
 
 from bridges.core.config import ConfigError, get_path
@@ -26,15 +25,13 @@ from bridges.models.mixtral.mixtral_bridge import MixtralBridge
 from bridges.models.olmoe.olmoe_bridge import FullProjectionQKNorm
 
 
-# fields of the published config.json that transformers' class does not read: the bridge holds
-# them at the released values and refuses others by name (they would change the network)
-RELEASED = {"scoring_func": "sigmoid", "use_routing_bias": True, "use_qk_norm": True,
-            "qk_norm_type": "per_layer", "shared_intermediate_size": 0}
-
-
 @register_bridge(model_type="minimax_m2", architectures=["MiniMaxM2ForCausalLM"])
 class MiniMaxM2Bridge(FullProjectionQKNorm, MixtralBridge):
     quantized_formats = ("block",)  # published: FP8 in 128 x 128 blocks
+    # the published config's own fields (transformers' class does not read them): held at the
+    # released values, another refused by name (it would change the network)
+    checked_fields = (("scoring_func", "sigmoid"), ("use_routing_bias", True), ("use_qk_norm", True),
+                      ("qk_norm_type", "per_layer"), ("shared_intermediate_size", 0))
 
     @property
     def router_bias_hf(self) -> str:
@@ -62,11 +59,7 @@ class MiniMaxM2Bridge(FullProjectionQKNorm, MixtralBridge):
 
     def megatron_attrs(self) -> dict[str, Any]:
         self._check_mtp()
-        for field, want in RELEASED.items():
-            have = get_path(self.hf_config, field, want)
-            if have != want:
-                raise ConfigError(f"{field}={have!r}: the minimax_m2 bridge maps MiniMax-M2 as released "
-                                  f"({field}={want!r})")
+        self.refuse_other_values("the minimax_m2 bridge maps MiniMax-M2 as released")
         kinds = get_path(self.hf_config, "attn_type_list", None)
         if kinds is not None and set(kinds) != {1}:
             raise ConfigError(f"attn_type_list={kinds}: 0 marks a linear-attention layer (MiniMax-Text-01's), "

@@ -25,11 +25,10 @@ position embedding.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from bridges.core.bridge import Bridge
-import warnings
-
 from bridges.core.config import ConfigError, Field, get_path, params_dtype, translate
 from bridges.core.hybrid import mtp_mappings, split_pattern
 from bridges.core.mappings import (QKV, ColumnParallel, Mapping, Replicated, RowParallel, Segmented, TiedOutput,

@@ -50,11 +50,8 @@ class Qwen35TextBridge(Qwen3NextBridge):
     checked_fields = (("attn_output_gate", True), ("mtp_use_dedicated_embeddings", False))
 
     def megatron_attrs(self) -> dict[str, Any]:
-        for field, want in self.checked_fields:
-            have = get_path(self.hf_config, field, want)
-            if have != want:
-                raise ConfigError(f"{field}={have!r}: the qwen3_5 bridge maps Qwen3.5 as published ({field}="
-                                  f"{want!r}); transformers' Qwen3.5 implements no other, so there is no reference")
+        self.refuse_other_values("the qwen3_5 bridge maps Qwen3.5 as published",
+                                 "; transformers' Qwen3.5 implements no other, so there is no reference")
         attrs = super().megatron_attrs()
         if not self.mixture_of_experts:  # Qwen3-Next's MoE settings, for a model without experts
             attrs = {k: v for k, v in attrs.items() if not k.startswith("moe_")}
