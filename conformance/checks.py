@@ -281,5 +281,7 @@ def check_quant(dequantized: dict[str, torch.Tensor], imported: list[tuple[str, 
         elif r.dtype != t.dtype or not torch.equal(r.view(torch.uint8) if r.dtype in quant.FP8 else r,
                                                    t.view(torch.uint8) if t.dtype in quant.FP8 else t):
             bad.append(f"{n}: FP8 re-export differs from the source ({r.dtype} vs {t.dtype})")
-    return CheckResult("quant", not bad, f"{len(quantized)} quantized tensors dequantized, re-exported bit-exact"
-                       if not bad else f"{len(bad)} problems", "\n".join(bad[:20]))
+    kv = sum(n.endswith(tuple(f".{s}" for s in quant.KV_CACHE_SCALES)) for n in source)
+    done = f"{len(quantized)} quantized tensors dequantized, re-exported bit-exact" + \
+        (f" (with {kv} KV-cache scales)" if kv else "")
+    return CheckResult("quant", not bad, done if not bad else f"{len(bad)} problems", "\n".join(bad[:20]))

@@ -270,7 +270,8 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
     """FP8 copy of a toy checkpoint (every 2-D weight but embeddings / lm_head quantized, in
     ``kind`` 'block', 'tensor', 'static' or 'modelopt' layout) and its dequantized fp32 twin,
     the HF reference. Small blocks so that toy weights span several tiles, ragged edges included.
-    'modelopt' is NVIDIA ModelOpt's FP8: per-tensor ``weight_scale`` and a static ``input_scale``.
+    'modelopt' is NVIDIA ModelOpt's FP8: per-tensor ``weight_scale``, a static ``input_scale`` and
+    FP8 KV-cache scales beside the k / v projections.
     'static' is transformers' fine-grained FP8 without blocks, as Ministral-3 / Devstral-2 ship:
     a per-tensor ``weight_scale_inv`` and a static ``activation_scale`` per weight, the vision
     side and lm_head left unquantized (``modules_to_not_convert``)."""
@@ -313,7 +314,8 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
         qc = {"quant_method": "fp8", "activation_scheme": "static", "weight_block_size": None,
               "dequantize": False, "modules_to_not_convert": sorted(kept)}
     if kind == "modelopt":
-        qc = {"quant_method": "modelopt", "quant_algo": "FP8", "exclude_modules": ["lm_head"]}
+        qc = {"quant_method": "modelopt", "quant_algo": "FP8", "exclude_modules": ["lm_head"],
+              **_kv_cache_scales(qt)}
     _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
     return str(out), str(deq)
 
@@ -379,7 +381,8 @@ def make_nvfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tu
     rows split into 16-value blocks; embeddings, output heads, routers and norms stay as they
     are) and its dequantized twin, the HF reference. Per tensor ``weight_scale_2`` = amax / (6 x
     448); per 16 values a float8 ``weight_scale`` = block amax / 6 / weight_scale_2; values to the
-    nearest FP4 code; a calibrated ``input_scale`` beside each weight."""
+    nearest FP4 code; a calibrated ``input_scale`` beside each weight; FP8 KV-cache scales beside
+    the k / v projections."""
     from bridges.core import quant
     from bridges.core.hf_io import HFCheckpoint
 
@@ -404,9 +407,23 @@ def make_nvfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tu
         qt[name[:-len("weight")] + "input_scale"] = torch.tensor(0.01 * (1 + len(qt) % 7))
         dt[name] = quant.nvfp4_dequantize(codes, scale, scale2, torch.float32).to(w.dtype)
     qc = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": quant.NV_BLOCK,
-          "exclude_modules": sorted(kept)}
+          "exclude_modules": sorted(kept), **_kv_cache_scales(qt)}
     _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
     return str(out), str(deq)
+
+
+def _kv_cache_scales(qt: dict[str, torch.Tensor]) -> dict[str, str]:
+    """ModelOpt's FP8 KV-cache calibration added to the quantized tensors ``qt``: a float32 scalar
+    ``k_proj.k_scale`` / ``v_proj.v_scale`` beside each k / v projection (quantized or not);
+    the quantization_config entry saying so (none where the model has no such projections)."""
+    import torch
+
+    added = 0
+    for name in [n for n in qt if n.endswith(("k_proj.weight", "v_proj.weight"))]:
+        kind = "k_scale" if name.endswith("k_proj.weight") else "v_scale"
+        qt[name[:-len("weight")] + kind] = torch.tensor(0.02 * (1 + added % 5), dtype=torch.float32)
+        added += 1
+    return {"kv_cache_quant_algo": "FP8"} if added else {}
 
 
 def _round_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -471,3 +471,35 @@ class NVFP4TensorScaleDropped(_NVFP4Misread):
         from bridges.core import quant
 
         return quant.nvfp4_dequantize(codes, scale, torch.ones(()), torch.float32)
+
+
+# 38. ModelOpt's FP8 KV-cache scales lost or misplaced on a quantized re-export ---------------
+class _KVCacheScalesExported(LlamaBridge):
+    """The quantized export's KV-cache scales (``k_proj.k_scale`` / ``v_proj.v_scale``) passed
+    through ``kv(name, tensor)``: None drops one."""
+
+    def export_hf_weights(self, *args, **kwargs):
+        for n, t in super().export_hf_weights(*args, **kwargs):
+            if n.endswith((".k_scale", ".v_scale")):
+                t = self.kv(n, t)
+                if t is None:
+                    continue
+            yield n, t
+
+
+class KVCacheScalesDropped(_KVCacheScalesExported):
+    """Read and counted on import, never written back (a converter that treats them as
+    inference-only): the engine that loads the re-export runs its FP8 cache uncalibrated."""
+
+    def kv(self, name, t):
+        return None
+
+
+class KVCacheScalesSwapped(_KVCacheScalesExported):
+    """Each layer's k_scale written with its v_scale's value and back (the pair split in the
+    wrong order, as a fused-QKV converter might)."""
+
+    def kv(self, name, t):
+        other = (name.replace("k_proj.k_scale", "v_proj.v_scale") if name.endswith("k_scale")
+                 else name.replace("v_proj.v_scale", "k_proj.k_scale"))
+        return self.checkpoint.get(other)

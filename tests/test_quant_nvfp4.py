@@ -1,5 +1,6 @@
 """NVFP4 (NVIDIA ModelOpt): dequantization against the format's definition, bit-exact
-re-encoding, refusals naming the tensor, and the suite's quant item catching misreads."""
+re-encoding, refusals naming the tensor, and the suite's quant item catching misreads; ModelOpt's
+FP8 input and KV-cache scales."""
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -130,3 +131,50 @@ def test_modelopt_fp8_input_scale_is_the_static_activation_scale():
 def test_modelopt_fp8_through_the_suite(conformance, spec):
     res = conformance.quant_case(spec(MODEL), "modelopt")
     assert res["quant"].passed and res["logits"].passed, res["quant"].details
+
+
+def _kv_ckpt(tmp_path):
+    """A ModelOpt checkpoint's attention: NVFP4 k_proj, bf16 v_proj (excluded from quantization),
+    each with its FP8 KV-cache scale."""
+    codes, scale, scale2 = nvfp4()
+    t = {"a.k_proj.weight": codes, "a.k_proj.weight_scale": scale, "a.k_proj.weight_scale_2": scale2,
+         "a.k_proj.input_scale": torch.tensor(0.5), "a.k_proj.k_scale": torch.tensor(0.03),
+         "a.v_proj.weight": torch.randn(4, 48, dtype=torch.bfloat16), "a.v_proj.v_scale": torch.tensor(0.07)}
+    save_file(t, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "quantization_config": '
+                                          '{"quant_method": "modelopt", "kv_cache_quant_algo": "FP8"}}')
+    return CheckpointView(HFCheckpoint(tmp_path), torch.float32)
+
+
+def test_kv_cache_scales_are_read_as_used_and_written_back_only_quantized(tmp_path):
+    view = _kv_ckpt(tmp_path)
+    assert quant.kv_cache_scales("a.k_proj.weight", view.ckpt) == ("a.k_proj.k_scale",)
+    assert view.used("a.k_proj.weight")[-2:] == ["a.k_proj.input_scale", "a.k_proj.k_scale"]
+    assert view.used("a.v_proj.weight") == ["a.v_proj.weight", "a.v_proj.v_scale"]  # an unquantized weight too
+    v = view.read("a.v_proj.weight")
+    assert torch.equal(v, view.ckpt.get("a.v_proj.weight"))  # the scale is not applied to the weight
+    kept = dict(view.encode("a.v_proj.weight", v, quantized=True))
+    assert set(kept) == {"a.v_proj.weight", "a.v_proj.v_scale"} and float(kept["a.v_proj.v_scale"]) == float(torch.tensor(0.07))
+    k = dict(view.encode("a.k_proj.weight", view.read("a.k_proj.weight"), quantized=True))
+    assert torch.equal(k["a.k_proj.k_scale"], view.ckpt.get("a.k_proj.k_scale"))
+    assert set(dict(view.encode("a.v_proj.weight", v, quantized=False))) == {"a.v_proj.weight"}
+    names = set(view.ckpt.names())
+    assert view.output_names(names, quantized=True) == names
+    assert view.output_names(names, quantized=False) == {"a.k_proj.weight", "a.v_proj.weight"}
+
+
+@pytest.mark.parametrize("kind", ["nvfp4", "modelopt"])
+def test_kv_cache_scales_through_the_suite(conformance, spec, kind):
+    """The toys carry ModelOpt's KV-cache scales (every k / v projection of Llama's 2 layers);
+    the quant item's re-export gives each back bit-exactly."""
+    fp8 = conformance.quantized_checkpoint(spec(MODEL), kind)[0]
+    assert len([n for n in HFCheckpoint(fp8).names() if n.endswith(("k_scale", "v_scale"))]) >= 4
+    res = conformance.quant_case(spec(MODEL), kind)
+    assert res["quant"].passed, res["quant"].details
+
+
+@pytest.mark.parametrize("mutant,says", [("KVCacheScalesDropped", "k_scale: missing from"),
+                                         ("KVCacheScalesSwapped", "k_scale: FP8 re-export differs")])
+def test_kv_cache_scale_bugs_are_caught(conformance, spec, mutant, says):
+    res = conformance.quant_case(spec(MODEL), "nvfp4", bridge_ref=f"tests.mutants:{mutant}")
+    assert not res["quant"].passed and says in res["quant"].details, res["quant"].details

@@ -7,6 +7,8 @@ A mapping names *logical* tensors (``model.layers.0.mlp.experts.gate_up_proj``, 
 - ``FP8``: float8 codes plus a scale companion, per block (``<name>_scale_inv``, tiles from
   ``quantization_config.weight_block_size``) or per tensor / row (``<name>_scale``, or
   ``<name>_scale_inv`` without a block size), and a static ``activation_scale`` where stored.
+- Every codec (``Plain`` too) counts the KV-cache scales ModelOpt stores beside a k / v
+  projection as that projection's parts, written back only where the export keeps the format.
 - ``MXFP4``: ``<name>_blocks`` (uint8, two e2m1 codes a byte) and ``<name>_scales`` (uint8
   exponents), as gpt-oss ships its experts.
 - ``NVFP4``: ``<name>`` itself uint8 (two e2m1 codes a byte) with ``<name>_scale`` (float8, one a
@@ -45,8 +47,8 @@ class Codec:
 
 
 class Plain(Codec):
-    def parts(self, ckpt, name):
-        return (name,) if name in ckpt else None
+    def parts(self, ckpt, name):  # with the KV-cache scales of a projection ModelOpt left unquantized
+        return (name,) + quant.kv_cache_scales(name, ckpt) if name in ckpt else None
 
     def decode(self, ckpt, parts, row, dtype):
         name = parts[0]
@@ -59,7 +61,7 @@ class Plain(Codec):
         return t
 
     def encode(self, ckpt, parts, t):
-        return [(parts[0], t.to(ckpt.dtype(parts[0])))]
+        return [(parts[0], t.to(ckpt.dtype(parts[0])))] + [(p, ckpt.get(p)) for p in parts[1:]]
 
 
 class FP8(Codec):
@@ -70,8 +72,7 @@ class FP8(Codec):
         if comp is None:
             raise CheckpointError(f"{ckpt.path}: {name} is {ckpt.dtype(name)} with no scale companion "
                                   f"({name}_scale_inv or {name}_scale): no dequantization path")
-        act = quant.activation_scale(name, ckpt)
-        return (name, comp[0]) + ((act,) if act else ())
+        return (name, comp[0]) + quant.calibration(name, ckpt)
 
     @staticmethod
     def _layout(ckpt, parts) -> tuple[str, tuple[int, int] | None]:
@@ -186,10 +187,11 @@ class CheckpointView:
         if found is None:
             return [(name, t)]
         codec, parts = found
-        if isinstance(codec, Plain):
+        if isinstance(codec, Plain):  # its KV-cache scales only where the export keeps the format
+            out = codec.encode(self.ckpt, parts, t) if quantized else codec.encode(self.ckpt, parts[:1], t)
             if self.export_dtype is not None and self.ckpt.dtype(parts[0]).is_floating_point:
-                return [(name, t.to(self.export_dtype))]
-            return codec.encode(self.ckpt, parts, t)
+                out[0] = (name, t.to(self.export_dtype))
+            return out
         if quantized:
             return codec.encode(self.ckpt, parts, t)
         return [(name, t.to(self.export_dtype or self.dequantized_dtype))]
@@ -209,14 +211,14 @@ class CheckpointView:
             return set(names)
         out = set(names)
         for n in names:
+            out -= set(quant.kv_cache_scales(n, self.ckpt))
             nv = quant.nvfp4_parts(n, self.ckpt) if n in self.ckpt else None
             if nv:
                 out -= set(nv[1:])
                 continue
             comp = quant.companion(n, self.ckpt)
             if comp:
-                out.discard(comp[0])
-                out.discard(quant.activation_scale(n, self.ckpt))
+                out -= {comp[0], *quant.calibration(n, self.ckpt)}
             if n.endswith("_blocks") and self.codec(n[: -len("_blocks")]):
                 logical = n[: -len("_blocks")]
                 out -= {f"{logical}_blocks", f"{logical}_scales"}

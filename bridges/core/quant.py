@@ -22,6 +22,8 @@ Formats (shared by several families, so they live here):
   float8_e4m3fn [rows, cols/16] (one scale per 16 values of a row), ``<w>_scale_2`` float32
   (per tensor), and a calibrated ``<w minus 'weight'>input_scale``; value = FP4[code] * scale *
   scale_2 (the last product rounded once, in float32, then to the model dtype).
+- KV-cache scales (ModelOpt's ``kv_cache_quant_algo: FP8``): ``<w minus 'weight'>k_scale`` /
+  ``v_scale`` beside the k / v projections, quantized or not; kept like an activation scale.
 
 Import dequantizes on the fly; a float8 tensor without a companion is an error naming it.
 Export writes the model dtype by default, or re-quantizes to the source's layout (reusing the
@@ -71,6 +73,26 @@ def activation_scale(name: str, names) -> str | None:
         return None
     stem = name[:-len("weight")]
     return next((a for a in (f"{stem}activation_scale", f"{stem}input_scale") if a in names), None)
+
+
+KV_CACHE_SCALES = ("k_scale", "v_scale")
+
+
+def kv_cache_scales(name: str, names) -> tuple[str, ...]:
+    """NVIDIA ModelOpt's FP8 KV-cache scales stored beside projection ``name`` (``kv_cache_quant_algo``:
+    ``self_attn.k_proj.k_scale`` / ``v_proj.v_scale``, float32 scalars, whatever the weight's own
+    format): calibration for an inference engine's cache, which the Megatron model does not hold."""
+    if not name.endswith("weight"):
+        return ()
+    stem = name[:-len("weight")]
+    return tuple(f"{stem}{s}" for s in KV_CACHE_SCALES if f"{stem}{s}" in names)
+
+
+def calibration(name: str, names) -> tuple[str, ...]:
+    """Every calibrated scale stored beside weight ``name``: its static activation scale and its
+    KV-cache scales. Read as used; a quantized export writes the source's back."""
+    act = activation_scale(name, names)
+    return ((act,) if act else ()) + kv_cache_scales(name, names)
 
 
 def expand(scale: torch.Tensor, shape: tuple[int, int], block: tuple[int, int]) -> torch.Tensor:
@@ -228,8 +250,7 @@ def nvfp4_parts(name: str, ckpt) -> tuple[str, ...] | None:
                          f"{NV_BLOCK} values")
     if math.prod(ckpt.shape(scale2)) != 1:
         raise QuantError(f"{scale2} has shape {tuple(ckpt.shape(scale2))}: one per-tensor scale expected")
-    act = activation_scale(name, ckpt)
-    return (name, scale, scale2) + ((act,) if act else ())
+    return (name, scale, scale2) + calibration(name, ckpt)
 
 
 def _nv_scales(scale: torch.Tensor, scale2: torch.Tensor) -> torch.Tensor:
