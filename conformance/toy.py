@@ -454,13 +454,19 @@ def _pair_dirs(src, root, tag: str) -> tuple[Path, Path, bool]:
 
 def _save_pair(out: Path, qt: dict, qcfg: dict, deq: Path, dt: dict, cfg: dict, root) -> None:
     """Write a quantized toy and its dequantized twin, each by atomic rename (a loser of a race
-    between processes drops its copy)."""
+    between processes drops its copy). A ModelOpt toy also gets ModelOpt's own
+    ``hf_quant_config.json`` (the same settings under ``quantization``)."""
     from safetensors.torch import save_file
 
     for d, ts, c in ((out, qt, qcfg), (deq, dt, cfg)):
         tmp = Path(tempfile.mkdtemp(prefix=".toy-", dir=root))
         save_file(ts, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "config.json").write_text(json.dumps(c, indent=2))
+        qc = c.get("quantization_config") or {}
+        if qc.get("quant_method") == "modelopt":
+            settings = {k: v for k, v in qc.items() if k != "quant_method"}
+            (tmp / "hf_quant_config.json").write_text(json.dumps(
+                {"producer": {"name": "modelopt"}, "quantization": settings}, indent=2))
         try:
             tmp.rename(d)
         except OSError:  # another process made it first

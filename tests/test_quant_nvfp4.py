@@ -178,3 +178,28 @@ def test_kv_cache_scales_through_the_suite(conformance, spec, kind):
 def test_kv_cache_scale_bugs_are_caught(conformance, spec, mutant, says):
     res = conformance.quant_case(spec(MODEL), "nvfp4", bridge_ref=f"tests.mutants:{mutant}")
     assert not res["quant"].passed and says in res["quant"].details, res["quant"].details
+
+
+def test_nvfp4_through_the_cli_keeps_modelopt_files(conformance, spec, tmp_path):
+    """HF NVFP4 (ModelOpt: scales, KV-cache scales, hf_quant_config.json) -> Megatron TP2 ->
+    HF at PP2 with --fp8: every tensor bit-exact and ModelOpt's file beside it; without --fp8,
+    values only: no scale, no quantization_config, no hf_quant_config.json."""
+    import json
+
+    from conformance.toy import make_nvfp4_checkpoint
+    from tests.convert_tasks import assert_same_checkpoint
+
+    nv, _ = make_nvfp4_checkpoint(conformance.checkpoint(spec(MODEL)), tmp_path / "toys")
+    mc = tmp_path / "m"
+    run = lambda argv: conformance.pool.run("tests.convert_tasks:cli", argv=argv)  # noqa: E731
+    assert run(["convert", "import", "--hf", nv, "--out", str(mc), "--tp", "2"]) == [0] * 4
+    assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp_path / "q"), "--pp", "2", "--fp8"]) == [0] * 4
+    assert_same_checkpoint(HFCheckpoint(nv), HFCheckpoint(tmp_path / "q"))
+    assert (tmp_path / "q" / "hf_quant_config.json").read_text() == (tmp_path / "toys").joinpath(
+        nv, "hf_quant_config.json").read_text()
+    assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp_path / "v")]) == [0] * 4
+    values = HFCheckpoint(tmp_path / "v")
+    assert not [n for n in values.names() if n.endswith(("_scale", "_scale_2", "input_scale", "k_scale", "v_scale"))]
+    assert values.dtype("model.layers.0.self_attn.q_proj.weight") == torch.bfloat16
+    assert not (tmp_path / "v" / "hf_quant_config.json").exists()
+    assert "quantization_config" not in json.loads((tmp_path / "v" / "config.json").read_text())

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from bridges.core.config import ConfigError, Field, get_path, translate, untranslate
 from bridges.core.codecs import CheckpointView
-from bridges.core.hf_io import CheckpointError, HFCheckpoint, save_hf_checkpoint
+from bridges.core.hf_io import QUANT_FILES, CheckpointError, HFCheckpoint, save_hf_checkpoint
 from bridges.core.outdir import claim_checked
 from bridges.core.ledger import CoverageError, Ledger
 from bridges.core.mappings import (Mapping, MappingError, Shapes, TiedOutput, _compile, _fill, match,
@@ -582,7 +582,8 @@ class Bridge:
                     tensors = stack.enter_context(tqdm(tensors, total=total, unit="tensor", desc="export"))
                 source = self.checkpoint.path if self.checkpoint is not None else None
                 save_hf_checkpoint(tensors, self.export_config(quantized), out_dir, source, max_shard_bytes,
-                                   plan=self._export_plan(), overwrite=overwrite)
+                                   plan=self._export_plan(), overwrite=overwrite,
+                                   extra_files=QUANT_FILES if quantized else ())
         else:
             for _ in tensors:
                 pass

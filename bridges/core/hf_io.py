@@ -46,6 +46,9 @@ PICKLE_SUFFIXES = (".bin", ".pt")
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json",
                 "merges.txt", "special_tokens_map.json", "added_tokens.json",
                 "generation_config.json", "chat_template.jinja", "chat_template.json")
+# what a quantized export copies besides: NVIDIA ModelOpt's description of the quantization,
+# which inference engines read (a values export is not quantized and leaves it out)
+QUANT_FILES = ("hf_quant_config.json",)
 
 _DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16,
            "BF16": torch.bfloat16, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16,
@@ -287,13 +290,15 @@ def save_hf_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]], config: dict
                        out_dir: str | os.PathLike, source_dir: str | os.PathLike | None = None,
                        max_shard_bytes: int = 5 * 2**30,
                        plan: list[tuple[str, tuple[int, ...], torch.dtype]] | None = None,
-                       overwrite: bool = False) -> Path:
+                       overwrite: bool = False, extra_files: tuple[str, ...] = ()) -> Path:
     """Write an HF checkpoint atomically (temporary directory, fsync, then rename into place).
 
     ``out_dir`` must be absent or empty; with ``overwrite`` it may also be an earlier output of
     this project and nothing else (``bridges.core.outdir``: anything else is refused, untouched).
     Deterministic: the same tensors (same order) and config give byte-identical files. Before
     writing, temporary siblings left at this target by a killed writer of this host are removed.
+
+    ``extra_files``: more files copied from ``source_dir`` beside ``COPIED_FILES``.
 
     ``plan``: the ``(name, shape, dtype)`` of every tensor, in the order ``tensors`` yields them.
     With it, the shard headers are written first and each tensor is written into its place as it
@@ -314,7 +319,7 @@ def save_hf_checkpoint(tensors: Iterable[tuple[str, torch.Tensor]], config: dict
                                       "weight_map": dict(sorted(weight_map.items()))})
         _write_json(tmp / "config.json", config)
         if source_dir is not None:
-            for name in COPIED_FILES:
+            for name in COPIED_FILES + extra_files:
                 if (Path(source_dir) / name).exists():
                     shutil.copy2(Path(source_dir) / name, tmp / name)
     return out
