@@ -203,3 +203,24 @@ def test_nvfp4_through_the_cli_keeps_modelopt_files(conformance, spec, tmp_path)
     assert values.dtype("model.layers.0.self_attn.q_proj.weight") == torch.bfloat16
     assert not (tmp_path / "v" / "hf_quant_config.json").exists()
     assert "quantization_config" not in json.loads((tmp_path / "v" / "config.json").read_text())
+
+
+def test_mixed_precision_modelopt_reads_each_tensor_by_its_own_layout(tmp_path):
+    """ModelOpt's MIXED_PRECISION checkpoints (Nemotron 3 NVFP4 releases) hold FP8 and NVFP4
+    linears and bf16 ones side by side; each is read and re-encoded by its own layout."""
+    codes, scale, scale2 = nvfp4()
+    fp8, s8 = quant.quantize(torch.randn(8, 48), None, "tensor", None)
+    t = {"a.weight": codes, "a.weight_scale": scale, "a.weight_scale_2": scale2, "a.input_scale": torch.tensor(0.5),
+         "b.weight": fp8, "b.weight_scale": s8.float(), "b.input_scale": torch.tensor(0.25),
+         "c.weight": torch.randn(4, 48, dtype=torch.bfloat16)}
+    save_file(t, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"model_type": "nemotron_h", "quantization_config": {"quant_method": '
+                                          '"modelopt", "quant_algo": "MIXED_PRECISION"}}')
+    view = CheckpointView(HFCheckpoint(tmp_path), torch.float32)
+    assert torch.equal(view.read("a.weight"), quant.nvfp4_dequantize(codes, scale, scale2, torch.float32))
+    assert torch.equal(view.read("b.weight"), quant.dequantize(fp8, s8, "tensor", None))
+    assert view.used("b.weight") == ["b.weight", "b.weight_scale", "b.input_scale"]
+    back = {n: v for w in ("a.weight", "b.weight", "c.weight") for n, v in view.encode(w, view.read(w), quantized=True)}
+    assert set(back) == set(t)
+    assert all(torch.equal(back[n].view(torch.uint8) if back[n].dtype == torch.float8_e4m3fn else back[n],
+                           t[n].view(torch.uint8) if t[n].dtype == torch.float8_e4m3fn else t[n]) for n in t)
