@@ -103,7 +103,7 @@ def cli_section(results: dict, short) -> list[str]:
           "export from them, and the whole commands, against that machine's read and write floors "
           "(`--models qwen3-30b-a3b-full` for EP2/EP4 where there are several GPUs; `--device cpu "
           "--models tiny` checks the script without one). Its results are JSON in DIR, not this page; "
-          "the run on 1 x H200 of 2026-12-04 is docs/performance-gpu.md.", ""]
+          "the runs on 1 x H200 (2026-12-04 and 2026-12-05) are docs/performance-gpu.md.", ""]
     for res in results["models"].values():
         prof = res.get("cli_profile")
         if not prof:

@@ -88,7 +88,7 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
     from tests.test_mutations import MUTANTS
     from tests.test_nemotron_h import MODEL as NEMOTRON_H
     from tests.test_nemotron_h import MUTANTS as NH
-    from tests.test_nemotron_h import NANO, NANO_MUTANTS
+    from tests.test_nemotron_h import NANO, NANO_MUTANTS, SUPER, SUPER_MUTANTS
     from tests.test_qwen3_next import MODEL as QWEN3_NEXT
     from tests.test_qwen3_next import MUTANTS as Q3N
     from tests.test_qwen3_5 import DENSE as QWEN3_5
@@ -114,6 +114,7 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
                                     for m, model, table in (("gpt_oss", GPT_OSS, OSS), ("minimax_m2", MINIMAX, MM2),
                                                             ("nemotron_h", NEMOTRON_H, NH),
                                                             ("nemotron_h", NANO, NANO_MUTANTS),
+                                                            ("nemotron_h", SUPER, SUPER_MUTANTS),
                                                             ("qwen3_next", QWEN3_NEXT, Q3N))),
                                   ("qwen3_5_mutants", [(n, QWEN3_5, {"tp1pp1": e}) for n, e, _ in Q35]
                                    + [("TopKNotRenormalised", QWEN3_5_MOE, {"tp1pp1": {"logits", "generation"}})]))
