@@ -92,15 +92,24 @@ def pytest_configure(config: pytest.Config) -> None:
     if getattr(config.option, "dist", "no") == "load":
         config.option.dist = "loadgroup"
     if config.getoption("run_gpu"):
-        import torch
-
-        if not torch.cuda.is_available():
-            raise pytest.UsageError("--run-gpu: no CUDA device is visible (torch.cuda.is_available() is False)")
+        _gpu_setup()
     config._mbridge_rows = []  # type: ignore[attr-defined]
     _trust(config)
     _models(config)  # resolve now: a bad model name is a usage error, not a collection error
     config._mbridge_unrunnable = _unrunnable(config)  # type: ignore[attr-defined]
     _check_layouts(config)
+
+
+def _gpu_setup() -> None:
+    """--run-gpu: a CUDA device must be visible. fp32 verdicts mean fp32 math: Triton kernels
+    (mamba_ssm's Mamba-2 scan, fla) take fp32 dot inputs as TF32 by default, which moved
+    Nemotron-H-56B's fp32 logits to 6.2e-5 on an H200 (docs/nemotron-h.md); the rank workers
+    inherit IEEE fp32 from here (a user's own TRITON_F32_DEFAULT is kept)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise pytest.UsageError("--run-gpu: no CUDA device is visible (torch.cuda.is_available() is False)")
+    os.environ.setdefault("TRITON_F32_DEFAULT", "ieee")
 
 
 def pytest_collect_file(file_path: Path, parent):

@@ -1,5 +1,6 @@
 """The plugin as a user meets it: pytest run in an empty directory, in a subprocess."""
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -149,3 +150,19 @@ def test_bf16_results_come_with_what_bf16_cannot_see(run, pytester):
     from conformance.checks import BF16_BLIND
 
     assert report["bf16_note"] == BF16_BLIND
+
+
+def test_run_gpu_asks_triton_for_ieee_fp32(monkeypatch):
+    """Triton's kernels would take fp32 dots as TF32: --run-gpu sets IEEE for its workers,
+    keeping a value the user gave."""
+    import torch
+
+    from pytest_mbridge import plugin
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("TRITON_F32_DEFAULT", raising=False)
+    plugin._gpu_setup()
+    assert os.environ["TRITON_F32_DEFAULT"] == "ieee"
+    monkeypatch.setenv("TRITON_F32_DEFAULT", "tf32")
+    plugin._gpu_setup()
+    assert os.environ["TRITON_F32_DEFAULT"] == "tf32"
