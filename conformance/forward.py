@@ -125,6 +125,8 @@ def capture_hf(model, store: dict, parts=()):
         for attr, label in parts:
             if attr == "self_attn" and not hasattr(layer, attr):
                 attr = "linear_attn"  # Qwen3-Next's gated-delta-net layers
+            if attr == "mlp" and not hasattr(layer, attr):
+                attr = "block_sparse_moe"  # GraniteMoe's MoE block
             hooks.append(getattr(layer, attr).register_forward_hook(
                 lambda _m, _i, o, k=f"layer {n} {label}": store.__setitem__(k, _first(o).detach().float().cpu().clone())))
     final = getattr(base, "norm", None) or base.norm_f

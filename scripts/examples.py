@@ -24,6 +24,7 @@ FLAGSHIPS = {
     "meta-llama/Llama-3.1-8B": {},
     "mistralai/Mistral-7B-v0.1": {},
     "mistralai/Mixtral-8x7B-v0.1": {},
+    "ibm-granite/granite-3.1-3b-a800m-instruct": {"layout": {"ep": 8, "etp": 1}},
     "microsoft/Phi-3-mini-4k-instruct": {},
     "openai/gpt-oss-20b": {"quantized": "mxfp4"},
     "zai-org/GLM-4.5": {"layout": {"pp": 4, "ep": 8, "etp": 1}},  # trained at tp4pp4ep32: torch_dist reshards
@@ -44,7 +45,7 @@ FLAGSHIPS = {
     "Qwen/Qwen3.5-35B-A3B-transformers-defaults": {"layout": {"ep": 8, "etp": 1}},
 }
 # families with a shipped config but no example yet, and why
-WITHOUT = {"minimax_m2": "the published config declares three MTP modules, which the bridge refuses "
+WITHOUT = {"granite": "no published dense Granite config ships here (its fixture is transformers' defaults)", "minimax_m2": "the published config declares three MTP modules, which the bridge refuses "
                          "(docs/minimax-m2.md)"}
 
 
