@@ -188,7 +188,7 @@ class CheckpointView:
             return [(name, t)]
         codec, parts = found
         if isinstance(codec, Plain):  # its KV-cache scales only where the export keeps the format
-            out = codec.encode(self.ckpt, parts, t) if quantized else codec.encode(self.ckpt, parts[:1], t)
+            out = codec.encode(self.ckpt, parts if quantized else parts[:1], t)
             if self.export_dtype is not None and self.ckpt.dtype(parts[0]).is_floating_point:
                 out[0] = (name, t.to(self.export_dtype))
             return out

@@ -116,10 +116,14 @@ class MoEBridge(GPTBridge):
     # -- weights --------------------------------------------------------------------------
     def stacked_experts(self) -> bool:
         """Whether the source checkpoint stores experts stacked (else per-expert tensors)."""
-        ckpt = self.checkpoint
-        name = H.replace("*", "{}") + self.stacked_hf["gate_up"]
-        return ckpt is not None and any(n in ckpt for i in range(self._num_layers())
-                                        for n in (name.format(i), name.format(i) + "_blocks"))
+        return self._in_some_layer(self.stacked_hf["gate_up"], ("", "_blocks"))
+
+    def _in_some_layer(self, rel: str, suffixes: tuple[str, ...] = ("",)) -> bool:
+        """Whether the source checkpoint holds decoder-layer tensor ``rel`` (or ``rel`` + a suffix)
+        in any layer."""
+        ckpt, name = self.checkpoint, H.replace("*", "{}") + rel
+        return ckpt is not None and any(name.format(i) + s in ckpt for i in range(self._num_layers())
+                                        for s in suffixes)
 
     def _num_layers(self) -> int:
         return get_path(self.hf_config, "num_hidden_layers")

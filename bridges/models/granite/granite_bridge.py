@@ -34,7 +34,7 @@ from __future__ import annotations
 from typing import Any
 
 from bridges.core.config import GPT_FIELDS, Field
-from bridges.core.gpt import H, GPTBridge, local_layer_spec
+from bridges.core.gpt import GPTBridge, local_layer_spec
 from bridges.core.moe import MoEBridge, moe_fields
 from bridges.core.provider import ModelProvider
 from bridges.core.registry import register_bridge
@@ -94,9 +94,7 @@ class GraniteMoeBridge(GraniteScalars, MoEBridge):
                  "router": "block_sparse_moe.router.weight"}
 
     def _names(self) -> dict[str, str]:
-        ckpt, name = self.checkpoint, H.replace("*", "{}") + self.IN_MEMORY["gate_up"]
-        in_memory = ckpt is not None and any(name.format(i) in ckpt for i in range(self._num_layers()))
-        return self.IN_MEMORY if in_memory else self.STORED
+        return self.IN_MEMORY if self._in_some_layer(self.IN_MEMORY["gate_up"]) else self.STORED
 
     @property
     def stacked_hf(self) -> dict[str, str]:
