@@ -1,6 +1,7 @@
 """The mutants `scripts/gpu_conformance.py mutants` runs under the default `--run-gpu` suite:
 every mutant of tests/mutants.py and the family mutant files (gemma, gemma3_vl, qwen2_5_vl,
-qwen3_vl, qwen3_vl_moe, mistral3, gpt_oss) that the CPU self-tests (tests/test_mutations.py,
+qwen3_vl, qwen3_vl_moe, mistral3, gpt_oss, minimax_m2, nemotron_h,
+qwen3_next, qwen3_5, phi3, granite) that the CPU self-tests (tests/test_mutations.py,
 test_gemma.py, test_gemma3_vl.py, ...) expect to fail at tp1pp1 (the one layout a single GPU runs), the subtle config and module bugs of #22 first,
 plus one bug class those lack: a single pair of query heads swapped.
 """
@@ -67,7 +68,8 @@ def descriptions() -> dict[str, str]:
     for module in ("tests.gemma_mutants", "tests.gemma3_vl_mutants", "tests.qwen2_5_vl_mutants",
                    "tests.qwen3_vl_mutants", "tests.qwen3_vl_moe_mutants", "tests.mistral3_mutants",
                    "tests.gpt_oss_mutants", "tests.minimax_m2_mutants", "tests.nemotron_h_mutants",
-                   "tests.qwen3_next_mutants", "tests.qwen3_5_mutants"):
+                   "tests.qwen3_next_mutants", "tests.qwen3_5_mutants", "tests.phi3_mutants",
+                   "tests.granite_mutants"):
         for name, cls in inspect.getmembers(importlib.import_module(module), inspect.isclass):
             if cls.__module__ == module and not name.startswith("_"):  # by bridge ref: names repeat
                 out[f"{module}:{name}"] = " ".join((cls.__doc__ or name).split())
@@ -81,6 +83,8 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
     from tests.test_gemma3_vl import MUTANTS as VLM
     from tests.test_gpt_oss import MODEL as GPT_OSS
     from tests.test_gpt_oss import MUTANTS as OSS
+    from tests.test_granite import MOE as GRANITE
+    from tests.test_granite import MUTANTS as GRN
     from tests.test_mistral3 import MODEL as MISTRAL3
     from tests.test_minimax_m2 import MODEL as MINIMAX
     from tests.test_minimax_m2 import MUTANTS as MM2
@@ -89,6 +93,7 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
     from tests.test_nemotron_h import MODEL as NEMOTRON_H
     from tests.test_nemotron_h import MUTANTS as NH
     from tests.test_nemotron_h import NANO, NANO_MUTANTS, SUPER, SUPER_MUTANTS
+    from tests.test_phi3 import MUTANTS as PHI3
     from tests.test_qwen3_next import MODEL as QWEN3_NEXT
     from tests.test_qwen3_next import MUTANTS as Q3N
     from tests.test_qwen3_5 import DENSE as QWEN3_5
@@ -100,6 +105,8 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
     from tests.test_qwen3_vl import MUTANTS as Q3VLM
     from tests.test_qwen3_vl_moe import MODEL as QWEN3_VL_MOE
     from tests.test_qwen3_vl_moe import MUTANTS as Q3VLMOE
+
+    phi3 = "microsoft/Phi-3-mini-4k-instruct"
 
     def vlm(model, table):
         return [(n, model, {"tp1pp1": expect}) for n, expect, _ in table]
@@ -116,6 +123,8 @@ def gpu_mutants() -> list[tuple[str, str, str, set[str]]]:
                                                             ("nemotron_h", NANO, NANO_MUTANTS),
                                                             ("nemotron_h", SUPER, SUPER_MUTANTS),
                                                             ("qwen3_next", QWEN3_NEXT, Q3N))),
+                                  ("phi3_mutants", [(n, phi3, e) for n, e in PHI3]),
+                                  ("granite_mutants", [(n, GRANITE, e) for n, e in GRN]),
                                   ("qwen3_5_mutants", [(n, QWEN3_5, {"tp1pp1": e}) for n, e, _ in Q35]
                                    + [("TopKNotRenormalised", QWEN3_5_MOE, {"tp1pp1": {"logits", "generation"}})]))
             for n, model, expect in table if expect.get("tp1pp1") and "/" in model]  # a fixture's name
