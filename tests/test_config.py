@@ -497,3 +497,41 @@ def test_a_config_path_with_transformers_tagged_infinity_reads(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     bridge = AutoBridge.from_hf_config(tmp_path)
     assert bridge.megatron_attrs()["hybrid_layer_pattern"]
+
+
+def test_registry_refuses_a_second_class_and_takes_back_a_reimported_one():
+    """A key registered to another class is a conflict; the same class imported again (pytester's
+    in-process runs drop modules from sys.modules, a later import makes the class anew) is not."""
+    import types
+
+    from bridges.core import registry
+    from bridges.core.bridge import Bridge
+
+    def make(name: str):
+        return types.new_class(name, (Bridge,), exec_body=lambda ns: ns.update(__module__="tests.fake_family"))
+
+    saved = dict(registry._BY_TYPE), dict(registry._BY_ARCH)
+    try:
+        first = registry.register_bridge("fake_family_xyz", ["FakeForCausalLM"])(make("FakeBridge"))
+        again = registry.register_bridge("fake_family_xyz", ["FakeForCausalLM"])(make("FakeBridge"))
+        assert again is not first and registry._BY_TYPE["fake_family_xyz"] is again
+        with pytest.raises(ValueError, match="'fake_family_xyz' is already registered to FakeBridge"):
+            registry.register_bridge("fake_family_xyz")(make("OtherBridge"))
+    finally:
+        registry._BY_TYPE.clear(); registry._BY_TYPE.update(saved[0])
+        registry._BY_ARCH.clear(); registry._BY_ARCH.update(saved[1])
+
+
+def test_yarn_config_class_needs_no_module_in_sys_modules(monkeypatch):
+    """GPT-OSS's YaRN TransformerConfig subclass is made without looking up its module (a lookup
+    that failed once bridges.core.gpt had left sys.modules, and the FLOPs calculator then counted
+    LayerNorm norms from defaults)."""
+    import sys
+
+    from bridges.core import gpt
+
+    gpt.yarn_transformer_config.cache_clear()
+    monkeypatch.delitem(sys.modules, "bridges.core.gpt")
+    cls = gpt.yarn_transformer_config()
+    assert cls.__dataclass_fields__["yarn_beta_fast"].default == 32.0
+    gpt.yarn_transformer_config.cache_clear()

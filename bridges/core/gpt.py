@@ -190,17 +190,13 @@ def yarn_transformer_config():
 
     from megatron.core.transformer import TransformerConfig
 
-    @dataclasses.dataclass
-    class YarnTransformerConfig(TransformerConfig):
-        yarn_rotary_scaling_factor: float = 1.0
-        yarn_original_max_position_embeddings: int = 4096
-        yarn_beta_fast: float = 32.0
-        yarn_beta_slow: float = 1.0
-        yarn_mscale: float = 1.0
-        yarn_mscale_all_dim: float = 0.0
-        yarn_correction_range_round_to_int: bool = True
-
-    return YarnTransformerConfig
+    # made with real types, not this module's string annotations: dataclasses resolves those
+    # through sys.modules, which a test that re-imports the package may have emptied
+    return dataclasses.make_dataclass("YarnTransformerConfig", [
+        ("yarn_rotary_scaling_factor", float, 1.0), ("yarn_original_max_position_embeddings", int, 4096),
+        ("yarn_beta_fast", float, 32.0), ("yarn_beta_slow", float, 1.0), ("yarn_mscale", float, 1.0),
+        ("yarn_mscale_all_dim", float, 0.0), ("yarn_correction_range_round_to_int", bool, True)],
+        bases=(TransformerConfig,), module=__name__)
 
 
 def sliding_window_to_megatron(cfg) -> tuple[int, int] | None:

@@ -22,7 +22,11 @@ def register_bridge(model_type: str, architectures: list[str] | tuple[str, ...] 
 
     def deco(cls):
         for key, table in [(model_type, _BY_TYPE)] + [(a, _BY_ARCH) for a in architectures]:
-            if key in table and table[key] is not cls:
+            old = table.get(key)
+            # the same class imported again (its module left sys.modules, as pytester's in-process
+            # runs do) replaces itself; another class for the key is a conflict
+            if old is not None and old is not cls and \
+                    (old.__module__, old.__qualname__) != (cls.__module__, cls.__qualname__):
                 raise ValueError(f"{key!r} is already registered to {table[key].__name__}")
             table[key] = cls
         cls.model_type = model_type
