@@ -134,7 +134,7 @@ def model_attrs(model: Any) -> dict[str, Any]:
     if hasattr(model, "to_megatron_provider"):  # a bridge
         try:
             return model.to_megatron_provider().as_dict()
-        except (NotImplementedError, AttributeError):
+        except NotImplementedError:  # a bridge without a provider (an AttributeError is a bug)
             return model.megatron_attrs()
     raise TypeError(f"expected a bridge, a provider or a dict of Megatron attributes, got "
                     f"{type(model).__name__}")
