@@ -274,7 +274,11 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
     FP8 KV-cache scales beside the k / v projections.
     'static' is transformers' fine-grained FP8 without blocks, as Ministral-3 / Devstral-2 ship:
     a per-tensor ``weight_scale_inv`` and a static ``activation_scale`` per weight, the vision
-    side and lm_head left unquantized (``modules_to_not_convert``)."""
+    side and lm_head left unquantized (``modules_to_not_convert``).
+    'compressed' is compressed-tensors' FP8 as llm-compressor writes it: a per-channel
+    ``weight_scale`` [rows, 1] and a static ``input_scale`` [1] in bf16, MoE routers left
+    unquantized (``ignore``), and the ``kv_cache_scheme``'s ``k_scale`` / ``v_scale`` [1] on each
+    attention module."""
 
     from bridges.core import quant
     from bridges.core.hf_io import HFCheckpoint
@@ -287,7 +291,7 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
     vocab = (config.get("text_config") or config).get("vocab_size")
     tensors = {n: ckpt.get(n) for n in ckpt.names()}
     vlm = any("language_model." in n for n in tensors)
-    qkind = "tensor" if kind in ("static", "modelopt") else kind  # static: per-tensor, named _scale_inv
+    qkind = "tensor" if kind in ("static", "modelopt", "compressed") else kind  # static: per-tensor, named _scale_inv
     qt, dt, kept = {}, {}, {"lm_head"}
     for name, w in tensors.items():
         # embeddings and output heads (vocab rows, whatever their name: DeepSeek-V3's MTP
@@ -297,8 +301,15 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
         if vision:  # the module's in-memory name (model.vision_tower), whichever layout is stored
             parts = name.split(".")
             kept.add(".".join(parts[:2]) if parts[0] == "model" else f"model.{parts[0]}")
-        if w.dim() == 2 and "embed" not in name and "lm_head" not in name and w.shape[0] != vocab and not vision:
-            q, s = quant.quantize(w, None, qkind, block)
+        router = kind == "compressed" and name.endswith("mlp.gate.weight")
+        if w.dim() == 2 and "embed" not in name and "lm_head" not in name and w.shape[0] != vocab and not vision \
+                and not router:
+            q, s = quant.quantize(w, None, qkind, block) if kind != "compressed" else _per_channel_fp8(w)
+            if kind == "compressed":
+                qt[name], qt[f"{name}_scale"] = q, s
+                qt[f"{name[:-len('weight')]}input_scale"] = torch.tensor([0.01 * (1 + len(qt) % 7)], dtype=torch.bfloat16)
+                dt[name] = quant.dequantize(q, s, qkind, block)
+                continue
             qt[name] = q
             qt[f"{name}_scale" if kind in ("tensor", "modelopt") else f"{name}_scale_inv"] = s.float()
             if kind in ("static", "modelopt"):  # a calibrated input amax / 448, as published files store
@@ -316,6 +327,8 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
     if kind == "modelopt":
         qc = {"quant_method": "modelopt", "quant_algo": "FP8", "exclude_modules": ["lm_head"],
               **_kv_cache_scales(qt)}
+    if kind == "compressed":
+        qc = _compressed_tensors_fp8(qt)
     _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
     return str(out), str(deq)
 
@@ -410,6 +423,34 @@ def make_nvfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tu
           "exclude_modules": sorted(kept), **_kv_cache_scales(qt)}
     _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
     return str(out), str(deq)
+
+
+def _per_channel_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """compressed-tensors' FP8 'channel' weights: codes and a bf16 scale [rows, 1] (amax / 448)."""
+    from bridges.core import quant
+
+    scale = (w.float().abs().amax(dim=1, keepdim=True) / 448.0).clamp_min(1e-12).to(torch.bfloat16)
+    return quant.quantize(w, scale, "tensor", None)
+
+
+def _compressed_tensors_fp8(qt: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """compressed-tensors' KV-cache scales added to ``qt`` (``k_scale`` / ``v_scale`` [1], bf16, on
+    every attention module with a k_proj / v_proj or qkv_proj) and the quantization_config that
+    llm-compressor writes for FP8 weights per channel with static per-tensor activations."""
+    attn = sorted({n.rsplit(".", 2)[0] for n in qt if n.endswith(("k_proj.weight", "qkv_proj.weight"))})
+    for i, a in enumerate(attn):
+        qt[f"{a}.k_scale"] = torch.tensor([0.02 * (1 + i % 5)], dtype=torch.bfloat16)
+        qt[f"{a}.v_scale"] = torch.tensor([0.03 * (1 + i % 3)], dtype=torch.bfloat16)
+    fp8 = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, "group_size": None,
+           "block_structure": None, "actorder": None, "observer": "minmax", "observer_kwargs": {}}
+    return {"quant_method": "compressed-tensors", "format": "float-quantized",
+            "quantization_status": "compressed", "ignore": ["lm_head", "re:.*mlp.gate$"],
+            "config_groups": {"group_0": {"targets": ["Linear"], "format": "float-quantized",
+                                          "weights": {**fp8, "strategy": "channel"},
+                                          "input_activations": {**fp8, "strategy": "tensor"},
+                                          "output_activations": None}},
+            "kv_cache_scheme": {**fp8, "strategy": "tensor"} if attn else None,
+            "sparsity_config": {}, "transform_config": {}, "global_compression_ratio": None}
 
 
 def _kv_cache_scales(qt: dict[str, torch.Tensor]) -> dict[str, str]:

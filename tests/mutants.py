@@ -475,8 +475,8 @@ class NVFP4TensorScaleDropped(_NVFP4Misread):
 
 # 38. ModelOpt's FP8 KV-cache scales lost or misplaced on a quantized re-export ---------------
 class _KVCacheScalesExported(LlamaBridge):
-    """The quantized export's KV-cache scales (``k_proj.k_scale`` / ``v_proj.v_scale``) passed
-    through ``kv(name, tensor)``: None drops one."""
+    """The quantized export's KV-cache scales (``k_proj.k_scale`` / ``v_proj.v_scale``, or
+    ``self_attn.k_scale`` / ``v_scale``) passed through ``kv(name, tensor)``: None drops one."""
 
     def export_hf_weights(self, *args, **kwargs):
         for n, t in super().export_hf_weights(*args, **kwargs):
@@ -499,7 +499,8 @@ class KVCacheScalesSwapped(_KVCacheScalesExported):
     """Each layer's k_scale written with its v_scale's value and back (the pair split in the
     wrong order, as a fused-QKV converter might)."""
 
-    def kv(self, name, t):
-        other = (name.replace("k_proj.k_scale", "v_proj.v_scale") if name.endswith("k_scale")
-                 else name.replace("v_proj.v_scale", "k_proj.k_scale"))
-        return self.checkpoint.get(other)
+    def kv(self, name, t):  # ModelOpt's (beside the projections) or compressed-tensors' (on the module)
+        for a, b in (("k_proj.k_scale", "v_proj.v_scale"), (".k_scale", ".v_scale")):
+            for x, y in ((a, b), (b, a)):
+                if name.endswith(x):
+                    return self.checkpoint.get(name[:-len(x)] + y)

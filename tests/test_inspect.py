@@ -118,3 +118,19 @@ def test_latent_moe_and_mtp_are_named(capsys):
     info = json.loads(capsys.readouterr().out)
     assert {"moe", "latent_moe", "mtp", "hybrid"} <= set(info["blocks"]) and info["bridge"] == "NemotronHBridge"
     assert info["unknown_fields"] == []
+
+
+def test_compressed_tensors_packed_int4_is_named(tmp_path):
+    """compressed-tensors' W4A16 (int32 ``weight_packed``, group scales, zero points): inspect
+    names the format and its parts, from the headers alone."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w.weight_packed": torch.zeros(4, 1, dtype=torch.int32), "w.weight_scale": torch.ones(4, 1),
+               "w.weight_zero_point": torch.zeros(4, 1, dtype=torch.int32), "a.k_scale": torch.ones(1)},
+              str(tmp_path / "model.safetensors"))
+    cfg = {**_cfg(FIXTURES / "Qwen/Qwen3-8B/config.json"), "quantization_config": {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "kv_cache_scheme": {"type": "float"}}}
+    info = inspect_config(cfg, tmp_path)["quantization"]
+    assert info["config"] == {"quant_method": "compressed-tensors", "format": "pack-quantized", "kv_cache_scheme": "float"}
+    assert info["quantized_tensors"] == {"dtypes": ["I32"], "companions": ["_packed", "_scale", "_zero_point", "k_scale"]}

@@ -52,18 +52,23 @@ def _quantization(config: dict, ckpt: Path | None) -> dict:
     out: dict = {}
     qc = config.get("quantization_config")
     if qc:
-        out["config"] = {k: qc[k] for k in ("quant_method", "fmt", "weight_block_size", "activation_scheme", "bits")
-                         if k in qc}
+        out["config"] = {k: qc[k] for k in ("quant_method", "quant_algo", "format", "fmt", "weight_block_size",
+                                            "activation_scheme", "bits", "kv_cache_quant_algo") if k in qc}
+        if qc.get("kv_cache_scheme"):  # compressed-tensors' FP8 KV cache
+            out["config"]["kv_cache_scheme"] = qc["kv_cache_scheme"].get("type", True)
     if ckpt is not None:
         dtypes, companions = {}, set()
         for f in sorted(ckpt.glob("*.safetensors")):
             for name, info in read_header(f).items():
                 dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + 1
-                for suffix in ("_scale_inv", "_scale", "_blocks", "_scales"):
+                for suffix in ("_scale_inv", "_scale", "_scale_2", "_blocks", "_scales", "input_scale",
+                               "k_scale", "v_scale", "_packed", "_zero_point"):
                     if name.endswith(suffix):
                         companions.add(suffix)
         out["tensor_dtypes"] = dtypes
-        quantized = [d for d in dtypes if d.startswith("F8") or d in ("U8", "I8")]
+        # packed integer codes: MXFP4 / NVFP4 bytes, compressed-tensors' int32 weight_packed
+        quantized = [d for d in dtypes if d.startswith("F8") or d in ("U8", "I8")
+                     or (d == "I32" and "_packed" in companions)]
         if quantized or companions:
             out["quantized_tensors"] = {"dtypes": quantized, "companions": sorted(companions)}
     return out

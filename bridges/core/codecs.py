@@ -8,7 +8,8 @@ A mapping names *logical* tensors (``model.layers.0.mlp.experts.gate_up_proj``, 
   ``quantization_config.weight_block_size``) or per tensor / row (``<name>_scale``, or
   ``<name>_scale_inv`` without a block size), and a static ``activation_scale`` where stored.
 - Every codec (``Plain`` too) counts the KV-cache scales ModelOpt stores beside a k / v
-  projection as that projection's parts, written back only where the export keeps the format.
+  projection (compressed-tensors: on its attention module) as that projection's parts,
+  written back only where the export keeps the format.
 - ``MXFP4``: ``<name>_blocks`` (uint8, two e2m1 codes a byte) and ``<name>_scales`` (uint8
   exponents), as gpt-oss ships its experts.
 - ``NVFP4``: ``<name>`` itself uint8 (two e2m1 codes a byte) with ``<name>_scale`` (float8, one a

@@ -23,7 +23,13 @@ Formats (shared by several families, so they live here):
   (per tensor), and a calibrated ``<w minus 'weight'>input_scale``; value = FP4[code] * scale *
   scale_2 (the last product rounded once, in float32, then to the model dtype).
 - KV-cache scales (ModelOpt's ``kv_cache_quant_algo: FP8``): ``<w minus 'weight'>k_scale`` /
-  ``v_scale`` beside the k / v projections, quantized or not; kept like an activation scale.
+  ``v_scale`` beside the k / v projections, quantized or not; compressed-tensors'
+  ``kv_cache_scheme``: ``<attention>.k_scale`` / ``v_scale`` on the attention module; kept like
+  an activation scale.
+- compressed-tensors FP8 (``quant_method: compressed-tensors``, ``format: float-quantized``, as
+  llm-compressor writes and RedHat publishes): ``<w>`` float8 + ``<w minus 'weight'>weight_scale``
+  per tensor [1] or per output channel [rows, 1] (model dtype) and, with static activations, an
+  ``input_scale`` [1]: the per-tensor / per-row form above.
 
 Import dequantizes on the fly; a float8 tensor without a companion is an error naming it.
 Export writes the model dtype by default, or re-quantizes to the source's layout (reusing the
@@ -76,16 +82,25 @@ def activation_scale(name: str, names) -> str | None:
 
 
 KV_CACHE_SCALES = ("k_scale", "v_scale")
+# compressed-tensors (llm-compressor's ``kv_cache_scheme``) stores the scales on the attention
+# module instead, ``self_attn.k_scale`` / ``v_scale`` of shape [1]; they count as parts of the
+# projection that makes the keys / the values (one that makes both: qkv_proj)
+KV_SCALE_HOLDERS = {"k_scale": ("k_proj", "qkv_proj"), "v_scale": ("v_proj", "qkv_proj")}
 
 
 def kv_cache_scales(name: str, names) -> tuple[str, ...]:
-    """NVIDIA ModelOpt's FP8 KV-cache scales stored beside projection ``name`` (``kv_cache_quant_algo``:
-    ``self_attn.k_proj.k_scale`` / ``v_proj.v_scale``, float32 scalars, whatever the weight's own
-    format): calibration for an inference engine's cache, which the Megatron model does not hold."""
+    """The FP8 KV-cache scales that belong to projection ``name``: NVIDIA ModelOpt's beside it
+    (``kv_cache_quant_algo``: ``self_attn.k_proj.k_scale`` / ``v_proj.v_scale``) and
+    compressed-tensors' on its attention module (``self_attn.k_scale`` / ``v_scale``); float32 or
+    model-dtype scalars, whatever the weight's own format: calibration for an inference engine's
+    cache, which the Megatron model does not hold."""
     if not name.endswith("weight"):
         return ()
     stem = name[:-len("weight")]
-    return tuple(f"{stem}{s}" for s in KV_CACHE_SCALES if f"{stem}{s}" in names)
+    own = tuple(f"{stem}{s}" for s in KV_CACHE_SCALES if f"{stem}{s}" in names)
+    attn, _, leaf = stem[:-1].rpartition(".")
+    return own + tuple(f"{attn}.{s}" for s, holders in KV_SCALE_HOLDERS.items()
+                       if attn and leaf in holders and f"{attn}.{s}" in names)
 
 
 def calibration(name: str, names) -> tuple[str, ...]:

@@ -5,4 +5,4 @@ from bridges.core.registry import register_bridge
 
 @register_bridge(model_type="llama", architectures=["LlamaForCausalLM"])
 class LlamaBridge(GPTBridge):
-    quantized_formats = ("nvfp4", "modelopt")  # NVIDIA's ModelOpt releases of Llama models: NVFP4, FP8
+    quantized_formats = ("nvfp4", "modelopt", "compressed")  # NVIDIA ModelOpt NVFP4 / FP8; compressed-tensors FP8 (RedHat)
