@@ -114,9 +114,16 @@ def capture_hf(model, store: dict, parts=()):
     base = getattr(model.model, "language_model", model.model)  # a VLM's text model
     hooks = [mod.register_forward_hook(lambda _m, _i, o, k=label: store.__setitem__(k, _flat(_first(o))))
              for label, mod in vision_modules(model, parts, 2)]
-    embed = getattr(base, "embed_tokens", None) or base.embeddings  # Nemotron-H: embeddings
-    hooks += [embed.register_forward_hook(
-        lambda _m, _i, o: store.__setitem__("embedding", o.detach().float().cpu().clone()))]
+    if parts:  # a VLM: the text embedding, before image features replace tokens (Megatron's too)
+        embed = getattr(base, "embed_tokens", None) or base.embeddings
+        hooks.append(embed.register_forward_hook(
+            lambda _m, _i, o: store.__setitem__("embedding", o.detach().float().cpu().clone())))
+    else:  # what the first layer receives: with a model's own scaling (Granite's embedding
+        # multiplier, applied after embed_tokens), as Megatron's embedding returns it
+        def first_input(_m, args, kwargs):
+            h = args[0] if args else kwargs["hidden_states"]
+            store["embedding"] = h.detach().float().cpu().clone()
+        hooks.append(base.layers[0].register_forward_pre_hook(first_input, with_kwargs=True))
     for n, layer in enumerate(base.layers):
         # sandwich norms (Gemma2/3): Megatron's output projections include the post-norm
         sandwich = hasattr(layer, "pre_feedforward_layernorm") and hasattr(layer, "post_feedforward_layernorm")

@@ -138,3 +138,11 @@ def test_granite_mutant_is_caught(conformance, spec, mutant, expect):
         got = {n for n, r in results.items() if not r.passed and not r.data.get("blocked")}
         assert got == checks, f"{mutant} at {layout}: caught by {sorted(got)}, expected {sorted(checks)}\n" + \
             "\n".join(str(r) for r in results.values() if not r.passed)
+
+
+def test_divergence_is_located_past_the_scaled_embedding(conformance, spec):
+    """The HF side's embedding stage is what its first layer receives (after Granite's embedding
+    multiplier, as Megatron's embedding returns it): a swapped gate / up is located at layer 0's
+    MLP, not reported at an embedding that is right."""
+    res = conformance.case(spec(MOE), "tp1pp1", bridge_ref="tests.granite_mutants:GateUpSwapped")
+    assert "first divergence: layer 0 mlp" in str(res["logits"]), str(res["logits"])
