@@ -251,7 +251,8 @@ def check_quant(dequantized: dict[str, torch.Tensor], imported: list[tuple[str, 
     (a) every imported weight equals the dequantized reference; (b) the std of every imported
     weight is within [0.5, 2] x that of the unquantized model (raw FP8 codes sit orders of
     magnitude away); (c) FP8 re-export gives back the source's quantized tensors and scales.
-    FP8, MXFP4 (``_blocks``) and NVFP4 (uint8 codes beside a ``_scale``) weights alike.
+    FP8, MXFP4 (``_blocks``), NVFP4 (uint8 codes beside a ``_scale``) and pack-quantized int
+    (``_packed``) weights alike.
     """
     from bridges.core import quant
 
@@ -260,7 +261,8 @@ def check_quant(dequantized: dict[str, torch.Tensor], imported: list[tuple[str, 
     nvfp4 = [n for n, t in source.items() if t.dtype == torch.uint8 and f"{n}_scale" in source]  # codes
     scales = {f"{n}_scale" for n in nvfp4}  # NVFP4's float8 block scales are not weights
     quantized = [n for n, t in source.items() if t.dtype in quant.FP8 and n not in scales] + nvfp4 + \
-        [n[: -len("_blocks")] for n in source if n.endswith("_blocks")]  # MXFP4, by value name
+        [n[: -len("_blocks")] for n in source if n.endswith("_blocks")] + \
+        [n[: -len("_packed")] for n in source if n.endswith("_packed")]  # MXFP4, packed int: by value name
     for n in quantized:
         w = got.get(n)
         if w is None:

@@ -223,7 +223,7 @@ class Conformance:
 
     def quantized_checkpoint(self, spec: ModelSpec, kind: str) -> tuple[str, str, str]:
         """(a toy in the published quantized layout ``kind``: block / tensor / static FP8,
-        MXFP4 experts or NVFP4, its dequantized twin, the toy it was made from), made once per
+        MXFP4 experts, NVFP4 or W4A16 (compressed-tensors packed int4), its dequantized twin, the toy it was made from), made once per
         session."""
         def make():
             toy, root = self.checkpoint(spec), str(self.workdir / "toys")
@@ -232,8 +232,8 @@ class Conformance:
                                     timeout=self.timeout, src=toy, root=root)[0]
                 return (*self.pool.run("conformance.toy:make_mxfp4_checkpoint", ranks=[0],
                                        timeout=self.timeout, src=toy, root=root)[0], toy)
-            if kind == "nvfp4":  # ModelOpt's layout: every linear weight
-                return (*self.pool.run("conformance.toy:make_nvfp4_checkpoint", ranks=[0],
+            if kind in ("nvfp4", "w4a16"):  # ModelOpt's NVFP4; compressed-tensors' packed int4
+                return (*self.pool.run(f"conformance.toy:make_{kind}_checkpoint", ranks=[0],
                                        timeout=self.timeout, src=toy, root=root)[0], toy)
             return (*self.pool.run("conformance.toy:make_fp8_checkpoint", ranks=[0],
                                    timeout=self.timeout, src=toy, root=root, kind=kind)[0], toy)

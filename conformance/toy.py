@@ -467,6 +467,49 @@ def _kv_cache_scales(qt: dict[str, torch.Tensor]) -> dict[str, str]:
     return {"kv_cache_quant_algo": "FP8"} if added else {}
 
 
+def make_w4a16_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tuple[str, str]:
+    """compressed-tensors pack-quantized W4A16 copy of a toy checkpoint and its dequantized twin:
+    a MoE model's routed experts only (Kimi-K2-Thinking's published layout: attention, shared
+    experts, dense MLPs, routers and lm_head in bf16), a dense model's every linear weight
+    (RedHat's w4a16 releases). Symmetric int4 codes, a bf16 scale per group of 32 columns (16,
+    or the whole row, where a toy width does not divide), ``weight_packed`` int32 /
+    ``weight_scale`` / ``weight_shape``."""
+    from bridges.core import quant
+    from bridges.core.hf_io import HFCheckpoint
+
+    src, (out, deq, made) = Path(src), _pair_dirs(src, root, "w4a16")
+    if made:
+        return str(out), str(deq)
+    ckpt = HFCheckpoint(src)
+    config = _read_config(src)
+    vocab = (config.get("text_config") or config).get("vocab_size")
+    moe = any(".experts." in n for n in ckpt.names())
+    qt, dt = {}, {}
+    for name in ckpt.names():
+        w = ckpt.get(name)
+        linear = w.dim() == 2 and name.endswith("proj.weight") and w.shape[0] != vocab and "embed" not in name
+        if not linear or (moe and ".experts." not in name) or "shared_expert" in name:
+            qt[name] = dt[name] = w
+            continue
+        rows, cols = w.shape
+        group = next((g for g in (32, 16) if cols % g == 0), cols)
+        scale = (w.float().reshape(rows, cols // group, group).abs().amax(-1) / 7).clamp_min(1e-8).to(torch.bfloat16)
+        words = quant.int_quantize(w, scale, math.ceil(cols / 8), name)
+        qt[f"{name}_packed"], qt[f"{name}_scale"] = words, scale
+        qt[f"{name}_shape"] = torch.tensor([rows, cols])
+        dt[name] = quant.int_dequantize(words, scale, qt[f"{name}_shape"], name, w.dtype)
+    ignore = ["lm_head"] + (["re:.*self_attn.*", "re:.*shared_expert.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"]
+                            if moe else ["re:.*mlp.gate$"])
+    qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+          "ignore": ignore, "kv_cache_scheme": None,
+          "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
+                                        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                                                    "group_size": 32, "dynamic": False, "actorder": None,
+                                                    "block_structure": None, "observer": "minmax", "observer_kwargs": {}}}}}
+    _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
+    return str(out), str(deq)
+
+
 def _round_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``w`` [R, C] as NVFP4: (codes uint8 [R, C/2], float8 block scales [R, C/16], float32
     tensor scale), values to the nearest FP4 code of their block (ties to the smaller)."""

@@ -504,3 +504,41 @@ class KVCacheScalesSwapped(_KVCacheScalesExported):
             for x, y in ((a, b), (b, a)):
                 if name.endswith(x):
                     return self.checkpoint.get(name[:-len(x)] + y)
+
+
+# 40-41. compressed-tensors pack-quantized int4 read with the other convention ---------------
+class _PackedIntMisread(Qwen3Bridge):
+    """Pack-quantized weights decoded by ``decode(words, scale, shape)`` instead of the codec's."""
+
+    def _read(self, ckpt, name):
+        from bridges.core import quant
+
+        parts = quant.int_packed_parts(name, ckpt)
+        if not parts:
+            return super()._read(ckpt, name)
+        return self.decode(*(ckpt.get(p) for p in parts)).to(self.dequantized_dtype)
+
+
+class Int4TwosComplement(_PackedIntMisread):
+    """Each 4-bit code read as a two's-complement nibble instead of offset by 8 (the other
+    packing contract: a kernel's, not compressed-tensors')."""
+
+    @staticmethod
+    def decode(words, scale, shape):
+        from bridges.core import quant
+
+        rows, cols = (int(x) for x in shape.tolist())
+        u = quant.int_unpack(words, cols, 4) + 8
+        return (torch.where(u >= 8, u - 16, u).float() * scale.float().repeat_interleave(cols // scale.shape[1], 1))
+
+
+class Int4GroupScalesTiled(_PackedIntMisread):
+    """Group scales tiled across the row (column c takes group c mod G's scale) instead of
+    spread over their 32 consecutive columns."""
+
+    @staticmethod
+    def decode(words, scale, shape):
+        from bridges.core import quant
+
+        rows, cols = (int(x) for x in shape.tolist())
+        return quant.int_unpack(words, cols, 4).float() * scale.float().repeat(1, cols // scale.shape[1])

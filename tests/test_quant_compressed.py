@@ -85,3 +85,97 @@ def test_compressed_tensors_through_the_cli(conformance, spec, tmp_path):
     values = HFCheckpoint(tmp_path / "v")
     assert not [n for n in values.names() if n.endswith(("_scale", "input_scale"))]
     assert "quantization_config" not in json.loads((tmp_path / "v" / "config.json").read_text())
+
+
+# -- pack-quantized (W4A16): Kimi-K2-Thinking's routed experts, RedHat's w4a16 releases ---------
+KIMI = "moonshotai/Kimi-K2-Instruct"  # Kimi-K2-Thinking is this architecture with int4 routed experts
+
+
+def test_int4_words_follow_the_format_definition():
+    """Eight codes a word, the first in the lowest 4 bits, each stored as code + 8; a scale per
+    group of consecutive columns."""
+    codes = torch.tensor([[-8, -7, 0, 7, 1, 2, 3, 4, 5, -1, -2, -3, -4, -5, -6, 6]], dtype=torch.int32)
+    words = quant.int_pack(codes, 4)
+    by_hand = [sum((int(c) + 8) << (4 * i) for i, c in enumerate(codes[0, k:k + 8])) for k in (0, 8)]
+    assert words.tolist() == [[w - 2**32 if w >= 2**31 else w for w in by_hand]]
+    scale = torch.tensor([[0.5, 2.0]], dtype=torch.bfloat16)
+    v = quant.int_dequantize(words, scale, torch.tensor([1, 16]), dtype=torch.float32)
+    assert torch.equal(v, torch.cat([codes[0, :8] * 0.5, codes[0, 8:] * 2.0])[None].float())
+    assert torch.equal(quant.int_quantize(v, scale, 2), words)
+    w8 = quant.int_pack(codes, 8)  # W8A16: four codes a word
+    assert w8.shape == (1, 4) and quant.int_bits(4, 16, "x") == 8
+    assert torch.equal(quant.int_unpack(w8, 16, 8), codes)
+
+
+def _packed_ckpt(tmp_path, **extra):
+    codes = torch.randint(-8, 8, (4, 64), dtype=torch.int32)
+    t = {"l.weight_packed": quant.int_pack(codes, 4), "l.weight_scale": torch.rand(4, 2).to(torch.bfloat16),
+         "l.weight_shape": torch.tensor([4, 64]), **extra}
+    save_file({k: v for k, v in t.items() if v is not None}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text('{"model_type": "qwen3"}')
+    return CheckpointView(HFCheckpoint(tmp_path), torch.float32), t
+
+
+def test_packed_int_reads_and_writes_back(tmp_path):
+    view, t = _packed_ckpt(tmp_path)
+    assert view.used("l.weight") == ["l.weight_packed", "l.weight_scale", "l.weight_shape"]
+    w = view.read("l.weight")
+    back = dict(view.encode("l.weight", w, quantized=True))
+    assert all(torch.equal(back[n], t[n]) for n in t) and len(back) == 3
+    assert [n for n, _ in view.encode("l.weight", w, quantized=False)] == ["l.weight"]
+    assert view.output_names(set(t), quantized=False) == {"l.weight"}
+
+
+@pytest.mark.parametrize("extra,says", [
+    ({"l.weight_zero_point": torch.zeros(1, 2, dtype=torch.int32)}, r"l.weight_zero_point: pack-quantized with asymmetric"),
+    ({"l.weight_g_idx": torch.zeros(64, dtype=torch.int32)}, r"l.weight_g_idx: pack-quantized with activation-ordered"),
+    ({"l.weight_scale": torch.rand(4, 3)}, r"l.weight_packed: scale \(4, 3\) is not \[4, groups\]"),
+    ({"l.weight_shape": torch.tensor([4, 40])}, r"l.weight_packed: 8 int32 words a row hold neither"),
+    ({"l.weight_shape": None}, r"l.weight_packed has no l.weight_shape"),
+])
+def test_broken_packed_int_is_named(tmp_path, extra, says):
+    from bridges.core.hf_io import CheckpointError
+
+    view, _ = _packed_ckpt(tmp_path, **extra)
+    with pytest.raises(CheckpointError, match=says):
+        view.read("l.weight")
+
+
+@pytest.mark.parametrize("model,layouts", [("Qwen/Qwen3-8B", ("tp1pp1", "tp2")),
+                                           ("deepseek-ai/DeepSeek-V3", ("tp1pp1", "tp2ep2"))])
+def test_w4a16_through_the_suite(conformance, spec, model, layouts):
+    """Qwen3: every linear weight packed; DeepSeek-V3 (Kimi-K2-Thinking's layout): the routed
+    experts alone, MTP layer included."""
+    q = HFCheckpoint(conformance.quantized_checkpoint(spec(model), "w4a16")[0])
+    packed = [n for n in q.names() if n.endswith("_packed")]
+    assert packed and all((".experts." in n) == ("DeepSeek" in model) or "Qwen3" in model for n in packed)
+    for layout in layouts:
+        res = conformance.quant_case(spec(model), "w4a16", layout=layout)
+        assert res["quant"].passed and res["logits"].passed, (layout, res["quant"].details, str(res["logits"]))
+
+
+@pytest.mark.parametrize("mutant", ["Int4TwosComplement", "Int4GroupScalesTiled"])
+def test_int4_reading_bugs_are_caught(conformance, spec, mutant):
+    res = conformance.quant_case(spec("Qwen/Qwen3-8B"), "w4a16", bridge_ref=f"tests.mutants:{mutant}")
+    assert not res["quant"].passed and "imported values differ" in res["quant"].details, res["quant"].details
+    assert not res["logits"].passed
+
+
+def test_kimi_k2_thinking_layout_through_the_cli(conformance, spec, tmp_path):
+    """A Kimi K2 toy with int4 routed experts -> Megatron EP2 x TP2 -> HF at PP2 with --fp8
+    (the source's format): every tensor bit-exact and the quantization_config as it was;
+    without it, the experts as bf16 values."""
+    from conformance.toy import make_w4a16_checkpoint
+    from tests.convert_tasks import assert_same_checkpoint
+
+    src, _ = make_w4a16_checkpoint(conformance.checkpoint(spec(KIMI)), tmp_path / "toys")
+    mc = tmp_path / "m"
+    run = lambda argv: conformance.pool.run("tests.convert_tasks:cli", argv=argv)  # noqa: E731
+    assert run(["convert", "import", "--hf", src, "--out", str(mc), "--tp", "2", "--ep", "2"]) == [0] * 4
+    assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp_path / "q"), "--pp", "2", "--fp8"]) == [0] * 4
+    assert_same_checkpoint(HFCheckpoint(src), HFCheckpoint(tmp_path / "q"))
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp_path / "v")]) == [0] * 4
+    values = HFCheckpoint(tmp_path / "v")
+    assert not [n for n in values.names() if n.endswith(("_packed", "_shape"))]
+    assert values.dtype("model.layers.1.mlp.experts.0.up_proj.weight") == torch.bfloat16

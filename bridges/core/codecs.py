@@ -12,6 +12,8 @@ A mapping names *logical* tensors (``model.layers.0.mlp.experts.gate_up_proj``, 
   written back only where the export keeps the format.
 - ``MXFP4``: ``<name>_blocks`` (uint8, two e2m1 codes a byte) and ``<name>_scales`` (uint8
   exponents), as gpt-oss ships its experts.
+- ``PackedInt``: compressed-tensors' pack-quantized ``<name>_packed`` (int32 words of 4- or
+  8-bit codes), ``<name>_scale`` (a scale per column group) and ``<name>_shape``.
 - ``NVFP4``: ``<name>`` itself uint8 (two e2m1 codes a byte) with ``<name>_scale`` (float8, one a
   16 values), ``<name>_scale_2`` (per tensor) and an ``input_scale``, as NVIDIA ModelOpt ships.
 
@@ -135,7 +137,27 @@ class NVFP4(Codec):
         return [(parts[0], codes)] + [(p, ckpt.get(p)) for p in parts[1:]]
 
 
-CODECS: tuple[Codec, ...] = (MXFP4(), NVFP4(), FP8(), Plain())
+class PackedInt(Codec):
+    def parts(self, ckpt, name):
+        try:
+            return quant.int_packed_parts(name, ckpt)
+        except quant.QuantError as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
+
+    def decode(self, ckpt, parts, row, dtype):
+        if row is not None:
+            raise CheckpointError(f"{ckpt.path}: {parts[0]} is pack-quantized and stacked: no dequantization path")
+        try:
+            return quant.int_dequantize(ckpt.get(parts[0]), ckpt.get(parts[1]), ckpt.get(parts[2]), parts[0], dtype)
+        except quant.QuantError as e:
+            raise CheckpointError(f"{ckpt.path}: {e}") from None
+
+    def encode(self, ckpt, parts, t):
+        words = quant.int_quantize(t, ckpt.get(parts[1]), ckpt.shape(parts[0])[1], parts[0])
+        return [(parts[0], words), (parts[1], ckpt.get(parts[1])), (parts[2], ckpt.get(parts[2]))]
+
+
+CODECS: tuple[Codec, ...] = (MXFP4(), NVFP4(), PackedInt(), FP8(), Plain())
 
 
 class CheckpointView:
@@ -202,8 +224,8 @@ class CheckpointView:
         dtype = self.ckpt.dtype(name)
         return self.export_dtype if self.export_dtype is not None and dtype.is_floating_point else dtype
 
-    def _packed(self, name: str) -> bool:
-        return f"{name}_blocks" in self.ckpt
+    def _packed(self, name: str) -> bool:  # stored under other names only: MXFP4, pack-quantized
+        return f"{name}_blocks" in self.ckpt or f"{name}_packed" in self.ckpt
 
     def output_names(self, names: set[str], quantized: bool) -> set[str]:
         """What an export of the stored ``names`` writes: the same names with ``quantized``;
@@ -223,5 +245,9 @@ class CheckpointView:
             if n.endswith("_blocks") and self.codec(n[: -len("_blocks")]):
                 logical = n[: -len("_blocks")]
                 out -= {f"{logical}_blocks", f"{logical}_scales"}
+                out.add(logical)
+            if n.endswith("_packed") and self.codec(n[: -len("_packed")]):
+                logical = n[: -len("_packed")]
+                out -= {f"{logical}_packed", f"{logical}_scale", f"{logical}_shape"}
                 out.add(logical)
         return out

@@ -313,3 +313,81 @@ def nvfp4_quantize(values: torch.Tensor, scale: torch.Tensor, scale2: torch.Tens
         code = hit.float().argmax(-1).to(torch.uint8).reshape(len(exact), cols)
         out[r0:r0 + step] = code[:, 0::2] | (code[:, 1::2] << 4)
     return out
+
+
+# -- compressed-tensors pack-quantized (W4A16 / W8A16: Kimi-K2-Thinking's experts, RedHat's w4a16) --
+def int_packed_parts(name: str, ckpt) -> tuple[str, ...] | None:
+    """(``<name>_packed``, ``<name>_scale``, ``<name>_shape``) when ``name`` is stored in
+    compressed-tensors' pack-quantized form, else None: int32 words of 32 / bits signed codes
+    along the columns (lowest bits first, offset by 2**(bits-1)), a scale per group of columns
+    [rows, groups] (one group: per channel) and the logical [rows, cols]. Asymmetric codes
+    (``_zero_point``) and activation order (``_g_idx``) are refused naming the tensor."""
+    packed = f"{name}_packed"
+    if packed not in ckpt:
+        return None
+    scale, shape = f"{name}_scale", f"{name}_shape"
+    for part in (scale, shape):
+        if part not in ckpt:
+            raise QuantError(f"{packed} has no {part}: pack-quantized needs both")
+    for extra, what in ((f"{name}_zero_point", "asymmetric codes (a zero point)"),
+                        (f"{name}_g_idx", "activation-ordered groups (g_idx)")):
+        if extra in ckpt:
+            raise QuantError(f"{extra}: pack-quantized with {what} is not read (symmetric, in-order only)")
+    if name in ckpt:
+        raise QuantError(f"{name} is stored both as values and as pack-quantized {packed}")
+    if ckpt.dtype(packed) != torch.int32 or len(ckpt.shape(packed)) != 2:
+        raise QuantError(f"{packed} is {ckpt.dtype(packed)} {tuple(ckpt.shape(packed))}: int32 [rows, words] expected")
+    return packed, scale, shape
+
+
+def int_bits(words: int, cols: int, what: str) -> int:
+    """The code width that packs ``cols`` values into ``words`` int32 words (4 or 8)."""
+    for bits in (4, 8):
+        if math.ceil(cols * bits / 32) == words:
+            return bits
+    raise QuantError(f"{what}: {words} int32 words a row hold neither 4- nor 8-bit codes of {cols} columns")
+
+
+def _group_scales(scale: torch.Tensor, rows: int, cols: int, what: str) -> torch.Tensor:
+    if scale.dim() != 2 or scale.shape[0] != rows or cols % scale.shape[1]:
+        raise QuantError(f"{what}: scale {tuple(scale.shape)} is not [{rows}, groups] with groups dividing "
+                         f"{cols} columns (ragged groups are not read)")
+    return scale.float().repeat_interleave(cols // scale.shape[1], 1)
+
+
+def int_unpack(packed: torch.Tensor, cols: int, bits: int) -> torch.Tensor:
+    """Signed codes [rows, cols] (int32) of int32 words [rows, words]."""
+    per = 32 // bits
+    shifts = torch.arange(per, dtype=torch.int32) * bits
+    codes = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(packed.shape[0], -1)[:, :cols] - (1 << (bits - 1))
+
+
+def int_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """int32 words of signed codes [rows, cols] (the inverse of ``int_unpack``)."""
+    per = 32 // bits
+    rows, cols = codes.shape
+    u = torch.nn.functional.pad(codes.to(torch.int64) + (1 << (bits - 1)), (0, -cols % per))
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    words = (u.reshape(rows, -1, per) << shifts).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
+
+
+def int_dequantize(packed: torch.Tensor, scale: torch.Tensor, shape: torch.Tensor, what: str = "weight",
+                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """codes x group scale, in float32 (exact for bf16 / fp16 scales), rounded once to ``dtype``."""
+    rows, cols = (int(x) for x in shape.tolist())
+    if packed.shape[0] != rows:
+        raise QuantError(f"{what}: {packed.shape[0]} packed rows, weight_shape says {rows}")
+    bits = int_bits(packed.shape[1], cols, what)
+    return (int_unpack(packed, cols, bits).float() * _group_scales(scale, rows, cols, what)).to(dtype)
+
+
+def int_quantize(values: torch.Tensor, scale: torch.Tensor, words: int, what: str = "weight") -> torch.Tensor:
+    """``values`` [rows, cols] as int32 words with the source's group ``scale`` (the codes of
+    ``int_dequantize``'s values come back exactly)."""
+    rows, cols = values.shape
+    bits = int_bits(words, cols, what)
+    lim = 1 << (bits - 1)
+    q = torch.round(values.float() / _group_scales(scale, rows, cols, what)).clamp(-lim, lim - 1)
+    return int_pack(q.to(torch.int32), bits)

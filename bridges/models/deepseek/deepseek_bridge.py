@@ -274,8 +274,9 @@ class DeepseekV3Bridge(DeepseekV2Bridge):
         Field("num_nextn_predict_layers", "mtp_num_layers", 0, lambda v: v or None, lambda v: v or 0),
     )
     router_bias_hf = "mlp.gate.e_score_correction_bias"
-    # published FP8: 128 x 128 blocks with weight_scale_inv; NVIDIA's ModelOpt FP4 (DeepSeek-R1-FP4)
-    quantized_formats = ("block", "nvfp4")
+    # published FP8: 128 x 128 blocks with weight_scale_inv; NVIDIA's ModelOpt FP4 (DeepSeek-R1-FP4);
+    # compressed-tensors int4 routed experts (Kimi-K2-Thinking, this architecture)
+    quantized_formats = ("block", "nvfp4", "w4a16")
     ported_remote_code = ("configuration_deepseek.DeepseekV3Config", "modeling_deepseek.DeepseekV3Model",
                           "modeling_deepseek.DeepseekV3ForCausalLM")
 
