@@ -34,6 +34,14 @@ from bridges.core.hf_io import CheckpointError, HFCheckpoint
 from bridges.core.mappings import split_row
 
 
+def _named(ckpt: HFCheckpoint, fn, *args):
+    """``fn(*args)``, a QuantError raised as a CheckpointError naming the checkpoint."""
+    try:
+        return fn(*args)
+    except quant.QuantError as e:
+        raise CheckpointError(f"{ckpt.path}: {e}") from None
+
+
 class Codec:
     """A stored format. ``parts`` is None when ``name`` is not stored this way."""
 
@@ -101,12 +109,7 @@ class FP8(Codec):
 
 class MXFP4(Codec):
     def parts(self, ckpt, name):
-        if name in ckpt:
-            return None
-        try:
-            return quant.packed_parts(name, ckpt)
-        except quant.QuantError as e:
-            raise CheckpointError(f"{ckpt.path}: {e}") from None
+        return None if name in ckpt else _named(ckpt, quant.packed_parts, name, ckpt)
 
     def decode(self, ckpt, parts, row, dtype):
         blocks, scales = parts
@@ -121,10 +124,7 @@ class MXFP4(Codec):
 
 class NVFP4(Codec):
     def parts(self, ckpt, name):
-        try:
-            return quant.nvfp4_parts(name, ckpt)
-        except quant.QuantError as e:
-            raise CheckpointError(f"{ckpt.path}: {e}") from None
+        return _named(ckpt, quant.nvfp4_parts, name, ckpt)
 
     def decode(self, ckpt, parts, row, dtype):
         if row is not None:
@@ -139,18 +139,12 @@ class NVFP4(Codec):
 
 class PackedInt(Codec):
     def parts(self, ckpt, name):
-        try:
-            return quant.int_packed_parts(name, ckpt)
-        except quant.QuantError as e:
-            raise CheckpointError(f"{ckpt.path}: {e}") from None
+        return _named(ckpt, quant.int_packed_parts, name, ckpt)
 
     def decode(self, ckpt, parts, row, dtype):
         if row is not None:
             raise CheckpointError(f"{ckpt.path}: {parts[0]} is pack-quantized and stacked: no dequantization path")
-        try:
-            return quant.int_dequantize(ckpt.get(parts[0]), ckpt.get(parts[1]), ckpt.get(parts[2]), parts[0], dtype)
-        except quant.QuantError as e:
-            raise CheckpointError(f"{ckpt.path}: {e}") from None
+        return _named(ckpt, quant.int_dequantize, *(ckpt.get(p) for p in parts), parts[0], dtype)
 
     def encode(self, ckpt, parts, t):
         words = quant.int_quantize(t, ckpt.get(parts[1]), ckpt.shape(parts[0])[1], parts[0])
