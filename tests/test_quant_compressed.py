@@ -162,8 +162,8 @@ def test_int4_reading_bugs_are_caught(conformance, spec, mutant):
 
 
 def test_kimi_k2_thinking_layout_through_the_cli(conformance, spec, tmp_path):
-    """A Kimi K2 toy with int4 routed experts -> Megatron EP2 x TP2 -> HF at PP2 with --fp8
-    (the source's format): every tensor bit-exact and the quantization_config as it was;
+    """A Kimi K2 toy with int4 routed experts -> Megatron EP2 x TP2 -> HF at PP2 with
+    --keep-quantization (``--fp8``'s other name: the source's format, whatever it is): every tensor bit-exact and the quantization_config as it was;
     without it, the experts as bf16 values."""
     from conformance.toy import make_w4a16_checkpoint
     from tests.convert_tasks import assert_same_checkpoint
@@ -172,7 +172,7 @@ def test_kimi_k2_thinking_layout_through_the_cli(conformance, spec, tmp_path):
     mc = tmp_path / "m"
     run = lambda argv: conformance.pool.run("tests.convert_tasks:cli", argv=argv)  # noqa: E731
     assert run(["convert", "import", "--hf", src, "--out", str(mc), "--tp", "2", "--ep", "2"]) == [0] * 4
-    assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp_path / "q"), "--pp", "2", "--fp8"]) == [0] * 4
+    assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp_path / "q"), "--pp", "2", "--keep-quantization"]) == [0] * 4
     assert_same_checkpoint(HFCheckpoint(src), HFCheckpoint(tmp_path / "q"))
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
     assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp_path / "v")]) == [0] * 4

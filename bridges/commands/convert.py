@@ -34,9 +34,9 @@ def add_arguments(parser) -> None:
     exp = sub.add_parser("export", help="Megatron-Core distributed checkpoint -> HF checkpoint")
     exp.add_argument("--megatron", required=True, help="Megatron checkpoint directory")
     exp.add_argument("--hf-source", help="the HF checkpoint it came from (default: recorded at import)")
-    exp.add_argument("--fp8", action="store_true",
-                     help="re-quantize tensors that were quantized in the source (FP8, MXFP4, NVFP4) "
-                          "to its layout and scales")
+    exp.add_argument("--fp8", "--keep-quantization", dest="fp8", action="store_true",
+                     help="re-quantize tensors that were quantized in the source (FP8, MXFP4, NVFP4, "
+                          "compressed-tensors FP8 / packed int) to its layout and scales")
     cmp = sub.add_parser("compare", help="two HF checkpoints, tensor by tensor, bit for bit")
     cmp.add_argument("a", help="HF checkpoint directory (e.g. the source)")
     cmp.add_argument("b", help="HF checkpoint directory (e.g. an export of it)")
