@@ -259,10 +259,10 @@ def check_quant(dequantized: dict[str, torch.Tensor], imported: list[tuple[str, 
     bad = []
     got = dict(imported)
     nvfp4 = [n for n, t in source.items() if t.dtype == torch.uint8 and f"{n}_scale" in source]  # codes
-    scales = {f"{n}_scale" for n in nvfp4}  # NVFP4's float8 block scales are not weights
+    packed = [n[: -len("_packed")] for n in source if n.endswith("_packed")]  # compressed-tensors
+    scales = {f"{n}_scale" for n in nvfp4 + packed}  # NVFP4's float8 block scales are not weights
     quantized = [n for n, t in source.items() if t.dtype in quant.FP8 and n not in scales] + nvfp4 + \
-        [n[: -len("_blocks")] for n in source if n.endswith("_blocks")] + \
-        [n[: -len("_packed")] for n in source if n.endswith("_packed")]  # MXFP4, packed int: by value name
+        [n[: -len("_blocks")] for n in source if n.endswith("_blocks")] + packed  # MXFP4, packed: by value name
     for n in quantized:
         w = got.get(n)
         if w is None:

@@ -389,17 +389,20 @@ def make_mxfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tu
     return str(out), str(deq)
 
 
-def make_nvfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tuple[str, str]:
+def make_nvfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike,
+                          compressed: bool = False) -> tuple[str, str]:
     """NVFP4 copy of a toy checkpoint as NVIDIA ModelOpt writes one (every linear weight whose
     rows split into 16-value blocks; embeddings, output heads, routers and norms stay as they
     are) and its dequantized twin, the HF reference. Per tensor ``weight_scale_2`` = amax / (6 x
     448); per 16 values a float8 ``weight_scale`` = block amax / 6 / weight_scale_2; values to the
     nearest FP4 code; a calibrated ``input_scale`` beside each weight; FP8 KV-cache scales beside
-    the k / v projections."""
+    the k / v projections. ``compressed``: as compressed-tensors writes NVFP4 (RedHat's NVFP4
+    releases): codes as ``weight_packed``, ``weight_global_scale`` = 1 / weight_scale_2 (a
+    divisor), ``input_global_scale``, no KV-cache scales."""
     from bridges.core import quant
     from bridges.core.hf_io import HFCheckpoint
 
-    src, (out, deq, made) = Path(src), _pair_dirs(src, root, "nvfp4")
+    src, (out, deq, made) = Path(src), _pair_dirs(src, root, "ct-nvfp4" if compressed else "nvfp4")
     if made:
         return str(out), str(deq)
     ckpt = HFCheckpoint(src)
@@ -416,9 +419,25 @@ def make_nvfp4_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tu
             kept.add(name.rsplit(".", 1)[0])
             continue
         codes, scale, scale2 = _round_nvfp4(w.float())
+        if compressed:
+            glob = (1 / scale2).reshape(1)
+            qt[f"{name}_packed"], qt[f"{name}_scale"], qt[f"{name}_global_scale"] = codes, scale, glob
+            qt[name[:-len("weight")] + "input_global_scale"] = torch.tensor([100.0 * (1 + len(qt) % 7)])
+            dt[name] = quant.nvfp4_dequantize(codes, scale, glob, torch.float32, divisor=True).to(w.dtype)
+            continue
         qt[name], qt[f"{name}_scale"], qt[f"{name}_scale_2"] = codes, scale, scale2
         qt[name[:-len("weight")] + "input_scale"] = torch.tensor(0.01 * (1 + len(qt) % 7))
         dt[name] = quant.nvfp4_dequantize(codes, scale, scale2, torch.float32).to(w.dtype)
+    if compressed:
+        nv = {"num_bits": 4, "type": "float", "symmetric": True, "strategy": "tensor_group", "group_size": 16,
+              "block_structure": None, "actorder": None, "observer": "minmax", "observer_kwargs": {}}
+        qc = {"quant_method": "compressed-tensors", "format": "nvfp4-pack-quantized",
+              "quantization_status": "compressed", "ignore": ["lm_head", "re:.*mlp.gate$"], "kv_cache_scheme": None,
+              "config_groups": {"group_0": {"targets": ["Linear"], "weights": {**nv, "dynamic": False},
+                                            "input_activations": {**nv, "dynamic": "local"},
+                                            "output_activations": None}}}
+        _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
+        return str(out), str(deq)
     qc = {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": quant.NV_BLOCK,
           "exclude_modules": sorted(kept), **_kv_cache_scales(qt)}
     _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)

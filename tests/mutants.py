@@ -542,3 +542,17 @@ class Int4GroupScalesTiled(_PackedIntMisread):
 
         rows, cols = (int(x) for x in shape.tolist())
         return quant.int_unpack(words, cols, 4).float() * scale.float().repeat(1, cols // scale.shape[1])
+
+
+# 42. compressed-tensors NVFP4's global scale read with ModelOpt's convention -----------------
+class CTNVFP4GlobalScaleMultiplied(LlamaBridge):
+    """``weight_global_scale`` multiplied in, as ModelOpt's ``weight_scale_2`` is, instead of
+    divided by (the two NVFP4 namings' one real difference)."""
+
+    def _read(self, ckpt, name):
+        from bridges.core import quant
+
+        parts = quant.ct_nvfp4_parts(name, ckpt)
+        if not parts:
+            return super()._read(ckpt, name)
+        return quant.nvfp4_dequantize(*(ckpt.get(p) for p in parts[:3]), torch.float32).to(self.dequantized_dtype)

@@ -15,7 +15,8 @@ A mapping names *logical* tensors (``model.layers.0.mlp.experts.gate_up_proj``, 
 - ``PackedInt``: compressed-tensors' pack-quantized ``<name>_packed`` (int32 words of 4- or
   8-bit codes), ``<name>_scale`` (a scale per column group) and ``<name>_shape``.
 - ``NVFP4``: ``<name>`` itself uint8 (two e2m1 codes a byte) with ``<name>_scale`` (float8, one a
-  16 values), ``<name>_scale_2`` (per tensor) and an ``input_scale``, as NVIDIA ModelOpt ships.
+  16 values), ``<name>_scale_2`` (per tensor) and an ``input_scale``, as NVIDIA ModelOpt ships;
+  or compressed-tensors' ``<name>_packed`` codes with ``<name>_global_scale`` (a divisor).
 
 ``CheckpointView`` finds the codec of a name and reads it as values (``read``), says which
 stored tensors that consumed (``used``: the coverage ledger counts them), and encodes an
@@ -123,16 +124,24 @@ class MXFP4(Codec):
 
 
 class NVFP4(Codec):
+    """ModelOpt's (codes under the weight's own name, ``_scale_2`` a factor) and compressed-
+    tensors' (``_packed`` codes, ``_global_scale`` a divisor)."""
+
     def parts(self, ckpt, name):
-        return _named(ckpt, quant.nvfp4_parts, name, ckpt)
+        return _named(ckpt, quant.nvfp4_parts, name, ckpt) or _named(ckpt, quant.ct_nvfp4_parts, name, ckpt)
+
+    @staticmethod
+    def _divisor(parts) -> bool:
+        return parts[0].endswith("_packed")
 
     def decode(self, ckpt, parts, row, dtype):
         if row is not None:
             raise CheckpointError(f"{ckpt.path}: {parts[0]} is NVFP4 and stacked: no dequantization path")
-        return quant.nvfp4_dequantize(ckpt.get(parts[0]), ckpt.get(parts[1]), ckpt.get(parts[2]), dtype)
+        return quant.nvfp4_dequantize(ckpt.get(parts[0]), ckpt.get(parts[1]), ckpt.get(parts[2]), dtype,
+                                      self._divisor(parts))
 
     def encode(self, ckpt, parts, t):
-        codes = quant.nvfp4_quantize(t, ckpt.get(parts[1]), ckpt.get(parts[2]))
+        codes = quant.nvfp4_quantize(t, ckpt.get(parts[1]), ckpt.get(parts[2]), self._divisor(parts))
         # the scales and the calibrated input scale are the source's (the model holds values)
         return [(parts[0], codes)] + [(p, ckpt.get(p)) for p in parts[1:]]
 
@@ -240,8 +249,7 @@ class CheckpointView:
                 logical = n[: -len("_blocks")]
                 out -= {f"{logical}_blocks", f"{logical}_scales"}
                 out.add(logical)
-            if n.endswith("_packed") and self.codec(n[: -len("_packed")]):
-                logical = n[: -len("_packed")]
-                out -= {f"{logical}_packed", f"{logical}_scale", f"{logical}_shape"}
-                out.add(logical)
+            if n.endswith("_packed") and (found := self.codec(n[: -len("_packed")])):
+                out -= set(found[1])  # codes, scales, shape or global / input scales
+                out.add(n[: -len("_packed")])
         return out

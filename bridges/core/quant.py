@@ -268,25 +268,49 @@ def nvfp4_parts(name: str, ckpt) -> tuple[str, ...] | None:
     return (name, scale, scale2) + calibration(name, ckpt)
 
 
-def _nv_scales(scale: torch.Tensor, scale2: torch.Tensor) -> torch.Tensor:
-    """float32 [rows, cols/16] block scale x tensor scale (the fp8 scales may be stored as bytes)."""
+def ct_nvfp4_parts(name: str, ckpt) -> tuple[str, ...] | None:
+    """compressed-tensors' NVFP4 (``nvfp4-pack-quantized``): (``<name>_packed`` uint8 codes,
+    ``<name>_scale`` float8 [rows, cols/16], ``<name>_global_scale`` [1], the divisor: ModelOpt's
+    ``weight_scale_2`` is its reciprocal[, ``input_global_scale``, KV-cache scales]); None when
+    ``name`` is not stored so."""
+    packed, scale, glob = f"{name}_packed", f"{name}_scale", f"{name}_global_scale"
+    if packed not in ckpt or ckpt.dtype(packed) != torch.uint8 or glob not in ckpt:
+        return None
+    if name in ckpt:
+        raise QuantError(f"{name} is stored both as values and as NVFP4 {packed}")
+    rows, half = ckpt.shape(packed)
+    if scale not in ckpt or tuple(ckpt.shape(scale)) != (rows, 2 * half // NV_BLOCK) or (2 * half) % NV_BLOCK:
+        raise QuantError(f"{packed} [{rows}, {half}] (NVFP4, two codes a byte) needs {scale} float8 "
+                         f"[{rows}, {2 * half // NV_BLOCK}], a scale per {NV_BLOCK} values")
+    if math.prod(ckpt.shape(glob)) != 1:
+        raise QuantError(f"{glob} has shape {tuple(ckpt.shape(glob))}: one per-tensor scale expected")
+    stem = name[:-len("weight")] if name.endswith("weight") else name
+    inp = (f"{stem}input_global_scale",) if f"{stem}input_global_scale" in ckpt else ()
+    return (packed, scale, glob) + inp + kv_cache_scales(name, ckpt)
+
+
+def _nv_scales(scale: torch.Tensor, scale2: torch.Tensor, divisor: bool = False) -> torch.Tensor:
+    """float32 [rows, cols/16] block scale x tensor scale (the fp8 scales may be stored as
+    bytes); ``divisor``: compressed-tensors' global scale, block scale / global scale."""
     if scale.dtype == torch.uint8:
         scale = scale.view(torch.float8_e4m3fn)
-    return scale.float() * scale2.float().reshape(())
+    s2 = scale2.float().reshape(())
+    return scale.float() / s2 if divisor else scale.float() * s2
 
 
 def nvfp4_dequantize(codes: torch.Tensor, scale: torch.Tensor, scale2: torch.Tensor,
-                     dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+                     dtype: torch.dtype = torch.bfloat16, divisor: bool = False) -> torch.Tensor:
     """Values [rows, cols] of NVFP4 ``codes`` [rows, cols/2]: value[r, 2k + h] = FP4[nibble h of
     codes[r, k]] * scale[r, (2k + h) // 16] * scale2, h = 0 the low nibble; in float32, rounded
     once to ``dtype``."""
     rows, half = codes.shape
     lut = torch.tensor(FP4_VALUES, device=codes.device)
     v = torch.stack((lut[(codes & 15).int()], lut[(codes >> 4).int()]), -1).reshape(rows, -1, NV_BLOCK)
-    return (v * _nv_scales(scale, scale2)[..., None]).reshape(rows, 2 * half).to(dtype)
+    return (v * _nv_scales(scale, scale2, divisor)[..., None]).reshape(rows, 2 * half).to(dtype)
 
 
-def nvfp4_quantize(values: torch.Tensor, scale: torch.Tensor, scale2: torch.Tensor) -> torch.Tensor:
+def nvfp4_quantize(values: torch.Tensor, scale: torch.Tensor, scale2: torch.Tensor,
+                   divisor: bool = False) -> torch.Tensor:
     """NVFP4 codes of ``values`` [rows, cols] with the given scales: the exact inverse of
     ``nvfp4_dequantize`` (a value decodes from the code whose dequantized value equals it, in
     float32, the values' dtype or bfloat16, -0.0 included: FP4 magnitudes lie >= 1.33x apart,
@@ -294,7 +318,7 @@ def nvfp4_quantize(values: torch.Tensor, scale: torch.Tensor, scale2: torch.Tens
     rows, cols = values.shape
     if cols % NV_BLOCK or tuple(scale.shape) != (rows, cols // NV_BLOCK):
         raise QuantError(f"values {tuple(values.shape)} do not match NVFP4 scales {tuple(scale.shape)}")
-    lut, scales = torch.tensor(FP4_VALUES, device=values.device), _nv_scales(scale, scale2)
+    lut, scales = torch.tensor(FP4_VALUES, device=values.device), _nv_scales(scale, scale2, divisor)
     out = torch.empty(rows, cols // 2, dtype=torch.uint8, device=values.device)
     step = max(1, CHUNK // (cols * 16))
     for r0 in range(0, rows, step):

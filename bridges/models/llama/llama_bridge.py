@@ -5,4 +5,5 @@ from bridges.core.registry import register_bridge
 
 @register_bridge(model_type="llama", architectures=["LlamaForCausalLM"])
 class LlamaBridge(GPTBridge):
-    quantized_formats = ("nvfp4", "modelopt", "compressed")  # NVIDIA ModelOpt NVFP4 / FP8; compressed-tensors FP8 (RedHat)
+    # NVIDIA ModelOpt NVFP4 / FP8; compressed-tensors FP8 and NVFP4 (RedHat's releases)
+    quantized_formats = ("nvfp4", "modelopt", "compressed", "ct-nvfp4")
