@@ -235,6 +235,9 @@ class Conformance:
             if kind in ("nvfp4", "w4a16"):  # ModelOpt's NVFP4; compressed-tensors' packed int4
                 return (*self.pool.run(f"conformance.toy:make_{kind}_checkpoint", ranks=[0],
                                        timeout=self.timeout, src=toy, root=root)[0], toy)
+            if kind == "w4a16-asym":  # with zero points (AWQ-style)
+                return (*self.pool.run("conformance.toy:make_w4a16_checkpoint", ranks=[0], timeout=self.timeout,
+                                       src=toy, root=root, symmetric=False)[0], toy)
             if kind == "ct-nvfp4":  # compressed-tensors' NVFP4
                 return (*self.pool.run("conformance.toy:make_nvfp4_checkpoint", ranks=[0], timeout=self.timeout,
                                        src=toy, root=root, compressed=True)[0], toy)

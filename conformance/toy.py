@@ -486,17 +486,19 @@ def _kv_cache_scales(qt: dict[str, torch.Tensor]) -> dict[str, str]:
     return {"kv_cache_quant_algo": "FP8"} if added else {}
 
 
-def make_w4a16_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tuple[str, str]:
+def make_w4a16_checkpoint(src: str | os.PathLike, root: str | os.PathLike,
+                          symmetric: bool = True) -> tuple[str, str]:
     """compressed-tensors pack-quantized W4A16 copy of a toy checkpoint and its dequantized twin:
     a MoE model's routed experts only (Kimi-K2-Thinking's published layout: attention, shared
     experts, dense MLPs, routers and lm_head in bf16), a dense model's every linear weight
     (RedHat's w4a16 releases). Symmetric int4 codes, a bf16 scale per group of 32 columns (16,
     or the whole row, where a toy width does not divide), ``weight_packed`` int32 /
-    ``weight_scale`` / ``weight_shape``."""
+    ``weight_scale`` / ``weight_shape``. Not ``symmetric`` (AWQ-style, as llm-compressor converts
+    AutoAWQ checkpoints): a per-group ``weight_zero_point`` too, int32 codes packed down the rows."""
     from bridges.core import quant
     from bridges.core.hf_io import HFCheckpoint
 
-    src, (out, deq, made) = Path(src), _pair_dirs(src, root, "w4a16")
+    src, (out, deq, made) = Path(src), _pair_dirs(src, root, "w4a16" if symmetric else "w4a16-asym")
     if made:
         return str(out), str(deq)
     ckpt = HFCheckpoint(src)
@@ -512,17 +514,25 @@ def make_w4a16_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tu
             continue
         rows, cols = w.shape
         group = next((g for g in (32, 16) if cols % g == 0), cols)
-        scale = (w.float().reshape(rows, cols // group, group).abs().amax(-1) / 7).clamp_min(1e-8).to(torch.bfloat16)
-        words = quant.int_quantize(w, scale, math.ceil(cols / 8), name)
+        g = w.float().reshape(rows, cols // group, group)
+        zero = None
+        if symmetric:
+            scale = (g.abs().amax(-1) / 7).clamp_min(1e-8).to(torch.bfloat16)
+        else:  # the group's [min, max] onto the 16 codes
+            lo, hi = g.amin(-1).clamp(max=0), g.amax(-1).clamp(min=0)
+            scale = ((hi - lo) / 15).clamp_min(1e-8).to(torch.bfloat16)
+            zp = (torch.round(-lo / scale.float()) - 8).clamp(-8, 7).to(torch.int32)
+            zero = qt[f"{name}_zero_point"] = quant.int_pack(zp.T.contiguous(), 4).T.contiguous()
+        words = quant.int_quantize(w, scale, math.ceil(cols / 8), name, zero)
         qt[f"{name}_packed"], qt[f"{name}_scale"] = words, scale
         qt[f"{name}_shape"] = torch.tensor([rows, cols])
-        dt[name] = quant.int_dequantize(words, scale, qt[f"{name}_shape"], name, w.dtype)
+        dt[name] = quant.int_dequantize(words, scale, qt[f"{name}_shape"], name, w.dtype, zero)
     ignore = ["lm_head"] + (["re:.*self_attn.*", "re:.*shared_expert.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"]
                             if moe else ["re:.*mlp.gate$"])
     qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
           "ignore": ignore, "kv_cache_scheme": None,
           "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
-                                        "weights": {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group",
+                                        "weights": {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group",
                                                     "group_size": 32, "dynamic": False, "actorder": None,
                                                     "block_structure": None, "observer": "minmax", "observer_kwargs": {}}}}}
     _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)

@@ -127,7 +127,7 @@ def test_packed_int_reads_and_writes_back(tmp_path):
 
 
 @pytest.mark.parametrize("extra,says", [
-    ({"l.weight_zero_point": torch.zeros(1, 2, dtype=torch.int32)}, r"l.weight_zero_point: pack-quantized with asymmetric"),
+    ({"l.weight_zero_point": torch.zeros(2, 2, dtype=torch.int32)}, r"l.weight_packed: zero point torch.int32 \(2, 2\) is not int32 \[1, groups\]"),
     ({"l.weight_g_idx": torch.zeros(64, dtype=torch.int32)}, r"l.weight_g_idx: pack-quantized with activation-ordered"),
     ({"l.weight_scale": torch.rand(4, 3)}, r"l.weight_packed: scale \(4, 3\) is not \[4, groups\]"),
     ({"l.weight_shape": torch.tensor([4, 40])}, r"l.weight_packed: 8 int32 words a row hold neither"),
@@ -141,16 +141,18 @@ def test_broken_packed_int_is_named(tmp_path, extra, says):
         view.read("l.weight")
 
 
-@pytest.mark.parametrize("model,layouts", [("Qwen/Qwen3-8B", ("tp1pp1", "tp2")),
-                                           ("deepseek-ai/DeepSeek-V3", ("tp1pp1", "tp2ep2"))])
-def test_w4a16_through_the_suite(conformance, spec, model, layouts):
+@pytest.mark.parametrize("model,layouts,kind", [("Qwen/Qwen3-8B", ("tp1pp1", "tp2"), "w4a16"),
+                                                ("deepseek-ai/DeepSeek-V3", ("tp1pp1", "tp2ep2"), "w4a16"),
+                                                ("meta-llama/Llama-3.2-1B", ("tp1pp1", "tp2"), "w4a16-asym")])
+def test_w4a16_through_the_suite(conformance, spec, model, layouts, kind):
     """Qwen3: every linear weight packed; DeepSeek-V3 (Kimi-K2-Thinking's layout): the routed
-    experts alone, MTP layer included."""
-    q = HFCheckpoint(conformance.quantized_checkpoint(spec(model), "w4a16")[0])
+    experts alone, MTP layer included; Llama with zero points (AWQ-style)."""
+    q = HFCheckpoint(conformance.quantized_checkpoint(spec(model), kind)[0])
+    assert (kind == "w4a16-asym") == any(n.endswith("_zero_point") for n in q.names())
     packed = [n for n in q.names() if n.endswith("_packed")]
-    assert packed and all((".experts." in n) == ("DeepSeek" in model) or "Qwen3" in model for n in packed)
+    assert packed and all((".experts." in n) == ("DeepSeek" in model) or "DeepSeek" not in model for n in packed)
     for layout in layouts:
-        res = conformance.quant_case(spec(model), "w4a16", layout=layout)
+        res = conformance.quant_case(spec(model), kind, layout=layout)
         assert res["quant"].passed and res["logits"].passed, (layout, res["quant"].details, str(res["logits"]))
 
 
@@ -211,3 +213,16 @@ def test_ct_nvfp4_global_scale_convention_bug_is_caught(conformance, spec):
     assert not res["quant"].passed and ("imported values differ" in res["quant"].details
                                         or "not representable in NVFP4" in res["quant"].details), res["quant"].details
     assert not res["logits"].passed
+
+
+def test_zero_points_are_packed_down_the_rows(tmp_path):
+    """Asymmetric codes: value = (code - zero point) x scale, the zero points [rows, groups]
+    packed eight to a word down the rows, each plus 8, as compressed-tensors packs them."""
+    codes = torch.randint(-8, 8, (8, 16), dtype=torch.int32)
+    zp = torch.arange(-4, 4, dtype=torch.int32)[:, None]  # one group a row
+    word = sum((int(z) + 8) << (4 * i) for i, z in enumerate(zp[:, 0]))
+    zero = torch.tensor([[word - 2**32 if word >= 2**31 else word]], dtype=torch.int32)
+    scale = torch.full((8, 1), 0.5, dtype=torch.bfloat16)
+    v = quant.int_dequantize(quant.int_pack(codes, 4), scale, torch.tensor([8, 16]), "w", torch.float32, zero)
+    assert torch.equal(v, (codes - zp).float() * 0.5)
+    assert torch.equal(quant.int_quantize(v, scale, 2, "w", zero), quant.int_pack(codes, 4))

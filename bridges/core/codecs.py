@@ -150,14 +150,19 @@ class PackedInt(Codec):
     def parts(self, ckpt, name):
         return _named(ckpt, quant.int_packed_parts, name, ckpt)
 
+    @staticmethod
+    def _zero(ckpt, parts):
+        return ckpt.get(parts[3]) if len(parts) > 3 else None
+
     def decode(self, ckpt, parts, row, dtype):
         if row is not None:
             raise CheckpointError(f"{ckpt.path}: {parts[0]} is pack-quantized and stacked: no dequantization path")
-        return _named(ckpt, quant.int_dequantize, *(ckpt.get(p) for p in parts), parts[0], dtype)
+        return _named(ckpt, quant.int_dequantize, *(ckpt.get(p) for p in parts[:3]), parts[0], dtype,
+                      self._zero(ckpt, parts))
 
     def encode(self, ckpt, parts, t):
-        words = quant.int_quantize(t, ckpt.get(parts[1]), ckpt.shape(parts[0])[1], parts[0])
-        return [(parts[0], words), (parts[1], ckpt.get(parts[1])), (parts[2], ckpt.get(parts[2]))]
+        words = quant.int_quantize(t, ckpt.get(parts[1]), ckpt.shape(parts[0])[1], parts[0], self._zero(ckpt, parts))
+        return [(parts[0], words)] + [(p, ckpt.get(p)) for p in parts[1:]]
 
 
 CODECS: tuple[Codec, ...] = (MXFP4(), NVFP4(), PackedInt(), FP8(), Plain())

@@ -341,11 +341,12 @@ def nvfp4_quantize(values: torch.Tensor, scale: torch.Tensor, scale2: torch.Tens
 
 # -- compressed-tensors pack-quantized (W4A16 / W8A16: Kimi-K2-Thinking's experts, RedHat's w4a16) --
 def int_packed_parts(name: str, ckpt) -> tuple[str, ...] | None:
-    """(``<name>_packed``, ``<name>_scale``, ``<name>_shape``) when ``name`` is stored in
-    compressed-tensors' pack-quantized form, else None: int32 words of 32 / bits signed codes
-    along the columns (lowest bits first, offset by 2**(bits-1)), a scale per group of columns
-    [rows, groups] (one group: per channel) and the logical [rows, cols]. Asymmetric codes
-    (``_zero_point``) and activation order (``_g_idx``) are refused naming the tensor."""
+    """(``<name>_packed``, ``<name>_scale``, ``<name>_shape``[, ``<name>_zero_point``]) when
+    ``name`` is stored in compressed-tensors' pack-quantized form, else None: int32 words of
+    32 / bits signed codes along the columns (lowest bits first, offset by 2**(bits-1)), a scale
+    per group of columns [rows, groups] (one group: per channel), the logical [rows, cols], and
+    for asymmetric codes a zero point per group, packed the same way down the rows. Activation
+    order (``_g_idx``) is refused naming the tensor."""
     packed = f"{name}_packed"
     if packed not in ckpt:
         return None
@@ -353,15 +354,14 @@ def int_packed_parts(name: str, ckpt) -> tuple[str, ...] | None:
     for part in (scale, shape):
         if part not in ckpt:
             raise QuantError(f"{packed} has no {part}: pack-quantized needs both")
-    for extra, what in ((f"{name}_zero_point", "asymmetric codes (a zero point)"),
-                        (f"{name}_g_idx", "activation-ordered groups (g_idx)")):
-        if extra in ckpt:
-            raise QuantError(f"{extra}: pack-quantized with {what} is not read (symmetric, in-order only)")
+    if f"{name}_g_idx" in ckpt:
+        raise QuantError(f"{name}_g_idx: pack-quantized with activation-ordered groups (g_idx) is not read")
     if name in ckpt:
         raise QuantError(f"{name} is stored both as values and as pack-quantized {packed}")
     if ckpt.dtype(packed) != torch.int32 or len(ckpt.shape(packed)) != 2:
         raise QuantError(f"{packed} is {ckpt.dtype(packed)} {tuple(ckpt.shape(packed))}: int32 [rows, words] expected")
-    return packed, scale, shape
+    zero = f"{name}_zero_point"
+    return (packed, scale, shape) + ((zero,) if zero in ckpt else ())
 
 
 def int_bits(words: int, cols: int, what: str) -> int:
@@ -397,21 +397,39 @@ def int_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
 
 
+def _zero_points(zero: torch.Tensor | None, rows: int, bits: int, what: str) -> torch.Tensor | int:
+    """Signed zero points [rows, groups] of words packed down the rows (0 without any)."""
+    if zero is None:
+        return 0
+    if zero.dtype != torch.int32 or zero.dim() != 2 or zero.shape[0] != math.ceil(rows * bits / 32):
+        raise QuantError(f"{what}: zero point {zero.dtype} {tuple(zero.shape)} is not int32 "
+                         f"[{math.ceil(rows * bits / 32)}, groups] (codes packed down {rows} rows)")
+    return int_unpack(zero.T.contiguous(), rows, bits).T
+
+
 def int_dequantize(packed: torch.Tensor, scale: torch.Tensor, shape: torch.Tensor, what: str = "weight",
-                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """codes x group scale, in float32 (exact for bf16 / fp16 scales), rounded once to ``dtype``."""
+                   dtype: torch.dtype = torch.bfloat16, zero: torch.Tensor | None = None) -> torch.Tensor:
+    """(code - zero point) x group scale, in float32 (exact for bf16 / fp16 scales), rounded once
+    to ``dtype``."""
     rows, cols = (int(x) for x in shape.tolist())
     if packed.shape[0] != rows:
         raise QuantError(f"{what}: {packed.shape[0]} packed rows, weight_shape says {rows}")
     bits = int_bits(packed.shape[1], cols, what)
-    return (int_unpack(packed, cols, bits).float() * _group_scales(scale, rows, cols, what)).to(dtype)
+    q = int_unpack(packed, cols, bits) - _group(_zero_points(zero, rows, bits, what), rows, cols, what)
+    return (q.float() * _group_scales(scale, rows, cols, what)).to(dtype)
 
 
-def int_quantize(values: torch.Tensor, scale: torch.Tensor, words: int, what: str = "weight") -> torch.Tensor:
-    """``values`` [rows, cols] as int32 words with the source's group ``scale`` (the codes of
-    ``int_dequantize``'s values come back exactly)."""
+def _group(zp, rows: int, cols: int, what: str):
+    return zp if isinstance(zp, int) else _group_scales(zp, rows, cols, what).round().to(torch.int32)
+
+
+def int_quantize(values: torch.Tensor, scale: torch.Tensor, words: int, what: str = "weight",
+                 zero: torch.Tensor | None = None) -> torch.Tensor:
+    """``values`` [rows, cols] as int32 words with the source's group ``scale`` (and zero points):
+    the codes of ``int_dequantize``'s values come back exactly."""
     rows, cols = values.shape
     bits = int_bits(words, cols, what)
     lim = 1 << (bits - 1)
-    q = torch.round(values.float() / _group_scales(scale, rows, cols, what)).clamp(-lim, lim - 1)
-    return int_pack(q.to(torch.int32), bits)
+    zp = _group(_zero_points(zero, rows, bits, what), rows, cols, what)
+    q = torch.round(values.float() / _group_scales(scale, rows, cols, what)) + zp
+    return int_pack(q.clamp(-lim, lim - 1).to(torch.int32), bits)
