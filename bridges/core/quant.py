@@ -31,6 +31,12 @@ Formats (shared by several families, so they live here):
   per tensor [1] or per output channel [rows, 1] (model dtype) and, with static activations, an
   ``input_scale`` [1]: the per-tensor / per-row form above.
 
+- compressed-tensors pack-quantized (``format: pack-quantized``: Kimi-K2-Thinking's int4 experts,
+  RedHat's w4a16): ``<w>_packed`` int32 words of 4- / 8-bit codes, ``<w>_scale`` per column
+  group, ``<w>_shape``, and ``<w>_zero_point`` (packed down the rows) when asymmetric; its NVFP4
+  (``nvfp4-pack-quantized``): ``<w>_packed`` uint8 codes, ``<w>_scale`` float8 and
+  ``<w>_global_scale``, a divisor.
+
 Import dequantizes on the fly; a float8 tensor without a companion is an error naming it.
 Export writes the model dtype by default, or re-quantizes to the source's layout (reusing the
 source scales, so an FP8 checkpoint goes HF -> Megatron -> HF bit-exactly; ``mxfp4_quantize``
