@@ -77,6 +77,13 @@ def layouts_for(config: dict, layouts: list[str] | tuple[str, ...] | None = None
     return [x for x in layouts if moe or (Layout.parse(x).ep == 1 and not Layout.parse(x).grouped)]
 
 
+# quantized toy layouts other than FP8 (by kind) and MXFP4: (conformance.toy maker, its arguments)
+QUANT_TOYS = {"nvfp4": ("make_nvfp4_checkpoint", {}),  # NVIDIA ModelOpt
+              "ct-nvfp4": ("make_nvfp4_checkpoint", {"compressed": True}),  # compressed-tensors' NVFP4
+              "w4a16": ("make_w4a16_checkpoint", {}),  # compressed-tensors' packed int4
+              "w4a16-asym": ("make_w4a16_checkpoint", {"symmetric": False})}  # with zero points (AWQ-style)
+
+
 class Conformance:
     def __init__(self, workdir: str | Path, layouts: list[str] | tuple[str, ...] = DEFAULT_LAYOUTS,
                  world: int = 4, dtype: str = "float32", weights: str = "toy",
@@ -222,9 +229,9 @@ class Conformance:
         return self._memo(("describe", spec.name, bridge_ref), run)
 
     def quantized_checkpoint(self, spec: ModelSpec, kind: str) -> tuple[str, str, str]:
-        """(a toy in the published quantized layout ``kind``: block / tensor / static FP8,
-        MXFP4 experts, NVFP4 or W4A16 (compressed-tensors packed int4), its dequantized twin, the toy it was made from), made once per
-        session."""
+        """(a toy in the published quantized layout ``kind``: block / tensor / static / modelopt /
+        compressed FP8, MXFP4 experts, or one of ``QUANT_TOYS``, its dequantized twin, the toy it
+        was made from), made once per session."""
         def make():
             toy, root = self.checkpoint(spec), str(self.workdir / "toys")
             if kind == "mxfp4":  # experts of a stacked MoE toy, as gpt-oss ships them
@@ -232,17 +239,9 @@ class Conformance:
                                     timeout=self.timeout, src=toy, root=root)[0]
                 return (*self.pool.run("conformance.toy:make_mxfp4_checkpoint", ranks=[0],
                                        timeout=self.timeout, src=toy, root=root)[0], toy)
-            if kind in ("nvfp4", "w4a16"):  # ModelOpt's NVFP4; compressed-tensors' packed int4
-                return (*self.pool.run(f"conformance.toy:make_{kind}_checkpoint", ranks=[0],
-                                       timeout=self.timeout, src=toy, root=root)[0], toy)
-            if kind == "w4a16-asym":  # with zero points (AWQ-style)
-                return (*self.pool.run("conformance.toy:make_w4a16_checkpoint", ranks=[0], timeout=self.timeout,
-                                       src=toy, root=root, symmetric=False)[0], toy)
-            if kind == "ct-nvfp4":  # compressed-tensors' NVFP4
-                return (*self.pool.run("conformance.toy:make_nvfp4_checkpoint", ranks=[0], timeout=self.timeout,
-                                       src=toy, root=root, compressed=True)[0], toy)
-            return (*self.pool.run("conformance.toy:make_fp8_checkpoint", ranks=[0],
-                                   timeout=self.timeout, src=toy, root=root, kind=kind)[0], toy)
+            maker, kwargs = QUANT_TOYS.get(kind, ("make_fp8_checkpoint", {"kind": kind}))  # FP8: by kind
+            return (*self.pool.run(f"conformance.toy:{maker}", ranks=[0], timeout=self.timeout,
+                                   src=toy, root=root, **kwargs)[0], toy)
 
         return self._memo(("quantized", spec.name, kind), make)
 

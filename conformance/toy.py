@@ -304,14 +304,14 @@ def make_fp8_checkpoint(src: str | os.PathLike, root: str | os.PathLike, kind: s
         router = kind == "compressed" and name.endswith("mlp.gate.weight")
         if w.dim() == 2 and "embed" not in name and "lm_head" not in name and w.shape[0] != vocab and not vision \
                 and not router:
-            q, s = quant.quantize(w, None, qkind, block) if kind != "compressed" else _per_channel_fp8(w)
-            if kind == "compressed":
+            if kind == "compressed":  # per channel, scales in bf16, input scale [1]
+                q, s = _per_channel_fp8(w)
                 qt[name], qt[f"{name}_scale"] = q, s
                 qt[f"{name[:-len('weight')]}input_scale"] = torch.tensor([0.01 * (1 + len(qt) % 7)], dtype=torch.bfloat16)
-                dt[name] = quant.dequantize(q, s, qkind, block)
-                continue
-            qt[name] = q
-            qt[f"{name}_scale" if kind in ("tensor", "modelopt") else f"{name}_scale_inv"] = s.float()
+            else:
+                q, s = quant.quantize(w, None, qkind, block)
+                qt[name] = q
+                qt[f"{name}_scale" if kind in ("tensor", "modelopt") else f"{name}_scale_inv"] = s.float()
             if kind in ("static", "modelopt"):  # a calibrated input amax / 448, as published files store
                 act = "input_scale" if kind == "modelopt" else "activation_scale"
                 qt[f"{name[:-len('weight')]}{act}"] = torch.tensor(0.01 * (1 + len(qt) % 7))

@@ -166,6 +166,8 @@ class PackedInt(Codec):
 
 
 CODECS: tuple[Codec, ...] = (MXFP4(), NVFP4(), PackedInt(), FP8(), Plain())
+# the codes' suffix of formats whose logical tensor is not stored under its own name
+STORED_APART = ("_blocks", "_packed")
 
 
 class CheckpointView:
@@ -233,7 +235,7 @@ class CheckpointView:
         return self.export_dtype if self.export_dtype is not None and dtype.is_floating_point else dtype
 
     def _packed(self, name: str) -> bool:  # stored under other names only: MXFP4, pack-quantized
-        return f"{name}_blocks" in self.ckpt or f"{name}_packed" in self.ckpt
+        return any(f"{name}{s}" in self.ckpt for s in STORED_APART)
 
     def output_names(self, names: set[str], quantized: bool) -> set[str]:
         """What an export of the stored ``names`` writes: the same names with ``quantized``;
@@ -250,11 +252,8 @@ class CheckpointView:
             comp = quant.companion(n, self.ckpt)
             if comp:
                 out -= {comp[0], *quant.calibration(n, self.ckpt)}
-            if n.endswith("_blocks") and self.codec(n[: -len("_blocks")]):
-                logical = n[: -len("_blocks")]
-                out -= {f"{logical}_blocks", f"{logical}_scales"}
-                out.add(logical)
-            if n.endswith("_packed") and (found := self.codec(n[: -len("_packed")])):
-                out -= set(found[1])  # codes, scales, shape or global / input scales
-                out.add(n[: -len("_packed")])
+            suffix = next((s for s in STORED_APART if n.endswith(s)), None)
+            if suffix and (found := self.codec(n[: -len(suffix)])):
+                out -= set(found[1])  # codes and every companion: scales, shape, global / input scales
+                out.add(n[: -len(suffix)])
         return out

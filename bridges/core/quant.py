@@ -378,11 +378,12 @@ def int_bits(words: int, cols: int, what: str) -> int:
     raise QuantError(f"{what}: {words} int32 words a row hold neither 4- nor 8-bit codes of {cols} columns")
 
 
-def _group_scales(scale: torch.Tensor, rows: int, cols: int, what: str) -> torch.Tensor:
-    if scale.dim() != 2 or scale.shape[0] != rows or cols % scale.shape[1]:
-        raise QuantError(f"{what}: scale {tuple(scale.shape)} is not [{rows}, groups] with groups dividing "
+def _per_column(t: torch.Tensor, rows: int, cols: int, what: str, part: str = "scale") -> torch.Tensor:
+    """``t`` [rows, groups] spread over each group's consecutive columns: [rows, cols]."""
+    if t.dim() != 2 or t.shape[0] != rows or cols % t.shape[1]:
+        raise QuantError(f"{what}: {part} {tuple(t.shape)} is not [{rows}, groups] with groups dividing "
                          f"{cols} columns (ragged groups are not read)")
-    return scale.float().repeat_interleave(cols // scale.shape[1], 1)
+    return t.repeat_interleave(cols // t.shape[1], 1)
 
 
 def int_unpack(packed: torch.Tensor, cols: int, bits: int) -> torch.Tensor:
@@ -403,14 +404,14 @@ def int_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
 
 
-def _zero_points(zero: torch.Tensor | None, rows: int, bits: int, what: str) -> torch.Tensor | int:
-    """Signed zero points [rows, groups] of words packed down the rows (0 without any)."""
+def _zero_points(zero: torch.Tensor | None, rows: int, cols: int, bits: int, what: str) -> torch.Tensor | int:
+    """Signed zero points [rows, cols] of words packed down the rows (0 without any)."""
     if zero is None:
         return 0
     if zero.dtype != torch.int32 or zero.dim() != 2 or zero.shape[0] != math.ceil(rows * bits / 32):
         raise QuantError(f"{what}: zero point {zero.dtype} {tuple(zero.shape)} is not int32 "
                          f"[{math.ceil(rows * bits / 32)}, groups] (codes packed down {rows} rows)")
-    return int_unpack(zero.T.contiguous(), rows, bits).T
+    return _per_column(int_unpack(zero.T.contiguous(), rows, bits).T, rows, cols, what, "zero point")
 
 
 def int_dequantize(packed: torch.Tensor, scale: torch.Tensor, shape: torch.Tensor, what: str = "weight",
@@ -421,12 +422,8 @@ def int_dequantize(packed: torch.Tensor, scale: torch.Tensor, shape: torch.Tenso
     if packed.shape[0] != rows:
         raise QuantError(f"{what}: {packed.shape[0]} packed rows, weight_shape says {rows}")
     bits = int_bits(packed.shape[1], cols, what)
-    q = int_unpack(packed, cols, bits) - _group(_zero_points(zero, rows, bits, what), rows, cols, what)
-    return (q.float() * _group_scales(scale, rows, cols, what)).to(dtype)
-
-
-def _group(zp, rows: int, cols: int, what: str):
-    return zp if isinstance(zp, int) else _group_scales(zp, rows, cols, what).round().to(torch.int32)
+    q = int_unpack(packed, cols, bits) - _zero_points(zero, rows, cols, bits, what)
+    return (q.float() * _per_column(scale, rows, cols, what).float()).to(dtype)
 
 
 def int_quantize(values: torch.Tensor, scale: torch.Tensor, words: int, what: str = "weight",
@@ -436,6 +433,6 @@ def int_quantize(values: torch.Tensor, scale: torch.Tensor, words: int, what: st
     rows, cols = values.shape
     bits = int_bits(words, cols, what)
     lim = 1 << (bits - 1)
-    zp = _group(_zero_points(zero, rows, bits, what), rows, cols, what)
-    q = torch.round(values.float() / _group_scales(scale, rows, cols, what)) + zp
+    q = torch.round(values.float() / _per_column(scale, rows, cols, what).float()) + \
+        _zero_points(zero, rows, cols, bits, what)
     return int_pack(q.clamp(-lim, lim - 1).to(torch.int32), bits)
