@@ -1,11 +1,13 @@
 """Rank tasks for tests/test_megatron_lm_spec.py."""
 
 
-def trainer_spec_model(toy_dir: str, layout: str, spec: str | None = None) -> dict:
+def trainer_spec_model(toy_dir: str, layout: str, spec: str | None = None, plain_mtp: bool = False) -> dict:
     """This rank's model built as Megatron-LM builds it with the family's ``--spec`` (the named
-    object as every decoder layer's spec), beside the bridge's own, both loaded from the toy:
-    parameter names and shapes, whether the values agree, and (one stage) the largest logit
-    difference. ``spec``: 'module:name' instead of the bridge's (a broken one, in the tests)."""
+    object as every decoder layer's spec; MTP layers from Megatron's own local spec, as
+    gpt_builders.py builds them), beside the bridge's own, both loaded from the toy: parameter
+    names and shapes, whether the values agree, and (one stage) the largest logit difference.
+    ``spec``: 'module:name' instead of the bridge's (a broken one, in the tests); ``plain_mtp``:
+    without the spec module's MTP hook (Megatron-Core's own MTP layer constructor)."""
     import importlib
 
     import torch
@@ -19,10 +21,32 @@ def trainer_spec_model(toy_dir: str, layout: str, spec: str | None = None) -> di
     ours = layout_provider(bridge, layout, torch.float32).provide_distributed_model()
     bridge.load_hf_weights(ours)
     bridge.layer_spec = lambda provider, vp_stage=None: layer  # what gpt_builders.py passes GPTModel
-    theirs = layout_provider(bridge, layout, torch.float32).provide_distributed_model()
+    bridge.mtp_block_spec = _gpt_builders_mtp
+    from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer as MTP
+
+    hooked = MTP.__init__
+    if plain_mtp:
+        MTP.__init__ = getattr(hooked, "__wrapped__", hooked)
+    try:
+        theirs = layout_provider(bridge, layout, torch.float32).provide_distributed_model()
+    finally:
+        MTP.__init__ = hooked
     bridge.load_hf_weights(theirs)
 
     return _compare(ours, theirs)
+
+
+def _gpt_builders_mtp(provider, vp_stage=None):
+    """gpt_builders.py's MTP block (``--mtp-num-layers``): the last of Megatron's own local
+    decoder layer specs, whatever ``--spec`` says."""
+    if not getattr(provider, "mtp_num_layers", None):
+        return None
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_decoder_layer_specs, get_gpt_mtp_block_spec
+
+    cfg = provider.transformer_config()
+    last = get_gpt_decoder_layer_specs(cfg, use_transformer_engine=False, normalization=cfg.normalization,
+                                       qk_l2_norm=False, vp_stage=vp_stage)[-1]
+    return get_gpt_mtp_block_spec(cfg, last, use_transformer_engine=False, vp_stage=vp_stage)
 
 
 def _compare(ours: list, theirs: list) -> dict:

@@ -52,7 +52,7 @@ def _read_back(flags: list[str], fields: dict) -> dict:
 
 
 # Refused with the reason's words; every other fixture model must give flags
-REFUSED = {"google/gemma-2b": "zero-centred norms", "deepseek-ai/DeepSeek-V3": "multi-token-prediction",
+REFUSED = {"google/gemma-2b": "zero-centred norms",
            "moonshotai/Kimi-K2-Instruct": "beta_fast=1.0: no Megatron-LM flag", "google/gemma-3-4b-it": "vision-language"}
 
 

@@ -9,7 +9,7 @@ import pytest
 
 from conformance.models import resolve
 
-MODELS = ["deepseek-ai/DeepSeek-V2-Lite", "allenai/OLMoE-1B-7B-0924", "openai/gpt-oss-20b"]
+MODELS = ["deepseek-ai/DeepSeek-V2-Lite", "deepseek-ai/DeepSeek-V3", "allenai/OLMoE-1B-7B-0924", "openai/gpt-oss-20b"]
 
 
 @pytest.mark.parametrize("module,name", [*((f"bridges.models.{f}.megatron_lm_spec", "layer")
@@ -58,6 +58,15 @@ def test_a_spec_blind_to_the_layer_position_fails(conformance):
         rows = conformance.pool.run("tests.spec_tasks:trainer_spec_model", toy_dir=toy, layout="tp1pp1",
                                     spec="tests.spec_tasks:ALL_MOE")
         assert all(r["names"] for r in rows), rows  # reached only if the load accepted it
+
+
+def test_mla_mtp_layer_needs_the_hook(conformance):
+    """pretrain_gpt.py builds DeepSeek-V3's MTP layer from Megatron's own local MLA spec, whose
+    core attention (DotProductAttention) takes no separate key / value head dims: without the spec
+    module's MTP hook it does not build."""
+    toy = conformance.checkpoint(resolve("deepseek-ai/DeepSeek-V3"))
+    with pytest.raises(Exception, match="k_channels.*DotProductAttention.*MultiTokenPredictionLayer"):
+        conformance.pool.run("tests.spec_tasks:trainer_spec_model", toy_dir=toy, layout="tp1pp1", plain_mtp=True)
 
 
 def test_gpt_oss_biased_experts_train(conformance):

@@ -46,3 +46,35 @@ def mtp_without_te() -> bool:
         return False
     mtp.is_inference_column_parallel_linear = lambda module: False
     return True
+
+
+def trainer_mtp_layer(customize: Callable, needs: type) -> bool:
+    """Let the MTP layers pretrain_gpt.py builds take the family's own modules. gpt_builders.py
+    builds them from Megatron's own local spec (``get_gpt_decoder_layer_specs(...)[-1]``, whatever
+    ``--spec`` says), which for some families cannot be built (multi-latent attention: the local
+    core attention takes no separate key / value head dims, the q-norm resolver wants a fused
+    norm). The MTP layer's inner layer spec goes through the same
+    ``customize(layer_spec, is_moe)`` as the decoder's where its self-attention module is exactly
+    ``needs`` (Megatron's own class: the bridges' own specs, already customised, are left alone).
+    Returns whether the hook was installed now (once per process)."""
+    import dataclasses
+    import functools
+
+    from megatron.core.transformer.multi_token_prediction import MultiTokenPredictionLayer
+
+    if getattr(MultiTokenPredictionLayer.__init__, "_bridge_mtp", False):
+        return False
+    init = MultiTokenPredictionLayer.__init__
+
+    @functools.wraps(init)
+    def __init__(self, config, submodules, *args, **kw):
+        inner = getattr(submodules, "mtp_model_layer", None)
+        attn = getattr(getattr(inner, "submodules", None), "self_attention", None)
+        if getattr(attn, "module", None) is needs:
+            submodules = dataclasses.replace(
+                submodules, mtp_model_layer=customize(inner, config.num_moe_experts is not None))
+        init(self, config, submodules, *args, **kw)
+
+    __init__._bridge_mtp = True
+    MultiTokenPredictionLayer.__init__ = __init__
+    return True

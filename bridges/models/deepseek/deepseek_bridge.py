@@ -280,13 +280,6 @@ class DeepseekV3Bridge(DeepseekV2Bridge):
     ported_remote_code = ("configuration_deepseek.DeepseekV3Config", "modeling_deepseek.DeepseekV3Model",
                           "modeling_deepseek.DeepseekV3ForCausalLM")
 
-    @property
-    def megatron_lm(self) -> str | None:
-        if self.megatron_attrs().get("mtp_num_layers"):
-            return ("its multi-token-prediction layer: pretrain_gpt.py builds MTP layers from Megatron's own "
-                    "local spec, which cannot build multi-latent attention")
-        return None
-
     @classmethod
     def toy_model(cls, model, randomize) -> None:
         from bridges.models.deepseek.modeling_deepseek import add_toy_mtp_layers
