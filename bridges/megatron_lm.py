@@ -45,6 +45,12 @@ MLA_ARG_DEFAULTS = dict(q_lora_rank=None, kv_lora_rank=32, qk_head_dim=128, qk_p
                         rope_type=None, rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0)
 MLA_NO_FLAG = ("original_max_position_embeddings", "beta_fast", "beta_slow")
 
+# Model fields Megatron-LM's generator leaves out with no flag of their own ("no CLI argument
+# exists for these"): a model that sets one is refused, but softmax_scale under use_mup, which
+# TransformerConfig derives from the MuP flags (``_mup_softmax_scale``)
+NO_FLAG = {"softmax_scale", "memory_efficient_layer_norm", "fused_single_qkv_rope", "moe_token_dropping",
+           "heterogeneous_block_specs", "disable_parameter_transpose_cache"}
+
 # Fields set through flags of their own (Megatron-LM's generator leaves them out)
 SPECIAL = {"activation_func", "gated_linear_unit", "num_query_groups", "window_size", "window_attn_skip_freq",
            "moe_layer_freq", "moe_router_load_balancing_type", "moe_aux_loss_coeff"}
@@ -77,6 +83,24 @@ def _flag(name: str, value, default) -> list[str]:
     if isinstance(value, (list, tuple)):  # a list field is one nargs="+" flag: its items as words
         return [ARG_NAMES.get(name, f"--{name.replace('_', '-')}"), *(str(x) for x in value)]
     return [ARG_NAMES.get(name, f"--{name.replace('_', '-')}"), _value(value)]
+
+
+def _mup_softmax_scale(kw: dict[str, Any]) -> list[str]:
+    """Flags that make the trainer's config derive the model's ``softmax_scale`` (no flag of its
+    own). With use_mup TransformerConfig sets it, when unset, to
+    ``sqrt(mup_base_head_dim or 1) / kv_channels ** mup_attn_scale_power``; the first of a few
+    forms that gives the value back exactly in floating point is used."""
+    scale = kw["softmax_scale"]
+    if not kw.get("use_mup"):
+        raise ConfigError(f"softmax_scale={scale!r}: Megatron-LM has no flag for it (its config derives it "
+                          "only under use_mup)")
+    kv = kw.get("kv_channels") or kw["hidden_size"] // kw["num_attention_heads"]
+    for power, base in ((1.0, None), (0.0, scale * scale), (1.0, (scale * kv) ** 2), (0.5, scale * scale * kv)):
+        if (1.0 if base is None else base ** 0.5) / (kv ** power) == scale:
+            out = [] if power == 1.0 else ["--mup-attn-scale-power", _value(power)]
+            return out + ([] if base is None else ["--mup-base-head-dim", _value(base)])
+    raise ConfigError(f"softmax_scale={scale!r}: no MuP flags (--mup-base-head-dim, --mup-attn-scale-power) "
+                      f"give it back exactly with kv_channels={kv}")
 
 
 def _special(kw: dict[str, Any], heads: int) -> list[str]:
@@ -130,7 +154,12 @@ def model_args(provider) -> list[str]:
         default = _default(fields[name])
         if value == default:
             continue
-        out += _flag(name, value, default)
+        if name == "softmax_scale":
+            out += _mup_softmax_scale(kw)
+        elif name in NO_FLAG:
+            raise ConfigError(f"{name}={value!r}: Megatron-LM has no flag for this TransformerConfig field")
+        else:
+            out += _flag(name, value, default)
     out += _special(kw, attrs["num_attention_heads"])
     out += _gpt_model_args(attrs)
     lay = provider.layout

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from bridges.core.auto import AutoBridge
 from bridges.core.config import ConfigError
-from bridges.megatron_lm import ARG_NAMES, RUN_FIELDS, megatron_lm_args
+from bridges.megatron_lm import ARG_NAMES, NO_FLAG, RUN_FIELDS, megatron_lm_args
 from conformance.models import fixture_names, resolve
 
 
@@ -38,6 +38,7 @@ def _read_back(flags: list[str], fields: dict) -> dict:
             out.update(activation_func=quick_gelu, gated_linear_unit=True)
             continue
         name = names.get(flag) or flag[2:].replace("-", "_")
+        assert name not in NO_FLAG, f"Megatron-LM has no flag {flag}"
         if name.startswith("no_") and name[3:] in fields:
             out[name[3:]] = False
         elif name in fields:
@@ -48,6 +49,10 @@ def _read_back(flags: list[str], fields: dict) -> dict:
             else:
                 out[name] = ast.literal_eval(value) if value[:1] in "[(" or value[:1].isdigit() or value[:1] == "-" \
                     else value
+    if out.get("use_mup") and "softmax_scale" in fields:  # TransformerConfig.__post_init__ derives it
+        kv = out.get("kv_channels") or out["hidden_size"] // out["num_attention_heads"]
+        base = out.get("mup_base_head_dim")
+        out["softmax_scale"] = (1.0 if base is None else base ** 0.5) / kv ** out.get("mup_attn_scale_power", 1.0)
     return out
 
 
