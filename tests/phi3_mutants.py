@@ -30,6 +30,8 @@ class _KQVFused(M.FusedQKV):
 
 
 class Phi3QKSwapped(Phi3Bridge):
+    """qkv_proj read as [k; q; v]: the query rows taken from the keys and back."""
+
     def mappings(self, attrs):
         return _swap(super().mappings(attrs), "linear_qkv.weight", _KQVFused)
 
@@ -39,6 +41,8 @@ class _AsInterleaved(M.ColumnParallel):
 
 
 class Phi3QKVNotRegrouped(Phi3Bridge):
+    """qkv_proj ([q; k; v] blocks) copied as it is into Megatron's per-group interleaved layout."""
+
     def mappings(self, attrs):
         return _swap(super().mappings(attrs), "linear_qkv.weight", _AsInterleaved, "qkv")
 
@@ -55,6 +59,8 @@ class _UpGate(M.FusedGatedMLP):
 
 
 class Phi3GateUpSwapped(Phi3Bridge):
+    """gate_up_proj's halves taken as [up; gate]."""
+
     def mappings(self, attrs):
         return _swap(super().mappings(attrs), "linear_fc1.weight", _UpGate)
 
@@ -64,5 +70,8 @@ class _FusedFC1Unsplit(M.ColumnParallel):
 
 
 class Phi3GateUpNaiveTP(Phi3Bridge):
+    """gate_up_proj split over TP as one tensor (each rank a contiguous block, not its share of
+    gate and of up)."""
+
     def mappings(self, attrs):
         return _swap(super().mappings(attrs), "linear_fc1.weight", _FusedFC1Unsplit, "gate_up")
