@@ -251,18 +251,18 @@ def check_quant(dequantized: dict[str, torch.Tensor], imported: list[tuple[str, 
     (a) every imported weight equals the dequantized reference; (b) the std of every imported
     weight is within [0.5, 2] x that of the unquantized model (raw FP8 codes sit orders of
     magnitude away); (c) FP8 re-export gives back the source's quantized tensors and scales.
-    FP8, MXFP4 (``_blocks``), NVFP4 (uint8 codes beside a ``_scale``) and pack-quantized int
-    (``_packed``) weights alike.
+    FP8, MXFP4 (``_blocks``), NVFP4 (uint8 codes beside a ``_scale``), pack-quantized int
+    (``_packed``) and GPTQ / AWQ (``qweight``) weights alike.
     """
     from bridges.core import quant
+    from bridges.core.codecs import logical_name
 
     bad = []
     got = dict(imported)
     nvfp4 = [n for n, t in source.items() if t.dtype == torch.uint8 and f"{n}_scale" in source]  # codes
-    packed = [n[: -len("_packed")] for n in source if n.endswith("_packed")]  # compressed-tensors
-    scales = {f"{n}_scale" for n in nvfp4 + packed}  # NVFP4's float8 block scales are not weights
-    quantized = [n for n, t in source.items() if t.dtype in quant.FP8 and n not in scales] + nvfp4 + \
-        [n[: -len("_blocks")] for n in source if n.endswith("_blocks")] + packed  # MXFP4, packed: by value name
+    apart = [x for n in source if (x := logical_name(n))]  # MXFP4, pack-quantized, GPTQ / AWQ: by value name
+    scales = {f"{n}_scale" for n in nvfp4 + apart}  # NVFP4's float8 block scales are not weights
+    quantized = [n for n, t in source.items() if t.dtype in quant.FP8 and n not in scales] + nvfp4 + apart
     for n in quantized:
         w = got.get(n)
         if w is None:

@@ -539,6 +539,68 @@ def make_w4a16_checkpoint(src: str | os.PathLike, root: str | os.PathLike,
     return str(out), str(deq)
 
 
+def make_gptq_checkpoint(src: str | os.PathLike, root: str | os.PathLike, method: str = "gptq",
+                         act_order: bool = False) -> tuple[str, str]:
+    """GPTQ (``method`` 'gptq': AutoGPTQ's v1 layout, symmetric 4-bit, zero points stored minus one,
+    ``g_idx`` stored; ``act_order``: desc_act, each input row's group from a permutation) or AWQ
+    ('awq': AutoAWQ's gemm layout, asymmetric 4-bit, nibbles in AWQ's order) copy of a toy
+    checkpoint and its dequantized twin: every linear ``*proj.weight`` whose widths pack (routers,
+    embeddings and lm_head stay as they are, as the quantizers leave them); fp16 scales per group
+    of 32 input rows (16, or the whole column, where a toy width does not divide)."""
+    from bridges.core import gptq
+    from bridges.core.hf_io import HFCheckpoint
+
+    tag = method + ("-actorder" if act_order else "")
+    src, (out, deq, made) = Path(src), _pair_dirs(src, root, tag)
+    if made:
+        return str(out), str(deq)
+    ckpt = HFCheckpoint(src)
+    config = _read_config(src)
+    vocab = (config.get("text_config") or config).get("vocab_size")
+    qc = {"quant_method": method, "bits": 4, "group_size": 32}
+    qc.update({"version": "gemm", "zero_point": True} if method == "awq" else
+              {"desc_act": act_order, "sym": True, "checkpoint_format": "gptq", "static_groups": False})
+    gen = torch.Generator().manual_seed(0)
+    qt, dt, kept = {}, {}, set()
+    for name in ckpt.names():
+        w = ckpt.get(name)
+        linear = w.dim() == 2 and name.endswith("proj.weight") and w.shape[0] != vocab and "embed" not in name
+        if not linear or w.shape[0] % 8 or w.shape[1] % 8:
+            qt[name] = dt[name] = w
+            kept.add(name.rsplit(".", 1)[0])
+            continue
+        out_f, in_f = w.shape
+        group = next((g for g in (32, 16) if in_f % g == 0), in_f)
+        g_idx = torch.arange(in_f, dtype=torch.int32) // group
+        if act_order:  # the rows in order of a permutation fill the groups
+            g_idx = g_idx[torch.argsort(torch.randperm(in_f, generator=gen))]
+        wt = w.float().T  # [in, out]
+        grouped = [wt[g_idx == k] for k in range(in_f // group)]
+        if method == "awq":  # the group's [min, max] onto the 16 codes
+            lo = torch.stack([x.amin(0) for x in grouped]).clamp(max=0)
+            hi = torch.stack([x.amax(0) for x in grouped]).clamp(min=0)
+            scales = ((hi - lo) / 15).clamp_min(1e-6).half()
+            zeros = (torch.round(-lo / scales.float())).clamp(0, 15).to(torch.int32)
+        else:  # symmetric: zero point 8 (stored as 7), step 2 amax / 15
+            amax = torch.stack([x.abs().amax(0) for x in grouped])
+            scales = (2 * amax / 15).clamp_min(1e-6).half()
+            zeros = torch.full_like(scales, 8, dtype=torch.int32)
+        stored = zeros - (1 if method == "gptq" else 0)
+        qzeros = gptq._pack(gptq._awq_columns(stored, inverse=True) if method == "awq" else stored, 4, 1)
+        cfg = {"quantization_config": qc}
+        p = name[:-len("weight")]
+        gi = g_idx if method == "gptq" else None
+        qt[p + "qweight"] = gptq.quantize(w, qzeros, scales, gi, cfg, name)
+        qt[p + "qzeros"], qt[p + "scales"] = qzeros, scales
+        if gi is not None:
+            qt[p + "g_idx"] = gi
+        dt[name] = gptq.dequantize(qt[p + "qweight"], qzeros, scales, gi, cfg, name, torch.float32).to(w.dtype)
+    key = "modules_to_not_convert"
+    qc[key] = sorted(k for k in kept if k.endswith("proj")) or None
+    _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
+    return str(out), str(deq)
+
+
 def _round_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``w`` [R, C] as NVFP4: (codes uint8 [R, C/2], float8 block scales [R, C/16], float32
     tensor scale), values to the nearest FP4 code of their block (ties to the smaller)."""

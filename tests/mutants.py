@@ -556,3 +556,53 @@ class CTNVFP4GlobalScaleMultiplied(LlamaBridge):
         if not parts:
             return super()._read(ckpt, name)
         return quant.nvfp4_dequantize(*(ckpt.get(p) for p in parts[:3]), torch.float32).to(self.dequantized_dtype)
+
+
+# 43-45. GPTQ / AWQ read with another tool's convention ---------------------------------------
+class _GPTQMisread(Qwen3Bridge):
+    """GPTQ / AWQ weights decoded by ``decode(qweight, qzeros, scales, g_idx, settings)`` [in, out]."""
+
+    def _read(self, ckpt, name):
+        from bridges.core import gptq
+
+        parts = gptq.parts(name, ckpt)
+        if not parts:
+            return super()._read(ckpt, name)
+        g_idx = ckpt.get(parts[3]) if len(parts) > 3 else None
+        w = self.decode(*(ckpt.get(p) for p in parts[:3]), g_idx, gptq.settings(ckpt.config()))
+        return w.T.to(self.dequantized_dtype)
+
+    @staticmethod
+    def _values(codes, zeros, scales, group):
+        return (codes - zeros[group]).float() * scales.float()[group]
+
+
+class AWQNaturalNibbleOrder(_GPTQMisread):
+    """AWQ's qweight and qzeros unpacked with the columns in nibble order (GPTQ's packing) instead
+    of AWQ's interleaved (0, 2, 4, 6, 1, 3, 5, 7)."""
+
+    def decode(self, qweight, qzeros, scales, g_idx, s):
+        from bridges.core import gptq
+
+        codes, zeros = gptq._unpack(qweight, 4, 1), gptq._unpack(qzeros, 4, 1)
+        return self._values(codes, zeros, scales, torch.arange(codes.shape[0]) // (codes.shape[0] // scales.shape[0]))
+
+
+class GPTQZeroPointNotOffset(_GPTQMisread):
+    """GPTQ v1 zero points taken as stored (AutoGPTQ writes each minus one): every value one step off."""
+
+    def decode(self, qweight, qzeros, scales, g_idx, s):
+        from bridges.core import gptq
+
+        codes, zeros = gptq._unpack(qweight, s["bits"], 0), gptq._unpack(qzeros, s["bits"], 1)
+        return self._values(codes, zeros, scales, g_idx.long())
+
+
+class GPTQGroupsByPosition(_GPTQMisread):
+    """Activation-ordered GPTQ read with groups of consecutive input rows, g_idx ignored."""
+
+    def decode(self, qweight, qzeros, scales, g_idx, s):
+        from bridges.core import gptq
+
+        codes, zeros = gptq._unpack(qweight, s["bits"], 0), gptq._unpack(qzeros, s["bits"], 1) + 1
+        return self._values(codes, zeros, scales, torch.arange(codes.shape[0]) // (codes.shape[0] // scales.shape[0]))

@@ -12,12 +12,12 @@ def test_suite_passes_from_an_empty_directory_under_xdist(run, pytester):
     res = run("--mbridge-model=Qwen/Qwen3-8B", "--mbridge-layouts=tp1pp1,tp2pp2", "-n", "2",
               "--mbridge-report=report.json")
     assert res.ret == 0, res.stdout.str()
-    # 4 checks x 2 layouts + config + 5 quant items (FP8 blocks, NVFP4, compressed-tensors FP8,
-    # W4A16 and NVFP4) + 3 snapshots (the shipped ones gate)
-    res.assert_outcomes(passed=17)
+    # 4 checks x 2 layouts + config + 6 quant items (FP8 blocks, NVFP4, compressed-tensors FP8,
+    # W4A16 and NVFP4, AWQ) + 3 snapshots (the shipped ones gate)
+    res.assert_outcomes(passed=18)
     res.stdout.fnmatch_lines(["*mbridge conformance*", "*Qwen/Qwen3-8B*logits*tp2pp2*PASS*rel err*"])
     report = json.loads((pytester.path / "report.json").read_text())
-    assert report["failed"] == 0 and report["passed"] == 19  # each quant item reports quant and logits
+    assert report["failed"] == 0 and report["passed"] == 21  # each quant item reports quant and logits
     logits = [r for r in report["results"] if r.get("check") == "logits"]
     assert {r["layout"] for r in logits} == {"tp1pp1", "tp2pp2"}
     assert all(r["data"]["rel_err"] <= 1e-5 and r["data"]["baseline_rel_err"] > 0.5 for r in logits)

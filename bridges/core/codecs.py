@@ -14,6 +14,8 @@ A mapping names *logical* tensors (``model.layers.0.mlp.experts.gate_up_proj``, 
   exponents), as gpt-oss ships its experts.
 - ``PackedInt``: compressed-tensors' pack-quantized ``<name>_packed`` (int32 words of 4- or
   8-bit codes), ``<name>_scale`` (a scale per column group) and ``<name>_shape``.
+- ``GPTQ``: GPTQ's and AWQ's ``<p>.qweight`` / ``<p>.qzeros`` / ``<p>.scales`` (/ ``<p>.g_idx``)
+  for logical ``<p>.weight`` (bridges/core/gptq.py).
 - ``NVFP4``: ``<name>`` itself uint8 (two e2m1 codes a byte) with ``<name>_scale`` (float8, one a
   16 values), ``<name>_scale_2`` (per tensor) and an ``input_scale``, as NVIDIA ModelOpt ships;
   or compressed-tensors' ``<name>_packed`` codes with ``<name>_global_scale`` (a divisor).
@@ -30,7 +32,7 @@ from typing import Any
 
 import torch
 
-from bridges.core import quant
+from bridges.core import gptq, quant
 from bridges.core.hf_io import CheckpointError, HFCheckpoint
 from bridges.core.mappings import split_row
 
@@ -165,9 +167,39 @@ class PackedInt(Codec):
         return [(parts[0], words)] + [(p, ckpt.get(p)) for p in parts[1:]]
 
 
-CODECS: tuple[Codec, ...] = (MXFP4(), NVFP4(), PackedInt(), FP8(), Plain())
-# the codes' suffix of formats whose logical tensor is not stored under its own name
-STORED_APART = ("_blocks", "_packed")
+class GPTQ(Codec):
+    def parts(self, ckpt, name):
+        return _named(ckpt, gptq.parts, name, ckpt)
+
+    @staticmethod
+    def _g_idx(ckpt, parts):
+        return ckpt.get(parts[3]) if len(parts) > 3 else None
+
+    def decode(self, ckpt, parts, row, dtype):
+        if row is not None:
+            raise CheckpointError(f"{ckpt.path}: {parts[0]} is GPTQ / AWQ and stacked: no dequantization path")
+        return _named(ckpt, gptq.dequantize, *(ckpt.get(p) for p in parts[:3]), self._g_idx(ckpt, parts),
+                      ckpt.config(), parts[0], dtype)
+
+    def encode(self, ckpt, parts, t):
+        words = _named(ckpt, gptq.quantize, t, ckpt.get(parts[1]), ckpt.get(parts[2]), self._g_idx(ckpt, parts),
+                       ckpt.config(), parts[0])
+        return [(parts[0], words)] + [(p, ckpt.get(p)) for p in parts[1:]]
+
+
+CODECS: tuple[Codec, ...] = (MXFP4(), NVFP4(), PackedInt(), GPTQ(), FP8(), Plain())
+# formats whose codes are not stored under the logical tensor's name: (logical suffix, codes suffix)
+STORED_APART = (("", "_blocks"), ("", "_packed"), (".weight", ".qweight"))
+
+
+def stored_apart(name: str) -> list[str]:
+    """The names a logical tensor's codes may be stored under in those formats."""
+    return [name[:len(name) - len(a)] + c for a, c in STORED_APART if name.endswith(a)]
+
+
+def logical_name(stored: str) -> str | None:
+    """The logical tensor whose codes ``stored`` holds in one of those formats (None: not such)."""
+    return next((stored[:-len(c)] + a for a, c in STORED_APART if stored.endswith(c)), None)
 
 
 class CheckpointView:
@@ -234,8 +266,8 @@ class CheckpointView:
         dtype = self.ckpt.dtype(name)
         return self.export_dtype if self.export_dtype is not None and dtype.is_floating_point else dtype
 
-    def _packed(self, name: str) -> bool:  # stored under other names only: MXFP4, pack-quantized
-        return any(f"{name}{s}" in self.ckpt for s in STORED_APART)
+    def _packed(self, name: str) -> bool:  # stored under other names only: MXFP4, pack-quantized, GPTQ
+        return any(n in self.ckpt for n in stored_apart(name))
 
     def output_names(self, names: set[str], quantized: bool) -> set[str]:
         """What an export of the stored ``names`` writes: the same names with ``quantized``;
@@ -252,8 +284,8 @@ class CheckpointView:
             comp = quant.companion(n, self.ckpt)
             if comp:
                 out -= {comp[0], *quant.calibration(n, self.ckpt)}
-            suffix = next((s for s in STORED_APART if n.endswith(s)), None)
-            if suffix and (found := self.codec(n[: -len(suffix)])):
-                out -= set(found[1])  # codes and every companion: scales, shape, global / input scales
-                out.add(n[: -len(suffix)])
+            logical = logical_name(n)
+            if logical and (found := self.codec(logical)):
+                out -= set(found[1])  # codes and every companion: scales, zero points, shape, g_idx
+                out.add(logical)
         return out

@@ -8,5 +8,5 @@ from bridges.core.registry import register_bridge
 class Qwen3Bridge(GPTBridge):
     qk_norm = True
     # Qwen3-*-FP8: 128 x 128 blocks with weight_scale_inv; NVIDIA's ModelOpt NVFP4 releases
-    # Qwen's FP8, ModelOpt NVFP4, compressed-tensors FP8, W4A16 and NVFP4 (RedHat's releases)
-    quantized_formats = ("block", "nvfp4", "compressed", "w4a16", "ct-nvfp4")
+    # Qwen's FP8, ModelOpt NVFP4, compressed-tensors FP8, W4A16 and NVFP4 (RedHat's releases), Qwen's AWQ
+    quantized_formats = ("block", "nvfp4", "compressed", "w4a16", "ct-nvfp4", "awq")

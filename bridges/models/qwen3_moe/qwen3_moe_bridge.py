@@ -9,7 +9,7 @@ from bridges.core.registry import register_bridge
 @register_bridge(model_type="qwen3_moe", architectures=["Qwen3MoeForCausalLM"])
 class Qwen3MoeBridge(MoEBridge):
     qk_norm = True
-    quantized_formats = ("nvfp4", "compressed")  # ModelOpt NVFP4; compressed-tensors FP8 (RedHat, routers kept)
+    quantized_formats = ("nvfp4", "compressed", "gptq")  # ModelOpt NVFP4; compressed-tensors FP8 (RedHat, routers kept); GPTQ int4 (Qwen's)
     config_fields = GPT_FIELDS + moe_fields()
 
     def moe_layers(self):
