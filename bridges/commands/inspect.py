@@ -53,7 +53,8 @@ def _quantization(config: dict, ckpt: Path | None) -> dict:
     qc = config.get("quantization_config")
     if qc:
         out["config"] = {k: qc[k] for k in ("quant_method", "quant_algo", "format", "fmt", "weight_block_size",
-                                            "activation_scheme", "bits", "kv_cache_quant_algo") if k in qc}
+                                            "activation_scheme", "bits", "group_size", "desc_act", "checkpoint_format",
+                                            "version", "kv_cache_quant_algo") if k in qc}
         if qc.get("kv_cache_scheme"):  # compressed-tensors' FP8 KV cache
             out["config"]["kv_cache_scheme"] = qc["kv_cache_scheme"].get("type", True)
     if ckpt is not None:
@@ -62,13 +63,13 @@ def _quantization(config: dict, ckpt: Path | None) -> dict:
             for name, info in read_header(f).items():
                 dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + 1
                 for suffix in ("_scale_inv", "_scale", "_scale_2", "_blocks", "_scales", "input_scale",
-                               "k_scale", "v_scale", "_packed", "_zero_point"):
+                               "k_scale", "v_scale", "_packed", "_zero_point", ".qweight", ".qzeros", ".g_idx"):
                     if name.endswith(suffix):
                         companions.add(suffix)
         out["tensor_dtypes"] = dtypes
-        # packed integer codes: MXFP4 / NVFP4 bytes, compressed-tensors' int32 weight_packed
+        # packed integer codes: MXFP4 / NVFP4 bytes, compressed-tensors' int32 weight_packed, GPTQ / AWQ qweight
         quantized = [d for d in dtypes if d.startswith("F8") or d in ("U8", "I8")
-                     or (d == "I32" and "_packed" in companions)]
+                     or (d == "I32" and companions & {"_packed", ".qweight"})]
         if quantized or companions:
             out["quantized_tensors"] = {"dtypes": quantized, "companions": sorted(companions)}
     return out
