@@ -45,6 +45,13 @@ MLA_ARG_DEFAULTS = dict(q_lora_rank=None, kv_lora_rank=32, qk_head_dim=128, qk_p
                         rope_type=None, rotary_scaling_factor=1.0, mscale=1.0, mscale_all_dim=0.0)
 MLA_NO_FLAG = ("original_max_position_embeddings", "beta_fast", "beta_slow")
 
+
+def mla_no_flag_default(name: str):
+    """What the trainer's MLA config holds for one of ``MLA_NO_FLAG`` (the dataclass's default)."""
+    from megatron.core.transformer import MLATransformerConfig
+
+    return _default(_fields(MLATransformerConfig)[name])
+
 # Model fields Megatron-LM's generator leaves out with no flag of their own ("no CLI argument
 # exists for these"): a model that sets one is refused, but softmax_scale under use_mup, which
 # TransformerConfig derives from the MuP flags (``_mup_softmax_scale``)
@@ -140,14 +147,15 @@ def _special(kw: dict[str, Any], heads: int) -> list[str]:
     return out
 
 
-def model_args(provider) -> list[str]:
-    """``pretrain_gpt.py`` flags for the model the provider builds, its layout included."""
+def model_args(provider, carried: tuple[str, ...] = ()) -> list[str]:
+    """``pretrain_gpt.py`` flags for the model the provider builds, its layout included.
+    ``carried``: fields no flag reaches that the bridge's ``--spec`` name carries."""
     from megatron.core.transformer import TransformerConfig
 
     attrs = provider.as_dict()
     fields = _fields(TransformerConfig)  # a subclass's own fields: below
     kw = {k: v for k, v in attrs.items() if k in fields}
-    out: list[str] = _mla_args(provider._config_class, attrs) if attrs.get("multi_latent_attention") else []
+    out: list[str] = _mla_args(provider._config_class, attrs, carried) if attrs.get("multi_latent_attention") else []
     for name, value in sorted(kw.items()):
         if name in RUN_FIELDS or name in SPECIAL or name == "transformer_impl":  # given last
             continue
@@ -182,11 +190,12 @@ def model_args(provider) -> list[str]:
     return out + PORTABLE + ["--transformer-impl", "local", "--ckpt-format", "torch_dist"]
 
 
-def _mla_args(cls, attrs: dict[str, Any]) -> list[str]:
-    """MLATransformerConfig's own fields: every one with a flag given, the others checked."""
+def _mla_args(cls, attrs: dict[str, Any], carried: tuple[str, ...] = ()) -> list[str]:
+    """MLATransformerConfig's own fields: every one with a flag given, the others checked (or
+    carried by the ``--spec`` name)."""
     mla = _fields(cls)
     for name in MLA_NO_FLAG:
-        if attrs.get(name) != _default(mla[name]):
+        if name not in carried and attrs.get(name) != _default(mla[name]):
             raise ConfigError(f"{name}={attrs.get(name)}: no Megatron-LM flag reaches the MLA config's {name} "
                               f"(the trainer keeps {_default(mla[name])})")
     return [x for name in MLA_ARG_DEFAULTS if attrs.get(name) is not None
@@ -237,7 +246,8 @@ def megatron_lm_args(bridge, tp: int = 1, pp: int = 1, vpp: int | None = None, e
 
     provider = bridge.to_megatron_provider().set_layout(Layout(tp=tp, pp=pp, vpp=vpp, ep=ep, etp=etp))
     spec = getattr(bridge, "megatron_lm_spec", None)
-    return model_args(provider.finalize()) + (["--spec", *spec] if spec else [])
+    carried = getattr(bridge, "megatron_lm_spec_fields", ())
+    return model_args(provider.finalize(), carried) + (["--spec", *spec] if spec else [])
 
 
 # Flags whose destination in Megatron-LM's parser is not the flag's own name
@@ -339,7 +349,7 @@ def checkpoint_args(bridge, provider):
     if getattr(bridge, "megatron_lm", None):
         return None
     try:
-        model = model_args(provider)
+        model = model_args(provider, getattr(bridge, "megatron_lm_spec_fields", ()))
     except ConfigError:  # a field no flag reaches: the trainer cannot build this model either
         return None
     run = set(PORTABLE) | {"--transformer-impl", "--ckpt-format"}  # the run's, not the model's

@@ -12,6 +12,7 @@ def trainer_spec_model(toy_dir: str, layout: str, spec: str | None = None, plain
 
     import torch
 
+    from bridges.megatron_lm import MLA_NO_FLAG, mla_no_flag_default
     from conformance.job import layout_provider, make_bridge
 
     torch.manual_seed(0)
@@ -28,7 +29,11 @@ def trainer_spec_model(toy_dir: str, layout: str, spec: str | None = None, plain
     if plain_mtp:
         MTP.__init__ = getattr(hooked, "__wrapped__", hooked)
     try:
-        theirs = layout_provider(bridge, layout, torch.float32).provide_distributed_model()
+        provider = layout_provider(bridge, layout, torch.float32)
+        for n in MLA_NO_FLAG:  # no flag reaches them: the trainer's config holds its defaults
+            if getattr(provider, n, None) is not None:
+                setattr(provider, n, mla_no_flag_default(n))
+        theirs = provider.provide_distributed_model()
     finally:
         MTP.__init__ = hooked
     bridge.load_hf_weights(theirs)

@@ -57,8 +57,7 @@ def _read_back(flags: list[str], fields: dict) -> dict:
 
 
 # Refused with the reason's words; every other fixture model must give flags
-REFUSED = {"google/gemma-2b": "zero-centred norms",
-           "moonshotai/Kimi-K2-Instruct": "beta_fast=1.0: no Megatron-LM flag", "google/gemma-3-4b-it": "vision-language"}
+REFUSED = {"google/gemma-2b": "zero-centred norms", "google/gemma-3-4b-it": "vision-language"}
 
 
 def _buildable():
@@ -98,8 +97,10 @@ def test_every_model_field_reaches_megatron_lm(model):
     fields = {f.name: f for f in dataclasses.fields(MLATransformerConfig if mla else TransformerConfig) if f.init}
     back = _read_back(flags, fields)
     provider = bridge.to_megatron_provider()
+    carried = bridge.megatron_lm_spec_fields  # no flag: the --spec name carries them (test_megatron_lm_spec.py)
+    assert not carried or flags[flags.index("--spec") + 2] != "layer"
     for name, want in provider.as_dict().items():
-        if name not in fields or name in RUN_FIELDS:
+        if name not in fields or name in RUN_FIELDS or name in carried:
             continue
         got = back.get(name, _absent(name, fields, mla))
         if name == "num_query_groups" and got is None:
@@ -247,8 +248,17 @@ def test_spec_flag_travels_in_the_checkpoint_args():
     assert "--spec" not in beside_checkpoint_args(flags) and "layer" not in beside_checkpoint_args(flags)
     ns = checkpoint_args(bridge, bridge.to_megatron_provider().finalize())
     assert ns.spec == ["bridges.models.deepseek.megatron_lm_spec", "layer"] and ns.multi_latent_attention
-    kimi = AutoBridge.from_hf_config(resolve("moonshotai/Kimi-K2-Instruct").config)
-    assert checkpoint_args(kimi, kimi.to_megatron_provider().finalize()) is None  # beta_fast: no flag
+    kimi = AutoBridge.from_hf_config(resolve("moonshotai/Kimi-K2-Instruct").config)  # YaRN: the spec name
+    assert checkpoint_args(kimi, kimi.to_megatron_provider().finalize()).spec == [
+        "bridges.models.deepseek.megatron_lm_spec", "layer_yarn_4096_1.0_1.0"]
+
+
+def test_yarn_fields_without_a_flag_refused_beside_an_mtp_layer():
+    """The spec's name reaches the decoder layers, not the MTP layer pretrain_gpt.py builds."""
+    cfg = {**resolve("deepseek-ai/DeepSeek-V3").config}
+    cfg["rope_scaling"] = {**cfg["rope_scaling"], "beta_fast": 1.0}
+    with pytest.raises(ConfigError, match="MTP layer with YaRN values no flag reaches"):
+        megatron_lm_args(AutoBridge.from_hf_config(cfg))
 
 
 def test_hybrid_pattern_carries_the_pipeline_stages():

@@ -9,7 +9,7 @@ import pytest
 
 from conformance.models import resolve
 
-MODELS = ["deepseek-ai/DeepSeek-V2-Lite", "deepseek-ai/DeepSeek-V3", "allenai/OLMoE-1B-7B-0924", "openai/gpt-oss-20b"]
+MODELS = ["deepseek-ai/DeepSeek-V2-Lite", "deepseek-ai/DeepSeek-V3", "moonshotai/Kimi-K2-Instruct", "allenai/OLMoE-1B-7B-0924", "openai/gpt-oss-20b"]
 
 
 @pytest.mark.parametrize("module,name", [*((f"bridges.models.{f}.megatron_lm_spec", "layer")
@@ -58,6 +58,15 @@ def test_a_spec_blind_to_the_layer_position_fails(conformance):
         rows = conformance.pool.run("tests.spec_tasks:trainer_spec_model", toy_dir=toy, layout="tp1pp1",
                                     spec="tests.spec_tasks:ALL_MOE")
         assert all(r["names"] for r in rows), rows  # reached only if the load accepted it
+
+
+def test_kimi_k2_yarn_values_reach_the_trainer_only_through_the_spec_name(conformance):
+    """Kimi-K2's YaRN beta_fast / beta_slow (1.0, 1.0) have no Megatron-LM flag: the plain MLA layer
+    builds its rotary embedding from the trainer's defaults (32, 1) and the logits move."""
+    toy = conformance.checkpoint(resolve("moonshotai/Kimi-K2-Instruct"))
+    rows = conformance.pool.run("tests.spec_tasks:trainer_spec_model", toy_dir=toy, layout="tp1pp1",
+                                spec="bridges.models.deepseek.megatron_lm_spec:layer")
+    assert all(r["names"] and r["values"] for r in rows) and rows[0]["max_diff"] > 1e-3, rows
 
 
 def test_mla_mtp_layer_needs_the_hook(conformance):

@@ -165,6 +165,8 @@ class Bridge:
     # (module, name) of the layer spec Megatron-LM takes with `--spec` where its own local layers
     # are not this family's (bridges/core/megatron_lm_spec.py); None: its local GPT spec
     megatron_lm_spec: ClassVar[tuple[str, str] | None] = None
+    # Config fields no Megatron-LM flag reaches that the spec's name carries instead
+    megatron_lm_spec_fields: ClassVar[tuple[str, ...]] = ()
     # The Megatron-LM script that builds this model with those flags
     megatron_lm_script: ClassVar[str] = "pretrain_gpt.py"
     # HF tensors that exist in some checkpoints but carry no weights (regex, full match).

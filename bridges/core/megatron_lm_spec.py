@@ -14,14 +14,23 @@ from types import SimpleNamespace
 from typing import Callable
 
 
-def trainer_layer_spec(customize: Callable):
-    """A ModuleSpec for Megatron-LM's ``--spec``; building nothing until a layer is built."""
+def trainer_layer_spec(customize: Callable, config_fields: dict | None = None):
+    """A ModuleSpec for Megatron-LM's ``--spec``; building nothing until a layer is built.
+    ``config_fields``: config values no flag reaches (the spec's name carries them), set on the
+    layer's own copy of the trainer's config."""
+    import copy
+
     from megatron.core.transformer.spec_utils import ModuleSpec
     from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
     class BridgeLayer(TransformerLayer):
         def __init__(self, config, submodules=None, layer_number: int = 1, vp_stage=None, **kw):
             from bridges.core.experts import block_spec
+
+            if config_fields:
+                config = copy.copy(config)
+                for k, v in config_fields.items():
+                    setattr(config, k, v)
 
             provider = SimpleNamespace(transformer_config=lambda: config, normalization=config.normalization,
                                        moe_grouped_gemm=config.moe_grouped_gemm)

@@ -112,7 +112,6 @@ class SharedCopies(VocabParallel):
 
 @register_bridge(model_type="deepseek_v2", architectures=["DeepseekV2ForCausalLM"])
 class DeepseekV2Bridge(MoEBridge):
-    megatron_lm_spec = ("bridges.models.deepseek.megatron_lm_spec", "layer")  # the local MLA layers
     qkv_bias = False
     config_fields = _FIELDS + (
         Field("norm_topk_prob", "norm_topk_prob", False),
@@ -221,6 +220,27 @@ class DeepseekV2Bridge(MoEBridge):
             ("q_lora_rank", p.q_lora_rank or 0, lay.tp, "TP"),
             ("kv_lora_rank + qk_pos_emb_head_dim", p.kv_lora_rank + p.qk_pos_emb_head_dim, lay.tp, "TP")]
 
+    @property
+    def megatron_lm_spec(self) -> tuple[str, str]:
+        """The local MLA layers; with YaRN values no flag reaches (Kimi-K2), the layer carrying
+        them in its name (megatron_lm_spec.py)."""
+        from bridges.models.deepseek.megatron_lm_spec import spec_name
+
+        yarn = self.megatron_lm_spec_fields
+        return ("bridges.models.deepseek.megatron_lm_spec",
+                spec_name(self.megatron_attrs()) if yarn else "layer")
+
+    @property
+    def megatron_lm_spec_fields(self) -> tuple[str, ...]:
+        """The MLA config's YaRN fields no Megatron-LM flag reaches, where the model's differ from
+        the trainer's defaults (the spec's name carries them)."""
+        from bridges.megatron_lm import MLA_NO_FLAG, mla_no_flag_default
+
+        attrs = self.megatron_attrs()
+        if attrs.get("rope_type") != "yarn" or all(attrs.get(n) == mla_no_flag_default(n) for n in MLA_NO_FLAG):
+            return ()
+        return MLA_NO_FLAG
+
     def customize_layer(self, layer_spec, is_moe: bool):
         return localize_mla_layer(layer_spec)  # MLA on the local spec (modeling_deepseek)
 
@@ -279,6 +299,13 @@ class DeepseekV3Bridge(DeepseekV2Bridge):
     quantized_formats = ("block", "nvfp4", "w4a16")
     ported_remote_code = ("configuration_deepseek.DeepseekV3Config", "modeling_deepseek.DeepseekV3Model",
                           "modeling_deepseek.DeepseekV3ForCausalLM")
+
+    @property
+    def megatron_lm(self) -> str | None:
+        if self.megatron_attrs().get("mtp_num_layers") and self.megatron_lm_spec_fields:
+            return ("its MTP layer with YaRN values no flag reaches: the spec's name gives them to the decoder "
+                    "layers, but the MTP layer pretrain_gpt.py builds takes the trainer's config")
+        return None
 
     @classmethod
     def toy_model(cls, model, randomize) -> None:
