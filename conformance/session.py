@@ -82,6 +82,7 @@ QUANT_TOYS = {"nvfp4": ("make_nvfp4_checkpoint", {}),  # NVIDIA ModelOpt
               "ct-nvfp4": ("make_nvfp4_checkpoint", {"compressed": True}),  # compressed-tensors' NVFP4
               "w4a16": ("make_w4a16_checkpoint", {}),  # compressed-tensors' packed int4
               "w4a16-asym": ("make_w4a16_checkpoint", {"symmetric": False}),  # with zero points (AWQ-style)
+              "w4a16-actorder": ("make_w4a16_checkpoint", {"symmetric": False, "act_order": True}),  # with g_idx
               "gptq": ("make_gptq_checkpoint", {}),  # AutoGPTQ's v1 layout, symmetric int4
               "gptq-actorder": ("make_gptq_checkpoint", {"act_order": True}),  # desc_act: g_idx a permutation
               "awq": ("make_gptq_checkpoint", {"method": "awq"})}  # AutoAWQ's gemm layout

@@ -487,18 +487,21 @@ def _kv_cache_scales(qt: dict[str, torch.Tensor]) -> dict[str, str]:
 
 
 def make_w4a16_checkpoint(src: str | os.PathLike, root: str | os.PathLike,
-                          symmetric: bool = True) -> tuple[str, str]:
+                          symmetric: bool = True, act_order: bool = False) -> tuple[str, str]:
     """compressed-tensors pack-quantized W4A16 copy of a toy checkpoint and its dequantized twin:
     a MoE model's routed experts only (Kimi-K2-Thinking's published layout: attention, shared
     experts, dense MLPs, routers and lm_head in bf16), a dense model's every linear weight
     (RedHat's w4a16 releases). Symmetric int4 codes, a bf16 scale per group of 32 columns (16,
     or the whole row, where a toy width does not divide), ``weight_packed`` int32 /
     ``weight_scale`` / ``weight_shape``. Not ``symmetric`` (AWQ-style, as llm-compressor converts
-    AutoAWQ checkpoints): a per-group ``weight_zero_point`` too, int32 codes packed down the rows."""
+    AutoAWQ checkpoints): a per-group ``weight_zero_point`` too, int32 codes packed down the rows.
+    ``act_order`` (``actorder: group``): each column's group from a permutation, ``weight_g_idx``."""
     from bridges.core import quant
     from bridges.core.hf_io import HFCheckpoint
 
-    src, (out, deq, made) = Path(src), _pair_dirs(src, root, "w4a16" if symmetric else "w4a16-asym")
+    tag = ("w4a16" if symmetric else "w4a16-asym") + ("-actorder" if act_order else "")
+    src, (out, deq, made) = Path(src), _pair_dirs(src, root, tag)
+    gen = torch.Generator().manual_seed(0)
     if made:
         return str(out), str(deq)
     ckpt = HFCheckpoint(src)
@@ -514,7 +517,12 @@ def make_w4a16_checkpoint(src: str | os.PathLike, root: str | os.PathLike,
             continue
         rows, cols = w.shape
         group = next((g for g in (32, 16) if cols % g == 0), cols)
-        g = w.float().reshape(rows, cols // group, group)
+        g_idx = None
+        if act_order:  # the columns in order of a permutation fill the groups
+            g_idx = (torch.arange(cols, dtype=torch.int32) // group)[torch.argsort(torch.randperm(cols, generator=gen))]
+            qt[f"{name}_g_idx"] = g_idx
+        g = w.float()[:, torch.argsort(g_idx, stable=True)] if act_order else w.float()
+        g = g.reshape(rows, cols // group, group)
         zero = None
         if symmetric:
             scale = (g.abs().amax(-1) / 7).clamp_min(1e-8).to(torch.bfloat16)
@@ -523,17 +531,18 @@ def make_w4a16_checkpoint(src: str | os.PathLike, root: str | os.PathLike,
             scale = ((hi - lo) / 15).clamp_min(1e-8).to(torch.bfloat16)
             zp = (torch.round(-lo / scale.float()) - 8).clamp(-8, 7).to(torch.int32)
             zero = qt[f"{name}_zero_point"] = quant.int_pack(zp.T.contiguous(), 4).T.contiguous()
-        words = quant.int_quantize(w, scale, math.ceil(cols / 8), name, zero)
+        words = quant.int_quantize(w, scale, math.ceil(cols / 8), name, zero, g_idx)
         qt[f"{name}_packed"], qt[f"{name}_scale"] = words, scale
         qt[f"{name}_shape"] = torch.tensor([rows, cols])
-        dt[name] = quant.int_dequantize(words, scale, qt[f"{name}_shape"], name, w.dtype, zero)
+        dt[name] = quant.int_dequantize(words, scale, qt[f"{name}_shape"], name, w.dtype, zero, g_idx)
     ignore = ["lm_head"] + (["re:.*self_attn.*", "re:.*shared_expert.*", "re:.*mlp\\.(gate|up|gate_up|down)_proj.*"]
                             if moe else ["re:.*mlp.gate$"])
     qc = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
           "ignore": ignore, "kv_cache_scheme": None,
           "config_groups": {"group_0": {"targets": ["Linear"], "input_activations": None, "output_activations": None,
                                         "weights": {"num_bits": 4, "type": "int", "symmetric": symmetric, "strategy": "group",
-                                                    "group_size": 32, "dynamic": False, "actorder": None,
+                                                    "group_size": 32, "dynamic": False,
+                                                    "actorder": "group" if act_order else None,
                                                     "block_structure": None, "observer": "minmax", "observer_kwargs": {}}}}}
     _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
     return str(out), str(deq)

@@ -126,9 +126,23 @@ def test_packed_int_reads_and_writes_back(tmp_path):
     assert view.output_names(set(t), quantized=False) == {"l.weight"}
 
 
+def test_activation_ordered_groups_follow_g_idx(tmp_path):
+    """compressed-tensors' ``actorder: group``: ``weight_g_idx`` [cols] names each column's group;
+    its scale (and zero point) is that group's, wherever the column sits."""
+    g_idx = torch.tensor([1, 0] * 32, dtype=torch.int32)
+    view, t = _packed_ckpt(tmp_path, **{"l.weight_g_idx": g_idx})
+    assert view.used("l.weight")[-1] == "l.weight_g_idx"
+    codes = quant.int_unpack(t["l.weight_packed"], 64, 4)
+    want = codes.float() * t["l.weight_scale"].float()[:, g_idx.long()]
+    w = view.read("l.weight")
+    assert torch.equal(w, want)
+    back = dict(view.encode("l.weight", w, quantized=True))
+    assert all(torch.equal(back[n], t[n]) for n in t) and len(back) == 4
+
+
 @pytest.mark.parametrize("extra,says", [
     ({"l.weight_zero_point": torch.zeros(2, 2, dtype=torch.int32)}, r"l.weight_packed: zero point torch.int32 \(2, 2\) is not int32 \[1, groups\]"),
-    ({"l.weight_g_idx": torch.zeros(64, dtype=torch.int32)}, r"l.weight_g_idx: pack-quantized with activation-ordered"),
+    ({"l.weight_g_idx": torch.zeros(60, dtype=torch.int32)}, r"l.weight_packed: g_idx \(60,\) does not give each of 64 columns"),
     ({"l.weight_scale": torch.rand(4, 3)}, r"l.weight_packed: scale \(4, 3\) is not \[4, groups\]"),
     ({"l.weight_shape": torch.tensor([4, 40])}, r"l.weight_packed: 8 int32 words a row hold neither"),
     ({"l.weight_shape": None}, r"l.weight_packed has no l.weight_shape"),
@@ -143,12 +157,14 @@ def test_broken_packed_int_is_named(tmp_path, extra, says):
 
 @pytest.mark.parametrize("model,layouts,kind", [("Qwen/Qwen3-8B", ("tp1pp1", "tp2"), "w4a16"),
                                                 ("deepseek-ai/DeepSeek-V3", ("tp1pp1", "tp2ep2"), "w4a16"),
-                                                ("meta-llama/Llama-3.2-1B", ("tp1pp1", "tp2"), "w4a16-asym")])
+                                                ("meta-llama/Llama-3.2-1B", ("tp1pp1", "tp2"), "w4a16-asym"),
+                                                ("Qwen/Qwen3-8B", ("tp1pp1", "tp2"), "w4a16-actorder")])
 def test_w4a16_through_the_suite(conformance, spec, model, layouts, kind):
     """Qwen3: every linear weight packed; DeepSeek-V3 (Kimi-K2-Thinking's layout): the routed
     experts alone, MTP layer included; Llama with zero points (AWQ-style)."""
     q = HFCheckpoint(conformance.quantized_checkpoint(spec(model), kind)[0])
-    assert (kind == "w4a16-asym") == any(n.endswith("_zero_point") for n in q.names())
+    assert (kind != "w4a16") == any(n.endswith("_zero_point") for n in q.names())
+    assert kind.endswith("actorder") == any(n.endswith("_g_idx") for n in q.names())
     packed = [n for n in q.names() if n.endswith("_packed")]
     assert packed and all((".experts." in n) == ("DeepSeek" in model) or "DeepSeek" not in model for n in packed)
     for layout in layouts:

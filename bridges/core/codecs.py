@@ -37,10 +37,10 @@ from bridges.core.hf_io import CheckpointError, HFCheckpoint
 from bridges.core.mappings import split_row
 
 
-def _named(ckpt: HFCheckpoint, fn, *args):
-    """``fn(*args)``, a QuantError raised as a CheckpointError naming the checkpoint."""
+def _named(ckpt: HFCheckpoint, fn, *args, **kwargs):
+    """``fn(*args, **kwargs)``, a QuantError raised as a CheckpointError naming the checkpoint."""
     try:
-        return fn(*args)
+        return fn(*args, **kwargs)
     except quant.QuantError as e:
         raise CheckpointError(f"{ckpt.path}: {e}") from None
 
@@ -153,17 +153,19 @@ class PackedInt(Codec):
         return _named(ckpt, quant.int_packed_parts, name, ckpt)
 
     @staticmethod
-    def _zero(ckpt, parts):
-        return ckpt.get(parts[3]) if len(parts) > 3 else None
+    def _extra(ckpt, parts) -> dict:  # zero points (asymmetric), g_idx (activation order)
+        return {k: next((ckpt.get(p) for p in parts[3:] if p.endswith(s)), None)
+                for k, s in (("zero", "_zero_point"), ("g_idx", "_g_idx"))}
 
     def decode(self, ckpt, parts, row, dtype):
         if row is not None:
             raise CheckpointError(f"{ckpt.path}: {parts[0]} is pack-quantized and stacked: no dequantization path")
         return _named(ckpt, quant.int_dequantize, *(ckpt.get(p) for p in parts[:3]), parts[0], dtype,
-                      self._zero(ckpt, parts))
+                      **self._extra(ckpt, parts))
 
     def encode(self, ckpt, parts, t):
-        words = quant.int_quantize(t, ckpt.get(parts[1]), ckpt.shape(parts[0])[1], parts[0], self._zero(ckpt, parts))
+        words = _named(ckpt, quant.int_quantize, t, ckpt.get(parts[1]), ckpt.shape(parts[0])[1], parts[0],
+                       **self._extra(ckpt, parts))
         return [(parts[0], words)] + [(p, ckpt.get(p)) for p in parts[1:]]
 
 

@@ -347,12 +347,12 @@ def nvfp4_quantize(values: torch.Tensor, scale: torch.Tensor, scale2: torch.Tens
 
 # -- compressed-tensors pack-quantized (W4A16 / W8A16: Kimi-K2-Thinking's experts, RedHat's w4a16) --
 def int_packed_parts(name: str, ckpt) -> tuple[str, ...] | None:
-    """(``<name>_packed``, ``<name>_scale``, ``<name>_shape``[, ``<name>_zero_point``]) when
+    """(``<name>_packed``, ``<name>_scale``, ``<name>_shape``[, ``_zero_point``][, ``_g_idx``]) when
     ``name`` is stored in compressed-tensors' pack-quantized form, else None: int32 words of
     32 / bits signed codes along the columns (lowest bits first, offset by 2**(bits-1)), a scale
     per group of columns [rows, groups] (one group: per channel), the logical [rows, cols], and
-    for asymmetric codes a zero point per group, packed the same way down the rows. Activation
-    order (``_g_idx``) is refused naming the tensor."""
+    for asymmetric codes a zero point per group, packed the same way down the rows; with
+    activation order (``actorder: group``) ``<name>_g_idx`` [cols], each column's group."""
     packed = f"{name}_packed"
     if packed not in ckpt:
         return None
@@ -360,14 +360,11 @@ def int_packed_parts(name: str, ckpt) -> tuple[str, ...] | None:
     for part in (scale, shape):
         if part not in ckpt:
             raise QuantError(f"{packed} has no {part}: pack-quantized needs both")
-    if f"{name}_g_idx" in ckpt:
-        raise QuantError(f"{name}_g_idx: pack-quantized with activation-ordered groups (g_idx) is not read")
     if name in ckpt:
         raise QuantError(f"{name} is stored both as values and as pack-quantized {packed}")
     if ckpt.dtype(packed) != torch.int32 or len(ckpt.shape(packed)) != 2:
         raise QuantError(f"{packed} is {ckpt.dtype(packed)} {tuple(ckpt.shape(packed))}: int32 [rows, words] expected")
-    zero = f"{name}_zero_point"
-    return (packed, scale, shape) + ((zero,) if zero in ckpt else ())
+    return (packed, scale, shape) + tuple(f"{name}{s}" for s in ("_zero_point", "_g_idx") if f"{name}{s}" in ckpt)
 
 
 def int_bits(words: int, cols: int, what: str) -> int:
@@ -378,8 +375,16 @@ def int_bits(words: int, cols: int, what: str) -> int:
     raise QuantError(f"{what}: {words} int32 words a row hold neither 4- nor 8-bit codes of {cols} columns")
 
 
-def _per_column(t: torch.Tensor, rows: int, cols: int, what: str, part: str = "scale") -> torch.Tensor:
-    """``t`` [rows, groups] spread over each group's consecutive columns: [rows, cols]."""
+def _per_column(t: torch.Tensor, rows: int, cols: int, what: str, part: str = "scale",
+                g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """``t`` [rows, groups] spread over each group's consecutive columns (``g_idx`` [cols]: over
+    the columns it assigns the group): [rows, cols]."""
+    if g_idx is not None:
+        g = g_idx.to(torch.int64)
+        if t.dim() != 2 or t.shape[0] != rows or g.shape != (cols,) or int(g.min()) < 0 or int(g.max()) >= t.shape[1]:
+            raise QuantError(f"{what}: g_idx {tuple(g_idx.shape)} does not give each of {cols} columns one of "
+                             f"the {part}'s groups {tuple(t.shape)}")
+        return t[:, g]
     if t.dim() != 2 or t.shape[0] != rows or cols % t.shape[1]:
         raise QuantError(f"{what}: {part} {tuple(t.shape)} is not [{rows}, groups] with groups dividing "
                          f"{cols} columns (ragged groups are not read)")
@@ -404,35 +409,37 @@ def int_pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
 
 
-def _zero_points(zero: torch.Tensor | None, rows: int, cols: int, bits: int, what: str) -> torch.Tensor | int:
+def _zero_points(zero: torch.Tensor | None, rows: int, cols: int, bits: int, what: str,
+                 g_idx: torch.Tensor | None = None) -> torch.Tensor | int:
     """Signed zero points [rows, cols] of words packed down the rows (0 without any)."""
     if zero is None:
         return 0
     if zero.dtype != torch.int32 or zero.dim() != 2 or zero.shape[0] != math.ceil(rows * bits / 32):
         raise QuantError(f"{what}: zero point {zero.dtype} {tuple(zero.shape)} is not int32 "
                          f"[{math.ceil(rows * bits / 32)}, groups] (codes packed down {rows} rows)")
-    return _per_column(int_unpack(zero.T.contiguous(), rows, bits).T, rows, cols, what, "zero point")
+    return _per_column(int_unpack(zero.T.contiguous(), rows, bits).T, rows, cols, what, "zero point", g_idx)
 
 
 def int_dequantize(packed: torch.Tensor, scale: torch.Tensor, shape: torch.Tensor, what: str = "weight",
-                   dtype: torch.dtype = torch.bfloat16, zero: torch.Tensor | None = None) -> torch.Tensor:
+                   dtype: torch.dtype = torch.bfloat16, zero: torch.Tensor | None = None,
+                   g_idx: torch.Tensor | None = None) -> torch.Tensor:
     """(code - zero point) x group scale, in float32 (exact for bf16 / fp16 scales), rounded once
-    to ``dtype``."""
+    to ``dtype``; ``g_idx``: each column's group (activation order)."""
     rows, cols = (int(x) for x in shape.tolist())
     if packed.shape[0] != rows:
         raise QuantError(f"{what}: {packed.shape[0]} packed rows, weight_shape says {rows}")
     bits = int_bits(packed.shape[1], cols, what)
-    q = int_unpack(packed, cols, bits) - _zero_points(zero, rows, cols, bits, what)
-    return (q.float() * _per_column(scale, rows, cols, what).float()).to(dtype)
+    q = int_unpack(packed, cols, bits) - _zero_points(zero, rows, cols, bits, what, g_idx)
+    return (q.float() * _per_column(scale, rows, cols, what, g_idx=g_idx).float()).to(dtype)
 
 
 def int_quantize(values: torch.Tensor, scale: torch.Tensor, words: int, what: str = "weight",
-                 zero: torch.Tensor | None = None) -> torch.Tensor:
-    """``values`` [rows, cols] as int32 words with the source's group ``scale`` (and zero points):
-    the codes of ``int_dequantize``'s values come back exactly."""
+                 zero: torch.Tensor | None = None, g_idx: torch.Tensor | None = None) -> torch.Tensor:
+    """``values`` [rows, cols] as int32 words with the source's group ``scale`` (zero points,
+    g_idx): the codes of ``int_dequantize``'s values come back exactly."""
     rows, cols = values.shape
     bits = int_bits(words, cols, what)
     lim = 1 << (bits - 1)
-    q = torch.round(values.float() / _per_column(scale, rows, cols, what).float()) + \
-        _zero_points(zero, rows, cols, bits, what)
+    q = torch.round(values.float() / _per_column(scale, rows, cols, what, g_idx=g_idx).float()) + \
+        _zero_points(zero, rows, cols, bits, what, g_idx)
     return int_pack(q.clamp(-lim, lim - 1).to(torch.int32), bits)
