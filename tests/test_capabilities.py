@@ -10,9 +10,9 @@ from conformance.models import resolve
     ("meta-llama/Llama-3.2-1B", {"quant:nvfp4", "quant:modelopt", "quant:compressed", "quant:ct-nvfp4"}),
     ("nvidia/NVIDIA-Nemotron-3-Super-120B-A12B", {"experts", "mtp", "quant:nvfp4"}),
     ("nvidia/Nemotron-H-56B-Base-8K", {"quant:nvfp4"}),
-    ("Qwen/Qwen3-8B", {"quant:block", "quant:nvfp4", "quant:compressed", "quant:w4a16", "quant:ct-nvfp4"}),
+    ("Qwen/Qwen3-8B", {"quant:block", "quant:nvfp4", "quant:compressed", "quant:w4a16", "quant:ct-nvfp4", "quant:awq"}),
     ("mistralai/Mistral-7B-v0.1", {"quant:tensor"}),
-    ("Qwen/Qwen3-30B-A3B", {"experts", "quant:nvfp4", "quant:compressed"}),
+    ("Qwen/Qwen3-30B-A3B", {"experts", "quant:nvfp4", "quant:compressed", "quant:gptq"}),
     ("deepseek-ai/DeepSeek-V2-Lite", {"experts"}),
     ("deepseek-ai/DeepSeek-V3", {"experts", "mtp", "quant:block", "quant:nvfp4", "quant:w4a16"}),
 ])

@@ -47,7 +47,7 @@ def test_every_trainable_fixture_has_a_recipe_per_mode_and_every_recipe_a_fixtur
                                    "Qwen/Qwen3-0.6B", "meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-7B-Instruct",
                                    "allenai/OLMoE-1B-7B-0924", "deepseek-ai/DeepSeek-V2-Lite", "MiniMaxAI/MiniMax-M2",
                                    "nvidia/Nemotron-H-56B-Base-8K", "nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B",
-                                   "Qwen/Qwen3-Next-80B-A3B-Instruct"])
+                                   "Qwen/Qwen3-Next-80B-A3B-Instruct", "deepseek-ai/DeepSeek-V3", "moonshotai/Kimi-K2-Instruct"])
 def test_every_stored_layout_divides_the_model_and_fits_the_card(model):
     b = _bridge(model)
     rs = R.recipes(b, model)
