@@ -109,6 +109,11 @@ def _blocks(layer, names):
     return [("attention" if n == "self_attention" else n, m) for n, m in present]
 
 
+# HF decoder layers' sublayer names by role, first present wins: Qwen3-Next's gated-delta-net
+# layers have linear_attn, GraniteMoe's MoE block is block_sparse_moe
+HF_SUBLAYERS = {"attention": ("self_attn", "linear_attn"), "mlp": ("mlp", "block_sparse_moe")}
+
+
 @contextlib.contextmanager
 def capture_hf(model, store: dict, parts=()):
     base = getattr(model.model, "language_model", model.model)  # a VLM's text model
@@ -128,12 +133,9 @@ def capture_hf(model, store: dict, parts=()):
         # sandwich norms (Gemma2/3): Megatron's output projections include the post-norm
         sandwich = hasattr(layer, "pre_feedforward_layernorm") and hasattr(layer, "post_feedforward_layernorm")
         parts = (("post_attention_layernorm", "attention"), ("post_feedforward_layernorm", "mlp")) if sandwich \
-            else (("mixer", "block"),) if hasattr(layer, "mixer") else (("self_attn", "attention"), ("mlp", "mlp"))
+            else (("mixer", "block"),) if hasattr(layer, "mixer") else \
+            tuple((next(a for a in HF_SUBLAYERS[k] if hasattr(layer, a)), k) for k in ("attention", "mlp"))
         for attr, label in parts:
-            if attr == "self_attn" and not hasattr(layer, attr):
-                attr = "linear_attn"  # Qwen3-Next's gated-delta-net layers
-            if attr == "mlp" and not hasattr(layer, attr):
-                attr = "block_sparse_moe"  # GraniteMoe's MoE block
             hooks.append(getattr(layer, attr).register_forward_hook(
                 lambda _m, _i, o, k=f"layer {n} {label}": store.__setitem__(k, _first(o).detach().float().cpu().clone())))
     final = getattr(base, "norm", None) or base.norm_f
