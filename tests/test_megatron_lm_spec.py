@@ -24,6 +24,17 @@ def test_spec_module_imports_before_parallel_state(module, name):
     assert out.returncode == 0 and out.stdout.strip() == "ModuleSpec", out.stderr[-2000:]
 
 
+@pytest.mark.parametrize("module,name", [("bridges.models.granite.megatron_lm_spec", "layer_0.22"),
+                                         ("bridges.models.deepseek.megatron_lm_spec", "layer_yarn_4096_1.0_1.0")])
+def test_a_spec_name_carrying_values_is_found_as_megatron_lm_looks(module, name):
+    """Megatron-LM's import_module: ``__import__(module, fromlist=[name])`` then
+    ``vars(module)[name]`` (no module ``__getattr__``); the trainer's own argv names the spec."""
+    code = (f"import sys; sys.argv = ['pretrain_gpt.py', '--spec', '{module}', '{name}']; "
+            f"m = __import__('{module}', globals(), locals(), ['{name}']); print(type(vars(m)['{name}']).__name__)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ModuleSpec", out.stderr[-2000:]
+
+
 @pytest.mark.parametrize("model,layouts", [("nvidia/Nemotron-H-56B-Base-8K", ("tp1pp1", "tp2", "pp2")),
                                            ("nvidia/NVIDIA-Nemotron-3-Nano-30B-A3B", ("tp1pp1", "ep2", "tp2pp2")),
                                            ("nvidia/NVIDIA-Nemotron-3-Super-120B-A12B", ("tp1pp1", "tp2ep2", "pp2")),

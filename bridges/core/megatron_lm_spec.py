@@ -87,3 +87,22 @@ def trainer_mtp_layer(customize: Callable, needs: type) -> bool:
     __init__._bridge_mtp = True
     MultiTokenPredictionLayer.__init__ = __init__
     return True
+
+
+def define_requested_spec(module_name: str, resolve: Callable[[str], object], argv: list[str] | None = None) -> None:
+    """Define in module ``module_name`` the spec this process's command line names for it
+    (``--spec <module_name> <name>``), built by ``resolve(name)``. Megatron-LM's import_module
+    looks the name up in the module's ``__dict__`` (``vars(module)[name]``), so a module-level
+    ``__getattr__`` is never asked: a family whose spec names carry values (Granite's residual
+    multiplier, Kimi-K2's YaRN fields) defines the one asked for at import. A name ``resolve``
+    refuses (AttributeError) is left for the trainer to report."""
+    import sys
+
+    argv = sys.argv if argv is None else argv
+    module = sys.modules[module_name]
+    for i in range(len(argv) - 2):
+        if argv[i] == "--spec" and argv[i + 1] == module_name and argv[i + 2] not in vars(module):
+            try:
+                setattr(module, argv[i + 2], resolve(argv[i + 2]))
+            except AttributeError:
+                pass

@@ -9,10 +9,11 @@ No flag reaches the MLA config's YaRN ``original_max_position_embeddings``, ``be
 ``beta_slow`` (Kimi-K2: 4096, 1.0, 1.0; the trainer keeps 4096, 32, 1): the name
 ``layer_yarn_<original_max_position_embeddings>_<beta_fast>_<beta_slow>`` (``spec_name``) is the
 layer with those values set on its own config (its attention builds its rotary embedding from
-them), resolved on first use by the module's ``__getattr__``."""
+them), resolved on first use by the module's ``__getattr__``, and defined at import when the
+command line's ``--spec`` names it (Megatron-LM looks it up in the module's dict)."""
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
-from bridges.core.megatron_lm_spec import mtp_without_te, trainer_layer_spec, trainer_mtp_layer
+from bridges.core.megatron_lm_spec import define_requested_spec, mtp_without_te, trainer_layer_spec, trainer_mtp_layer
 from bridges.models.deepseek.modeling_deepseek import localize_mla_layer
 
 YARN = ("original_max_position_embeddings", "beta_fast", "beta_slow")  # in the name's order
@@ -42,3 +43,6 @@ def __getattr__(name: str):
                                  "<beta_slow>, e.g. layer_yarn_4096_1.0_1.0") from None
         return trainer_layer_spec(_local, dict(zip(YARN, values)))
     raise AttributeError(name)
+
+
+define_requested_spec(__name__, __getattr__)
