@@ -252,7 +252,7 @@ def check_quant(dequantized: dict[str, torch.Tensor], imported: list[tuple[str, 
     weight is within [0.5, 2] x that of the unquantized model (raw FP8 codes sit orders of
     magnitude away); (c) FP8 re-export gives back the source's quantized tensors and scales.
     FP8, MXFP4 (``_blocks``), NVFP4 (uint8 codes beside a ``_scale``), pack-quantized int
-    (``_packed``) and GPTQ / AWQ (``qweight``) weights alike.
+    (``_packed``), GPTQ / AWQ (``qweight``) and bitsandbytes 4-bit weights alike.
     """
     from bridges.core import quant
     from bridges.core.codecs import logical_name
@@ -262,7 +262,8 @@ def check_quant(dequantized: dict[str, torch.Tensor], imported: list[tuple[str, 
     nvfp4 = [n for n, t in source.items() if t.dtype == torch.uint8 and f"{n}_scale" in source]  # codes
     apart = [x for n in source if (x := logical_name(n))]  # MXFP4, pack-quantized, GPTQ / AWQ: by value name
     scales = {f"{n}_scale" for n in nvfp4 + apart}  # NVFP4's float8 block scales are not weights
-    quantized = [n for n, t in source.items() if t.dtype in quant.FP8 and n not in scales] + nvfp4 + apart
+    bnb4 = [n.split(".quant_state.")[0] for n in source if ".quant_state.bitsandbytes__" in n]  # bitsandbytes
+    quantized = [n for n, t in source.items() if t.dtype in quant.FP8 and n not in scales] + nvfp4 + apart + bnb4
     for n in quantized:
         w = got.get(n)
         if w is None:

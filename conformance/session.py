@@ -85,7 +85,9 @@ QUANT_TOYS = {"nvfp4": ("make_nvfp4_checkpoint", {}),  # NVIDIA ModelOpt
               "w4a16-actorder": ("make_w4a16_checkpoint", {"symmetric": False, "act_order": True}),  # with g_idx
               "gptq": ("make_gptq_checkpoint", {}),  # AutoGPTQ's v1 layout, symmetric int4
               "gptq-actorder": ("make_gptq_checkpoint", {"act_order": True}),  # desc_act: g_idx a permutation
-              "awq": ("make_gptq_checkpoint", {"method": "awq"})}  # AutoAWQ's gemm layout
+              "awq": ("make_gptq_checkpoint", {"method": "awq"}),  # AutoAWQ's gemm layout
+              "bnb-nf4": ("make_bnb_checkpoint", {}),  # bitsandbytes NF4, double quantization
+              "bnb-nf4-plain": ("make_bnb_checkpoint", {"double_quant": False})}  # fp32 absmax
 
 
 class Conformance:

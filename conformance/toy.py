@@ -610,6 +610,65 @@ def make_gptq_checkpoint(src: str | os.PathLike, root: str | os.PathLike, method
     return str(out), str(deq)
 
 
+NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+       -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+       0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+       0.7229568362236023, 1.0)  # bitsandbytes' NF4 code values
+
+
+def make_bnb_checkpoint(src: str | os.PathLike, root: str | os.PathLike, double_quant: bool = True) -> tuple[str, str]:
+    """bitsandbytes NF4 copy of a toy checkpoint (as ``save_pretrained`` of a ``load_in_4bit`` model
+    writes it: every linear ``*proj.weight``; embeddings, routers, norms and lm_head as they are)
+    and its dequantized twin. Blocks of 64 values; codes from the exact block absmax; with
+    ``double_quant`` the absmax itself stored as uint8 codes into a 256-value map with one fp32
+    scale per 256 of them and their mean as offset (bitsandbytes' compress_statistics)."""
+    from bridges.core import bnb
+    from bridges.core.hf_io import HFCheckpoint
+
+    src, (out, deq, made) = Path(src), _pair_dirs(src, root, "bnb-nf4" + ("" if double_quant else "-plain"))
+    if made:
+        return str(out), str(deq)
+    ckpt = HFCheckpoint(src)
+    config = _read_config(src)
+    vocab = (config.get("text_config") or config).get("vocab_size")
+    table = torch.tensor(NF4)
+    nested_map = torch.linspace(-1, 1, 256)  # the format carries its own map; any sorted one will do
+    qt, dt, kept = {}, {}, []
+    for name in ckpt.names():
+        w = ckpt.get(name)
+        if not (w.dim() == 2 and name.endswith("proj.weight") and w.shape[0] != vocab and "embed" not in name):
+            qt[name] = dt[name] = w
+            kept.append(name.rsplit(".", 2)[-2])
+            continue
+        flat = w.reshape(-1).float()
+        n, bs = flat.numel(), 64
+        amax = torch.stack([flat[i:i + bs].abs().max() for i in range(0, n, bs)]).clamp_min(1e-8)
+        codes = (flat[:, None] / amax.repeat_interleave(bs)[:n, None] - table).abs().argmin(-1).to(torch.uint8)
+        codes = torch.cat([codes, codes.new_zeros(n % 2)])
+        qt[name] = ((codes[0::2] << 4) | codes[1::2]).unsqueeze(1)
+        st = {"quant_type": "nf4", "blocksize": bs, "dtype": str(w.dtype).split(".")[-1], "shape": list(w.shape)}
+        tensors = {"quant_map": table.clone()}
+        if double_quant:
+            offset = float(amax.mean())
+            a = amax - offset
+            nested = torch.stack([a[i:i + 256].abs().max() for i in range(0, a.numel(), 256)]).clamp_min(1e-12)
+            tensors["absmax"] = (a[:, None] / nested.repeat_interleave(256)[:a.numel(), None]
+                                 - nested_map).abs().argmin(-1).to(torch.uint8)
+            tensors.update(nested_absmax=nested, nested_quant_map=nested_map.clone())
+            st.update(nested_blocksize=256, nested_offset=offset, nested_dtype="float32")
+        else:
+            tensors["absmax"] = amax
+        for k, v in tensors.items():
+            qt[f"{name}.{k}"] = v
+        qt[f"{name}.quant_state.bitsandbytes__nf4"] = torch.tensor(list(json.dumps(st).encode()), dtype=torch.uint8)
+        dt[name] = bnb.dequantize(qt[name], tensors, st, name, torch.float32).to(w.dtype)
+    qc = {"quant_method": "bitsandbytes", "load_in_4bit": True, "load_in_8bit": False, "bnb_4bit_quant_type": "nf4",
+          "bnb_4bit_use_double_quant": double_quant, "bnb_4bit_compute_dtype": "bfloat16",
+          "bnb_4bit_quant_storage": "uint8", "llm_int8_skip_modules": None}
+    _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
+    return str(out), str(deq)
+
+
 def _round_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``w`` [R, C] as NVFP4: (codes uint8 [R, C/2], float8 block scales [R, C/16], float32
     tensor scale), values to the nearest FP4 code of their block (ties to the smaller)."""

@@ -606,3 +606,38 @@ class GPTQGroupsByPosition(_GPTQMisread):
 
         codes, zeros = gptq._unpack(qweight, s["bits"], 0), gptq._unpack(qzeros, s["bits"], 1) + 1
         return self._values(codes, zeros, scales, torch.arange(codes.shape[0]) // (codes.shape[0] // scales.shape[0]))
+
+
+# 46-47. bitsandbytes 4-bit read with another convention ----------------------------------------
+class _BnbMisread(LlamaBridge):
+    """bitsandbytes 4-bit weights decoded by ``decode(codes, tensors, state)``."""
+
+    def _read(self, ckpt, name):
+        from bridges.core import bnb
+
+        parts = bnb.parts(name, ckpt)
+        if not parts:
+            return super()._read(ckpt, name)
+        tensors = {p.rsplit(".", 1)[1]: ckpt.get(p) for p in parts[1:-1]}
+        return self.decode(ckpt.get(name), tensors, bnb.state(ckpt.get(parts[-1]), name)).to(self.dequantized_dtype)
+
+
+class BnbLowNibbleFirst(_BnbMisread):
+    """Each byte's low nibble taken as the first code (bitsandbytes puts the first in the high one)."""
+
+    @staticmethod
+    def decode(codes, tensors, s):
+        from bridges.core import bnb
+
+        swapped = ((codes & 0xF) << 4) | (codes >> 4)
+        return bnb.dequantize(swapped, tensors, s, dtype=torch.float32)
+
+
+class BnbNestedOffsetDropped(_BnbMisread):
+    """Double-quantized absmax read without its nested_offset (the codes' map x scale alone)."""
+
+    @staticmethod
+    def decode(codes, tensors, s):
+        from bridges.core import bnb
+
+        return bnb.dequantize(codes, tensors, {**s, "nested_offset": 0.0}, dtype=torch.float32)
