@@ -51,3 +51,19 @@ def cli_output(argv: list[str]) -> tuple[int, str, str]:
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         rc = main(argv)
     return rc, out.getvalue(), err.getvalue()
+
+
+def quantized_roundtrip(pool, src: str, tmp, import_args: list[str]):
+    """``mbridge convert import`` of quantized toy ``src`` at ``import_args``, then ``convert export``
+    at PP2 with ``--keep-quantization`` (every tensor back bit-exactly, asserted) and without it;
+    returns the values export as an HFCheckpoint. Run in the test process."""
+    from bridges.core.hf_io import HFCheckpoint
+
+    mc = tmp / "m"
+    run = lambda argv: pool.run("tests.convert_tasks:cli", argv=argv)  # noqa: E731
+    assert run(["convert", "import", "--hf", src, "--out", str(mc), *import_args]) == [0] * pool.world
+    assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp / "q"), "--pp", "2",
+                "--keep-quantization"]) == [0] * pool.world
+    assert_same_checkpoint(HFCheckpoint(src), HFCheckpoint(tmp / "q"))
+    assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp / "v")]) == [0] * pool.world
+    return HFCheckpoint(tmp / "v")

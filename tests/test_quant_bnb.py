@@ -67,16 +67,9 @@ def test_bnb_through_the_cli(conformance, spec, tmp_path):
     """A bitsandbytes NF4 Llama toy -> Megatron TP2 -> HF at PP2 with --keep-quantization: every
     tensor bit-exact; without it, values only (no codes' companions, the model dtype)."""
     from conformance.toy import make_bnb_checkpoint
-    from tests.convert_tasks import assert_same_checkpoint
+    from tests.convert_tasks import quantized_roundtrip
 
     src, _ = make_bnb_checkpoint(conformance.checkpoint(spec("meta-llama/Llama-3.2-1B")), tmp_path / "toys")
-    mc = tmp_path / "m"
-    run = lambda argv: conformance.pool.run("tests.convert_tasks:cli", argv=argv)  # noqa: E731
-    assert run(["convert", "import", "--hf", src, "--out", str(mc), "--tp", "2"]) == [0] * 4
-    assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp_path / "q"), "--pp", "2",
-                "--keep-quantization"]) == [0] * 4
-    assert_same_checkpoint(HFCheckpoint(src), HFCheckpoint(tmp_path / "q"))
-    assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp_path / "v")]) == [0] * 4
-    values = HFCheckpoint(tmp_path / "v")
+    values = quantized_roundtrip(conformance.pool, src, tmp_path, ["--tp", "2"])
     assert not [n for n in values.names() if ".absmax" in n or ".quant_" in n or ".nested_" in n]
     assert values.dtype("model.layers.0.mlp.down_proj.weight").is_floating_point

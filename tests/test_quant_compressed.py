@@ -184,17 +184,11 @@ def test_kimi_k2_thinking_layout_through_the_cli(conformance, spec, tmp_path):
     --keep-quantization (``--fp8``'s other name: the source's format, whatever it is): every tensor bit-exact and the quantization_config as it was;
     without it, the experts as bf16 values."""
     from conformance.toy import make_w4a16_checkpoint
-    from tests.convert_tasks import assert_same_checkpoint
+    from tests.convert_tasks import quantized_roundtrip
 
     src, _ = make_w4a16_checkpoint(conformance.checkpoint(spec(KIMI)), tmp_path / "toys")
-    mc = tmp_path / "m"
-    run = lambda argv: conformance.pool.run("tests.convert_tasks:cli", argv=argv)  # noqa: E731
-    assert run(["convert", "import", "--hf", src, "--out", str(mc), "--tp", "2", "--ep", "2"]) == [0] * 4
-    assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp_path / "q"), "--pp", "2", "--keep-quantization"]) == [0] * 4
-    assert_same_checkpoint(HFCheckpoint(src), HFCheckpoint(tmp_path / "q"))
+    values = quantized_roundtrip(conformance.pool, src, tmp_path, ["--tp", "2", "--ep", "2"])
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
-    assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp_path / "v")]) == [0] * 4
-    values = HFCheckpoint(tmp_path / "v")
     assert not [n for n in values.names() if n.endswith(("_packed", "_shape"))]
     assert values.dtype("model.layers.1.mlp.experts.0.up_proj.weight") == torch.bfloat16
 

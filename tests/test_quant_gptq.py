@@ -80,17 +80,10 @@ def test_awq_through_the_cli(conformance, spec, tmp_path):
     """An AWQ Qwen3 toy -> Megatron TP2 -> HF at PP2 with --keep-quantization: every tensor
     bit-exact and the quantization_config as it was; without it, values only."""
     from conformance.toy import make_gptq_checkpoint
-    from tests.convert_tasks import assert_same_checkpoint
+    from tests.convert_tasks import quantized_roundtrip
 
     src, _ = make_gptq_checkpoint(conformance.checkpoint(spec("Qwen/Qwen3-8B")), tmp_path / "toys", method="awq")
-    mc = tmp_path / "m"
-    run = lambda argv: conformance.pool.run("tests.convert_tasks:cli", argv=argv)  # noqa: E731
-    assert run(["convert", "import", "--hf", src, "--out", str(mc), "--tp", "2"]) == [0] * 4
-    assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp_path / "q"), "--pp", "2",
-                "--keep-quantization"]) == [0] * 4
-    assert_same_checkpoint(HFCheckpoint(src), HFCheckpoint(tmp_path / "q"))
+    values = quantized_roundtrip(conformance.pool, src, tmp_path, ["--tp", "2"])
     assert json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["quant_method"] == "awq"
-    assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp_path / "v")]) == [0] * 4
-    values = HFCheckpoint(tmp_path / "v")
     assert not [n for n in values.names() if n.endswith(("qweight", "qzeros", "scales", "g_idx"))]
     assert "model.layers.0.mlp.down_proj.weight" in values.names()
