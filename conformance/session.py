@@ -87,7 +87,8 @@ QUANT_TOYS = {"nvfp4": ("make_nvfp4_checkpoint", {}),  # NVIDIA ModelOpt
               "gptq-actorder": ("make_gptq_checkpoint", {"act_order": True}),  # desc_act: g_idx a permutation
               "awq": ("make_gptq_checkpoint", {"method": "awq"}),  # AutoAWQ's gemm layout
               "bnb-nf4": ("make_bnb_checkpoint", {}),  # bitsandbytes NF4, double quantization
-              "bnb-nf4-plain": ("make_bnb_checkpoint", {"double_quant": False})}  # fp32 absmax
+              "bnb-nf4-plain": ("make_bnb_checkpoint", {"double_quant": False}),  # fp32 absmax
+              "bnb-int8": ("make_bnb8_checkpoint", {})}  # bitsandbytes LLM.int8: int8 rows, SCB
 
 
 class Conformance:

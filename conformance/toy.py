@@ -616,6 +616,36 @@ NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
        0.7229568362236023, 1.0)  # bitsandbytes' NF4 code values
 
 
+def make_bnb8_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tuple[str, str]:
+    """bitsandbytes 8-bit (LLM.int8, ``load_in_8bit``) copy of a toy checkpoint as ``save_pretrained``
+    writes it (every linear ``*proj.weight`` int8 with its row absmax ``SCB`` and a ``weight_format``
+    0, row-major) and its dequantized twin."""
+    from bridges.core import bnb
+    from bridges.core.hf_io import HFCheckpoint
+
+    src, (out, deq, made) = Path(src), _pair_dirs(src, root, "bnb-int8")
+    if made:
+        return str(out), str(deq)
+    ckpt = HFCheckpoint(src)
+    config = _read_config(src)
+    vocab = (config.get("text_config") or config).get("vocab_size")
+    qt, dt = {}, {}
+    for name in ckpt.names():
+        w = ckpt.get(name)
+        if not (w.dim() == 2 and name.endswith("proj.weight") and w.shape[0] != vocab and "embed" not in name):
+            qt[name] = dt[name] = w
+            continue
+        scb = w.float().abs().amax(1).clamp_min(1e-8)
+        p = name[:-len("weight")]
+        qt[name], qt[p + "SCB"] = bnb.quantize8(w, scb, name), scb
+        qt[p + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
+        dt[name] = bnb.dequantize8(qt[name], scb, name, torch.float32).to(w.dtype)
+    qc = {"quant_method": "bitsandbytes", "load_in_8bit": True, "load_in_4bit": False, "llm_int8_threshold": 6.0,
+          "llm_int8_has_fp16_weight": False, "llm_int8_skip_modules": None}
+    _save_pair(out, qt, {**config, "quantization_config": qc}, deq, dt, config, root)
+    return str(out), str(deq)
+
+
 def make_bnb_checkpoint(src: str | os.PathLike, root: str | os.PathLike, double_quant: bool = True) -> tuple[str, str]:
     """bitsandbytes NF4 copy of a toy checkpoint (as ``save_pretrained`` of a ``load_in_4bit`` model
     writes it: every linear ``*proj.weight``; embeddings, routers, norms and lm_head as they are)

@@ -67,3 +67,17 @@ def quantized_roundtrip(pool, src: str, tmp, import_args: list[str]):
     assert_same_checkpoint(HFCheckpoint(src), HFCheckpoint(tmp / "q"))
     assert run(["convert", "export", "--megatron", str(mc), "--out", str(tmp / "v")]) == [0] * pool.world
     return HFCheckpoint(tmp / "v")
+
+
+def assert_quant_passes(conformance, model_spec, kind: str, layouts) -> None:
+    """The quant and logits items of quantized toy ``kind`` pass at every layout (test process)."""
+    for layout in layouts:
+        res = conformance.quant_case(model_spec, kind, layout=layout)
+        assert res["quant"].passed and res["logits"].passed, (layout, res["quant"].details, str(res["logits"]))
+
+
+def assert_quant_bug_caught(conformance, model_spec, kind: str, mutant: str) -> None:
+    """Mutant ``tests.mutants:<mutant>`` fails the quant item (imported values differ) and the logits."""
+    res = conformance.quant_case(model_spec, kind, bridge_ref=f"tests.mutants:{mutant}")
+    assert not res["quant"].passed and "imported values differ" in res["quant"].details, res["quant"].details
+    assert not res["logits"].passed

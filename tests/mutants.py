@@ -641,3 +641,16 @@ class BnbNestedOffsetDropped(_BnbMisread):
         from bridges.core import bnb
 
         return bnb.dequantize(codes, tensors, {**s, "nested_offset": 0.0}, dtype=torch.float32)
+
+
+# 48. bitsandbytes 8-bit rows read without the 1 / 127 ------------------------------------------
+class BnbInt8ScaleNotOver127(LlamaBridge):
+    """LLM.int8 weights read as code x SCB (the row absmax taken as the step, not absmax / 127)."""
+
+    def _read(self, ckpt, name):
+        from bridges.core import bnb
+
+        parts = bnb.parts8(name, ckpt)
+        if not parts:
+            return super()._read(ckpt, name)
+        return (ckpt.get(name).float() * ckpt.get(parts[1]).float().view(-1, 1)).to(self.dequantized_dtype)

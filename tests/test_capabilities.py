@@ -7,7 +7,7 @@ from conformance.models import resolve
 
 @pytest.mark.parametrize("model,caps", [
     ("microsoft/Phi-3-mini-4k-instruct", set()),
-    ("meta-llama/Llama-3.2-1B", {"quant:nvfp4", "quant:modelopt", "quant:compressed", "quant:ct-nvfp4", "quant:bnb-nf4"}),
+    ("meta-llama/Llama-3.2-1B", {"quant:nvfp4", "quant:modelopt", "quant:compressed", "quant:ct-nvfp4", "quant:bnb-nf4", "quant:bnb-int8"}),
     ("nvidia/NVIDIA-Nemotron-3-Super-120B-A12B", {"experts", "mtp", "quant:nvfp4"}),
     ("nvidia/Nemotron-H-56B-Base-8K", {"quant:nvfp4"}),
     ("Qwen/Qwen3-8B", {"quant:block", "quant:nvfp4", "quant:compressed", "quant:w4a16", "quant:ct-nvfp4", "quant:awq"}),

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from bridges.core import quant
-from bridges.core.codecs import BNB4, CODECS, FP8, GPTQ, MXFP4, NVFP4, CheckpointView, Codec, PackedInt, Plain
+from bridges.core.codecs import BNB4, BNB8, CODECS, FP8, GPTQ, MXFP4, NVFP4, CheckpointView, Codec, PackedInt, Plain
 from bridges.core.hf_io import CheckpointError, HFCheckpoint
 
 
@@ -45,7 +45,7 @@ def test_each_name_finds_its_codec(ckpt):
         view.codec("raw.weight")
     # MXFP4, PackedInt and GPTQ: their logical name is not stored; NVFP4 before Plain: its codes
     # are the name itself
-    assert [type(c) for c in CODECS] == [MXFP4, BNB4, NVFP4, PackedInt, GPTQ, FP8, Plain]
+    assert [type(c) for c in CODECS] == [MXFP4, BNB4, BNB8, NVFP4, PackedInt, GPTQ, FP8, Plain]
 
 
 def test_read_and_used(ckpt):

@@ -11,6 +11,7 @@ from bridges.core import bnb
 from bridges.core.codecs import CheckpointView
 from bridges.core.hf_io import CheckpointError, HFCheckpoint
 from conformance.toy import NF4
+from tests.convert_tasks import assert_quant_bug_caught, assert_quant_passes
 
 
 def _state(**kw):
@@ -35,6 +36,20 @@ def test_double_quantized_absmax():
     assert a.tolist() == [0.75, 1.25]
 
 
+def test_int8_rows_by_hand():
+    """LLM.int8: value = code x SCB[row] x (1 / 127), as bitsandbytes multiplies; codes back exactly
+    from fp32 and bf16 values."""
+    codes = torch.tensor([[127, -127, 1], [64, 0, -2]], dtype=torch.int8)
+    scb = torch.tensor([2.0, 0.5])
+    w = bnb.dequantize8(codes, scb, dtype=torch.float32)
+    assert torch.equal(w, codes * scb.view(-1, 1) * bnb.INV127) and abs(float(w[0, 0]) - 2.0) < 1e-6
+    assert torch.equal(bnb.quantize8(w, scb), codes)
+    rnd = torch.randint(-127, 128, (64, 96), dtype=torch.int8)
+    scb = torch.rand(64) + 0.01
+    for dtype in (torch.float32, torch.bfloat16):
+        assert torch.equal(bnb.quantize8(bnb.dequantize8(rnd, scb, dtype=dtype), scb), rnd), dtype
+
+
 def test_broken_state_is_named(tmp_path):
     t = {"l.weight": torch.zeros(64, 1, dtype=torch.uint8), "l.weight.quant_map": torch.tensor(NF4),
          "l.weight.quant_state.bitsandbytes__nf4": _state(shape=[4, 32])}
@@ -46,30 +61,31 @@ def test_broken_state_is_named(tmp_path):
 
 @pytest.mark.parametrize("model,layouts,kind", [("meta-llama/Llama-3.2-1B", ("tp1pp1", "tp2"), "bnb-nf4"),
                                                 ("Qwen/Qwen3-8B", ("tp1pp1", "pp2"), "bnb-nf4-plain"),
-                                                ("Qwen/Qwen3-30B-A3B", ("tp2ep2",), "bnb-nf4")])
+                                                ("Qwen/Qwen3-30B-A3B", ("tp2ep2",), "bnb-nf4"),
+                                                ("meta-llama/Llama-3.2-1B", ("tp1pp1", "tp2"), "bnb-int8")])
 def test_bnb_through_the_suite(conformance, spec, model, layouts, kind):
     q = HFCheckpoint(conformance.quantized_checkpoint(spec(model), kind)[0])
     w = "model.layers.0.mlp.down_proj.weight" if "A3B" not in model else "model.layers.0.mlp.experts.0.down_proj.weight"
-    assert q.dtype(w) == torch.uint8 and (f"{w}.nested_absmax" in q) == (kind == "bnb-nf4")
-    for layout in layouts:
-        res = conformance.quant_case(spec(model), kind, layout=layout)
-        assert res["quant"].passed and res["logits"].passed, (layout, res["quant"].details, str(res["logits"]))
+    assert q.dtype(w) == (torch.int8 if kind == "bnb-int8" else torch.uint8)
+    assert (f"{w}.nested_absmax" in q) == (kind == "bnb-nf4")
+    assert_quant_passes(conformance, spec(model), kind, layouts)
 
 
-@pytest.mark.parametrize("mutant", ["BnbLowNibbleFirst", "BnbNestedOffsetDropped"])
-def test_bnb_reading_bugs_are_caught(conformance, spec, mutant):
-    res = conformance.quant_case(spec("meta-llama/Llama-3.2-1B"), "bnb-nf4", bridge_ref=f"tests.mutants:{mutant}")
-    assert not res["quant"].passed and "imported values differ" in res["quant"].details, res["quant"].details
-    assert not res["logits"].passed
+@pytest.mark.parametrize("mutant,kind", [("BnbLowNibbleFirst", "bnb-nf4"), ("BnbNestedOffsetDropped", "bnb-nf4"),
+                                         ("BnbInt8ScaleNotOver127", "bnb-int8")])
+def test_bnb_reading_bugs_are_caught(conformance, spec, mutant, kind):
+    assert_quant_bug_caught(conformance, spec("meta-llama/Llama-3.2-1B"), kind, mutant)
 
 
-def test_bnb_through_the_cli(conformance, spec, tmp_path):
-    """A bitsandbytes NF4 Llama toy -> Megatron TP2 -> HF at PP2 with --keep-quantization: every
-    tensor bit-exact; without it, values only (no codes' companions, the model dtype)."""
-    from conformance.toy import make_bnb_checkpoint
+@pytest.mark.parametrize("maker", ["make_bnb_checkpoint", "make_bnb8_checkpoint"])
+def test_bnb_through_the_cli(conformance, spec, tmp_path, maker):
+    """A bitsandbytes NF4 / int8 Llama toy -> Megatron TP2 -> HF at PP2 with --keep-quantization:
+    every tensor bit-exact; without it, values only (no companions, the model dtype)."""
+    from conformance import toy
     from tests.convert_tasks import quantized_roundtrip
 
-    src, _ = make_bnb_checkpoint(conformance.checkpoint(spec("meta-llama/Llama-3.2-1B")), tmp_path / "toys")
+    src, _ = getattr(toy, maker)(conformance.checkpoint(spec("meta-llama/Llama-3.2-1B")), tmp_path / "toys")
     values = quantized_roundtrip(conformance.pool, src, tmp_path, ["--tp", "2"])
-    assert not [n for n in values.names() if ".absmax" in n or ".quant_" in n or ".nested_" in n]
+    assert not [n for n in values.names() if n.endswith((".SCB", ".weight_format")) or ".absmax" in n
+                or ".quant_" in n or ".nested_" in n]
     assert values.dtype("model.layers.0.mlp.down_proj.weight").is_floating_point

@@ -10,6 +10,7 @@ from safetensors.torch import save_file
 from bridges.core import gptq
 from bridges.core.codecs import CheckpointView
 from bridges.core.hf_io import CheckpointError, HFCheckpoint
+from tests.convert_tasks import assert_quant_bug_caught, assert_quant_passes
 
 GPTQ = {"quantization_config": {"quant_method": "gptq", "bits": 4, "group_size": 8, "checkpoint_format": "gptq"}}
 AWQ = {"quantization_config": {"quant_method": "awq", "bits": 4, "group_size": 8, "version": "gemm"}}
@@ -63,17 +64,13 @@ def test_gptq_awq_through_the_suite(conformance, spec, model, layouts, kind):
     w = "model.layers.0.mlp.down_proj." if "A3B" not in model else "model.layers.0.mlp.experts.0.down_proj."
     assert q.dtype(w + "qweight") == torch.int32 and w + "weight" not in q
     assert (w + "g_idx" in q) == kind.startswith("gptq")
-    for layout in layouts:
-        res = conformance.quant_case(spec(model), kind, layout=layout)
-        assert res["quant"].passed and res["logits"].passed, (layout, res["quant"].details, str(res["logits"]))
+    assert_quant_passes(conformance, spec(model), kind, layouts)
 
 
 @pytest.mark.parametrize("mutant,kind", [("AWQNaturalNibbleOrder", "awq"), ("GPTQZeroPointNotOffset", "gptq"),
                                          ("GPTQGroupsByPosition", "gptq-actorder")])
 def test_gptq_awq_reading_bugs_are_caught(conformance, spec, mutant, kind):
-    res = conformance.quant_case(spec("Qwen/Qwen3-8B"), kind, bridge_ref=f"tests.mutants:{mutant}")
-    assert not res["quant"].passed and "imported values differ" in res["quant"].details, res["quant"].details
-    assert not res["logits"].passed
+    assert_quant_bug_caught(conformance, spec("Qwen/Qwen3-8B"), kind, mutant)
 
 
 def test_awq_through_the_cli(conformance, spec, tmp_path):

@@ -55,7 +55,7 @@ def _quantization(config: dict, ckpt: Path | None) -> dict:
         out["config"] = {k: qc[k] for k in ("quant_method", "quant_algo", "format", "fmt", "weight_block_size",
                                             "activation_scheme", "bits", "group_size", "desc_act", "checkpoint_format",
                                             "version", "kv_cache_quant_algo", "load_in_4bit", "bnb_4bit_quant_type",
-                                            "bnb_4bit_use_double_quant") if k in qc}
+                                            "bnb_4bit_use_double_quant", "load_in_8bit") if k in qc}
         if qc.get("kv_cache_scheme"):  # compressed-tensors' FP8 KV cache
             out["config"]["kv_cache_scheme"] = qc["kv_cache_scheme"].get("type", True)
     if ckpt is not None:
@@ -65,7 +65,7 @@ def _quantization(config: dict, ckpt: Path | None) -> dict:
                 dtypes[info["dtype"]] = dtypes.get(info["dtype"], 0) + 1
                 for suffix in ("_scale_inv", "_scale", "_scale_2", "_blocks", "_scales", "input_scale",
                                "k_scale", "v_scale", "_packed", "_zero_point", ".qweight", ".qzeros", ".g_idx",
-                               ".absmax", ".quant_map", ".nested_absmax"):
+                               ".absmax", ".quant_map", ".nested_absmax", ".SCB"):
                     if name.endswith(suffix):
                         companions.add(suffix)
         out["tensor_dtypes"] = dtypes

@@ -101,3 +101,36 @@ def quantize(values: torch.Tensor, tensors: dict[str, torch.Tensor], s: dict, wh
         j = min(n, i + CHUNK // 16)
         q[i:j] = (table[None, :] * scale[i:j, None] - flat[i:j, None]).abs().argmin(-1).to(torch.uint8)
     return ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+
+
+# -- 8-bit (LLM.int8, ``load_in_8bit``) ---------------------------------------------------------
+INV127 = 7.874015718698502e-3  # bitsandbytes' 1 / 127, as its dequantization multiplies
+
+
+def parts8(name: str, ckpt) -> tuple[str, ...] | None:
+    """(``<p>.weight`` int8 [out, in], ``<p>.SCB`` fp32 [out][, ``<p>.weight_format``]) when
+    ``name`` is stored as bitsandbytes 8-bit (row-wise absmax scales), else None."""
+    if not name.endswith(".weight") or f"{name[:-len('weight')]}SCB" not in ckpt or name not in ckpt:
+        return None
+    p = name[:-len("weight")]
+    if ckpt.dtype(name) != torch.int8:
+        raise QuantError(f"{name} is {ckpt.dtype(name)} beside {p}SCB: int8 codes expected")
+    fmt = f"{p}weight_format"
+    if fmt in ckpt and int(ckpt.get(fmt).reshape(-1)[0]) != 0:
+        raise QuantError(f"{fmt} is {int(ckpt.get(fmt).reshape(-1)[0])}: only the row-major layout (0) is read")
+    return (name, f"{p}SCB") + ((fmt,) if fmt in ckpt else ())
+
+
+def dequantize8(codes: torch.Tensor, scb: torch.Tensor, what: str = "weight",
+                dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """code x row absmax / 127, in float32 as bitsandbytes computes it, rounded once to ``dtype``."""
+    if codes.dim() != 2 or scb.shape != (codes.shape[0],):
+        raise QuantError(f"{what}: SCB {tuple(scb.shape)} is not one scale per row of {tuple(codes.shape)}")
+    return (codes * scb.float().view(-1, 1) * INV127).to(dtype)
+
+
+def quantize8(values: torch.Tensor, scb: torch.Tensor, what: str = "weight") -> torch.Tensor:
+    """``values`` as the source's int8 codes with its row scales."""
+    if values.dim() != 2 or scb.shape != (values.shape[0],):
+        raise QuantError(f"{what}: SCB {tuple(scb.shape)} is not one scale per row of {tuple(values.shape)}")
+    return torch.round(values.float() / (scb.float().view(-1, 1) * INV127)).clamp(-127, 127).to(torch.int8)

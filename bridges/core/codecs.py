@@ -18,7 +18,8 @@ A mapping names *logical* tensors (``model.layers.0.mlp.experts.gate_up_proj``, 
   for logical ``<p>.weight`` (bridges/core/gptq.py).
 - ``BNB4``: bitsandbytes 4-bit (NF4 / FP4): ``<name>`` uint8 codes with ``<name>.absmax``,
   ``.quant_map`` (double quantization: ``.nested_absmax``, ``.nested_quant_map``) and its
-  ``.quant_state.bitsandbytes__<type>`` (bridges/core/bnb.py).
+  ``.quant_state.bitsandbytes__<type>``; ``BNB8``: its 8-bit, ``<name>`` int8 with ``<p>.SCB``
+  row scales (bridges/core/bnb.py).
 - ``NVFP4``: ``<name>`` itself uint8 (two e2m1 codes a byte) with ``<name>_scale`` (float8, one a
   16 values), ``<name>_scale_2`` (per tensor) and an ``input_scale``, as NVIDIA ModelOpt ships;
   or compressed-tensors' ``<name>_packed`` codes with ``<name>_global_scale`` (a divisor).
@@ -211,7 +212,21 @@ class BNB4(Codec):
         return [(parts[0], codes)] + [(p, ckpt.get(p)) for p in parts[1:]]
 
 
-CODECS: tuple[Codec, ...] = (MXFP4(), BNB4(), NVFP4(), PackedInt(), GPTQ(), FP8(), Plain())
+class BNB8(Codec):
+    def parts(self, ckpt, name):
+        return _named(ckpt, bnb.parts8, name, ckpt)
+
+    def decode(self, ckpt, parts, row, dtype):
+        if row is not None:
+            raise CheckpointError(f"{ckpt.path}: {parts[0]} is bitsandbytes 8-bit and stacked: no dequantization path")
+        return _named(ckpt, bnb.dequantize8, ckpt.get(parts[0]), ckpt.get(parts[1]), parts[0], dtype)
+
+    def encode(self, ckpt, parts, t):
+        codes = _named(ckpt, bnb.quantize8, t, ckpt.get(parts[1]), parts[0])
+        return [(parts[0], codes)] + [(p, ckpt.get(p)) for p in parts[1:]]
+
+
+CODECS: tuple[Codec, ...] = (MXFP4(), BNB4(), BNB8(), NVFP4(), PackedInt(), GPTQ(), FP8(), Plain())
 # formats whose codes are not stored under the logical tensor's name: (logical suffix, codes suffix)
 STORED_APART = (("", "_blocks"), ("", "_packed"), (".weight", ".qweight"))
 
@@ -301,9 +316,9 @@ class CheckpointView:
         out = set(names)
         for n in names:
             out -= set(quant.kv_cache_scales(n, self.ckpt))
-            b4 = bnb.parts(n, self.ckpt) if n in self.ckpt else None
-            if b4:  # the codes' name is the weight's: its companions go
-                out -= set(b4[1:])
+            b = (bnb.parts(n, self.ckpt) or bnb.parts8(n, self.ckpt)) if n in self.ckpt else None
+            if b:  # the codes' name is the weight's: its companions go
+                out -= set(b[1:])
                 continue
             nv = quant.nvfp4_parts(n, self.ckpt) if n in self.ckpt else None
             if nv:

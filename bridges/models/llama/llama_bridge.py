@@ -6,5 +6,5 @@ from bridges.core.registry import register_bridge
 @register_bridge(model_type="llama", architectures=["LlamaForCausalLM"])
 class LlamaBridge(GPTBridge):
     # NVIDIA ModelOpt NVFP4 / FP8; compressed-tensors FP8 and NVFP4 (RedHat's releases); bitsandbytes
-    # NF4 (the *-bnb-4bit releases QLoRA starts from)
-    quantized_formats = ("nvfp4", "modelopt", "compressed", "ct-nvfp4", "bnb-nf4")
+    # NF4 (the *-bnb-4bit releases QLoRA starts from) and LLM.int8
+    quantized_formats = ("nvfp4", "modelopt", "compressed", "ct-nvfp4", "bnb-nf4", "bnb-int8")
