@@ -255,16 +255,15 @@ def check_quant(dequantized: dict[str, torch.Tensor], imported: list[tuple[str, 
     (``_packed``), GPTQ / AWQ (``qweight``) and bitsandbytes 4-bit weights alike.
     """
     from bridges.core import quant
-    from bridges.core.codecs import logical_name
+    from bridges.core.codecs import quantized_name
 
     bad = []
     got = dict(imported)
     nvfp4 = [n for n, t in source.items() if t.dtype == torch.uint8 and f"{n}_scale" in source]  # codes
-    apart = [x for n in source if (x := logical_name(n))]  # MXFP4, pack-quantized, GPTQ / AWQ: by value name
-    scales = {f"{n}_scale" for n in nvfp4 + apart}  # NVFP4's float8 block scales are not weights
-    bnb4 = [n.split(".quant_state.")[0] for n in source if ".quant_state.bitsandbytes__" in n] + \
-        [n[:-len("SCB")] + "weight" for n in source if n.endswith(".SCB")]  # bitsandbytes 4- / 8-bit
-    quantized = [n for n, t in source.items() if t.dtype in quant.FP8 and n not in scales] + nvfp4 + apart + bnb4
+    # MXFP4, pack-quantized, GPTQ / AWQ, bitsandbytes: by value name
+    marked = [x for n in source if (x := quantized_name(n))]
+    scales = {f"{n}_scale" for n in nvfp4 + marked}  # NVFP4's float8 block scales are not weights
+    quantized = [n for n, t in source.items() if t.dtype in quant.FP8 and n not in scales] + nvfp4 + marked
     for n in quantized:
         w = got.get(n)
         if w is None:

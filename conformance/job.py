@@ -134,11 +134,10 @@ def megatron_case(toy_dir: str, layout: str, ids: torch.Tensor, steps: int,
         exported = []
     out["exported"] = exported if dist.get_rank() == 0 else None
     from bridges.core import quant
-    from bridges.core.codecs import logical_name
+    from bridges.core.codecs import quantized_name
 
     ckpt = bridge.checkpoint
-    if any(ckpt.dtype(n) in quant.FP8 or logical_name(n) or ".quant_state.bitsandbytes__" in n
-           or n.endswith(".SCB") for n in ckpt.names()):
+    if any(ckpt.dtype(n) in quant.FP8 or quantized_name(n) for n in ckpt.names()):
         requant = list(bridge.export_hf_weights(chunks, cpu=True, quantized=True, tp_rank0_only=True))
         out["requantized"] = requant if dist.get_rank() == 0 else None
     return out

@@ -511,7 +511,7 @@ def make_w4a16_checkpoint(src: str | os.PathLike, root: str | os.PathLike,
     qt, dt = {}, {}
     for name in ckpt.names():
         w = ckpt.get(name)
-        linear = w.dim() == 2 and name.endswith("proj.weight") and w.shape[0] != vocab and "embed" not in name
+        linear = _projection(name, w, vocab)
         if not linear or (moe and ".experts." not in name) or "shared_expert" in name:
             qt[name] = dt[name] = w
             continue
@@ -573,7 +573,7 @@ def make_gptq_checkpoint(src: str | os.PathLike, root: str | os.PathLike, method
     qt, dt, kept = {}, {}, set()
     for name in ckpt.names():
         w = ckpt.get(name)
-        linear = w.dim() == 2 and name.endswith("proj.weight") and w.shape[0] != vocab and "embed" not in name
+        linear = _projection(name, w, vocab)
         if not linear or w.shape[0] % 8 or w.shape[1] % 8:
             qt[name] = dt[name] = w
             kept.add(name.rsplit(".", 1)[0])
@@ -632,7 +632,7 @@ def make_bnb8_checkpoint(src: str | os.PathLike, root: str | os.PathLike) -> tup
     qt, dt = {}, {}
     for name in ckpt.names():
         w = ckpt.get(name)
-        if not (w.dim() == 2 and name.endswith("proj.weight") and w.shape[0] != vocab and "embed" not in name):
+        if not _projection(name, w, vocab):
             qt[name] = dt[name] = w
             continue
         scb = w.float().abs().amax(1).clamp_min(1e-8)
@@ -666,7 +666,7 @@ def make_bnb_checkpoint(src: str | os.PathLike, root: str | os.PathLike, double_
     qt, dt, kept = {}, {}, []
     for name in ckpt.names():
         w = ckpt.get(name)
-        if not (w.dim() == 2 and name.endswith("proj.weight") and w.shape[0] != vocab and "embed" not in name):
+        if not _projection(name, w, vocab):
             qt[name] = dt[name] = w
             kept.append(name.rsplit(".", 2)[-2])
             continue
@@ -714,6 +714,12 @@ def _round_nvfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     idx = torch.bucketize(q, (mags[1:] + mags[:-1]) / 2)  # the nearest magnitude
     code = (idx | (blocks.signbit().long() << 3)).to(torch.uint8).reshape(R, C)
     return code[:, 0::2] | (code[:, 1::2] << 4), scale, scale2.float()
+
+
+def _projection(name: str, w: torch.Tensor, vocab: int | None) -> bool:
+    """A linear projection the int quantizers convert (``*proj.weight``): not an embedding or an
+    output head (``vocab`` rows), routers and norms not being ``proj`` weights."""
+    return w.dim() == 2 and name.endswith("proj.weight") and w.shape[0] != vocab and "embed" not in name
 
 
 def _pair_dirs(src, root, tag: str) -> tuple[Path, Path, bool]:

@@ -43,6 +43,14 @@ def parts(name: str, ckpt) -> tuple[str, ...] | None:
     return tuple(found) + (state,)
 
 
+def weight_of(stored: str) -> str | None:
+    """The weight a stored bitsandbytes companion belongs to (its 4-bit quant_state, its 8-bit
+    SCB), else None: the mark that the weight is quantized this way."""
+    if ".quant_state.bitsandbytes__" in stored:
+        return stored.split(".quant_state.")[0]
+    return stored[:-len("SCB")] + "weight" if stored.endswith(".SCB") else None
+
+
 def state(packed: torch.Tensor, what: str) -> dict:
     """The quant_state's JSON dict, checked."""
     try:

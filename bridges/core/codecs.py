@@ -63,6 +63,18 @@ class Codec:
         """``t`` (values) in this format with the source's scales."""
         raise NotImplementedError
 
+    what = ""  # the format's name in errors
+
+    def _whole(self, ckpt: HFCheckpoint, parts: tuple[str, ...], row: int | None) -> None:
+        """Formats read whole only: a row of a stacked tensor is refused, naming it."""
+        if row is not None:
+            raise CheckpointError(f"{ckpt.path}: {parts[0]} is {self.what} and stacked: no dequantization path")
+
+    @staticmethod
+    def _beside_source(ckpt: HFCheckpoint, parts: tuple[str, ...], codes: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
+        """New codes under the codes' name; every companion as the source stores it."""
+        return [(parts[0], codes)] + [(p, ckpt.get(p)) for p in parts[1:]]
+
 
 class Plain(Codec):
     def parts(self, ckpt, name):  # with the KV-cache scales of a projection ModelOpt left unquantized
@@ -133,6 +145,8 @@ class NVFP4(Codec):
     """ModelOpt's (codes under the weight's own name, ``_scale_2`` a factor) and compressed-
     tensors' (``_packed`` codes, ``_global_scale`` a divisor)."""
 
+    what = "NVFP4"
+
     def parts(self, ckpt, name):
         return _named(ckpt, quant.nvfp4_parts, name, ckpt) or _named(ckpt, quant.ct_nvfp4_parts, name, ckpt)
 
@@ -141,18 +155,19 @@ class NVFP4(Codec):
         return parts[0].endswith("_packed")
 
     def decode(self, ckpt, parts, row, dtype):
-        if row is not None:
-            raise CheckpointError(f"{ckpt.path}: {parts[0]} is NVFP4 and stacked: no dequantization path")
+        self._whole(ckpt, parts, row)
         return quant.nvfp4_dequantize(ckpt.get(parts[0]), ckpt.get(parts[1]), ckpt.get(parts[2]), dtype,
                                       self._divisor(parts))
 
     def encode(self, ckpt, parts, t):
         codes = quant.nvfp4_quantize(t, ckpt.get(parts[1]), ckpt.get(parts[2]), self._divisor(parts))
         # the scales and the calibrated input scale are the source's (the model holds values)
-        return [(parts[0], codes)] + [(p, ckpt.get(p)) for p in parts[1:]]
+        return self._beside_source(ckpt, parts, codes)
 
 
 class PackedInt(Codec):
+    what = "pack-quantized"
+
     def parts(self, ckpt, name):
         return _named(ckpt, quant.int_packed_parts, name, ckpt)
 
@@ -162,18 +177,19 @@ class PackedInt(Codec):
                 for k, s in (("zero", "_zero_point"), ("g_idx", "_g_idx"))}
 
     def decode(self, ckpt, parts, row, dtype):
-        if row is not None:
-            raise CheckpointError(f"{ckpt.path}: {parts[0]} is pack-quantized and stacked: no dequantization path")
+        self._whole(ckpt, parts, row)
         return _named(ckpt, quant.int_dequantize, *(ckpt.get(p) for p in parts[:3]), parts[0], dtype,
                       **self._extra(ckpt, parts))
 
     def encode(self, ckpt, parts, t):
         words = _named(ckpt, quant.int_quantize, t, ckpt.get(parts[1]), ckpt.shape(parts[0])[1], parts[0],
                        **self._extra(ckpt, parts))
-        return [(parts[0], words)] + [(p, ckpt.get(p)) for p in parts[1:]]
+        return self._beside_source(ckpt, parts, words)
 
 
 class GPTQ(Codec):
+    what = "GPTQ / AWQ"
+
     def parts(self, ckpt, name):
         return _named(ckpt, gptq.parts, name, ckpt)
 
@@ -182,18 +198,19 @@ class GPTQ(Codec):
         return ckpt.get(parts[3]) if len(parts) > 3 else None
 
     def decode(self, ckpt, parts, row, dtype):
-        if row is not None:
-            raise CheckpointError(f"{ckpt.path}: {parts[0]} is GPTQ / AWQ and stacked: no dequantization path")
+        self._whole(ckpt, parts, row)
         return _named(ckpt, gptq.dequantize, *(ckpt.get(p) for p in parts[:3]), self._g_idx(ckpt, parts),
                       ckpt.config(), parts[0], dtype)
 
     def encode(self, ckpt, parts, t):
         words = _named(ckpt, gptq.quantize, t, ckpt.get(parts[1]), ckpt.get(parts[2]), self._g_idx(ckpt, parts),
                        ckpt.config(), parts[0])
-        return [(parts[0], words)] + [(p, ckpt.get(p)) for p in parts[1:]]
+        return self._beside_source(ckpt, parts, words)
 
 
 class BNB4(Codec):
+    what = "bitsandbytes 4-bit"
+
     def parts(self, ckpt, name):
         return _named(ckpt, bnb.parts, name, ckpt)
 
@@ -203,27 +220,27 @@ class BNB4(Codec):
         return tensors, _named(ckpt, bnb.state, ckpt.get(parts[-1]), parts[0])
 
     def decode(self, ckpt, parts, row, dtype):
-        if row is not None:
-            raise CheckpointError(f"{ckpt.path}: {parts[0]} is bitsandbytes 4-bit and stacked: no dequantization path")
+        self._whole(ckpt, parts, row)
         return _named(ckpt, bnb.dequantize, ckpt.get(parts[0]), *self._state(ckpt, parts), parts[0], dtype)
 
     def encode(self, ckpt, parts, t):
         codes = _named(ckpt, bnb.quantize, t, *self._state(ckpt, parts), parts[0])
-        return [(parts[0], codes)] + [(p, ckpt.get(p)) for p in parts[1:]]
+        return self._beside_source(ckpt, parts, codes)
 
 
 class BNB8(Codec):
+    what = "bitsandbytes 8-bit"
+
     def parts(self, ckpt, name):
         return _named(ckpt, bnb.parts8, name, ckpt)
 
     def decode(self, ckpt, parts, row, dtype):
-        if row is not None:
-            raise CheckpointError(f"{ckpt.path}: {parts[0]} is bitsandbytes 8-bit and stacked: no dequantization path")
+        self._whole(ckpt, parts, row)
         return _named(ckpt, bnb.dequantize8, ckpt.get(parts[0]), ckpt.get(parts[1]), parts[0], dtype)
 
     def encode(self, ckpt, parts, t):
         codes = _named(ckpt, bnb.quantize8, t, ckpt.get(parts[1]), parts[0])
-        return [(parts[0], codes)] + [(p, ckpt.get(p)) for p in parts[1:]]
+        return self._beside_source(ckpt, parts, codes)
 
 
 CODECS: tuple[Codec, ...] = (MXFP4(), BNB4(), BNB8(), NVFP4(), PackedInt(), GPTQ(), FP8(), Plain())
@@ -239,6 +256,13 @@ def stored_apart(name: str) -> list[str]:
 def logical_name(stored: str) -> str | None:
     """The logical tensor whose codes ``stored`` holds in one of those formats (None: not such)."""
     return next((stored[:-len(c)] + a for a, c in STORED_APART if stored.endswith(c)), None)
+
+
+def quantized_name(stored: str) -> str | None:
+    """The logical weight that stored tensor ``stored`` shows to be quantized in an integer / FP4
+    format (codes stored apart, or a bitsandbytes state / row scales), else None. FP8 and
+    ModelOpt's NVFP4 show it by dtype instead."""
+    return logical_name(stored) or bnb.weight_of(stored)
 
 
 class CheckpointView:

@@ -27,8 +27,9 @@ PARTS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def settings(config: dict) -> dict:
-    """The layout a config's ``quantization_config`` describes (method, bits, group size, v1
-    zero points, activation order), checked; {} for another quantization method."""
+    """The layout a config's ``quantization_config`` describes (method, bits, group size, whether
+    zero points are stored minus one), checked; {} for another quantization method. Activation
+    order needs no setting: a stored ``g_idx`` gives each row's group."""
     qc = (config.get("text_config") or {}).get("quantization_config") or config.get("quantization_config") or {}
     method = qc.get("quant_method")
     if method not in ("gptq", "awq"):

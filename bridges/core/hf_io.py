@@ -22,6 +22,7 @@ output is deterministic: the same tensors and config give byte-identical files.
 """
 from __future__ import annotations
 
+import copy
 import ctypes
 import json
 import math
@@ -97,6 +98,7 @@ class HFCheckpoint:
         self._span: dict[str, tuple[int, int]] = {}  # safetensors: file offsets of the data
         self._open: dict[Path, int] = {}  # shard -> how many tensors were read from it
         self._pickled: dict[Path, dict[str, torch.Tensor]] = {}
+        self._config: dict | None = None  # config.json, read on first use
         index, single = self.path / INDEX, self.path / SINGLE
         weight_map: dict[str, Path] | None = None
         if index.exists():
@@ -209,7 +211,10 @@ class HFCheckpoint:
         return _map(f, start, start + step, dtype).view(shape[1:])
 
     def config(self) -> dict:
-        return self.read_config(self.path)
+        """config.json, read once (codecs ask for it per tensor); a copy the caller may change."""
+        if self._config is None:
+            self._config = self.read_config(self.path)
+        return copy.deepcopy(self._config)
 
     @staticmethod
     def parse_config(text: str) -> object:
